@@ -1,0 +1,71 @@
+"""Forward-loop runners: feed calibration batches through a model with a progress bar.
+
+``forward_loop(model)`` is the one interface every calibration step takes: the built-in
+:func:`make_forward_loop` turns token batches into one, and users may pass their own.
+
+Example::
+
+    tokens = calib_tokens(texts, tokenizer, n_samples=64, seq_len=512)
+    loop = make_forward_loop(tokens, batch_size=4)
+    loop(model)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+ForwardLoop = Callable[[nn.Module], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def iter_batches(tokens: torch.Tensor, batch_size: int):
+    for i in range(0, tokens.shape[0], batch_size):
+        yield tokens[i:i + batch_size]
+
+
+def make_forward_loop(tokens: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                      desc: str = "calibrating") -> ForwardLoop:
+    """A forward loop over a ``[n_samples, seq_len]`` token tensor, on the model's device."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"calibration tokens must be a non-empty [n_samples, seq_len] tensor, "
+                         f"got shape {tuple(tokens.shape)}")
+
+    def forward_loop(model: nn.Module) -> None:
+        device = model_device(model)
+        n = (tokens.shape[0] + batch_size - 1) // batch_size
+        with torch.no_grad():
+            for batch in tqdm(iter_batches(tokens, batch_size), total=n, desc=desc,
+                              disable=not progress, leave=False):
+                model(batch.to(device))
+
+    return forward_loop
+
+
+def resolve_forward_loop(model, calib=None, forward_loop=None, tokenizer=None, n_samples=32,
+                         seq_len=512, batch_size=1, seed=0, progress=True):
+    """A forward loop from either ``forward_loop`` or a calibration source (``calib``)."""
+    if forward_loop is not None:
+        if calib is not None:
+            raise ValueError("pass either calib= or forward_loop=, not both")
+        return forward_loop
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor) and calib.dtype == torch.long and calib.ndim == 2:
+        tokens = calib
+    else:
+        from .data import calib_tokens
+
+        tokens = calib_tokens(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    return make_forward_loop(tokens, batch_size=batch_size, progress=progress)

@@ -1,0 +1,38 @@
+"""Calibration algorithms, one file each, looked up by the name of their config.
+
+Each algorithm module registers ``apply(model, config, forward_loop, progress)``, which runs
+after the quantizers are inserted (weight ranges already set from the weights) and may change
+weights, ranges and pre-quantization scales.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+APPLIERS: dict = {}
+_BUILTIN = ("rtn", "smoothquant", "awq")
+
+
+def register_applier(name: str):
+    def wrap(fn):
+        APPLIERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_builtins() -> None:
+    """Import the built-in algorithm modules (registers their configs, presets and appliers)."""
+    for mod in _BUILTIN:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as err:  # an algorithm file not written yet
+            if err.name != f"{__name__}.{mod}":
+                raise
+
+
+def get_applier(name: str):
+    load_builtins()
+    if name not in APPLIERS:
+        raise KeyError(f"no algorithm registered under {name!r}; registered: {sorted(APPLIERS)}")
+    return APPLIERS[name]

@@ -1,0 +1,48 @@
+"""Round-to-nearest (max calibration): weight ranges from the weights, static activation
+ranges from calibration data.
+
+Example::
+
+    model = quantize(model, "w8a8", calib=texts, tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..layers import quant_modules
+from ..nn.tensor_quantizer import CalibrationError
+from . import register_applier
+
+logger = logging.getLogger(__name__)
+
+
+def static_input_quantizers(model):
+    return [m.input_quantizer for _, m in quant_modules(model)
+            if m.input_quantizer.enabled and not m.input_quantizer.spec.dynamic]
+
+
+def calibrate_activations(model, forward_loop) -> None:
+    """Collect static activation ranges with ``forward_loop`` (no-op when none are static)."""
+    quantizers = static_input_quantizers(model)
+    if not quantizers:
+        return
+    if forward_loop is None:
+        raise CalibrationError(
+            f"{len(quantizers)} static activation quantizer(s) need calibration data "
+            f"(first: {quantizers[0].name}); pass calib= or forward_loop= to quantize(), or use "
+            "a dynamic activation spec")
+    for q in quantizers:
+        q.start_calibration()
+    try:
+        forward_loop(model)
+        for q in quantizers:
+            q.finish_calibration()
+    finally:
+        for q in quantizers:
+            q._calibrator = None
+
+
+@register_applier("max")
+def apply(model, config, forward_loop=None, progress=True) -> None:
+    calibrate_activations(model, forward_loop)

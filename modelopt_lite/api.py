@@ -1,0 +1,78 @@
+"""The front door: ``quantize``, ``deploy`` and friends. Thin: the work lives one layer down.
+
+Example::
+
+    import modelopt_lite as mtl
+    model = mtl.quantize(model, "int4_weight_only", calib=texts, tokenizer=tokenizer)
+    mtl.print_summary(model)
+    mtl.save(model, "out/")
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .algorithms import get_applier
+from .calib.runner import resolve_forward_loop
+from .config import QuantConfig, resolve_config
+from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
+from .nn.quant_modules import unwrap_module
+
+logger = logging.getLogger(__name__)
+
+
+class AlreadyQuantizedError(ValueError):
+    """quantize() was called on a model that already holds fake-quant layers."""
+
+
+def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward_loop=None,
+             tokenizer=None, n_samples: int = 32, seq_len: int = 512, batch_size: int = 1,
+             seed: int = 0, progress: bool = True) -> nn.Module:
+    """Insert fake quantizers into ``model`` as ``config`` says, calibrate, and return it.
+
+    ``config``: a preset name (``"int8_weight_only"``, ``"int4_weight_only"``, ``"w8a8"``,
+    ...), a :class:`QuantConfig`, a dict, or a JSON/YAML path. Calibration data comes from
+    ``calib`` (strings, a text file, a ``datasets.Dataset``, a DataLoader or a token tensor;
+    strings need ``tokenizer``) or from ``forward_loop(model)``. Every check runs before the
+    model changes; on failure the model is restored to float.
+    """
+    cfg = resolve_config(config)
+    if quant_modules(model):
+        raise AlreadyQuantizedError("this model already has fake-quant layers; quantize a fresh "
+                                    "float model (or call modelopt_lite.unquantize(model) first)")
+    plans = plan_layers(model, cfg)
+    loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
+                                batch_size, seed, progress)
+    apply = get_applier(cfg.algorithm.name)
+    insert_quantizers(plans)
+    try:
+        apply(model, cfg, loop, progress)
+    except BaseException:
+        unquantize(model)
+        raise
+    _record(model, cfg, plans)
+    logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
+                sum(bool(p.skipped) for p in plans))
+    return model
+
+
+def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
+    model._modelopt_lite = {"config": cfg.to_dict(), "layers": [p.record() for p in plans]}
+
+
+def unquantize(model: nn.Module) -> nn.Module:
+    """Remove every fake quantizer (weights stay as they are, e.g. smoothing folds remain)."""
+    for _, module in quant_modules(model):
+        unwrap_module(module)
+    if hasattr(model, "_modelopt_lite"):
+        del model._modelopt_lite
+    return model
+
+
+def deploy(model: nn.Module) -> nn.Module:
+    """Swap per-block INT4 fake-quant layers for kernel-backed ``Int4Linear`` layers."""
+    from .nn.int4_linear import deploy_int4
+
+    return deploy_int4(model)

@@ -1,0 +1,141 @@
+"""Save and load quantized models as safetensors + JSON, atomically, never unpickling.
+
+A checkpoint folder holds ``modelopt_lite.json`` (format version, config, per-layer specs and
+skip reasons, the name of the tensor file) and one ``model-<id>.safetensors`` with the whole
+state dict (weights as changed by smoothing folds, plus quantizer ranges and scales). The
+tensor file is written first under a fresh name, then the JSON is replaced atomically, then
+stale tensor files are removed: a crash at any point leaves the previous checkpoint readable.
+
+Example::
+
+    mtl.save(model, "out/")
+    model = mtl.load(AutoModelForCausalLM.from_pretrained(...), "out/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CONFIG_VERSION, QuantizerSpec
+from .layers import quant_modules
+from .nn.quant_modules import wrap_module
+
+FORMAT_VERSION = 1
+MANIFEST = "modelopt_lite.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or that this version cannot read."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without second names of shared (tied) tensors, contiguous on CPU."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the quantized model to ``directory`` (created if needed) and return its path."""
+    from safetensors.torch import save_file
+
+    state = getattr(model, "_modelopt_lite", None)
+    if not state:
+        raise CheckpointError("this model was not quantized by modelopt_lite; nothing to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensor_name = f"model-{uuid.uuid4().hex[:12]}.safetensors"
+    tmp = directory / f".{tensor_name}.tmp"
+    try:
+        save_file(_unique_state(model), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / tensor_name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    manifest = {"format_version": FORMAT_VERSION, "config_version": CONFIG_VERSION,
+                "tensors": tensor_name, **state}
+    _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    for old in directory.glob("model-*.safetensors"):
+        if old.name != tensor_name:
+            old.unlink(missing_ok=True)
+    return directory
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {MANIFEST}; not a modelopt_lite checkpoint")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {manifest['format_version']} is "
+                              f"newer than this modelopt_lite reads ({FORMAT_VERSION}); upgrade")
+    return manifest
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Restore a checkpoint saved by :func:`save` onto a fresh float copy of the same model."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(directory)
+    if quant_modules(model):
+        raise CheckpointError("load() needs a fresh float model; this one is already quantized")
+    modules = dict(model.named_modules())
+    layers = [r for r in manifest["layers"] if not r["skipped"]]
+    _check_layers(layers, modules)
+    tensors = load_file(str(Path(directory) / manifest["tensors"]))
+    _check_shapes(model, tensors, layers, modules)
+    for rec in layers:
+        spec = lambda d: None if d is None else QuantizerSpec(**d)  # noqa: E731
+        wrap_module(modules[rec["name"]], spec(rec["weight"]), spec(rec["input"]), rec["name"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {n for n in missing if n not in tensors}
+    if unexpected:
+        raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
+    _check_missing_are_tied(model, tied)
+    model._modelopt_lite = {"config": manifest["config"], "layers": manifest["layers"]}
+    return model
+
+
+def _check_layers(layers, modules) -> None:
+    for rec in layers:
+        if rec["name"] not in modules:
+            raise CheckpointError(f"checkpoint layer {rec['name']} is not in this model; load "
+                                  "into the same architecture the checkpoint was made from")
+
+
+def _check_shapes(model, tensors, layers, modules) -> None:
+    own = model.state_dict()
+    for name, t in tensors.items():
+        if name in own and own[name].shape != t.shape:
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape "
+                                  f"{tuple(own[name].shape)}; the checkpoint was made from a "
+                                  "different model")
+
+
+def _check_missing_are_tied(model, missing) -> None:
+    shared = {}
+    for name, t in model.state_dict().items():
+        shared.setdefault((t.untyped_storage().data_ptr(), tuple(t.shape)), []).append(name)
+    tied = {n for names in shared.values() if len(names) > 1 for n in names}
+    really_missing = sorted(n for n in missing if n not in tied)
+    if really_missing:
+        raise CheckpointError(f"checkpoint lacks tensors the model needs: {really_missing[:5]}")

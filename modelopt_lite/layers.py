@@ -1,0 +1,123 @@
+"""Which layers a config quantizes, which it skips and why; inserting the quantizers.
+
+Planning is separate from changing the model: every check runs before any module is wrapped,
+so a bad config or model raises with the model untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import QuantConfig, QuantizerSpec
+from .nn.quant_modules import is_quantized, quant_class_for, wrap_module
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class LayerSelectionError(ValueError):
+    """The config selects no layer, or a layer it selects cannot be quantized as asked."""
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    weight_spec: QuantizerSpec | None
+    input_spec: QuantizerSpec | None
+    skipped: str | None = None  # the reason, when skipped
+    note: str | None = None
+
+    def record(self) -> dict:
+        spec = lambda s: None if s is None else dataclasses.asdict(s)  # noqa: E731
+        return {"name": self.name, "type": type(self.module).__name__,
+                "weight_shape": list(_weight_2d_shape(self.module)),
+                "weight": spec(self.weight_spec), "input": spec(self.input_spec),
+                "skipped": self.skipped, "note": self.note}
+
+
+def _weight_2d_shape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    if type(module).__name__.endswith("Conv1D"):
+        return (w.shape[1], w.shape[0])
+    return (w.shape[0], w[0].numel())
+
+
+def _type_matches(module: nn.Module, types: tuple[str, ...]) -> bool:
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return bool(names & set(types)) and quant_class_for(type(module)) is not None
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _explicit(name: str, patterns) -> bool:
+    return name in patterns
+
+
+def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
+    """Decide, for every candidate layer, its specs or the reason it is skipped."""
+    plans = []
+    for name, module in model.named_modules():
+        if not name or is_quantized(module) or not _type_matches(module, config.module_types):
+            continue
+        if not _matches(name, config.targets) or _matches(name, config.exclude):
+            continue
+        plans.append(_plan_one(name, module, config))
+    if not plans:
+        raise LayerSelectionError(_no_layers_message(model, config))
+    return plans
+
+
+def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
+    if module.weight.dtype not in SUPPORTED_DTYPES:
+        raise LayerSelectionError(
+            f"{name}: weight dtype {module.weight.dtype} is not supported; quantize a model in "
+            "float32, float16 or bfloat16 (e.g. model.float() first)")
+    plan = LayerPlan(name, module, config.weight, config.input)
+    w = config.weight
+    if w is None or w.granularity != "per_block":
+        return plan
+    in_dim = _weight_2d_shape(module)[1]
+    if in_dim % w.block_size == 0:
+        return plan
+    reason = f"in_features {in_dim} is not divisible by block {w.block_size}"
+    if config.on_indivisible == "error" or _explicit(name, config.targets):
+        raise LayerSelectionError(
+            f"{name}: {reason}. Fix: choose a block size that divides {in_dim}, exclude the "
+            "layer, or set on_indivisible='skip' or 'per_channel'")
+    if config.on_indivisible == "per_channel":
+        plan.weight_spec = dataclasses.replace(w, granularity="per_channel", block_size=None)
+        plan.note = f"{reason}: per-channel instead"
+        return plan
+    plan.skipped = reason
+    return plan
+
+
+def _no_layers_message(model: nn.Module, config: QuantConfig) -> str:
+    seen = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if n and quant_class_for(type(m)) is not None][:8]
+    return ("the config matches no layer of this model: targets="
+            f"{list(config.targets)}, exclude={list(config.exclude)}, "
+            f"module_types={list(config.module_types)}. Quantizable layers here: "
+            f"{seen or 'none (no Linear, Conv2d or Conv1D)'}")
+
+
+def insert_quantizers(plans: list[LayerPlan]) -> None:
+    """Wrap every planned (not skipped) layer; ranges of weights come from the weights."""
+    for plan in plans:
+        if plan.skipped:
+            continue
+        module = wrap_module(plan.module, plan.weight_spec, plan.input_spec, plan.name)
+        if plan.weight_spec is not None:
+            module.weight_quantizer.init_from_weight(module.weight_2d())
+
+
+def quant_modules(model: nn.Module):
+    """(name, module) for every fake-quant layer of a model."""
+    return [(n, m) for n, m in model.named_modules() if is_quantized(m)]

@@ -1,0 +1,109 @@
+"""Quantization primitives: pure functions over tensors, and the one fake-quant autograd function.
+
+Conventions (shared by the fake-quant modules, the checkpoints, the INT4 kernels and export):
+
+* symmetric: ``scale = amax / qmax``, ``q = clamp(round(x / scale), qmin, qmax)``,
+  ``x_hat = q * scale`` (int8: q in [-128, 127]; int4: q in [-8, 7]);
+* asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = -min / scale`` (a float, so a
+  min/max group is reproduced exactly), ``q = clamp(round(x / scale + zero), 0, 2**bits - 1)``,
+  ``x_hat = (q - zero) * scale``.
+
+Example::
+
+    q, scale, zero = quantize_blockwise(w, block_size=64, num_bits=4, symmetric=False)
+    w_hat = dequantize_blockwise(q, scale, zero, block_size=64)
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8
+
+
+def qrange(num_bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    return 0, 2**num_bits - 1
+
+
+def scale_zero(amin: torch.Tensor | None, amax: torch.Tensor, num_bits: int, symmetric: bool):
+    """Scale (and float zero point, None when symmetric) from a range."""
+    qmin, qmax = qrange(num_bits, symmetric)
+    if symmetric:
+        return amax.float().clamp(min=EPS) / qmax, None
+    scale = (amax.float() - amin.float()).clamp(min=EPS) / (qmax - qmin)
+    return scale, -amin.float() / scale
+
+
+def quantize(x: torch.Tensor, scale, zero, num_bits: int, symmetric: bool) -> torch.Tensor:
+    """Integer codes (as float) of ``x``; broadcasting ``scale``/``zero`` against ``x``."""
+    qmin, qmax = qrange(num_bits, symmetric)
+    y = x.float() / scale
+    if zero is not None:
+        y = y + zero
+    return torch.clamp(torch.round(y), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale, zero) -> torch.Tensor:
+    return (q - zero) * scale if zero is not None else q * scale
+
+
+class FakeQuantFunction(torch.autograd.Function):
+    """Quantize-dequantize in the input's dtype, straight-through backward.
+
+    With ``clip_grad`` the gradient is zeroed where the input fell outside the representable
+    range (the clipped straight-through estimator); otherwise it passes through unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, num_bits: int, symmetric: bool, clip_grad: bool = False):
+        q = quantize(x, scale, zero, num_bits, symmetric)
+        out = dequantize(q, scale, zero).to(x.dtype)
+        if clip_grad:
+            qmin, qmax = qrange(num_bits, symmetric)
+            y = x.float() / scale + (zero if zero is not None else 0.0)
+            ctx.save_for_backward((y >= qmin - 0.5) & (y <= qmax + 0.5))
+        ctx.clip_grad = clip_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.clip_grad:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None, None, None, None
+
+
+def fake_quant(x, scale, zero, num_bits: int, symmetric: bool, clip_grad: bool = False):
+    return FakeQuantFunction.apply(x, scale, zero, num_bits, symmetric, clip_grad)
+
+
+def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[rows, K] -> [rows, K // block_size, block_size]; K must be a multiple of the block."""
+    rows, k = w.shape
+    if k % block_size:
+        raise ValueError(f"input dim {k} is not divisible by block size {block_size}")
+    return w.reshape(rows, k // block_size, block_size)
+
+
+def block_range(w: torch.Tensor, block_size: int, symmetric: bool):
+    """(amin or None, amax) per (row, block) of a 2-D weight, each [rows, K // block]."""
+    blocks = to_blocks(w, block_size)
+    if symmetric:
+        return None, blocks.abs().amax(-1)
+    return blocks.amin(-1), blocks.amax(-1)
+
+
+def quantize_blockwise(w: torch.Tensor, block_size: int, num_bits: int, symmetric: bool):
+    """Blockwise quantization of a 2-D weight along its input dim -> (q, scale, zero)."""
+    amin, amax = block_range(w, block_size, symmetric)
+    scale, zero = scale_zero(amin, amax, num_bits, symmetric)
+    zb = zero.unsqueeze(-1) if zero is not None else None
+    q = quantize(to_blocks(w, block_size), scale.unsqueeze(-1), zb, num_bits, symmetric)
+    return q.reshape(w.shape), scale, zero
+
+
+def dequantize_blockwise(q, scale, zero, block_size: int) -> torch.Tensor:
+    zb = zero.unsqueeze(-1) if zero is not None else None
+    return dequantize(to_blocks(q, block_size), scale.unsqueeze(-1), zb).reshape(q.shape)

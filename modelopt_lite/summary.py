@@ -1,0 +1,59 @@
+"""The end-of-run report: what was quantized, what was skipped and why, and each layer's error."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import quant_modules
+
+
+def weight_sqnr_db(module) -> float:
+    """Signal-to-quantization-noise ratio of a fake-quant layer's weight, in dB."""
+    with torch.no_grad():
+        w = module.weight_2d().float()
+        err = module.weight_quantizer(module.weight_2d()).float() - w
+        noise = err.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(w.pow(2).sum().item() / noise)
+
+
+def summary_rows(model: nn.Module) -> list[dict]:
+    state = getattr(model, "_modelopt_lite", None) or {}
+    quantized = dict(quant_modules(model))
+    rows = []
+    for rec in state.get("layers", []):
+        row = {"name": rec["name"], "shape": "x".join(map(str, rec["weight_shape"]))}
+        module = quantized.get(rec["name"])
+        if rec["skipped"] or module is None:
+            row.update(status="skipped", format="-", sqnr_db=None,
+                       reason=rec["skipped"] or "not quantized")
+        else:
+            w, a = module.weight_quantizer, module.input_quantizer
+            fmt = f"W {w.spec.describe()}" if w.enabled else "W fp"
+            if a.enabled:
+                fmt += f" / A {a.spec.describe()}"
+            sqnr = weight_sqnr_db(module) if w.enabled else None
+            row.update(status="quantized", format=fmt, sqnr_db=sqnr, reason=rec.get("note") or "")
+        rows.append(row)
+    return rows
+
+
+def format_summary(model: nn.Module) -> str:
+    rows = summary_rows(model)
+    if not rows:
+        return "model is not quantized by modelopt_lite"
+    lines = [f"{'layer':<44} {'shape':>11}  {'status':<9} {'format':<36} {'W SQNR':>7}  note"]
+    for r in rows:
+        sqnr = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:6.1f}dB"
+        lines.append(f"{r['name'][:44]:<44} {r['shape']:>11}  {r['status']:<9} "
+                     f"{r['format'][:36]:<36} {sqnr:>7}  {r['reason']}")
+    n_q = sum(r["status"] == "quantized" for r in rows)
+    lines.append(f"{n_q} layer(s) quantized, {len(rows) - n_q} skipped")
+    return "\n".join(lines)
+
+
+def print_summary(model: nn.Module) -> None:
+    """Print which layers were quantized (format, shape, weight SQNR) and which were skipped."""
+    print(format_summary(model))  # noqa: T201 - printing is this function's job
