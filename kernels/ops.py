@@ -1,0 +1,68 @@
+"""Launch wrapper for the W4A16 kernel: input checks, config choice by M, split-K buffer."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .tuning import pick_config
+from .packing import PackedInt4
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(x: torch.Tensor, p: PackedInt4):
+    n, k = p.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the INT4 weight expects {k}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if p.scale.dtype != x.dtype:
+        raise TypeError(f"scale dtype {p.scale.dtype} differs from activation dtype {x.dtype}; "
+                        "pack the weight with dtype=x.dtype")
+    if p.qweight.device != x.device:
+        raise ValueError(f"x is on {x.device}, the INT4 weight on {p.qweight.device}")
+
+
+def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
+    from .w4a16 import w4a16_kernel
+
+    _check(x, p)
+    n, k = p.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], n)
+    if m == 0:
+        return x.new_empty(out_shape)
+    cfg = dict(config) if config else pick_config(m, n, k, p.group_size, x.device)
+    split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, cfg["BK"])))
+    atomic = split_k > 1
+    out = (torch.zeros if atomic else torch.empty)(
+        (m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
+    w4a16_kernel[grid](
+        x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
+        bias if bias is not None else p.scale, out,
+        m, n, k, x2.stride(0), out.stride(0), k // p.group_size,
+        GROUP=p.group_size, BN=cfg["BN"], BM=cfg["BM"], BK=cfg["BK"], SPLIT_K=split_k,
+        GROUP_N=cfg.get("GROUP_N", 8), HAS_ZERO=p.zterm is not None, HAS_BIAS=bias is not None,
+        IS_BF16=x.dtype == torch.bfloat16, USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
+        EVEN_K=k % cfg["BK"] == 0, ATOMIC=atomic,
+        DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    if atomic:
+        out = out.to(x.dtype)
+    return out.reshape(out_shape)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,67 @@
+"""Tuned launch configs per GPU (JSON tables in configs/), with a safe default elsewhere.
+
+A table maps "NxK" (or "*") to a list of {"max_m": int, "config": {...}} rows sorted by max_m;
+the first row whose max_m >= M wins. Unknown GPUs and shapes fall back to :func:`default_config`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+_DIR = Path(__file__).parent / "configs"
+_NUM_SMS_DEFAULT = 132
+
+
+def _gpu_key(device) -> str:
+    import torch
+
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for key in ("h200", "h100"):
+        if key in name:
+            return key
+    return "default"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(key: str) -> dict:
+    path = _DIR / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    import torch
+
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return _NUM_SMS_DEFAULT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
+    """Shape-only heuristic: small M splits K until ~2 programs per SM; large M uses big tiles."""
+    if m <= 16:
+        cfg = dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=4)
+    elif m <= 64:
+        cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    tiles = -(-n // cfg["BN"]) * -(-m // cfg["BM"])
+    k_tiles = -(-k // cfg["BK"])
+    split = 1
+    while tiles * split < 2 * num_sms and split * 2 <= max(1, k_tiles // 4):
+        split *= 2
+    cfg.update(SPLIT_K=split, GROUP_N=8)
+    return cfg
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
+    table = _table(_gpu_key(device))
+    rows = table.get(f"{n}x{k}") or table.get("*")
+    if rows:
+        for row in rows:
+            if m <= row["max_m"]:
+                return dict(row["config"])
+    return default_config(m, n, k, _num_sms(device))

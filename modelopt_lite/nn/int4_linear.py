@@ -1,0 +1,131 @@
+"""Int4Linear: an INT4 weight-only linear layer backed by the Triton W4A16 kernels,
+and deploy_int4(), which swaps fake-quant INT4 linears for it."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from modelopt_lite.kernels import PackedInt4, pack_weight, w4a16_reference
+
+log = logging.getLogger(__name__)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Int4Linear(nn.Module):
+    """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
+
+    Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, K/8], ``scale``
+    and ``zterm`` (= -zero * scale; absent when symmetric) [N, K/B] in ``dtype``, optional
+    ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the Triton kernel; CPU inputs run the
+    plain-torch reference.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 bias: bool = True, symmetric: bool = False, pre_scale: bool = False,
+                 dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        if in_features % group_size or group_size % 8:
+            raise ValueError(f"in_features {in_features} must be divisible by the block size "
+                             f"{group_size} (a multiple of 8); pick another block size")
+        if dtype not in _HALF:
+            raise TypeError(f"Int4Linear dtype must be float16 or bfloat16, got {dtype}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=dtype, **kw))
+        self.register_buffer("zterm", None if symmetric else
+                             torch.zeros(out_features, groups, dtype=dtype, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self.register_buffer("pre_scale", torch.ones(in_features, dtype=dtype, **kw)
+                             if pre_scale else None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   group_size: int, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float16,
+                   pre_scale: torch.Tensor | None = None) -> "Int4Linear":
+        """Build from quantizer output: codes uint8 [N, K] in 0..15, scale/zero [N, K/B]
+        (zero=None: symmetric, z=8), W_hat = (codes - zero) * scale."""
+        n, k = codes.shape
+        p = pack_weight(codes, scale, zero, group_size, dtype)
+        mod = cls(k, n, group_size, bias=bias is not None, symmetric=zero is None,
+                  pre_scale=pre_scale is not None, dtype=dtype, device=codes.device)
+        mod.qweight.copy_(p.qweight)
+        mod.scale.copy_(p.scale)
+        if p.zterm is not None:
+            mod.zterm.copy_(p.zterm)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().to(dtype))
+        if pre_scale is not None:
+            if pre_scale.shape != (k,):
+                raise ValueError(f"pre_scale must be [{k}], got {tuple(pre_scale.shape)}")
+            mod.pre_scale.copy_(pre_scale.detach().to(dtype))
+        return mod
+
+    @property
+    def packed(self) -> PackedInt4:
+        return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x = x.to(self.scale.dtype)
+        if self.pre_scale is not None:
+            x = x * self.pre_scale
+        if x.is_cuda and _triton_available():
+            from modelopt_lite.kernels import w4a16_matmul
+
+            y = w4a16_matmul(x, self.packed, self.bias)
+        else:
+            y = w4a16_reference(x, self.packed, self.bias)
+        return y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, symmetric={self.zterm is None}, "
+                f"bias={self.bias is not None}, pre_scale={self.pre_scale is not None}")
+
+
+def _is_int4_fake_quant(module: nn.Module) -> bool:
+    wq = getattr(module, "weight_quantizer", None)
+    weight = getattr(module, "weight", None)
+    return (wq is not None and bool(getattr(wq, "is_int4_block", False))
+            and hasattr(wq, "int4_codes") and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2)
+
+
+def _to_int4_linear(module: nn.Module) -> Int4Linear:
+    weight = module.weight.detach()
+    codes, scale, zero, block = module.weight_quantizer.int4_codes(weight)
+    iq = getattr(module, "input_quantizer", None)
+    pre_scale = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+    dtype = weight.dtype if weight.dtype in _HALF else torch.float16
+    bias = getattr(module, "bias", None)
+    return Int4Linear.from_codes(codes.to(weight.device), scale.to(weight.device),
+                                 None if zero is None else zero.to(weight.device), int(block),
+                                 bias=bias, dtype=dtype, pre_scale=pre_scale)
+
+
+def deploy_int4(model: nn.Module) -> nn.Module:
+    """Replace every INT4 block fake-quant linear in ``model`` (in place) by an Int4Linear."""
+    targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
+    for name, mod in targets:
+        new = _to_int4_linear(mod)
+        if not name:
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        log.debug("deployed %s as %r", name, new)
+    log.info("deploy_int4: %d linear layers now run on INT4 kernels", len(targets))
+    return model

@@ -1,0 +1,117 @@
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from modelopt_lite.kernels.packing import quantize_rtn
+from modelopt_lite.nn.int4_linear import Int4Linear, deploy_int4
+
+
+class _StandInQuantizer(nn.Module):
+    """The fake-quant interface deploy_int4 relies on: absmax (sym) or min/max block RTN."""
+
+    def __init__(self, block, symmetric):
+        super().__init__()
+        self.block, self.symmetric = block, symmetric
+
+    @property
+    def is_int4_block(self):
+        return True
+
+    def int4_codes(self, w):
+        codes, scale, zero = quantize_rtn(w, self.block, self.symmetric)
+        return codes, scale, zero, self.block
+
+    def forward(self, w):
+        codes, scale, zero, b = self.int4_codes(w)
+        z = torch.full_like(scale, 8.0) if zero is None else zero
+        return ((codes.float() - z.repeat_interleave(b, 1)) * scale.repeat_interleave(b, 1)).to(w.dtype)
+
+
+class _InputQuantizer(nn.Module):
+    def __init__(self, pre_quant_scale):
+        super().__init__()
+        self.pre_quant_scale = pre_quant_scale
+
+
+class _FakeQuantLinear(nn.Linear):
+    def __init__(self, k, n, block, symmetric, pre_scale=None, bias=True):
+        super().__init__(k, n, bias=bias)
+        self.weight_quantizer = _StandInQuantizer(block, symmetric)
+        self.input_quantizer = _InputQuantizer(pre_scale)
+
+    def forward(self, x):
+        ps = self.input_quantizer.pre_quant_scale
+        x = x * ps if ps is not None else x
+        return nn.functional.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_from_codes_matches_dequantized_linear(symmetric, dtype):
+    n, k, g = 24, 128, 32
+    w = torch.randn(n, k)
+    codes, scale, zero = quantize_rtn(w, g, symmetric)
+    bias, pre = torch.randn(n), torch.rand(k) + 0.5
+    mod = Int4Linear.from_codes(codes, scale, zero, g, bias=bias, dtype=dtype, pre_scale=pre)
+    z = torch.full_like(scale, 8.0) if zero is None else zero
+    w_hat = (codes.float() - z.repeat_interleave(g, 1)) * scale.repeat_interleave(g, 1)
+    x = torch.randn(3, 5, k)
+    y = mod(x)
+    assert y.shape == (3, 5, n) and y.dtype == x.dtype
+    assert _rel_err(y, (x * pre) @ w_hat.t() + bias) < 1e-2
+    assert "symmetric=" + str(symmetric) in repr(mod)
+
+
+def test_from_codes_bad_block_explains():
+    with pytest.raises(ValueError, match="block size"):
+        Int4Linear.from_codes(torch.zeros(4, 96, dtype=torch.uint8), torch.ones(4, 1), None, 64)
+
+
+def test_state_dict_roundtrip():
+    w = torch.randn(16, 64)
+    mod = Int4Linear.from_codes(*quantize_rtn(w, 32), 32, bias=torch.randn(16))
+    fresh = Int4Linear(64, 16, 32, bias=True)
+    fresh.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(fresh(x), mod(x))
+
+
+def _model(pre_scale):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        _FakeQuantLinear(64, 96, 32, symmetric=False, pre_scale=pre_scale), nn.ReLU(),
+        _FakeQuantLinear(96, 32, 32, symmetric=True, bias=False), nn.ReLU(),
+        nn.Linear(32, 8))
+
+
+@pytest.mark.parametrize("pre_scale", [None, torch.rand(64) + 0.5])
+def test_deploy_int4_swaps_fake_quant_layers_and_keeps_outputs(pre_scale):
+    model = _model(pre_scale)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before = model(x)
+        deployed = deploy_int4(model)
+        after = deployed(x)
+    assert isinstance(deployed[0], Int4Linear) and isinstance(deployed[2], Int4Linear)
+    assert isinstance(deployed[4], nn.Linear) and not isinstance(deployed[4], Int4Linear)
+    assert deployed[0].zterm is not None and deployed[2].zterm is None
+    assert deployed[2].bias is None
+    assert _rel_err(after, before) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+def test_deploy_int4_on_gpu_runs_the_kernel():
+    model = _model(torch.rand(64) + 0.5).cuda().half()
+    x = torch.randn(5, 64, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        before = model(x)
+        after = deploy_int4(model)(x)
+    assert _rel_err(after, before) < 1e-2

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from modelopt_lite.kernels import dequantize, pack_int4, pack_weight, unpack_int4
+from modelopt_lite.kernels.packing import NIBBLE_OF, quantize_rtn
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 9), kw=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_roundtrip(n, kw, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, kw * 8), generator=g, dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.int32 and packed.shape == (n, kw)
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(word=st.integers(0, 2**32 - 1))
+def test_unpack_pack_roundtrip_every_word(word):
+    signed = word - (1 << 32) if word >= 1 << 31 else word
+    packed = torch.tensor([[signed]], dtype=torch.int32)
+    assert torch.equal(pack_int4(unpack_int4(packed)), packed)
+
+
+def test_nibble_order_pairs_halves():
+    codes = torch.arange(8, dtype=torch.uint8).view(1, 8)
+    w = int(pack_int4(codes)[0, 0]) & 0xFFFFFFFF
+    for r in range(4):
+        pair = (w >> (4 * r)) & 0x000F000F
+        assert (pair & 0xF, pair >> 16) == (2 * r, 2 * r + 1)
+    assert sorted(NIBBLE_OF) == list(range(8))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_pack_weight_dequantizes_to_codes_minus_zero_times_scale(symmetric, group):
+    n, k = 5, 256
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale = torch.rand(n, k // group) * 0.1 + 0.01
+    zero = None if symmetric else torch.rand(n, k // group) * 15
+    p = pack_weight(codes, scale, zero, group, torch.float16)
+    z = torch.full_like(scale, 8.0) if zero is None else zero
+    expect = (codes.float() - z.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
+    err = (dequantize(p) - expect).norm() / expect.norm()
+    assert err < 2e-3
+
+
+def test_rtn_asymmetric_reproduces_a_min_max_grid_exactly():
+    n, k, group = 4, 64, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    codes[:, ::group] = 0
+    codes[:, 1::group] = 15
+    scale, lo = torch.rand(n, k // group) + 0.5, torch.randn(n, k // group)
+    w = codes.float() * scale.repeat_interleave(group, 1) + lo.repeat_interleave(group, 1)
+    c2, s2, z2 = quantize_rtn(w, group)
+    assert torch.equal(c2, codes)
+    w2 = (c2.float() - z2.repeat_interleave(group, 1)) * s2.repeat_interleave(group, 1)
+    assert torch.allclose(w2, w, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(torch.full((1, 8), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="K % 8"):
+        pack_int4(torch.zeros(1, 7, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="block size"):
+        pack_weight(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), None, 64)

@@ -1,0 +1,92 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
+
+from modelopt_lite.kernels import pack_weight, w4a16_matmul, w4a16_reference  # noqa: E402
+from modelopt_lite.kernels.tuning import default_config, pick_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _problem(m, n, k, group, zero, dtype, bias=True):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale = torch.rand(n, k // group) * 0.02 + 0.002
+    zp = torch.rand(n, k // group) * 15 if zero else None
+    p = pack_weight(codes.to(DEVICE), scale.to(DEVICE), None if zp is None else zp.to(DEVICE),
+                    group, dtype)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    return x, p, b
+
+
+def _ref32(x, p, b):
+    return w4a16_reference(x.float(), p._replace(scale=p.scale.float(),
+                           zterm=None if p.zterm is None else p.zterm.float()),
+                           None if b is None else b.float())
+
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+SMALL = dict(BM=16, BN=32, BK=128, SPLIT_K=1, num_warps=4, num_stages=2)
+SPLIT = dict(BM=16, BN=16, BK=64, SPLIT_K=3, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("m,n,k,group,cfg", [
+    (1, 40, 256, 128, SMALL),    # decode, N not a multiple of BN
+    (3, 48, 192, 32, SPLIT),     # split-K with a short last split
+    (17, 24, 320, 64, SMALL),    # two M tiles, K not a multiple of BK
+    (5, 72, 128, 128, None),     # the shipped default config
+])
+def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
+    x, p, b = _problem(m, n, k, group, zero, dtype)
+    y = w4a16_matmul(x, p, b, cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+def test_kernel_leading_dims_and_no_bias():
+    x, p, _ = _problem(6, 32, 128, 32, True, torch.float16, bias=False)
+    y = w4a16_matmul(x.view(2, 3, 128), p, None, SMALL)
+    assert y.shape == (2, 3, 32)
+    assert _rel_err(y.view(6, 32), _ref32(x, p, None)) < TOL[torch.float16]
+
+
+def test_kernel_rejects_mismatched_inputs():
+    x, p, _ = _problem(2, 16, 128, 32, True, torch.float16)
+    with pytest.raises(ValueError, match="input features"):
+        w4a16_matmul(x[:, :64], p)
+    with pytest.raises(TypeError, match="dtype"):
+        w4a16_matmul(x.bfloat16(), p)
+
+
+def test_default_config_fills_the_gpu_for_decode():
+    cfg = default_config(1, 8192, 28672)
+    assert cfg["BM"] == 16 and cfg["SPLIT_K"] > 1
+    assert default_config(1024, 28672, 8192)["SPLIT_K"] == 1
+    assert pick_config(1, 8192, 28672, 128, None)["BM"] == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 130, 513])
+@pytest.mark.parametrize("group", [32, 128])
+def test_gpu_kernel_large_shapes(dtype, zero, m, group):
+    x, p, b = _problem(m, 1000, 2048, group, zero, dtype)
+    y = w4a16_matmul(x, p, b)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
