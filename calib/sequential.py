@@ -1,0 +1,160 @@
+"""Layer-by-layer calibration: capture the inputs of decoder layer 0, then for each layer i
+process it (collect statistics, search, quantize), replay it on its inputs and feed the
+(quantized) outputs to layer i + 1. Only one layer's activations are held at a time.
+
+With ``device`` set, each layer is moved there for its turn and back to ``offload`` after, so a
+model larger than the GPU calibrates with about one layer plus its activations on the GPU.
+
+Example::
+
+    def process(index, name, layer, inputs):
+        stats = inputs.collect_stats(layer, {"mlp.up_proj": layer.mlp.up_proj})
+        ...
+    run_sequential(model, forward_loop, process)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import find_decoder_layers
+from .stats import ChannelStatsCollector
+
+logger = logging.getLogger(__name__)
+
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+class _Captured(Exception):
+    pass
+
+
+def _move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+class LayerInputs:
+    """The captured ``(args, kwargs)`` of every calibration batch for the current layer."""
+
+    def __init__(self, store_device: torch.device | str | None = None):
+        self.entries: list[tuple[tuple, dict]] = []
+        self.store_device = store_device
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if self.store_device is not None:
+            args, kwargs = _move(args, self.store_device), _move(kwargs, self.store_device)
+        self.entries.append((args, kwargs))
+
+    def hidden(self, i: int) -> torch.Tensor:
+        args, kwargs = self.entries[i]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replace_hidden(self, i: int, h: torch.Tensor) -> None:
+        args, kwargs = self.entries[i]
+        if args:
+            self.entries[i] = ((h, *args[1:]), kwargs)
+        else:
+            self.entries[i] = (args, {**kwargs, "hidden_states": h})
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, device=None) -> list[torch.Tensor]:
+        """Replay ``layer`` on every captured input; return its hidden-state outputs."""
+        outs = []
+        for args, kwargs in self.entries:
+            if device is not None:
+                args, kwargs = _move(args, device), _move(kwargs, device)
+            out = layer(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outs
+
+    def forward_loop(self, layer: nn.Module, device=None) -> Callable[[nn.Module], None]:
+        """A forward loop that replays this layer (for hook-based collectors)."""
+        return lambda _model: self.run(layer, device)
+
+    def collect_stats(self, layer: nn.Module, modules: dict[str, nn.Module], device=None):
+        """Per-input-channel statistics of ``modules`` (inside ``layer``) over all inputs."""
+        collectors = {n: ChannelStatsCollector(n) for n in modules}
+        handles = [m.register_forward_pre_hook(collectors[n]) for n, m in modules.items()]
+        try:
+            self.run(layer, device)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: c.result() for n, c in collectors.items()}
+
+
+def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, forward_loop,
+                               store_device=None) -> LayerInputs:
+    """Run ``forward_loop(model)``, stopping each batch at layer 0 and keeping its inputs."""
+    inputs = LayerInputs(store_device)
+    first = layers[0]
+
+    def catch(module, args, kwargs):
+        inputs.add(args, kwargs)
+        raise _Captured
+
+    original_forward = model.forward
+
+    def guarded_forward(*args, **kwargs):
+        try:
+            return original_forward(*args, **kwargs)
+        except _Captured:
+            return None
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    model.forward = guarded_forward
+    try:
+        forward_loop(model)
+    finally:
+        handle.remove()
+        del model.forward
+    if not len(inputs):
+        raise ValueError("the forward loop never reached the first decoder layer; check that it "
+                         "calls the model on calibration data")
+    return inputs
+
+
+ProcessLayer = Callable[[int, str, nn.Module, LayerInputs], None]
+
+
+def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, device=None,
+                   offload=None, store_device=None, progress: bool = True,
+                   desc: str = "layers") -> None:
+    """Call ``process(i, name, layer, inputs)`` for each decoder layer, in order.
+
+    ``process`` may change the layer (quantize, fold, prune); the layer is then replayed on
+    ``inputs`` and its outputs become the next layer's inputs. ``device``: where each layer
+    runs (moved there for its turn, back to ``offload`` after, when ``offload`` is given).
+    ``store_device``: where captured activations are kept between layers (e.g. "cpu").
+    """
+    path, layers = find_decoder_layers(model)
+    inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
+    for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        layer = layers[i]
+        if device is not None:
+            layer.to(device)
+        process(i, f"{path}.{i}", layer, inputs)
+        outs = inputs.run(layer, device)
+        for j, h in enumerate(outs):
+            inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
+        if offload is not None:
+            layer.to(offload)

@@ -1,0 +1,224 @@
+"""Model support as data: which producer (a norm or a linear) feeds which linears, per architecture.
+
+SmoothQuant and AWQ divide a producer's output channels by a scale ``s`` and multiply the
+consuming linears' input columns by ``s``; the float model's output is unchanged. The table
+below says, per Hugging Face ``model_type``, where the decoder layers live and which
+``(producer, consumers, block)`` groups exist inside one layer (names relative to the layer).
+``block`` names the module whose output error a search minimises.
+
+To add an architecture, add one row to ``ARCHITECTURES``::
+
+    "mymodel": Arch("model.layers", (
+        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attn"),
+        Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    )),
+
+An architecture not in the table falls back to scaling each linear on its own, with the scale
+kept as an explicit multiply (``pre_quant_scale``) in front of the linear.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears that share one input, the module producing that input, and the block to score."""
+
+    prev: str | None
+    linears: tuple[str, ...]
+    block: str | None = None
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str
+    groups: tuple[Group, ...]
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = Arch("model.layers", (
+    Group("input_layernorm", _ATTN, "self_attn"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+))
+_GEMMA2 = Arch("model.layers", (
+    Group("input_layernorm", _ATTN, "self_attn"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+))
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+    "gemma2": _GEMMA2, "gemma3": _GEMMA2, "gemma3_text": _GEMMA2,
+    "phi3": Arch("model.layers", (
+        Group("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        Group("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    )),
+    "opt": Arch("model.decoder.layers", (
+        Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj",
+                                       "self_attn.v_proj"), "self_attn"),
+        Group("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+        Group("final_layer_norm", ("fc1",), "fc1"),
+        Group("fc1", ("fc2",), "fc2"),
+    )),
+    "gpt2": Arch("transformer.h", (
+        Group("ln_1", ("attn.c_attn",), "attn"),
+        Group("ln_2", ("mlp.c_fc",), "mlp"),
+    )),
+    "gpt_neox": Arch("gpt_neox.layers", (
+        Group("input_layernorm", ("attention.query_key_value",), "attention"),
+        Group("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+    )),
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder layers cannot be found."""
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def get_arch(model: nn.Module) -> Arch | None:
+    arch = ARCHITECTURES.get(model_type(model))
+    if arch is not None and model_type(model) == "opt" and not getattr(
+            model.config, "do_layer_norm_before", True):
+        return None  # post-norm OPT (350m): the norms do not feed the linears
+    return arch
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, ModuleList) of the decoder layers: from the table, else the longest ModuleList."""
+    arch = get_arch(model)
+    if arch is not None:
+        try:
+            return arch.layers, model.get_submodule(arch.layers)
+        except AttributeError:
+            pass
+    best = max(((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+                and len(m) > 0 and len({type(x) for x in m}) == 1),
+               key=lambda nm: len(nm[1]), default=None)
+    if best is None:
+        raise UnsupportedModelError(
+            f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of "
+            "identical blocks. Add a row to modelopt_lite.models.ARCHITECTURES (see its docstring)")
+    return best
+
+
+def layer_groups(model: nn.Module, layer: nn.Module) -> list[Group]:
+    """The scale groups of one decoder layer that exist and fold exactly; else per-linear groups."""
+    arch = get_arch(model)
+    if arch is None:
+        logger.warning("%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
+                       "its own with an explicit multiply (no fold). Add a row to fold scales.",
+                       model_type(model) or type(model).__name__)
+        return [Group(None, (n,), n) for n, m in layer.named_modules() if _is_linear(m)]
+    return [g for g in arch.groups if _group_ok(layer, g)]
+
+
+def _get(layer: nn.Module, name: str | None):
+    if name is None:
+        return None
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _group_ok(layer: nn.Module, group: Group) -> bool:
+    linears = [_get(layer, n) for n in group.linears]
+    if any(m is None for m in linears):
+        return False
+    prev = _get(layer, group.prev)
+    if prev is None:
+        return False
+    if _is_linear(prev):  # a linear producer must emit exactly the consumers' input channels
+        return out_features(prev) == in_features(linears[0])
+    return True
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "QuantConv1D")
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return any(c.__name__ == "Conv1D" for c in type(m).__mro__)
+
+
+def in_features(m: nn.Module) -> int:
+    return m.weight.shape[0] if _is_conv1d(m) else m.weight.shape[1]
+
+
+def out_features(m: nn.Module) -> int:
+    return m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]
+
+
+# --- exact folding ---
+
+def _is_gemma_norm(norm: nn.Module) -> bool:
+    return "Gemma" in type(norm).__name__ and "RMSNorm" in type(norm).__name__
+
+
+@torch.no_grad()
+def scale_linear_inputs_(linear: nn.Module, s: torch.Tensor) -> None:
+    """Multiply the linear's input columns by ``s`` (its input will be divided by ``s``)."""
+    w = linear.weight
+    if _is_conv1d(linear):
+        w.mul_(s.to(w.dtype)[:, None])
+    else:
+        w.mul_(s.to(w.dtype)[None, :])
+
+
+@torch.no_grad()
+def divide_producer_(prev: nn.Module, s: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``s``: a norm's weight (and bias) or a linear's rows."""
+    if _is_linear(prev):
+        w = prev.weight
+        if _is_conv1d(prev):
+            w.div_(s.to(w.dtype)[None, :])
+        else:
+            w.div_(s.to(w.dtype)[:, None])
+    elif _is_gemma_norm(prev):  # y = norm(x) * (1 + w)
+        prev.weight.copy_(((1.0 + prev.weight.double()) / s.double() - 1.0).to(prev.weight.dtype))
+    elif getattr(prev, "weight", None) is not None:
+        prev.weight.div_(s.to(prev.weight.dtype))
+    else:
+        raise UnsupportedModelError(f"cannot fold a scale into {type(prev).__name__}: no weight")
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s.to(prev.bias.dtype))
+
+
+@torch.no_grad()
+def apply_group_scale_(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
+    """Fold ``s`` exactly: producer / s, consumers' inputs * s; or an explicit multiply."""
+    s = s.float()
+    for name in group.linears:
+        scale_linear_inputs_(layer.get_submodule(name), s)
+    prev = _get(layer, group.prev)
+    if prev is not None:
+        divide_producer_(prev, s.to(prev.weight.device))
+        return
+    for name in group.linears:  # no producer: keep x / s as an explicit multiply
+        _set_input_multiplier(layer.get_submodule(name), 1.0 / s)
+
+
+def _set_input_multiplier(linear: nn.Module, mult: torch.Tensor) -> None:
+    quantizer = getattr(linear, "input_quantizer", None)
+    if quantizer is None:
+        raise UnsupportedModelError(
+            f"{type(linear).__name__}: an unfolded scale needs a quantized layer to hold it")
+    old = quantizer.pre_quant_scale
+    quantizer.set_pre_quant_scale(mult if old is None else old * mult)

@@ -1,0 +1,71 @@
+"""Tiny transformer models built in code (random weights), one per architecture family."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 128
+
+
+def _finish(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.3 * torch.rand_like(p))  # non-trivial norm weights
+    return model.eval()
+
+
+def tiny_llama(seed=0, hidden=64, layers=2, heads=4, kv_heads=4, inter=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=256)
+    return _finish(LlamaForCausalLM(cfg), seed)
+
+
+def tiny_gemma3(seed=0):
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=16, max_position_embeddings=256, sliding_window=32)
+    return _finish(Gemma3ForCausalLM(cfg), seed)
+
+
+def tiny_opt(seed=0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    return _finish(OPTForCausalLM(cfg), seed)
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return _finish(GPT2LMHeadModel(cfg), seed)
+
+
+def tiny_neox(seed=0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    return _finish(GPTNeoXForCausalLM(cfg), seed)
+
+
+ALL = {"llama": tiny_llama, "gemma3": tiny_gemma3, "opt": tiny_opt, "gpt2": tiny_gpt2,
+       "gpt_neox": tiny_neox}
+
+
+def random_tokens(n=4, seq=32, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return torch.randint(0, VOCAB, (n, seq), generator=g)
