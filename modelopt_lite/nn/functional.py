@@ -54,25 +54,51 @@ class FakeQuantFunction(torch.autograd.Function):
 
     With ``clip_grad`` the gradient is zeroed where the input fell outside the representable
     range (the clipped straight-through estimator); otherwise it passes through unchanged.
+    When ``scale`` (or ``zero``) requires grad (learned ranges, LSQ), their gradients follow
+    LSQ: ``d x_hat / d scale = q - y`` inside the range and ``q - zero`` where clamped
+    (``y = x / scale + zero``); ``d x_hat / d zero = 0`` inside and ``-scale`` where clamped.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero, num_bits: int, symmetric: bool, clip_grad: bool = False):
         q = quantize(x, scale, zero, num_bits, symmetric)
         out = dequantize(q, scale, zero).to(x.dtype)
-        if clip_grad:
+        range_grad = _needs_range_grad(ctx, scale, zero)
+        if clip_grad or range_grad:
             qmin, qmax = qrange(num_bits, symmetric)
             y = x.float() / scale + (zero if zero is not None else 0.0)
-            ctx.save_for_backward((y >= qmin - 0.5) & (y <= qmax + 0.5))
-        ctx.clip_grad = clip_grad
+            inside = (y >= qmin - 0.5) & (y <= qmax + 0.5)
+            saved = (inside, q, y, scale, zero) if range_grad else (inside,)
+            ctx.save_for_backward(*saved)
+        ctx.clip_grad, ctx.range_grad = clip_grad, range_grad
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.clip_grad:
+        grad_scale = grad_zero = None
+        if ctx.range_grad:
+            inside, q, y, scale, zero = ctx.saved_tensors
+            grad_scale, grad_zero = _range_grads(grad.float(), inside, q, y, scale, zero)
+        elif ctx.clip_grad:
             (inside,) = ctx.saved_tensors
+        if ctx.clip_grad:
             grad = grad * inside
-        return grad, None, None, None, None, None
+        return grad, grad_scale, grad_zero, None, None, None
+
+
+def _needs_range_grad(ctx, scale, zero) -> bool:
+    needs = ctx.needs_input_grad
+    return (torch.is_tensor(scale) and needs[1]) or (torch.is_tensor(zero) and needs[2])
+
+
+def _range_grads(grad, inside, q, y, scale, zero):
+    """LSQ gradients of scale and zero, summed to their (broadcast) shapes."""
+    offset = zero if zero is not None else 0.0
+    grad_scale = (grad * torch.where(inside, q - y, q - offset)).sum_to_size(scale.shape)
+    if zero is None:
+        return grad_scale, None
+    grad_zero = (grad * torch.where(inside, 0.0, -scale)).sum_to_size(zero.shape)
+    return grad_scale, grad_zero
 
 
 def fake_quant(x, scale, zero, num_bits: int, symmetric: bool, clip_grad: bool = False):
