@@ -1,0 +1,205 @@
+"""Q/DQ ONNX export of a fake-quant model, in the patterns TensorRT builds.
+
+Example::
+
+    import modelopt_lite as mtl
+    model = mtl.quantize(model, "w8a8", calib=texts, tokenizer=tok)
+    mtl.export_onnx(model, tok("hello world", return_tensors="pt").input_ids, "model.onnx")
+    assert not mtl.trt_check("model.onnx")
+
+Patterns (see :mod:`.qdq_patterns`): INT8 activations ``QuantizeLinear -> DequantizeLinear``
+(scalar scale, int8 zero point 0); INT8 weights as int8 initializers ``-> DequantizeLinear``
+(per-channel scales, ``axis`` always written: 1 for ``[K, N]`` MatMul weights, 0 for Conv);
+INT4 weight-only as packed INT4 initializers ``-> DequantizeLinear(axis=0, block_size) ->
+MatMul`` at opset 21; unfolded smoothing scales as an explicit ``Mul``.
+
+The graph comes from ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) with
+the export ops translated by :func:`.qdq_ops.translation_table`. Hugging Face causal LMs are
+wrapped to return logits only, without a KV cache, with dynamic ``batch`` and ``seq`` axes.
+The file is written atomically: into a temporary folder beside ``path``, then renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .qdq_patterns import ExportError, export_mode
+
+logger = logging.getLogger(__name__)
+
+PROTO_LIMIT = 2**31 - 2**26  # stay clear of protobuf's 2 GiB limit
+TRT_MIN_OPSET = 13
+INT4_OPSET = 21
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    data_path: Path | None
+    opset: int
+    seconds: float
+    qdq_nodes: int
+    int4_initializers: int
+
+
+class LogitsOnly(nn.Module):
+    """A Hugging Face causal LM as ``(input_ids[, attention_mask]) -> logits``, no KV cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "GenerationMixin" in names or type(model).__name__.endswith("ForCausalLM")
+
+
+def _as_args(example_inputs):
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
+def prepare(model: nn.Module, example_inputs):
+    """(module to export, args, kwargs, input names, output names) for ``model``."""
+    args, kwargs = _as_args(example_inputs)
+    if not is_causal_lm(model):
+        names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+        return model, args, kwargs, names, ["output"]
+    if args:
+        kwargs = dict(zip(("input_ids", "attention_mask"), args)) | kwargs
+    kwargs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
+    return LogitsOnly(model), (), kwargs, list(kwargs), ["logits"]
+
+
+def _dynamic_shapes(args, kwargs, lm: bool):
+    dims = {0: torch.export.Dim.DYNAMIC}
+    if lm:
+        dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    if kwargs:
+        return {k: dims for k in kwargs}
+    return tuple(dims for _ in args)
+
+
+def _has_int4(layers) -> bool:
+    return any(m.weight_quantizer.enabled and m.weight_quantizer.spec.num_bits == 4
+               for _, m in layers)
+
+
+def _choose_opset(opset, layers) -> int:
+    need = INT4_OPSET if _has_int4(layers) else TRT_MIN_OPSET
+    if opset is None:
+        return INT4_OPSET if need == INT4_OPSET else 19
+    if opset < need:
+        raise ExportError(f"opset {opset} is too low: "
+                          + ("INT4 blocked DequantizeLinear needs opset 21" if need == 21 else
+                             "per-channel DequantizeLinear needs opset 13")
+                          + f". Fix: pass opset>={need} (or leave it out)")
+    return opset
+
+
+def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
+    from .qdq_ops import translation_table
+
+    shapes = _dynamic_shapes(args, kwargs, module is not None and isinstance(module, LogitsOnly))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+            custom_translation_table=translation_table(), input_names=input_names,
+            output_names=output_names, dynamic_shapes=shapes if dynamic else None,
+            external_data=False, optimize=True, verbose=False)
+    return program.model_proto
+
+
+def _postprocess(proto, input_names, lm: bool):
+    from . import onnx_graph as G
+
+    n_int4 = G.repack_int4_initializers(proto)
+    G.drop_unused_initializers(proto)
+    labels = {0: "batch", 1: "seq"} if lm else {0: "batch"}
+    G.rename_dims(proto, {name: labels for name in input_names})
+    proto.producer_name = "modelopt_lite"
+    return n_int4
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: folder {parent} does not exist. Fix: create it")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def save_atomic(proto, path: Path, external_data: bool) -> Path | None:
+    """Save (and check) ``proto`` at ``path`` via a temp folder beside it; None or data path."""
+    import onnx
+
+    data_name = path.name + ".data"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp_file = tmp / path.name
+        onnx.save_model(proto, str(tmp_file), save_as_external_data=external_data,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+        onnx.checker.check_model(str(tmp_file))
+        if external_data:
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp_file, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path.parent / data_name if external_data else None
+
+
+def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None,
+                external_data: bool | None = False, dynamic_axes: bool = True) -> ExportResult:
+    """Export a fake-quant ``model`` to a Q/DQ ONNX file at ``path``; return what was written.
+
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors
+    (for a causal LM: token ids, optionally an attention mask). ``opset`` defaults to 21 when
+    any INT4 weight is present, else 19. ``external_data=True`` writes the weights to
+    ``<path>.data`` beside a small graph file; models over 2 GB always do. ``dynamic_axes``
+    makes the batch axis (and, for causal LMs, the sequence axis) symbolic.
+    Raises :class:`ExportError` (nothing written) for models TensorRT cannot take.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    _check_writable(path)
+    was_training = model.training
+    model.eval()
+    try:
+        module, args, kwargs, in_names, out_names = prepare(model, example_inputs)
+        with export_mode(model) as layers:
+            opset = _choose_opset(opset, layers)
+            proto = _trace(module, args, kwargs, opset, dynamic_axes, in_names, out_names)
+    finally:
+        model.train(was_training)
+    from . import onnx_graph as G
+
+    lm = isinstance(module, LogitsOnly)
+    n_int4 = _postprocess(proto, [i.name for i in proto.graph.input], lm)
+    if not external_data and G.initializer_bytes(proto) > PROTO_LIMIT:
+        logger.info("%s: weights exceed 2 GB, writing them as external data", path)
+        external_data = True
+    data_path = save_atomic(proto, path, bool(external_data))
+    n_qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    result = ExportResult(path, data_path, opset, time.perf_counter() - start, n_qdq, n_int4)
+    logger.info("exported %s (opset %d, %d Q/DQ nodes) in %.1f s", path, opset, n_qdq,
+                result.seconds)
+    return result
