@@ -111,7 +111,7 @@ def quant_class_for(cls: type) -> type | None:
     for base, qbase in list(_QUANT_CLASSES.items()):
         if issubclass(cls, base):
             return _make_subclass(cls, qbase)
-    if cls.__name__ == "Conv1D" and hasattr(cls, "nf"):
+    if cls.__name__ == "Conv1D":  # Hugging Face GPT-2 style, weight [in, out]
         return _make_subclass(cls, _Conv1DOps)
     return None
 

@@ -1,0 +1,63 @@
+"""Config validation, presets and the JSON/YAML round trip."""
+
+import json
+
+import pytest
+
+from modelopt_lite.config import (PRESETS, ConfigError, QuantConfig, QuantizerSpec, get_preset,
+                                  resolve_config)
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only", "w8a8"])
+def test_presets_round_trip_through_json(name):
+    cfg = get_preset(name)
+    again = QuantConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["version"] == 1
+
+
+def test_every_registered_preset_round_trips():
+    resolve_config("int8_weight_only")  # loads the built-in algorithm modules
+    for name, cfg in PRESETS.items():
+        assert QuantConfig.from_dict(json.loads(cfg.to_json())) == cfg, name
+
+
+def test_yaml_and_json_files(tmp_path):
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=64),
+                      exclude=("*lm_head*",))
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert resolve_config(str(tmp_path / "c.json")) == cfg
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert resolve_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"weight": {"num_bits": 3}}, "num_bits=3 is not allowed"),
+    ({"weight": {"granularity": "per_block"}}, "block_size goes with"),
+    ({"weight": {"num_bits": 4, "block_size": 64}}, "block_size goes with"),
+    ({"weigth": {}}, r"unknown QuantConfig key\(s\) \['weigth'\]"),
+    ({"weight": {"bits": 4}}, r"unknown QuantizerSpec key\(s\) \['bits'\]"),
+    ({"weight": None, "input": None}, "needs a weight or an input"),
+    ({"input": {"granularity": "per_channel"}}, "activations are quantized per_tensor"),
+    ({"input": {"granularity": "per_tensor", "symmetric": False}}, "symmetric"),
+    ({"weight": {"dynamic": True}}, "statically"),
+    ({"on_indivisible": "pad"}, "choose one of"),
+    ({"algorithm": {"name": "nope"}}, "unknown algorithm 'nope'"),
+    ({"version": 99}, "newer than this modelopt_lite"),
+])
+def test_validation_rejects_with_a_message_that_says_what_is_allowed(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig.from_dict(bad)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="available presets: .*int8_weight_only"):
+        resolve_config("int3_magic")
+
+
+def test_configs_are_frozen():
+    cfg = get_preset("w8a8")
+    with pytest.raises(Exception):
+        cfg.on_indivisible = "error"
+    assert cfg.replace(on_indivisible="error").on_indivisible == "error"

@@ -1,0 +1,110 @@
+"""quantize() on tiny Llama-, GPT-2- and OPT-style models; skips, summaries and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+import modelopt_lite as mtl
+from modelopt_lite.config import QuantConfig, QuantizerSpec
+from modelopt_lite.layers import LayerSelectionError
+from modelopt_lite.nn import CalibrationError, is_quantized
+from tiny_models import ALL, random_tokens
+
+
+def _loop(tokens):
+    def loop(model):
+        for row in tokens:
+            model(row[None])
+    return loop
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("preset", ["int8_weight_only", "w8a8", "int4_weight_only"])
+def test_quantize_wraps_linears_and_stays_close(arch, preset):
+    model = ALL[arch]()
+    tokens = random_tokens(n=2, seq=16)
+    ref = _logits(model, tokens)
+    params_before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    cfg = mtl.get_preset(preset)
+    if cfg.weight.granularity == "per_block":
+        cfg = cfg.replace(weight=QuantizerSpec(num_bits=4, granularity="per_block",
+                                               block_size=32, symmetric=False))
+    mtl.quantize(model, cfg, forward_loop=_loop(random_tokens(n=4, seq=16)), progress=False)
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    assert quantized and not any("lm_head" in n or "embed" in n for n in quantized)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params_before  # no copies
+    out = _logits(model, tokens)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < (0.25 if "int4" in preset else 0.05)
+    text = mtl.format_summary(model)
+    assert "quantized" in text and quantized[0] in text
+
+
+def test_indivisible_layer_is_skipped_with_reason_or_errors_when_named():
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8))
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=64))
+    mtl.quantize(model, cfg, progress=False)
+    assert not is_quantized(model[0]) and is_quantized(model[2])
+    assert "in_features 96 is not divisible by block 64" in mtl.format_summary(model)
+
+    named = nn.Sequential(nn.Linear(96, 64))
+    with pytest.raises(LayerSelectionError, match="0: in_features 96 .* block 64.*Fix"):
+        mtl.quantize(named, cfg.replace(targets=("0",)), progress=False)
+    assert not is_quantized(named[0])
+
+    fallback = nn.Sequential(nn.Linear(96, 64))
+    mtl.quantize(fallback, cfg.replace(on_indivisible="per_channel"), progress=False)
+    assert fallback[0].weight_quantizer.spec.granularity == "per_channel"
+
+
+def test_no_matching_layers_names_what_exists():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(LayerSelectionError, match=r"matches no layer.*0 \(Linear\)"):
+        mtl.quantize(model, mtl.get_preset("w8a8").replace(targets=("*attn*",)),
+                     forward_loop=lambda m: None, progress=False)
+
+
+def test_unsupported_dtype_and_model_left_unchanged():
+    model = nn.Sequential(nn.Linear(8, 8).double())
+    with pytest.raises(LayerSelectionError, match="float64 is not supported"):
+        mtl.quantize(model, "int8_weight_only", progress=False)
+    assert not is_quantized(model[0])
+
+
+def test_static_activations_need_calibration_data():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(CalibrationError, match="need calibration data"):
+        mtl.quantize(model, "w8a8", progress=False)
+    assert not is_quantized(model[0])
+
+
+def test_nan_in_activations_names_the_layer_and_restores_the_model():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].bias[0] = float("inf")
+    with pytest.raises(CalibrationError, match="1.input: .*NaN/Inf"):
+        mtl.quantize(model, "w8a8", forward_loop=lambda m: m(torch.randn(2, 8)), progress=False)
+    assert not any(is_quantized(m) for m in model)
+
+
+def test_double_quantize_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8))
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    with pytest.raises(ValueError, match="already has fake-quant layers"):
+        mtl.quantize(model, "int8_weight_only", progress=False)
+
+
+def test_conv2d_per_channel():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 12, 12)
+    ref = model(x)
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(torch.randn(4, 3, 12, 12)),
+                 progress=False)
+    assert model[0].weight_quantizer.amax.shape == (8, 1)
+    out = model(x)
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
