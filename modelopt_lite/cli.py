@@ -1,0 +1,186 @@
+"""The ``modelopt-lite`` command line.
+
+    modelopt-lite quantize                      # default model + Wikipedia calibration split
+    modelopt-lite quantize --model ./my-hf-folder --recipe int8_smoothquant --out out/
+    modelopt-lite eval --checkpoint out/        # perplexity, float vs quantized
+
+Subcommands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+COMMANDS: dict = {}
+AUTO_BLOCKS = (128, 64, 32)
+
+
+def command(name: str, help: str):
+    def wrap(fns):
+        COMMANDS[name] = (help, *fns)
+        return fns
+
+    return wrap
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a registered model name (smollm2-135m, gemma3-270m) or a Hugging Face "
+                        "folder; default: smollm2-135m, embedded")
+    p.add_argument("--windows", type=int, default=4,
+                   help="2048-token test windows for perplexity (default 4)")
+    p.add_argument("--seq-len-eval", type=int, default=2048)
+
+
+def _load(name):
+    from .calib.embedded import DEFAULT_MODEL, load_model
+
+    return load_model(name or DEFAULT_MODEL)
+
+
+def _ppl(model, tokenizer, args) -> float:
+    from .calib.embedded import wiki_text
+    from .eval import perplexity
+
+    return perplexity(model, tokenizer, wiki_text("test"), seq_len=args.seq_len_eval,
+                      windows=args.windows).ppl
+
+
+def _auto_block(model, cfg) -> int:
+    """Largest block in AUTO_BLOCKS dividing the most targeted layers' input dims."""
+    from .layers import _weight_2d_shape, plan_layers
+
+    dims = [_weight_2d_shape(p.module)[1] for p in plan_layers(model, cfg)]
+    return max(AUTO_BLOCKS, key=lambda b: (sum(d % b == 0 for d in dims), b))
+
+
+def _recipe(model, args):
+    from .config import resolve_config
+
+    cfg = resolve_config(args.recipe)
+    w = cfg.weight
+    if w is None or w.granularity != "per_block" or args.block_size is None:
+        return cfg
+    block = _auto_block(model, cfg) if args.block_size == "auto" else int(args.block_size)
+    return cfg.replace(weight=dataclasses.replace(w, block_size=block))
+
+
+def _calib_source(args):
+    if args.calib == "wiki":
+        from .calib.embedded import wiki_text
+
+        return wiki_text("calibration")
+    return Path(args.calib)
+
+
+def _quantize_args(p):
+    _common(p)
+    p.add_argument("--recipe", default="int4_awq",
+                   help="preset name or JSON/YAML config file (default int4_awq)")
+    p.add_argument("--block-size", default="auto",
+                   help="override the recipe's INT4 block size: a number or 'auto' (the largest "
+                        "of 128/64/32 that fits the model's layers; default)")
+    p.add_argument("--calib", default="wiki",
+                   help="'wiki' (the embedded Wikipedia calibration split) or a text file")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--out", default="modelopt_lite_out", help="checkpoint folder to write")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
+
+
+def _quantize_run(args) -> int:
+    import modelopt_lite as mtl
+
+    model, tokenizer = _load(args.model)
+    cfg = _recipe(model, args)
+    fp = None if args.no_eval else _ppl(model, tokenizer, args)
+    start = time.time()
+    mtl.quantize(model, cfg, calib=_calib_source(args), tokenizer=tokenizer,
+                 n_samples=args.n_samples, seq_len=args.seq_len)
+    calib_s = time.time() - start
+    mtl.print_summary(model)
+    out = mtl.save(model, args.out)
+    rows = [("float", fp, "")] if fp is not None else []
+    if not args.no_eval:
+        rows.append((args.recipe, _ppl(model, tokenizer, args), f"calibrated in {calib_s:.0f} s"))
+    _table(rows, args)
+    print(f"saved to {out}")
+    return 0
+
+
+def _table(rows, args) -> None:
+    if not rows:
+        return
+    print(f"\nperplexity, Wikipedia test split, {args.windows} x {args.seq_len_eval} tokens")
+    print(f"{'model':<24} {'ppl':>8}  note")
+    for name, ppl, note in rows:
+        print(f"{name:<24} {ppl:8.3f}  {note}")
+
+
+def _eval_args(p):
+    _common(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="a modelopt_lite checkpoint folder to compare against the float model")
+
+
+def _eval_run(args) -> int:
+    import modelopt_lite as mtl
+
+    model, tokenizer = _load(args.model)
+    rows = [("float", _ppl(model, tokenizer, args), "")]
+    if args.checkpoint:
+        mtl.load(model, args.checkpoint)
+        rows.append((str(args.checkpoint), _ppl(model, tokenizer, args), ""))
+    _table(rows, args)
+    return 0
+
+
+command("quantize", "quantize a model, save it, print float vs quantized perplexity")(
+    (_quantize_args, _quantize_run))
+command("eval", "perplexity on the Wikipedia test split (float, and a checkpoint)")(
+    (_eval_args, _eval_run))
+
+
+def _load_plugins() -> None:
+    """Subcommands that live beside their feature register when imported."""
+    import importlib
+
+    for mod in ("modelopt_lite.export.cli", "modelopt_lite.sparsity.cli"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+            continue
+        for name, entry in getattr(module, "COMMANDS", {}).items():
+            COMMANDS.setdefault(name, entry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="modelopt-lite", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv or ["quantize"])
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
