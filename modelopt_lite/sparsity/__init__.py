@@ -1,0 +1,131 @@
+"""2:4 (N:M) structured sparsity: magnitude, Wanda and SparseGPT masks kept as artefacts.
+
+Every selected Linear / Conv1D / Conv2d gets a ``weight_mask`` buffer (bool, the weight's
+shape) and its pruned weights set to zero; the masks save and load with the checkpoint, the
+training plugins re-apply them after optimizer steps, and fake-quant layers multiply their
+quantized weight by them, so zeros stay zero through quantization.
+
+Example::
+
+    import modelopt_lite as mtl
+    model = mtl.sparsify(model, "2:4", method="sparsegpt", calib=texts, tokenizer=tokenizer)
+    mtl.save(model, "out/")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from torch import nn
+
+from ..calib.runner import resolve_forward_loop
+from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
+from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+
+logger = logging.getLogger(__name__)
+
+
+def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", *, calib=None,
+             forward_loop=None, tokenizer=None, n_samples: int = 32, seq_len: int = 512,
+             batch_size: int = 1, seed: int = 0, targets=("*",), exclude=None,
+             on_indivisible: str = "skip", block_size: int = 128, percdamp: float = 0.01,
+             progress: bool = True) -> nn.Module:
+    """Prune ``model`` in place to the N:M ``pattern`` and return it.
+
+    ``method``: ``"magnitude"`` (no data), ``"wanda"`` (``|W| * ||X||``) or ``"sparsegpt"``
+    (OBS updates from the layer Hessian). Calibrated methods need ``calib`` (strings with
+    ``tokenizer``, a text file, a dataset, a token tensor) or ``forward_loop(model)``.
+    ``targets`` / ``exclude``: fnmatch patterns over module names, as in ``QuantConfig``
+    (``lm_head`` and embeddings are excluded by default). A layer whose input dim is not a
+    multiple of M is skipped and listed (an error when named in ``targets`` or with
+    ``on_indivisible="error"``).
+    """
+    from ..config import DEFAULT_EXCLUDE
+
+    cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
+                         on_indivisible=on_indivisible, block_size=block_size, percdamp=percdamp)
+    plans = plan_sparsity(model, cfg)
+    loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
+                                batch_size, seed, progress)
+    if method in CALIBRATED and loop is None:
+        raise ValueError(f"method={method!r} needs calibration data: pass calib= (with "
+                         "tokenizer= for strings) or forward_loop=; method='magnitude' needs none")
+    start = time.perf_counter()
+    if method in CALIBRATED:
+        _prune_calibrated(model, plans, loop, cfg, progress)
+    else:
+        for p in plans:
+            if not p.skipped:
+                prune_magnitude(p, cfg)
+    _record(model, cfg, plans, time.perf_counter() - start)
+    logger.info("sparsified %d layer(s) to %s with %s, skipped %d", sum(not p.skipped for p in plans),
+                pattern, method, sum(bool(p.skipped) for p in plans))
+    return model
+
+
+def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
+    from ..calib.sequential import run_sequential
+    from ..models import UnsupportedModelError, find_decoder_layers
+
+    try:
+        path, layers = find_decoder_layers(model)
+    except UnsupportedModelError:
+        path, layers = None, []
+    inside = {p.name for p in plans if path and p.name.startswith(path + ".")}
+    by_layer: dict[str, list[SparsePlan]] = {}
+    for p in plans:
+        if p.name in inside:
+            prefix = ".".join(p.name[len(path) + 1:].split(".")[:1])
+            by_layer.setdefault(f"{path}.{prefix}", []).append(p)
+    if by_layer:
+        def process(i, name, layer, inputs):
+            prune_plans(by_layer.get(name, []), lambda: inputs.run(layer), cfg)
+
+        run_sequential(model, loop, process, progress=progress, desc=f"{cfg.method} layers")
+    rest = [p for p in plans if p.name not in inside]
+    if rest:
+        prune_plans(rest, lambda: loop(model), cfg)
+
+
+def _record(model: nn.Module, cfg: SparsityConfig, plans: list[SparsePlan], seconds: float) -> None:
+    state = getattr(model, "_modelopt_lite", None) or {}
+    state["sparsity"] = {"config": cfg.to_dict(), "seconds": round(seconds, 3),
+                         "layers": [p.record() for p in plans]}
+    model._modelopt_lite = state
+
+
+def sparse_modules(model: nn.Module):
+    """(name, module) for every module with a ``weight_mask`` buffer."""
+    return [(n, m) for n, m in model.named_modules() if "weight_mask" in getattr(m, "_buffers", {})]
+
+
+def format_sparsity(model: nn.Module) -> str:
+    """A table of each sparsified layer: shape, density, weight change, or why it was skipped."""
+    state = (getattr(model, "_modelopt_lite", None) or {}).get("sparsity")
+    if not state:
+        return "model is not sparsified by modelopt_lite"
+    lines = [f"{'layer':<44} {'shape':>11}  {'density':>7}  {'|dW|/|W|':>8}  note"]
+    for r in state["layers"]:
+        shape = "x".join(map(str, r["weight_shape"]))
+        dens = f"{r['density']:.3f}" if "density" in r else "-"
+        err = f"{r['weight_rel_err']:.3f}" if "weight_rel_err" in r else "-"
+        lines.append(f"{r['name'][:44]:<44} {shape:>11}  {dens:>7}  {err:>8}  "
+                     f"{r['skipped'] or r['note'] or ''}")
+    n = sum(not r["skipped"] for r in state["layers"])
+    lines.append(f"{n} layer(s) {state['config']['pattern']} sparse by {state['config']['method']}, "
+                 f"{len(state['layers']) - n} skipped")
+    return "\n".join(lines)
+
+
+def deploy_sparse(model: nn.Module, **kwargs):
+    """Swap fp16 2:4 linears on CUDA to ``torch.sparse`` semi-structured weights (see deploy.py)."""
+    from .deploy import deploy_sparse as _deploy
+
+    return _deploy(model, **kwargs)
+
+
+__all__ = ["sparsify", "SparsityConfig", "SparsityPatternError", "nm_mask", "is_nm_sparse",
+           "nm_fraction", "sparsegpt_prune", "HessianAccumulator", "sparse_modules",
+           "format_sparsity", "deploy_sparse"]

@@ -1,0 +1,263 @@
+"""The module walker: choose layers, compute N:M masks, store them as ``weight_mask`` buffers.
+
+Masks live on the 2-D "sparsity view" of a weight: ``[out, in]`` for Linear, the transpose of
+Hugging Face's Conv1D, and ``[out, kh * kw * in]`` (input channels innermost) for Conv2d, so
+every group of ``m`` is ``m`` consecutive input channels, the layout sparse tensor cores use.
+Calibrated methods (SparseGPT, Wanda) run decoder layer by decoder layer through
+:func:`modelopt_lite.calib.sequential.run_sequential`: only one layer's Hessians exist at a
+time and each layer is pruned on the outputs of the already-pruned layers before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import DEFAULT_EXCLUDE, DEFAULT_MODULE_TYPES, ConfigError
+from ..nn.quant_modules import quant_class_for
+from .masks import SparsityPatternError, magnitude_scores, nm_mask, parse_pattern, wanda_scores
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "sparsegpt", "wanda")
+CALIBRATED = ("sparsegpt", "wanda")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How ``sparsify`` prunes: pattern, method, which layers, and SparseGPT's settings."""
+
+    pattern: str = "2:4"
+    method: str = "magnitude"
+    targets: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES
+    on_indivisible: str = "skip"
+    block_size: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self):
+        parse_pattern(self.pattern)
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not allowed; choose one of {list(METHODS)}")
+        if self.on_indivisible not in ("skip", "error"):
+            raise ConfigError("on_indivisible must be 'skip' or 'error'")
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        return parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class SparsePlan:
+    name: str
+    module: nn.Module
+    skipped: str | None = None
+    note: str | None = None
+    stats: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"name": self.name, "type": type(self.module).__name__,
+                "weight_shape": list(self.module.weight.shape), "skipped": self.skipped,
+                "note": self.note, **self.stats}
+
+
+# --- the 2-D sparsity view of a weight ---
+
+def _kind(module: nn.Module) -> str:
+    names = {c.__name__ for c in type(module).__mro__}
+    if "Conv1D" in names:
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return "linear"
+
+
+def sparse_view(module: nn.Module, t: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` (default: the weight) as the 2-D ``[out, in]`` matrix the N:M groups run along."""
+    t = module.weight if t is None else t
+    kind = _kind(module)
+    if kind == "conv1d":
+        return t.t()
+    if kind == "conv2d":
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return t
+
+
+def from_sparse_view(module: nn.Module, t2d: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`sparse_view`: back to the weight's own shape and layout."""
+    w = module.weight
+    kind = _kind(module)
+    if kind == "conv1d":
+        return t2d.t().contiguous()
+    if kind == "conv2d":
+        o, i, kh, kw = w.shape
+        return t2d.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+    return t2d.contiguous()
+
+
+def group_dim(module: nn.Module) -> int:
+    """The length that must be a multiple of M: input features (channels for a conv)."""
+    w = module.weight
+    return {"conv1d": w.shape[0], "conv2d": w.shape[1] if w.ndim == 4 else 0}.get(
+        _kind(module), w.shape[-1])
+
+
+# --- planning ---
+
+def _selected(name: str, module: nn.Module, cfg: SparsityConfig) -> bool:
+    types = {c.__name__ for c in type(module).__mro__}
+    if not (types & set(cfg.module_types)) or quant_class_for(type(module)) is None:
+        return False
+    if _kind(module) == "conv2d" and (module.groups != 1):
+        return False
+    match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+    return match(cfg.targets) and not match(cfg.exclude)
+
+
+def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> list[SparsePlan]:
+    """Every selected layer, with the reason it is skipped where it cannot take the pattern."""
+    _, m = cfg.nm
+    plans = []
+    for name, module in model.named_modules():
+        if not name or not _selected(name, module, cfg):
+            continue
+        plan = SparsePlan(name, module)
+        dim = group_dim(module)
+        if dim % m:
+            reason = (f"input dim {dim} is not a multiple of {m}, so it cannot be split into "
+                      f"groups of {m}")
+            if cfg.on_indivisible == "error" or name in cfg.targets:
+                raise SparsityPatternError(
+                    f"{name}: {reason} for {cfg.pattern} sparsity. Fix: exclude the layer "
+                    f"(exclude=[..., '{name}']), pad its input features to a multiple of {m}, "
+                    "or pass on_indivisible='skip'")
+            plan.skipped = reason
+        elif cfg.method in CALIBRATED and _kind(module) == "conv2d":
+            plan.note = f"{cfg.method} supports linear layers; this conv uses magnitude"
+        plans.append(plan)
+    if not any(not p.skipped for p in plans):
+        seen = [n for n, mod in model.named_modules() if n and quant_class_for(type(mod))][:8]
+        raise SparsityPatternError(
+            f"sparsify selects no layer that can take {cfg.pattern}: targets={list(cfg.targets)}, "
+            f"exclude={list(cfg.exclude)}; candidate layers here: {seen or 'none'}; "
+            f"skipped: {[(p.name, p.skipped) for p in plans][:5]}")
+    return plans
+
+
+# --- applying masks ---
+
+@torch.no_grad()
+def set_mask_(module: nn.Module, mask2d: torch.Tensor, weight2d: torch.Tensor | None = None) -> None:
+    """Store ``weight_mask`` (bool, the weight's shape) and zero the pruned weights."""
+    mask = from_sparse_view(module, mask2d.to(torch.bool))
+    if weight2d is not None:
+        module.weight.copy_(from_sparse_view(module, weight2d.to(module.weight.dtype)))
+    if "weight_mask" in module._buffers:
+        module.weight_mask = mask.to(module.weight.device)
+    else:
+        module.register_buffer("weight_mask", mask.to(module.weight.device))
+    module.weight.mul_(module.weight_mask.to(module.weight.dtype))
+
+
+def _mask_stats(module: nn.Module, w_before: torch.Tensor) -> dict:
+    w_after = sparse_view(module).detach().float()
+    kept = module.weight_mask.float().mean().item()
+    rel = ((w_after - w_before).norm() / w_before.norm().clamp_min(1e-12)).item()
+    return {"density": round(kept, 6), "weight_rel_err": round(rel, 6)}
+
+
+def prune_magnitude(plan: SparsePlan, cfg: SparsityConfig) -> None:
+    n, m = cfg.nm
+    w = sparse_view(plan.module).detach().float().clone()
+    set_mask_(plan.module, nm_mask(magnitude_scores(w), n, m))
+    plan.stats = _mask_stats(plan.module, w)
+
+
+def prune_group(plans: list[SparsePlan], acc: HessianAccumulator | None, cfg: SparsityConfig) -> None:
+    """SparseGPT or Wanda for layers that read the same input (one Hessian, rows stacked)."""
+    if acc is None:
+        for p in plans:
+            prune_magnitude(p, cfg)
+        return
+    n, m = cfg.nm
+    ws = [sparse_view(p.module).detach().float().clone() for p in plans]
+    w = torch.cat(ws, 0)
+    if cfg.method == "wanda":
+        w_new, mask = None, nm_mask(wanda_scores(w, acc.input_sq_sum()), n, m)
+    else:
+        w_new, mask = sparsegpt_prune(w, acc.hessian(), n, m, cfg.block_size, cfg.percdamp)
+    rows = [x.shape[0] for x in ws]
+    masks = mask.split(rows)
+    news = w_new.split(rows) if w_new is not None else [None] * len(plans)
+    for p, w_old, mk, wn in zip(plans, ws, masks, news):
+        set_mask_(p.module, mk, wn)
+        p.stats = _mask_stats(p.module, w_old)
+
+
+class _InputCollector:
+    """Forward pre-hooks that accumulate ``X^T X`` of each planned linear's input.
+
+    Linears that read the very same input tensor (q/k/v, gate/up) share one accumulator: the
+    first batch decides the sharing, so the Hessian is computed once per distinct input.
+    """
+
+    def __init__(self, plans: list[SparsePlan]):
+        self.accs: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}
+        self.handles = []
+        self._last = None
+        for p in plans:
+            if p.skipped or _kind(p.module) == "conv2d":
+                continue
+            self.handles.append(p.module.register_forward_pre_hook(self._hook(p.name)))
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            if name not in self.owner:
+                last = self._last
+                shared = last is not None and last[0] is x
+                self.owner[name] = last[1] if shared else name
+                if not shared:
+                    self.accs[name] = HessianAccumulator(x.shape[-1], module.weight.device)
+            self._last = (x, self.owner[name])
+            if self.owner[name] == name:
+                self.accs[name].add(x)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._last = None
+
+    def groups(self, plans: list[SparsePlan]):
+        """[(plans sharing an input, accumulator or None)] in plan order."""
+        out: dict[str, list[SparsePlan]] = {}
+        for p in plans:
+            if not p.skipped:
+                out.setdefault(self.owner.get(p.name, "~" + p.name), []).append(p)
+        return [(ps, self.accs.get(key)) for key, ps in out.items()]
+
+
+def prune_plans(plans: list[SparsePlan], run, cfg: SparsityConfig) -> None:
+    """Collect inputs while ``run()`` replays the model (or a layer), then prune every plan."""
+    collector = _InputCollector(plans)
+    try:
+        if collector.handles:
+            run()
+    finally:
+        collector.remove()
+    for group, acc in collector.groups(plans):
+        prune_group(group, acc, cfg)
