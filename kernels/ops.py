@@ -43,7 +43,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if m == 0:
         return x.new_empty(out_shape)
     cfg = dict(config) if config else pick_config(m, n, k, p.group_size, x.device)
-    split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, cfg["BK"])))
+    split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, 128)))
     atomic = split_k > 1
     out = (torch.zeros if atomic else torch.empty)(
         (m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
@@ -51,11 +51,11 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     w4a16_kernel[grid](
         x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
         bias if bias is not None else p.scale, out,
-        m, n, k, x2.stride(0), out.stride(0), k // p.group_size,
-        GROUP=p.group_size, BN=cfg["BN"], BM=cfg["BM"], BK=cfg["BK"], SPLIT_K=split_k,
+        m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k,
+        GROUP=p.group_size, BN=cfg["BN"], BM=cfg["BM"],
         GROUP_N=cfg.get("GROUP_N", 8), HAS_ZERO=p.zterm is not None, HAS_BIAS=bias is not None,
         IS_BF16=x.dtype == torch.bfloat16, USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
-        EVEN_K=k % cfg["BK"] == 0, ATOMIC=atomic,
+        EVEN_K=k % 128 == 0, ATOMIC=atomic,
         DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )

@@ -6,11 +6,11 @@ unsigned codes u in [0, 15], a scale s [N, K/B] and a zero z [N, K/B]:
 
 Packed form (what checkpoints hold and the Triton kernels load):
 
-* ``qweight`` int32 [N, K/8]: word j of row n holds codes k = 8j .. 8j+7. Code 8j+e sits in
-  nibble ``NIBBLE_OF[e] = (0, 4, 1, 5, 2, 6, 3, 7)[e]``, i.e. at bit ``4 * NIBBLE_OF[e]``.
-  With this order ``(w >> 4r) & 0x000F000F`` holds codes (2r, 2r+1) in its two 16-bit halves,
-  so one LOP3 with 0x64006400 (fp16) or 0x43004300 (bf16) builds two half-precision values
-  ``magic + u`` at once (the FasterTransformer interleave).
+* ``qweight`` int32 [N, Kp/8], Kp = K rounded up to a multiple of 128 (padding codes are 8).
+  K is cut into chunks of 128; chunk c of row n is the 16 words 16c .. 16c+15, and code
+  ``k = 128c + 16i + j`` sits in word ``16c + j``, nibble ``i`` (bits 4i .. 4i+3). So nibble i
+  of a chunk's 16 words is one 16-wide K slice: the kernel turns each nibble plane into one
+  [N, 16] operand of a tensor-core product, with no data reshuffle in registers.
 * ``scale`` [N, K/B] in the activation dtype.
 * ``zterm`` [N, K/B] = ``-z * s`` in the activation dtype, or ``None`` for symmetric
   weights (z = 8), so the zero point costs one FMA: ``W_hat = u * s + zterm``.
@@ -21,45 +21,54 @@ from typing import NamedTuple, Optional
 
 import torch
 
-NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
+CHUNK = 128
 SYMMETRIC_ZERO = 8
 
 
 class PackedInt4(NamedTuple):
-    qweight: torch.Tensor          # int32 [N, K/8]
+    qweight: torch.Tensor          # int32 [N, Kp/8]
     scale: torch.Tensor            # [N, K/B], fp16 or bf16
     zterm: Optional[torch.Tensor]  # [N, K/B] = -zero * scale, or None (symmetric)
     group_size: int
+    in_features: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], self.qweight.shape[1] * 8
+        return self.qweight.shape[0], self.in_features
 
 
-def _shifts(device) -> torch.Tensor:
-    return torch.tensor([4 * p for p in NIBBLE_OF], dtype=torch.int32, device=device)
+def padded_k(k: int) -> int:
+    return -(-k // CHUNK) * CHUNK
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] in 0..15 -> int32 [N, K/8] in the kernel's nibble order."""
+    """uint8 codes [N, K] in 0..15 -> int32 [N, Kp/8] in the kernel's chunked nibble order."""
     if codes.dim() != 2 or codes.shape[1] % 8:
         raise ValueError(f"codes must be [N, K] with K % 8 == 0, got {tuple(codes.shape)}")
-    if codes.dtype not in (torch.uint8, torch.int32, torch.int64, torch.int16, torch.int8):
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
     c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() > 15):
         raise ValueError("INT4 codes must lie in 0..15")
     n, k = c.shape
-    words = (c.view(n, k // 8, 8) << _shifts(c.device).to(torch.int64)).sum(-1)
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # wrap to signed 32-bit
+    kp = padded_k(k)
+    if kp != k:
+        c = torch.cat([c, c.new_full((n, kp - k), SYMMETRIC_ZERO)], dim=1)
+    shifts = 4 * torch.arange(8, device=c.device, dtype=torch.int64)
+    words = (c.view(n, kp // CHUNK, 8, 16) << shifts.view(1, 1, 8, 1)).sum(2)
+    words = words - ((words >> 31) << 32)  # wrap to signed 32-bit
+    return words.reshape(n, kp // 8).to(torch.int32)
 
 
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K/8] -> uint8 codes [N, K]; the inverse of :func:`pack_int4`."""
+def unpack_int4(qweight: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
+    """int32 [N, Kp/8] -> uint8 codes [N, in_features]; the inverse of :func:`pack_int4`."""
     n, kw = qweight.shape
-    w = qweight.to(torch.int64) & 0xFFFFFFFF
-    codes = (w.unsqueeze(-1) >> _shifts(w.device).to(torch.int64)) & 0xF
-    return codes.reshape(n, kw * 8).to(torch.uint8)
+    if kw % 16:
+        raise ValueError(f"packed INT4 rows must hold a multiple of 16 words, got {kw}")
+    w = (qweight.to(torch.int64) & 0xFFFFFFFF).view(n, kw // 16, 1, 16)
+    shifts = 4 * torch.arange(8, device=w.device, dtype=torch.int64).view(1, 1, 8, 1)
+    codes = ((w >> shifts) & 0xF).reshape(n, kw * 8)
+    return codes[:, : in_features or kw * 8].to(torch.uint8)
 
 
 def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> PackedInt4:
@@ -79,12 +88,12 @@ def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> Pac
             raise ValueError(f"zero must match scale {tuple(scale.shape)}, got {tuple(zero.shape)}")
         zterm = (-zero.detach().to(torch.float32) * scale32).to(dtype).contiguous()
     return PackedInt4(pack_int4(codes).contiguous(), scale32.to(dtype).contiguous(), zterm,
-                      int(group_size))
+                      int(group_size), int(k))
 
 
 def dequantize(p: PackedInt4, dtype=torch.float32) -> torch.Tensor:
     """W_hat [N, K] = u * s + zterm (or (u - 8) * s when symmetric), in ``dtype``."""
-    u = unpack_int4(p.qweight).to(torch.float32)
+    u = unpack_int4(p.qweight, p.in_features).to(torch.float32)
     s = p.scale.to(torch.float32).repeat_interleave(p.group_size, dim=1)
     if p.zterm is None:
         return ((u - SYMMETRIC_ZERO) * s).to(dtype)

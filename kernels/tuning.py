@@ -43,13 +43,13 @@ def _num_sms(device) -> int:
 def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
     """Shape-only heuristic: small M splits K until ~2 programs per SM; large M uses big tiles."""
     if m <= 16:
-        cfg = dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=4)
+        cfg = dict(BM=16, BN=64, num_warps=4, num_stages=4)
     elif m <= 64:
-        cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
+        cfg = dict(BM=64, BN=64, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+        cfg = dict(BM=128, BN=128, num_warps=8, num_stages=3)
     tiles = -(-n // cfg["BN"]) * -(-m // cfg["BM"])
-    k_tiles = -(-k // cfg["BK"])
+    k_tiles = -(-k // 128)
     split = 1
     while tiles * split < 2 * num_sms and split * 2 <= max(1, k_tiles // 4):
         split *= 2

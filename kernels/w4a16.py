@@ -1,142 +1,164 @@
 """Triton W4A16 GEMM: y[M, N] = x[M, K] @ W_hat[N, K]^T with W_hat dequantized in registers.
 
-Tiling. Each program owns a [BN x BM] tile of the *transposed* output, acc = W_hat_tile @ x^T,
-so the dequantized weights are the left operand of ``tl.dot`` and stay in registers (on
-Hopper, wgmma reads only its left operand from registers), while the activation tile
-streams through shared memory. BN spans output features, BM tokens (16 is the smallest
-tensor-core tile, so decode batches 1..16 share one tile), BK the reduction slice.
-For small M the grid is too short to fill the GPU, so K is split over SPLIT_K programs that
-add their partial tiles into a float32 buffer with atomics (split-K).
+Tiling. Each program owns a [BN x BM] tile of the *transposed* output, acc = W_hat @ x^T, so
+the dequantized weights are the left operand of ``tl.dot`` and stay in registers (on Hopper,
+wgmma reads only its left operand from registers) while activations stream through shared
+memory. BN spans output features, BM tokens (16 is the smallest tensor-core tile, so decode
+batches 1..16 share one tile). K advances one 128-wide chunk per iteration: the chunk's 16
+int32 words per row are loaded once (16-byte loads), and nibble plane i of those words is
+the [BN, 16] weight slice k = 16i .. 16i+15 (see ``packing.py``), multiplied by the matching
+[16, BM] activation slice. When the grid is too short to fill the GPU, K is split over
+SPLIT_K programs that add their partial tiles into a float32 buffer with atomics.
 
-Packing (see ``packing.py``): each int32 word holds 8 consecutive K-codes in the nibble order
-0,4,1,5,2,6,3,7, so ``(w >> 4r) & 0x000F000F`` yields codes (2r, 2r+1) as the two halves of a
-word. OR-ing in 0x6400 (fp16) / 0x4300 (bf16) makes the half-precision numbers 1024 + u /
-128 + u with no int-to-float conversion; one subtract and one FMA with (scale, -zero*scale)
-finish the dequantization. On the GPU this runs as packed f16x2/bf16x2 PTX (4 weights per
-two instructions); the interpreter runs the same arithmetic as plain Triton.
+Dequantization. Two adjacent words go through one PRMT that puts byte b of each into the
+two 16-bit halves of a register; one LOP3 with 0x000F000F | 0x6400 (fp16) or 0x4300 (bf16)
+turns two nibbles into the half-precision numbers magic + u with no int-to-float
+conversion; one packed subtract and one packed FMA with (scale, -zero*scale) finish: about
+two instructions per weight. The interpreter runs the same arithmetic in plain Triton.
 """
 import triton
 import triton.language as tl
 
-_ASM_HEAD = """
-{
-.reg .b32 s2, b2, m, t, r0, r1, r2, r3;
-mov.b32 s2, {$9, $9};
-mov.b32 b2, {$10, $10};
-mov.b32 m, MAGIC;
-lop3.b32 r0, $8, 0x000F000F, m, 0xEA;
-shr.u32 t, $8, 4;
-lop3.b32 r1, t, 0x000F000F, m, 0xEA;
-shr.u32 t, $8, 8;
-lop3.b32 r2, t, 0x000F000F, m, 0xEA;
-shr.u32 t, $8, 12;
-lop3.b32 r3, t, 0x000F000F, m, 0xEA;
-mov.b32 m, OFFSET;
-"""
-_ASM_ZERO = """
-sub.TY r0, r0, m;
-sub.TY r1, r1, m;
-sub.TY r2, r2, m;
-sub.TY r3, r3, m;
-fma.rn.TY r0, r0, s2, b2;
-fma.rn.TY r1, r1, s2, b2;
-fma.rn.TY r2, r2, s2, b2;
-fma.rn.TY r3, r3, s2, b2;
-"""
-_ASM_SYM = """
-sub.TY r0, r0, m;
-sub.TY r1, r1, m;
-sub.TY r2, r2, m;
-sub.TY r3, r3, m;
-mul.rn.TY r0, r0, s2;
-mul.rn.TY r1, r1, s2;
-mul.rn.TY r2, r2, s2;
-mul.rn.TY r3, r3, s2;
-"""
-_ASM_TAIL = """
-mov.b32 {$0, $1}, r0;
-mov.b32 {$2, $3}, r1;
-mov.b32 {$4, $5}, r2;
-mov.b32 {$6, $7}, r3;
-}
+
+def _asm(bf16: bool, zero: bool, byte: int) -> str:
+    ty = "bf16x2" if bf16 else "f16x2"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
+    sel = hex(byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12)
+    finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero else f"mul.rn.{ty} $OUT, t, $4;")
+    return f"""
+{{
+.reg .b32 p, t, m, o;
+mov.b32 m, {magic};
+mov.b32 o, {offset};
+prmt.b32 p, $2, $3, {sel};
+lop3.b32 t, p, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, o;
+{finish.replace("$OUT", "$0")}
+shr.u32 p, p, 4;
+lop3.b32 t, p, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, o;
+{finish.replace("$OUT", "$1")}
+}}
 """
 
 
-def _asm(bf16: bool, zero: bool) -> str:
-    body = _ASM_HEAD + (_ASM_ZERO if zero else _ASM_SYM) + _ASM_TAIL
-    if bf16:
-        body = body.replace("MAGIC", "0x43004300").replace("TY", "bf16x2")
-        body = body.replace("OFFSET", "0x43004300" if zero else "0x43084308")
-        return body.replace("sub.bf16x2", "sub.rn.bf16x2")
-    body = body.replace("MAGIC", "0x64006400").replace("TY", "f16x2")
-    body = body.replace("OFFSET", "0x64006400" if zero else "0x64086408")
-    return body.replace("sub.f16x2", "sub.rn.f16x2")
-
-
-ASM_F16_ZERO = tl.constexpr(_asm(False, True))
-ASM_F16_SYM = tl.constexpr(_asm(False, False))
-ASM_BF16_ZERO = tl.constexpr(_asm(True, True))
-ASM_BF16_SYM = tl.constexpr(_asm(True, False))
+ASM_F16_ZERO_0 = tl.constexpr(_asm(False, True, 0))
+ASM_F16_ZERO_1 = tl.constexpr(_asm(False, True, 1))
+ASM_F16_ZERO_2 = tl.constexpr(_asm(False, True, 2))
+ASM_F16_ZERO_3 = tl.constexpr(_asm(False, True, 3))
+ASM_F16_SYM_0 = tl.constexpr(_asm(False, False, 0))
+ASM_F16_SYM_1 = tl.constexpr(_asm(False, False, 1))
+ASM_F16_SYM_2 = tl.constexpr(_asm(False, False, 2))
+ASM_F16_SYM_3 = tl.constexpr(_asm(False, False, 3))
+ASM_BF16_ZERO_0 = tl.constexpr(_asm(True, True, 0))
+ASM_BF16_ZERO_1 = tl.constexpr(_asm(True, True, 1))
+ASM_BF16_ZERO_2 = tl.constexpr(_asm(True, True, 2))
+ASM_BF16_ZERO_3 = tl.constexpr(_asm(True, True, 3))
+ASM_BF16_SYM_0 = tl.constexpr(_asm(True, False, 0))
+ASM_BF16_SYM_1 = tl.constexpr(_asm(True, False, 1))
+ASM_BF16_SYM_2 = tl.constexpr(_asm(True, False, 2))
+ASM_BF16_SYM_3 = tl.constexpr(_asm(True, False, 3))
 
 
 @triton.jit
-def _dequant_plain(q, s, z, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
-    e = tl.arange(0, 8)
-    shifts = (e >> 1) * 4 + (e & 1) * 16
-    u = (q[:, :, None] >> shifts[None, None, :]) & 0xF
+def _asm_f16(q, s, z, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
+@triton.jit
+def _asm_bf16(q, s, z, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+
+
+@triton.jit
+def _dequant_byte_asm(q, s, z, b: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """Nibble planes 2b and 2b+1 of q as two [BN, 16] half-precision tiles."""
     if IS_BF16:
-        # float32 magic (2^23 + u): the interpreter has no bfloat16 bit casts
+        if HAS_ZERO:
+            if b == 0:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_0)
+            elif b == 1:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_1)
+            elif b == 2:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_2)
+            else:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_3)
+        else:
+            if b == 0:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_0)
+            elif b == 1:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_1)
+            elif b == 2:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_2)
+            else:
+                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_3)
+    else:
+        if HAS_ZERO:
+            if b == 0:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_0)
+            elif b == 1:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_1)
+            elif b == 2:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_2)
+            else:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_3)
+        else:
+            if b == 0:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_0)
+            elif b == 1:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_1)
+            elif b == 2:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_2)
+            else:
+                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_3)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_plane(q, s, z, i: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """Nibble plane i of q as a [BN, 16] tile, in plain Triton (interpreter and fallback)."""
+    u = (q >> (4 * i)) & 0xF
+    if IS_BF16:  # float32 magic 2^23 + u: the interpreter has no bfloat16 bit casts
         v = (u | 0x4B000000).to(tl.float32, bitcast=True)
         magic = 8388608.0
-        out_dtype = tl.bfloat16
         s = s.to(tl.float32)
         z = z.to(tl.float32)
     else:
         v = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
         magic = 1024.0
-        out_dtype = tl.float16
     if HAS_ZERO:
-        w = (v - tl.full((1, 1, 1), magic, v.dtype)) * s[:, :, None] + z[:, :, None]
+        w = (v - tl.full((1, 1), magic, v.dtype)) * s + z
     else:
-        w = (v - tl.full((1, 1, 1), magic + 8.0, v.dtype)) * s[:, :, None]
-    return w.to(out_dtype)
-
-
-@triton.jit
-def _asm_call(q, s, z, asm: tl.constexpr, dt: tl.constexpr):
-    return tl.inline_asm_elementwise(
-        asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [q, s, z],
-        dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True, pack=1)
-
-
-@triton.jit
-def _dequant_asm(q, s, z, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+        w = (v - tl.full((1, 1), magic + 8.0, v.dtype)) * s
     if IS_BF16:
-        if HAS_ZERO:
-            o0, o1, o2, o3, o4, o5, o6, o7 = _asm_call(q, s, z, ASM_BF16_ZERO, tl.bfloat16)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = _asm_call(q, s, z, ASM_BF16_SYM, tl.bfloat16)
+        return w.to(tl.bfloat16)
+    return w.to(tl.float16)
+
+
+@triton.jit
+def _mma(acc, w, x_ptrs, xk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+    rj = tl.arange(0, 16)
+    if EVEN_K:
+        xt = tl.load(x_ptrs + xk)
     else:
-        if HAS_ZERO:
-            o0, o1, o2, o3, o4, o5, o6, o7 = _asm_call(q, s, z, ASM_F16_ZERO, tl.float16)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = _asm_call(q, s, z, ASM_F16_SYM, tl.float16)
-    w = tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)),
-                tl.join(tl.join(o4, o5), tl.join(o6, o7)))  # [..., i, j, k] = o[4k + 2j + i]
-    return tl.permute(w, (0, 1, 4, 3, 2))
+        xt = tl.load(x_ptrs + xk, mask=((xk + rj) < K)[:, None], other=0.0)
+    if DOT_F32:  # the interpreter's bfloat16 dot is wrong: multiply in float32 there
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+    return tl.dot(w, xt, acc)
 
 
 @triton.jit
 def w4a16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, n_groups,
-    GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr,
+    M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
+    GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr = False,
 ):
-    BKW: tl.constexpr = BK // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pn = tl.cdiv(N, BN)
@@ -147,7 +169,7 @@ def w4a16_kernel(
     pid_n = first_n + (pid % width) % gsize
     pid_m = (pid % width) // gsize
 
-    kt_total = tl.cdiv(K, BK)
+    kt_total = tl.cdiv(K, 128)
     kt_per = tl.cdiv(kt_total, SPLIT_K)
     kt0 = pid_k * kt_per
     kt1 = tl.minimum(kt0 + kt_per, kt_total)
@@ -156,46 +178,39 @@ def w4a16_kernel(
     rm = pid_m * BM + tl.arange(0, BM)
     rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
     rm_safe = rm % M
-    rw = tl.arange(0, BKW)
-    rk = tl.arange(0, BK)
-    kw_total = K // 8
-    q_ptrs = q_ptr + rn_safe[:, None] * kw_total + rw[None, :]
-    x_ptrs = x_ptr + rm_safe[None, :] * stride_xm + rk[:, None]
-    s_rows = rn_safe[:, None] * n_groups
+    rj = tl.arange(0, 16)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
+    x_ptrs = x_ptr + rm_safe[None, :] * stride_xm + rj[:, None]
+    s_rows = s_ptr + rn_safe * n_groups
+    z_rows = z_ptr + rn_safe * n_groups
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for kt in range(kt0, kt1):
-        g = (kt * BK + rw * 8) // GROUP
-        if EVEN_K:
-            q = tl.load(q_ptrs + kt * BKW)
-            xt = tl.load(x_ptrs + kt * BK)
-            s = tl.load(s_ptr + s_rows + g[None, :])
-            if HAS_ZERO:
-                z = tl.load(z_ptr + s_rows + g[None, :])
+        q = tl.load(q_ptrs + kt * 16)
+        for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
+            if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
+                if GROUP < 128:
+                    g = kt * GPC + (b * 32) // GROUP
+                else:
+                    g = (kt * 128) // GROUP
+                s = tl.load(s_rows + g)[:, None]
+                if HAS_ZERO:
+                    z = tl.load(z_rows + g)[:, None]
+                else:
+                    z = s
+            if USE_ASM:
+                lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape),
+                                           tl.broadcast_to(z, q.shape), b, HAS_ZERO, IS_BF16)
             else:
-                z = s
-        else:
-            wmask = (kt * BKW + rw) < kw_total
-            q = tl.load(q_ptrs + kt * BKW, mask=wmask[None, :], other=0)
-            xt = tl.load(x_ptrs + kt * BK, mask=((kt * BK + rk) < K)[:, None], other=0.0)
-            s = tl.load(s_ptr + s_rows + g[None, :], mask=wmask[None, :], other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + s_rows + g[None, :], mask=wmask[None, :], other=0.0)
-            else:
-                z = s
-        if USE_ASM:
-            w = _dequant_asm(q, s, z, HAS_ZERO, IS_BF16)
-        else:
-            w = _dequant_plain(q, s, z, HAS_ZERO, IS_BF16)
-        w = tl.reshape(w, (BN, BK))
-        if DOT_F32:  # the interpreter's bfloat16 dot is wrong: multiply in float32 there
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-        else:
-            acc = tl.dot(w, xt, acc)
+                lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
+                hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+            acc = _mma(acc, lo, x_ptrs, kt * 128 + 32 * b, K, EVEN_K, DOT_F32)
+            acc = _mma(acc, hi, x_ptrs, kt * 128 + 32 * b + 16, K, EVEN_K, DOT_F32)
 
     if HAS_BIAS:
-        b = tl.load(bias_ptr + rn_safe).to(tl.float32)
-        acc += b[:, None] * (pid_k == 0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
+        acc += bias[:, None] * (pid_k == 0).to(tl.float32)
     out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     if ATOMIC:

@@ -32,7 +32,7 @@ class _StandInQuantizer(nn.Module):
 class _InputQuantizer(nn.Module):
     def __init__(self, pre_quant_scale):
         super().__init__()
-        self.pre_quant_scale = pre_quant_scale
+        self.register_buffer("pre_quant_scale", pre_quant_scale)
 
 
 class _FakeQuantLinear(nn.Linear):

@@ -3,34 +3,33 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from modelopt_lite.kernels import dequantize, pack_int4, pack_weight, unpack_int4
-from modelopt_lite.kernels.packing import NIBBLE_OF, quantize_rtn
+from modelopt_lite.kernels.packing import padded_k, quantize_rtn
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 9), kw=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+@given(n=st.integers(1, 9), kw=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
 def test_pack_unpack_roundtrip(n, kw, seed):
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, kw * 8), generator=g, dtype=torch.uint8)
+    k = kw * 8
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     packed = pack_int4(codes)
-    assert packed.dtype == torch.int32 and packed.shape == (n, kw)
-    assert torch.equal(unpack_int4(packed), codes)
+    assert packed.dtype == torch.int32 and packed.shape == (n, padded_k(k) // 8)
+    assert torch.equal(unpack_int4(packed, k), codes)
 
 
 @settings(max_examples=30, deadline=None)
-@given(word=st.integers(0, 2**32 - 1))
-def test_unpack_pack_roundtrip_every_word(word):
-    signed = word - (1 << 32) if word >= 1 << 31 else word
-    packed = torch.tensor([[signed]], dtype=torch.int32)
+@given(words=st.lists(st.integers(0, 2**32 - 1), min_size=16, max_size=16))
+def test_unpack_pack_roundtrip_every_word(words):
+    signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+    packed = torch.tensor([signed], dtype=torch.int32)
     assert torch.equal(pack_int4(unpack_int4(packed)), packed)
 
 
-def test_nibble_order_pairs_halves():
-    codes = torch.arange(8, dtype=torch.uint8).view(1, 8)
-    w = int(pack_int4(codes)[0, 0]) & 0xFFFFFFFF
-    for r in range(4):
-        pair = (w >> (4 * r)) & 0x000F000F
-        assert (pair & 0xF, pair >> 16) == (2 * r, 2 * r + 1)
-    assert sorted(NIBBLE_OF) == list(range(8))
+def test_nibble_plane_i_is_a_16_wide_k_slice():
+    codes = (torch.arange(128) // 16).to(torch.uint8).view(1, 128)  # code = plane index
+    words = pack_int4(codes)[0].tolist()
+    assert len(words) == 16
+    assert all(w & 0xFFFFFFFF == 0x76543210 for w in words)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from modelopt_lite.kernels import PackedInt4, pack_weight, w4a16_reference
+from modelopt_lite.kernels.packing import padded_k
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -24,7 +25,7 @@ def _triton_available() -> bool:
 class Int4Linear(nn.Module):
     """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
 
-    Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, K/8], ``scale``
+    Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, Kp/8] (Kp = K rounded up to 128), ``scale``
     and ``zterm`` (= -zero * scale; absent when symmetric) [N, K/B] in ``dtype``, optional
     ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the Triton kernel; CPU inputs run the
     plain-torch reference.
@@ -42,7 +43,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         kw = dict(device=device)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8,
+        self.register_buffer("qweight", torch.zeros(out_features, padded_k(in_features) // 8,
                                                     dtype=torch.int32, **kw))
         self.register_buffer("scale", torch.zeros(out_features, groups, dtype=dtype, **kw))
         self.register_buffer("zterm", None if symmetric else
@@ -76,7 +77,7 @@ class Int4Linear(nn.Module):
 
     @property
     def packed(self) -> PackedInt4:
-        return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size)
+        return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

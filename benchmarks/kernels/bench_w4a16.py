@@ -1,0 +1,168 @@
+"""W4A16 kernel benchmark: ours vs cuBLAS fp16, tinygemm, GemLite and Humming on Llama shapes.
+
+Each kernel is replayed in a CUDA graph over enough weight copies to stream > 4x L2 from
+memory; the time per layer is the median over 25 replays. The floor is the bytes that must
+move (int4 weights, fp16 scales and zeros, activations, output) over the measured copy
+bandwidth. Usage:
+
+    python benchmarks/kernels/bench_w4a16.py --peers cublas,tinygemm,gemlite,humming \
+        --out benchmarks/results/kernels_h100.json
+    python benchmarks/kernels/bench_w4a16.py --tune kernels/configs/h100.json   # retune ours
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+import peers  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]  # (K, N)
+MS = [1, 4, 16, 64, 256, 1024]
+GROUP = 128
+
+
+def small_m_candidates():
+    for bn, bk, st, sk in itertools.product((32, 64, 128), (128, 256, 512), (3, 4), (1, 2, 4, 8, 16)):
+        yield dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+
+
+def large_m_candidates(m):
+    bms = (32, 64) if m <= 64 else (64, 128, 256)
+    for bm, bn, bk, nw, st in itertools.product(bms, (64, 128, 256), (64, 128), (4, 8), (3, 4)):
+        if bm * bn > 128 * 256 or (bn == 256 and nw == 4) or (bm == 256 and bn == 256):
+            continue
+        for sk in ((1, 2, 4) if m <= 64 else (1,)):
+            yield dict(BM=bm, BN=bn, BK=bk, SPLIT_K=sk, num_warps=nw, num_stages=st, GROUP_N=8)
+
+
+def make_problem(mk, k, n, group=GROUP, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(w, group, symmetric=False)
+    packed = mk.pack_weight(codes, scale, zero, group, torch.float16)
+    w_hat = mk.dequantize(packed, torch.float16)
+    return w_hat, codes, scale, zero, packed
+
+
+def ours_fns(mk, packed, x, n_copies, cfg=None):
+    copies = [packed._replace(qweight=packed.qweight.clone(), scale=packed.scale.clone(),
+                              zterm=packed.zterm.clone()) for _ in range(n_copies)]
+    return [lambda p=p: mk.w4a16_matmul(x, p, None, cfg) for p in copies]
+
+
+def tune(mk, out_path, shapes, ms, budget_s):
+    table, t0 = {}, time.time()
+    for k, n in shapes:
+        _, _, _, _, packed = make_problem(mk, k, n)
+        n_copies = copies_for(packed.qweight.numel() * 4)
+        rows = []
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            cands = list(small_m_candidates() if m <= 16 else large_m_candidates(m))
+            best = (float("inf"), None)
+            for cfg in cands:
+                if time.time() - t0 > budget_s:
+                    break
+                try:
+                    t = graph_time_us(ours_fns(mk, packed, x, n_copies, cfg), reps=10)
+                except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
+                    print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
+                    continue
+                best = min(best, (t, cfg), key=lambda b: b[0])
+            print(f"tune K={k} N={n} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
+            if best[1] is not None:
+                rows.append({"max_m": m, "config": best[1], "us": round(best[0], 2)})
+        if rows:
+            rows[-1]["max_m"] = 1 << 30
+            table[f"{n}x{k}"] = rows
+        Path(out_path).write_text(json.dumps(table, indent=1))
+    return table
+
+
+def bench(mk, shapes, ms, peer_names, gpu, bw):
+    rows = []
+    date = datetime.date.today().isoformat()
+    for k, n in shapes:
+        w16, codes, scale, zero, packed = make_problem(mk, k, n)
+        n4 = copies_for(packed.qweight.numel() * 4)
+        n16 = copies_for(w16.numel() * 2)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ w16.float().t()
+            row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date,
+                   "floor_us": round(int4_floor_us(m, n, k, GROUP, bw), 2)}
+            fns = ours_fns(mk, packed, x, n4)
+            row["ours_err"] = peers.check(fns[0](), ref)
+            row["ours_us"] = round(graph_time_us(fns), 2)
+            builders = {
+                "cublas": lambda: peers.cublas(w16, x, n16),
+                "tinygemm": lambda: peers.tinygemm(codes, scale, zero, GROUP, x, n4),
+                "gemlite": lambda: peers.gemlite(codes, scale, zero, GROUP, x, n4),
+                "humming": lambda: peers.humming(w16, GROUP, x, n4),
+            }
+            for name in ("cublas", "tinygemm", "gemlite", "humming"):
+                row[f"{name}_us"] = None
+                if name not in peer_names:
+                    continue
+                try:
+                    pf = builders[name]()
+                    err = peers.check(pf[0](), ref)
+                    row[f"{name}_us"] = round(graph_time_us(pf), 2)
+                    row[f"{name}_err"] = err
+                    del pf
+                except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+                    row[f"{name}_fail"] = f"{type(e).__name__}: {str(e)[:200]}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows):
+    head = f"{'K':>6} {'N':>6} {'M':>5} {'ours':>8} {'cublas':>8} {'tiny':>8} {'gemlite':>8} {'humming':>8} {'floor':>7} {'xcub':>5} {'%fl':>4}"
+    print(head)
+    fmt = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
+    for r in rows:
+        xc = r["cublas_us"] / r["ours_us"] if r.get("cublas_us") else float("nan")
+        print(f"{r['K']:6d} {r['N']:6d} {r['M']:5d} {fmt(r['ours_us'])} {fmt(r['cublas_us'])} "
+              f"{fmt(r['tinygemm_us'])} {fmt(r['gemlite_us'])} {fmt(r['humming_us'])} "
+              f"{r['floor_us']:7.1f} {xc:5.2f} {100 * r['floor_us'] / r['ours_us']:4.0f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--peers", default="cublas,tinygemm,gemlite,humming")
+    ap.add_argument("--out", default=None, help="results JSON")
+    ap.add_argument("--tune", default=None, help="write a tuned config table here first")
+    ap.add_argument("--tune-budget", type=float, default=300.0, help="seconds for tuning")
+    args = ap.parse_args()
+    mk = import_kernels()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{gpu}: copy bandwidth {bw / 1e12:.3f} TB/s (read+write)", flush=True)
+    if args.tune:
+        tune(mk, args.tune, shapes, ms, args.tune_budget)
+        importlib.import_module(mk.__name__ + ".tuning")._table.cache_clear()
+    rows = bench(mk, shapes, ms, set(args.peers.split(",")) - {""}, gpu, bw)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

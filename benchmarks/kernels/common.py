@@ -1,0 +1,70 @@
+"""Timing helpers shared by the W4A16 benchmarks: CUDA-graph replays over rotating copies."""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+L2_BYTES = 50 * 2**20
+
+
+def import_kernels():
+    """modelopt_lite.kernels when installed, else the repo's kernels/ folder."""
+    try:
+        import modelopt_lite.kernels as mk
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        import kernels as mk
+    return mk
+
+
+def copies_for(nbytes: int, l2_bytes: int = L2_BYTES) -> int:
+    """Enough weight copies that one rotation streams > 4x L2 from memory."""
+    return max(2, math.ceil(4 * l2_bytes / max(nbytes, 1)) + 1)
+
+
+def graph_time_us(fns, reps: int = 25) -> float:
+    """Median over ``reps`` graph replays of (replay time / len(fns)), in microseconds."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting read + write."""
+    n = 1 << 29
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    t = graph_time_us([lambda: b.copy_(a)] * 4, reps=20)
+    return 2 * n / (t * 1e-6)
+
+
+def int4_floor_us(m, n, k, group, bw) -> float:
+    nbytes = n * k // 2 + 2 * 2 * n * (k // group) + 2 * m * k + 2 * m * n
+    return nbytes / bw * 1e6
