@@ -4,6 +4,9 @@ process it (collect statistics, search, quantize), replay it on its inputs and f
 
 With ``device`` set, each layer is moved there for its turn and back to ``offload`` after, so a
 model larger than the GPU calibrates with about one layer plus its activations on the GPU.
+Inside :func:`~modelopt_lite.calib.streaming.stream_layers` the active streamer decides
+instead (and can read each layer from a safetensors checkpoint onto the GPU). Under
+``torch.distributed`` each rank replays its own shard; statistics reduce inside the collectors.
 
 Example::
 
@@ -34,6 +37,17 @@ class _Captured(Exception):
     pass
 
 
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
 def _move(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -49,9 +63,25 @@ def _move(obj, device):
 class LayerInputs:
     """The captured ``(args, kwargs)`` of every calibration batch for the current layer."""
 
-    def __init__(self, store_device: torch.device | str | None = None):
+    def __init__(self, store_device: torch.device | str | None = None, device=None):
         self.entries: list[tuple[tuple, dict]] = []
         self.store_device = store_device
+        self.device = device  # where replays run when run() is given no device
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (all batches' args and kwargs)."""
+        seen, total = set(), 0
+        for t in _tensors(self.entries):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def to(self, device) -> LayerInputs:
+        """Keep every captured tensor on ``device`` from now on (in place)."""
+        self.store_device = device
+        self.entries = [(_move(a, device), _move(k, device)) for a, k in self.entries]
+        return self
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -79,12 +109,22 @@ class LayerInputs:
     def run(self, layer: nn.Module, device=None) -> list[torch.Tensor]:
         """Replay ``layer`` on every captured input; return its hidden-state outputs."""
         outs = []
+        device = self.device if device is None else device
         for args, kwargs in self.entries:
             if device is not None:
                 args, kwargs = _move(args, device), _move(kwargs, device)
             out = layer(*args, **kwargs)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module) -> None:
+        """Replace every batch's hidden state by ``layer``'s output, one batch at a time
+        (outputs go to ``store_device`` at once, so only one batch's output is on the GPU)."""
+        for j, (args, kwargs) in enumerate(self.entries):
+            out = layer(*_move(args, self.device), **_move(kwargs, self.device))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            self.replace_hidden(j, out if self.store_device is None else out.to(self.store_device))
 
     def forward_loop(self, layer: nn.Module, device=None) -> Callable[[nn.Module], None]:
         """A forward loop that replays this layer (for hook-based collectors)."""
@@ -146,8 +186,14 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
     runs (moved there for its turn, back to ``offload`` after, when ``offload`` is given).
     ``store_device``: where captured activations are kept between layers (e.g. "cpu").
     """
+    from .streaming import active_streamer
+
+    streamer = active_streamer(model)
+    if streamer is not None:
+        return _run_streamed(model, forward_loop, process, streamer, progress, desc)
     path, layers = find_decoder_layers(model)
     inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
+    inputs.device = device
     for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
         layer = layers[i]
         if device is not None:
@@ -158,3 +204,20 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
             inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
         if offload is not None:
             layer.to(offload)
+
+
+def _run_streamed(model, forward_loop, process, streamer, progress, desc) -> None:
+    """The same walk, with the streamer loading each layer onto its device and putting the
+    processed layer away (offload) before the next one is loaded."""
+    with streamer.pause():
+        inputs = capture_first_layer_inputs(model, streamer.layers, forward_loop)
+    inputs.to(streamer.choose_store_device(inputs.nbytes()))
+    inputs.device = streamer.device
+    logger.info("streaming %d layers on %s; %.1f MB of layer inputs on %s", len(streamer.layers),
+                streamer.device, inputs.nbytes() / 1e6, inputs.store_device)
+    with streamer.pause():
+        for i in tqdm(range(len(streamer.layers)), desc=desc, disable=not progress):
+            layer = streamer.load(i)
+            process(i, streamer.name(i), layer, inputs)
+            inputs.advance(layer)
+            streamer.release(i, changed=True)
