@@ -1,0 +1,110 @@
+"""Perplexity over non-overlapping token windows, the project's accuracy measure.
+
+The text is tokenized once without special tokens and cut into windows of ``seq_len`` tokens;
+where the tokenizer has a BOS token it is prepended to each window (the window then holds
+``seq_len - 1`` text tokens). Every text token of a window after the first position is
+predicted, and ppl = exp(mean NLL) over all predicted tokens, accumulated in float64.
+
+Example:
+    >>> from modelopt_lite.eval import perplexity
+    >>> result = perplexity(model, tokenizer, text, seq_len=2048, windows=4)  # doctest: +SKIP
+    >>> round(result.ppl, 2)                                                   # doctest: +SKIP
+    12.8
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """ppl = exp(nll); nll is the mean over ``tokens`` predicted tokens in ``windows`` windows."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | None = None,
+               add_bos: bool | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on the first ``windows`` windows of ``text`` (all when None).
+
+    ``add_bos``: None or True prepends the tokenizer's BOS token where it has one; False never.
+
+    Example:
+        >>> perplexity(model, tokenizer, wiki_text("test"), windows=4).ppl  # doctest: +SKIP
+        12.80...
+    """
+    bos = window_bos(tokenizer, add_bos)
+    chunks = text_windows(token_ids(tokenizer, text), seq_len - (bos is not None), windows)
+    device = model_device(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc="perplexity", unit="window", disable=not progress):
+            ids = chunk if bos is None else torch.cat([torch.tensor([bos]), chunk])
+            nll_sum, n = window_nll(model, ids.to(device))
+            total, count = total + nll_sum, count + n
+    nll = total / count
+    logger.info("perplexity %.4f over %d tokens in %d windows of %d", math.exp(nll), count,
+                len(chunks), seq_len)
+    return PerplexityResult(math.exp(nll), nll, count, len(chunks), seq_len)
+
+
+def window_bos(tokenizer, add_bos: bool | None) -> int | None:
+    """The BOS id to prepend to each window, or None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos and bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token_id: "
+                         "pass add_bos=None or False, or set tokenizer.bos_token")
+    return None if add_bos is False else bos
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text, without special tokens, as a 1-D LongTensor."""
+    if not text:
+        raise ValueError("perplexity needs a non-empty text")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def text_windows(ids: torch.Tensor, length: int, windows: int | None) -> list[torch.Tensor]:
+    """The first ``windows`` non-overlapping slices of ``length`` tokens (a short tail is dropped)."""
+    if length < 1:
+        raise ValueError("seq_len must leave at least one text token per window (seq_len >= 2 with BOS)")
+    available = ids.numel() // length
+    if available == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens but one window needs {length}: "
+                         "lower seq_len or give a longer text")
+    if windows is not None and windows > available:
+        logger.warning("asked for %d windows but the text holds only %d; using %d",
+                       windows, available, available)
+    n = available if windows is None else min(windows, available)
+    if n < 1:
+        raise ValueError(f"windows must be >= 1 (got {windows})")
+    return list(ids[: n * length].view(n, length))
+
+
+def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
+    """Sum of -log p(token | prefix) over the window's shifted tokens (float64), and their count."""
+    out = model(ids.unsqueeze(0))
+    logits = (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out)
+    logits, targets = logits[0, :-1].float(), ids[1:]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    nll = torch.logsumexp(logits, dim=-1).double() - picked.double()
+    return nll.sum().item(), targets.numel()
+
+
+def model_device(model) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
