@@ -87,6 +87,7 @@ def tune(mk, out_path, shapes, ms, budget_s):
         if rows:
             rows[-1]["max_m"] = 1 << 30
             table[f"{n}x{k}"] = rows
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(table, indent=1))
     return table
 
