@@ -59,7 +59,9 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
 
 
 def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
-    model._modelopt_lite = {"config": cfg.to_dict(), "layers": [p.record() for p in plans]}
+    kept = {k: v for k, v in (getattr(model, "_modelopt_lite", None) or {}).items()
+            if k == "sparsity"}  # masks recorded by sparsify() stay with the model
+    model._modelopt_lite = {**kept, "config": cfg.to_dict(), "layers": [p.record() for p in plans]}
 
 
 def unquantize(model: nn.Module) -> nn.Module:
@@ -67,7 +69,10 @@ def unquantize(model: nn.Module) -> nn.Module:
     for _, module in quant_modules(model):
         unwrap_module(module)
     if hasattr(model, "_modelopt_lite"):
+        sparsity = model._modelopt_lite.get("sparsity")
         del model._modelopt_lite
+        if sparsity:  # the weight_mask buffers are still there
+            model._modelopt_lite = {"sparsity": sparsity}
     return model
 
 

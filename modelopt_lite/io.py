@@ -99,20 +99,32 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if quant_modules(model):
         raise CheckpointError("load() needs a fresh float model; this one is already quantized")
     modules = dict(model.named_modules())
-    layers = [r for r in manifest["layers"] if not r["skipped"]]
+    layers = [r for r in manifest.get("layers", []) if not r["skipped"]]
     _check_layers(layers, modules)
     tensors = load_file(str(Path(directory) / manifest["tensors"]))
     _check_shapes(model, tensors, layers, modules)
     for rec in layers:
         spec = lambda d: None if d is None else QuantizerSpec(**d)  # noqa: E731
         wrap_module(modules[rec["name"]], spec(rec["weight"]), spec(rec["input"]), rec["name"])
+    _add_mask_buffers(manifest, modules, tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if n not in tensors}
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
     _check_missing_are_tied(model, tied)
-    model._modelopt_lite = {"config": manifest["config"], "layers": manifest["layers"]}
+    model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity") if k in manifest}
     return model
+
+
+def _add_mask_buffers(manifest, modules, tensors) -> None:
+    """Register the ``weight_mask`` buffers of a sparsified checkpoint so they load."""
+    for rec in manifest.get("sparsity", {}).get("layers", []):
+        key = f"{rec['name']}.weight_mask"
+        if rec["skipped"] or key not in tensors:
+            continue
+        if rec["name"] not in modules:
+            raise CheckpointError(f"checkpoint layer {rec['name']} is not in this model")
+        modules[rec["name"]].register_buffer("weight_mask", torch.empty_like(tensors[key]))
 
 
 def _check_layers(layers, modules) -> None:

@@ -34,7 +34,9 @@ class QuantModuleMixin:
 
     # subclasses define: weight_2d(), weight_from_2d(w2d), _float_forward(x, weight)
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_from_2d(self.weight_quantizer(self.weight_2d()))
+        w = self.weight_from_2d(self.weight_quantizer(self.weight_2d()))
+        mask = self._buffers.get("weight_mask")  # 2:4 sparsity: pruned weights stay exactly 0
+        return w if mask is None else w * mask.to(w.dtype)
 
     def forward(self, x):
         return self._float_forward(self.input_quantizer(x), self.quantized_weight())
