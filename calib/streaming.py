@@ -317,6 +317,8 @@ def load_streaming(model_dir: str | Path, *, dtype: torch.dtype | None = None,
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied lm_head is not stored in the checkpoint
     checkpoint = SafetensorsCheckpoint(model_dir)
     path, _ = find_decoder_layers(model)
     materialize_(model, checkpoint, "", outer_device, dtype, skip=path)
