@@ -264,23 +264,29 @@ def test_apply_masks_and_mask_grads():
         apply_masks_(model)
 
 
-def test_export_after_qat_matches_ptq_patterns(tmp_path):
+W8A8 = QuantConfig(weight=QuantizerSpec(num_bits=8), exclude=(),
+                  input=QuantizerSpec(num_bits=8, granularity="per_tensor"))
+
+
+@pytest.mark.parametrize("cfg", [W8A8, INT4_BLOCK], ids=["w8a8", "int4_block"])
+def test_export_after_qat_matches_ptq_patterns(tmp_path, cfg):
     pytest.importorskip("onnx")
     export = pytest.importorskip("modelopt_lite.export.onnx")
     import onnx
 
     import modelopt_lite as mtl
-    cfg = QuantConfig(weight=QuantizerSpec(num_bits=8), exclude=(),
-                      input=QuantizerSpec(num_bits=8, granularity="per_tensor"))
     data = make_task()
     x = data[0][0]
 
-    def ops(model, name):
+    def pattern(model, name):
         path = tmp_path / name
         export.export_onnx(model.eval(), (x,), str(path))
-        return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        graph = onnx.load(str(path)).graph
+        return ([n.op_type for n in graph.node], sorted(t.data_type for t in graph.initializer))
 
     ptq = mtl.quantize(tiny(), cfg, forward_loop=calib_loop(data), progress=False)
     qat = prepare_qat(tiny(), cfg, qat=QATConfig(lsq=True), forward_loop=calib_loop(data))
     fit(qat, data, torch.optim.Adam(qat.parameters(), 1e-2), 5, loss_fn=ce, progress=False)
-    assert ops(convert(qat), "qat.onnx") == ops(ptq, "ptq.onnx")
+    ops, dtypes = pattern(convert(qat), "qat.onnx")
+    assert "DequantizeLinear" in ops
+    assert (ops, dtypes) == pattern(ptq, "ptq.onnx")

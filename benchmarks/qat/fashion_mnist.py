@@ -3,7 +3,7 @@
 Weight-only, symmetric, per output channel (the TensorRT INT8 weight layout; INT4 at the
 same granularity). Data: Debian package ``dataset-fashion-mnist`` (IDX files, gzip).
 
-    python benchmarks/qat/fashion_mnist.py [--epochs 3] [--qat-steps 470]
+    python benchmarks/qat/fashion_mnist.py [--epochs 2] [--qat-steps 300]
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def load_split(prefix: str):
 
 def make_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def batches(x, y, batch_size, seed):
@@ -76,10 +76,11 @@ def weight_config(bits: int) -> QuantConfig:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--qat-steps", type=int, default=470)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--qat-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,9 +91,10 @@ def main(argv=None):
     steps = args.epochs * (len(xtr) // args.batch_size + 1)
     t0 = time.time()
     data = [b for e in range(args.epochs) for b in batches(xtr, ytr, args.batch_size, e)]
-    fit(fp, data, opt, len(data), loss_fn=ce_loss, progress=False)
+    fit(fp, data, opt, len(data), loss_fn=ce_loss, progress=args.progress)
     fp_s = time.time() - t0
     rows = [row(MODEL, "fp", "top1", top1(fp, xte, yte), steps, fp_s)]
+    print(f"fp: {rows[0]['value']:.2f}% after {steps} steps, {fp_s:.0f} s", flush=True)
     for bits, method in ((8, "ptq_int8"), (4, "ptq_rtn")):
         q = mtl.quantize(copy.deepcopy(fp), weight_config(bits), progress=False)
         rows.append(row(MODEL, method, "top1", top1(q, xte, yte)))
@@ -101,7 +103,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.qat_steps)
     t0 = time.time()
     fit(qat, batches(xtr, ytr, args.batch_size, 100), opt, args.qat_steps, loss_fn=ce_loss,
-        scheduler=sched, progress=False)
+        scheduler=sched, progress=args.progress)
     qat_s = time.time() - t0
     convert(qat)
     rows.append(row(MODEL, "qat", "top1", top1(qat, xte, yte), args.qat_steps, qat_s))
