@@ -1,0 +1,349 @@
+"""AWQ: activation-aware INT4 weight quantization, one decoder layer at a time.
+
+For every group of linears that share an input (q/k/v, gate/up, v->o, up->down, per the
+architecture table in :mod:`modelopt_lite.models`) a per-input-channel scale ``s`` is
+searched over an alpha grid, minimising the error of the output of the block the linears feed
+(``self_attn``, ``mlp``, ``down_proj``...), and folded exactly into the producer. Then each
+weight's range is shrunk per (output row, block) to minimise that block's output error. The
+layer's quantized output feeds the next layer (:func:`~modelopt_lite.calib.sequential.run_sequential`).
+
+Results: the folded weights and the quantizers' ``amax``/``amin`` go into ``mtl.save``
+checkpoints; :func:`save_artefacts` also writes the scales and ranges on their own, and
+``AWQConfig(artefacts=dir)`` re-applies them to a fresh float model with no calibration.
+
+Example::
+
+    model = mtl.quantize(model, "int4_awq", calib=texts, tokenizer=tok)
+    save_artefacts(model, "awq_out/")
+    cfg = get_preset("int4_awq").replace(algorithm=AWQConfig(artefacts="awq_out/"))
+    fresh = mtl.quantize(fresh_model, cfg)       # same weights and ranges, no calibration
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import (ConfigError, QuantConfig, QuantizerSpec, algorithm_to_dict,
+                      register_algorithm, register_preset)
+from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
+from ..nn.quant_modules import is_quantized
+from ..nn.tensor_quantizer import CalibrationError
+from . import awq_search as S
+from . import register_applier
+from .rtn import calibrate_activations
+
+logger = logging.getLogger(__name__)
+
+ARTEFACT_TENSORS = "awq_artefacts.safetensors"
+ARTEFACT_MANIFEST = "awq_artefacts.json"
+
+
+@register_algorithm("awq")
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ search settings.
+
+    ``n_grid``: alpha grid points (``a = i / n_grid``; the identity scale is always tried too).
+    ``duo_scaling``: candidate ``s = x^a / w^(1-a)`` (else ``x^a``), with ``x`` the mean |act|
+    and ``w`` the block-normalised mean |weight| per input channel. ``search_tokens``: tokens
+    (whole calibration batches, spread over the set) replayed through a block per candidate.
+    ``clip``: search ranges per (row, block) over ``clip_grid`` ratios from 1 down to
+    ``clip_min_ratio`` (error measured on every calibration token through block Gram
+    matrices). ``device``: where each decoder layer runs (e.g. "cuda"; the rest stays put).
+    ``artefacts``: a folder from :func:`save_artefacts`; apply its scales and ranges instead
+    of searching.
+    """
+
+    name: ClassVar[str]
+    n_grid: int = 20
+    duo_scaling: bool = True
+    search_tokens: int = 2048
+    clip: bool = True
+    clip_grid: int = 20
+    clip_min_ratio: float = 0.5
+    device: str | None = None
+    artefacts: str | None = None
+
+    def __post_init__(self):
+        if self.n_grid < 20:
+            raise ConfigError(f"n_grid={self.n_grid}: AWQ searches at least 20 alpha points")
+        if self.search_tokens < 1:
+            raise ConfigError(f"search_tokens must be >= 1, got {self.search_tokens}")
+        if self.clip_grid < 1 or not 0.0 < self.clip_min_ratio <= 1.0:
+            raise ConfigError("clip_grid must be >= 1 and clip_min_ratio in (0, 1], got "
+                              f"{self.clip_grid}, {self.clip_min_ratio}")
+
+
+def _int4(symmetric: bool, block: int = 128) -> QuantConfig:
+    return QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=block,
+                                            symmetric=symmetric),
+                       algorithm=AWQConfig(), on_indivisible="skip")
+
+
+register_preset("int4_awq", _int4(True))
+register_preset("int4_awq_asym", _int4(False))
+
+
+# --- the walker ---
+
+@register_applier("awq")
+def apply(model: nn.Module, config: QuantConfig, forward_loop=None, progress: bool = True):
+    algo = config.algorithm
+    if algo.artefacts is not None:
+        apply_artefacts(model, algo.artefacts)
+    else:
+        if forward_loop is None:
+            raise CalibrationError("AWQ needs calibration data: pass calib= or forward_loop= to "
+                                   "quantize(), or AWQConfig(artefacts=dir) to reuse a search")
+        from ..calib.sequential import run_sequential
+
+        record = {}
+        process = lambda i, name, layer, inputs: _process_layer(  # noqa: E731
+            model, name, layer, inputs, algo, record)
+        offload = "cpu" if algo.device is not None else None
+        run_sequential(model, forward_loop, process, device=algo.device, offload=offload,
+                       progress=progress, desc="awq")
+        model._awq_scales = record
+    calibrate_activations(model, forward_loop)
+
+
+def _weight_quantized(module: nn.Module) -> bool:
+    return is_quantized(module) and module.weight_quantizer.enabled
+
+
+def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) -> None:
+    linears = {n: m for n, m in layer.named_modules() if _weight_quantized(m)}
+    if not linears:
+        return
+    groups = [g for g in layer_groups(model, layer) if any(n in linears for n in g.linears)]
+    device = next(layer.parameters()).device
+    subset = _search_entries(inputs, algo.search_tokens)
+    with _float_weights(linears.values()):
+        cap = _capture(layer, inputs, groups, linears, subset, device)
+        for group in groups:
+            s = _search_group(layer, group, linears, cap, algo)
+            apply_group_scale_(layer, group, s)
+            cap.scale[group.linears[0]] = s
+            record[f"{name}::{','.join(group.linears)}"] = s.detach().cpu()
+    for rel, m in linears.items():
+        _set_clip(m, cap, _input_key(rel, groups), algo)
+    cap.clear()
+
+
+class _float_weights:
+    """Context: the given modules' weight quantizers pass weights through unchanged."""
+
+    def __init__(self, modules):
+        self.quantizers = [m.weight_quantizer for m in modules]
+
+    def __enter__(self):
+        for q in self.quantizers:
+            q.enabled = False
+
+    def __exit__(self, *exc):
+        for q in self.quantizers:
+            q.enabled = True
+
+
+def _search_entries(inputs, max_tokens: int) -> list[int]:
+    """Indices of calibration batches spread over the set, about ``max_tokens`` tokens in all."""
+    n = len(inputs.entries)
+    per = max(1, inputs.hidden(0).shape[:-1].numel())
+    k = min(n, max(1, -(-max_tokens // per)))
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
+
+
+def _input_key(rel: str, groups: list[Group]) -> str:
+    """Linears of one group share an input: their statistics are collected once."""
+    for g in groups:
+        if rel in g.linears:
+            return g.linears[0]
+    return rel
+
+
+@dataclass
+class _Capture:
+    absmean: dict   # input key -> mean |x| per channel
+    gram: dict      # input key -> [nb, width, width] (None when no clip is needed)
+    blocks: dict    # block name -> [(args, kwargs, reference output)]
+    scale: dict     # input key -> folded scale
+
+    def clear(self):
+        self.blocks.clear()
+        self.gram.clear()
+
+
+class _InputStats:
+    def __init__(self, width):
+        self.width, self.abssum, self.count, self.gram = width, 0.0, 0, 0.0
+
+    def __call__(self, module, args, kwargs=None):
+        x = args[0].detach().float()
+        x = x.reshape(-1, x.shape[-1])
+        if not torch.isfinite(x).all():
+            raise CalibrationError("NaN/Inf in activations during AWQ calibration; run in "
+                                   "float32/bfloat16 or check the inputs")
+        self.abssum = self.abssum + x.abs().sum(0)
+        self.count += x.shape[0]
+        if self.width:
+            self.gram = self.gram + S.block_gram(x, self.width)
+
+
+@torch.no_grad()
+def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
+    """One replay of the float layer: input statistics and the search batches' block I/O."""
+    keys = {}
+    for rel in linears:
+        keys.setdefault(_input_key(rel, groups), []).append(rel)
+    for g in groups:
+        keys.setdefault(g.linears[0], list(g.linears))
+    stats, handles, blocks = {}, [], {g.block: [] for g in groups}
+    for key, members in keys.items():
+        quant = [linears[n] for n in members if n in linears]
+        width = S.block_width(quant[0].weight_quantizer.spec, quant[0].in_features_2d) if (
+            quant and quant[0].weight_quantizer.spec.granularity != "per_tensor") else 0
+        stats[key] = _InputStats(width)
+        handles.append(layer.get_submodule(key).register_forward_pre_hook(stats[key]))
+    active = [False]
+    for block in blocks:
+        def keep(module, args, kwargs, out, block=block):
+            if active[0]:
+                blocks[block].append((args, kwargs, _first(out)))
+        handles.append(layer.get_submodule(block).register_forward_hook(keep, with_kwargs=True))
+    try:
+        for j, (args, kwargs) in enumerate(inputs.entries):
+            active[0] = j in subset
+            layer(*_to(args, device), **_to(kwargs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return _Capture({k: st.abssum / max(st.count, 1) for k, st in stats.items()},
+                    {k: st.gram for k, st in stats.items() if st.width}, blocks, {})
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj, device):
+    from ..calib.sequential import _move
+
+    return _move(obj, device)
+
+
+@torch.no_grad()
+def _search_group(layer, group: Group, linears: dict, cap: _Capture, algo: AWQConfig):
+    quant = {n: linears[n] for n in group.linears if n in linears}
+    spec = next(iter(quant.values())).weight_quantizer.spec
+    weights = {n: m.weight_2d().detach().clone() for n, m in quant.items()}
+    w_mag = S.weight_magnitude(list(weights.values()), spec) if algo.duo_scaling else None
+    cands = S.candidate_scales(cap.absmean[group.linears[0]], w_mag, algo.n_grid)
+    block = layer.get_submodule(group.block)
+    batches = cap.blocks[group.block]
+
+    def loss(s):
+        for n, m in quant.items():
+            m.weight.data.copy_(m.weight_from_2d(S.scaled_weight(weights[n], s, spec)))
+        err = 0.0
+        for args, kwargs, ref in batches:
+            err += (_first(block(*args, **kwargs)) - ref).float().pow(2).mean().item()
+        return err
+
+    try:
+        s, losses = S.best_scale(cands, loss)
+    finally:
+        for n, m in quant.items():
+            m.weight.data.copy_(m.weight_from_2d(weights[n]))
+    logger.debug("%s: best of %d scales, loss %.3g (identity %.3g)", group.block, len(cands),
+                 losses.min(), losses[0])
+    return s
+
+
+@torch.no_grad()
+def _set_clip(module, cap: _Capture, key: str, algo: AWQConfig) -> None:
+    quantizer = module.weight_quantizer
+    w = module.weight_2d().detach().float()
+    if not algo.clip or key not in cap.gram:
+        quantizer.init_from_weight(w)
+        return
+    gram = cap.gram[key]
+    if key in cap.scale:
+        gram = S.scale_gram(gram, cap.scale[key].to(gram.device))
+    ratios = S.clip_ratios(algo.clip_grid, algo.clip_min_ratio)
+    amin, amax = S.search_clip(w, gram, quantizer.spec, ratios)
+    quantizer.set_range(amax, amin)
+
+
+# --- artefacts: scales and ranges, reusable without calibration ---
+
+def _ranges(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        if _weight_quantized(m) and m.weight_quantizer.amax is not None:
+            out[f"{name}.amax"] = m.weight_quantizer.amax
+            if m.weight_quantizer.amin is not None:
+                out[f"{name}.amin"] = m.weight_quantizer.amin
+    return out
+
+
+def save_artefacts(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the AWQ scales (per layer and group) and weight ranges of ``model`` to ``directory``."""
+    from safetensors.torch import save_file
+
+    scales = getattr(model, "_awq_scales", None)
+    if scales is None:
+        raise ValueError("this model holds no AWQ search results; run quantize(..., 'int4_awq')")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"scale::{k}": v for k, v in scales.items()}
+    tensors.update({f"range::{k}": v.cpu() for k, v in _ranges(model).items()})
+    tmp = directory / f".{ARTEFACT_TENSORS}.{uuid.uuid4().hex}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, directory / ARTEFACT_TENSORS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    cfg = getattr(model, "_modelopt_lite", {}).get("config")
+    meta = {"format_version": 1, "n_scales": len(scales), "config": cfg}
+    (directory / ARTEFACT_MANIFEST).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+@torch.no_grad()
+def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Fold saved scales into a freshly wrapped model and set its saved weight ranges."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / ARTEFACT_TENSORS))
+    scales = {k[len("scale::"):]: v for k, v in tensors.items() if k.startswith("scale::")}
+    path, layers = find_decoder_layers(model)
+    used = 0
+    for i, layer in enumerate(layers):
+        for group in layer_groups(model, layer):
+            key = f"{path}.{i}::{','.join(group.linears)}"
+            if key in scales:
+                s = scales[key].to(next(layer.parameters()).device)
+                apply_group_scale_(layer, group, s)
+                used += 1
+    if used != len(scales):
+        raise ValueError(f"{directory}: {len(scales) - used} saved scale(s) match no group of this "
+                         "model; apply artefacts to the architecture they were made from")
+    ranges = {k[len("range::"):]: v for k, v in tensors.items() if k.startswith("range::")}
+    for name, m in model.named_modules():
+        if _weight_quantized(m) and f"{name}.amax" in ranges:
+            m.weight_quantizer.set_range(ranges[f"{name}.amax"].to(m.weight.device),
+                                         ranges.get(f"{name}.amin"))
+    model._awq_scales = scales
+
+
+def config_summary(config: AWQConfig) -> dict:
+    return algorithm_to_dict(config)
