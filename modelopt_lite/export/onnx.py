@@ -98,6 +98,17 @@ def _dynamic_shapes(args, kwargs, lm: bool):
     return tuple(dims for _ in args)
 
 
+def _widen(args, kwargs, lm: bool):
+    """Size-1 dynamic dims are specialised by torch.export: repeat them to 2 for tracing."""
+    def widen(t):
+        for dim in ((0, 1) if lm else (0,)):
+            if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1:
+                t = torch.cat([t, t], dim=dim)
+        return t
+
+    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+
 def _has_int4(layers) -> bool:
     return any(m.weight_quantizer.enabled and m.weight_quantizer.spec.num_bits == 4
                for _, m in layers)
@@ -118,7 +129,10 @@ def _choose_opset(opset, layers) -> int:
 def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
     from .qdq_ops import translation_table
 
-    shapes = _dynamic_shapes(args, kwargs, module is not None and isinstance(module, LogitsOnly))
+    lm = isinstance(module, LogitsOnly)
+    if dynamic:
+        args, kwargs = _widen(args, kwargs, lm)
+    shapes = _dynamic_shapes(args, kwargs, lm)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -136,6 +150,8 @@ def _postprocess(proto, input_names, lm: bool):
     G.drop_unused_initializers(proto)
     labels = {0: "batch", 1: "seq"} if lm else {0: "batch"}
     G.rename_dims(proto, {name: labels for name in input_names})
+    for node in proto.graph.node:  # the exporter's per-node stack traces; keep graphs small
+        del node.metadata_props[:]
     proto.producer_name = "modelopt_lite"
     return n_int4
 
@@ -157,7 +173,7 @@ def save_atomic(proto, path: Path, external_data: bool) -> Path | None:
     try:
         tmp_file = tmp / path.name
         onnx.save_model(proto, str(tmp_file), save_as_external_data=external_data,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         onnx.checker.check_model(str(tmp_file))
         if external_data:
             os.replace(tmp / data_name, path.parent / data_name)
@@ -174,7 +190,8 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors
     (for a causal LM: token ids, optionally an attention mask). ``opset`` defaults to 21 when
     any INT4 weight is present, else 19. ``external_data=True`` writes the weights to
-    ``<path>.data`` beside a small graph file; models over 2 GB always do. ``dynamic_axes``
+    ``<path>.data`` beside a small graph file (tensors under 1 KiB, such as scales and shape
+    constants, stay inline); models over 2 GB always do. ``dynamic_axes``
     makes the batch axis (and, for causal LMs, the sequence axis) symbolic.
     Raises :class:`ExportError` (nothing written) for models TensorRT cannot take.
     """

@@ -1,0 +1,93 @@
+"""``modelopt-lite export`` and ``modelopt-lite check`` (registered through ``COMMANDS``).
+
+    modelopt-lite export --recipe w8a8 --out smollm2_w8a8.onnx
+    modelopt-lite export --checkpoint out/ --out model.onnx --external-data
+    modelopt-lite check model.onnx            # exit 1 when TensorRT would reject a node
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a registered model name (smollm2-135m, gemma3-270m) or a Hugging Face "
+                        "folder; default: smollm2-135m, embedded")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None,
+                     help="a modelopt_lite checkpoint folder (made by `quantize`) to export")
+    src.add_argument("--recipe", default="w8a8",
+                     help="quantize first with this preset or config file (default w8a8); "
+                          "it must be symmetric for TensorRT")
+    p.add_argument("--n-samples", type=int, default=16, help="calibration samples (recipe)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+    p.add_argument("--out", default="model.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, help="default: 21 with INT4, else 19")
+    p.add_argument("--external-data", action="store_true",
+                   help="weights in <out>.data beside a small graph file")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the onnxruntime-vs-PyTorch comparison")
+
+
+def _quantized_model(args):
+    import modelopt_lite as mtl
+    from modelopt_lite.calib.embedded import DEFAULT_MODEL, load_model, wiki_text
+
+    model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+    if args.checkpoint:
+        mtl.load(model, args.checkpoint)
+    else:
+        mtl.quantize(model, args.recipe, calib=wiki_text("calibration"), tokenizer=tokenizer,
+                     n_samples=args.n_samples, seq_len=args.seq_len)
+    return model, tokenizer
+
+
+def _export_run(args) -> int:
+    from .onnx import export_onnx
+    from .trt_check import format_findings, trt_check
+
+    model, tokenizer = _quantized_model(args)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    result = export_onnx(model, ids, args.out, opset=args.opset,
+                         external_data=args.external_data)
+    size = result.path.stat().st_size + (result.data_path.stat().st_size
+                                         if result.data_path else 0)
+    print(f"wrote {result.path} (opset {result.opset}, {result.qdq_nodes} Q/DQ nodes, "
+          f"{size / 2**20:.1f} MiB) in {result.seconds:.1f} s")
+    if not args.no_verify:
+        from .verify import compare_with_torch
+
+        err = compare_with_torch(model, ids, result.path)
+        print(f"onnxruntime vs PyTorch logits: max abs {err['max_abs']:.3g}, "
+              f"relative {err['rel']:.3g}")
+    findings = trt_check(result.path)
+    print(format_findings(findings, result.path))
+    return 1 if findings else 0
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="an ONNX file")
+    p.add_argument("--no-info", action="store_true", help="errors only (no 2:4 notes)")
+
+
+def _check_run(args) -> int:
+    from .trt_check import format_findings, trt_check
+
+    if not Path(args.path).is_file():
+        print(f"error: {args.path} is not a file")
+        return 2
+    findings = trt_check(args.path, info=not args.no_info)
+    print(format_findings(findings, args.path))
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+COMMANDS = {
+    "export": ("export a quantized model to Q/DQ ONNX for TensorRT", _export_args, _export_run),
+    "check": ("list the nodes of an ONNX file TensorRT would reject or misread", _check_args,
+              _check_run),
+}

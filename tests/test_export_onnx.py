@@ -1,0 +1,241 @@
+"""Q/DQ ONNX export: each pattern from a tiny model, run in onnxruntime against PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import modelopt_lite as mtl  # noqa: E402
+from modelopt_lite.config import QuantConfig, QuantizerSpec  # noqa: E402
+from modelopt_lite.export.onnx import export_onnx  # noqa: E402
+from modelopt_lite.export.onnx_graph import attr, pack_int4_onnx, unpack_int4_onnx  # noqa: E402
+from modelopt_lite.export.qdq_patterns import ExportError  # noqa: E402
+from modelopt_lite.export.trt_check import trt_check  # noqa: E402
+from modelopt_lite.export.verify import compare_with_torch, run_onnx, run_torch  # noqa: E402
+from tiny_models import random_tokens, tiny_llama  # noqa: E402
+
+INT4_SYM = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=32))
+
+
+def nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def inits(model):
+    return {t.name: t for t in model.graph.initializer}
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 10)).eval()
+
+
+def calibrated(model, data):
+    return mtl.quantize(model, "w8a8", forward_loop=lambda m: m(data), progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama_w8a8(tmp_path_factory):
+    model = tiny_llama(layers=2, kv_heads=2)
+    ids = random_tokens(2, 16)
+    calibrated(model, ids)
+    smooth = model.model.layers[0].mlp.down_proj.input_quantizer
+    smooth.set_pre_quant_scale(0.5 + torch.rand(128))  # an unfolded smoothing scale
+    path = tmp_path_factory.mktemp("w8a8") / "llama.onnx"
+    return model, export_onnx(model, ids, path), ids
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tmp_path_factory):
+    model = mtl.quantize(tiny_llama(layers=1, kv_heads=2), INT4_SYM, progress=False)
+    path = tmp_path_factory.mktemp("int4") / "llama_int4.onnx"
+    return model, export_onnx(model, random_tokens(1, 8), path)
+
+
+@pytest.fixture(scope="module")
+def cnn_w8a8(tmp_path_factory):
+    model = calibrated(small_cnn(), torch.randn(8, 3, 16, 16))
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    return model, export_onnx(model, torch.randn(2, 3, 16, 16), path)
+
+
+def test_llama_w8a8_activation_and_weight_patterns(llama_w8a8):
+    model, result, _ = llama_w8a8
+    m = onnx.load(str(result.path))
+    init = inits(m)
+    qs = nodes(m, "QuantizeLinear")
+    assert qs and result.opset >= 13
+    for q in qs:  # activations: scalar scale, int8 zero point 0
+        zero = onnx.numpy_helper.to_array(init[q.input[2]])
+        assert init[q.input[1]].dims == [] and zero.dtype == np.int8 and zero == 0
+    weight_dq = [n for n in nodes(m, "DequantizeLinear") if n.input[0] in init]
+    assert len(weight_dq) == 14  # 7 linears x 2 layers
+    for dq in weight_dq:
+        w, s = init[dq.input[0]], init[dq.input[1]]
+        assert w.data_type == onnx.TensorProto.INT8 and attr(dq, "axis") == 1
+        assert list(s.dims) == [w.dims[1]]  # per output channel of the [K, N] weight
+        users = [n.op_type for n in m.graph.node if dq.output[0] in n.input]
+        assert users == ["MatMul"]
+    down = init["model.model.layers.0.mlp.down_proj.weight_int"]
+    q = model.model.layers[0].mlp.down_proj
+    ref = torch.round(q.weight.detach() / q.weight_quantizer.scale_zero()[0]).clamp(-128, 127).t()
+    assert np.array_equal(onnx.numpy_helper.to_array(down), ref.numpy().astype(np.int8))
+    assert "model.model.layers.0.mlp.down_proj.input_pre_scale" in {
+        i for n in nodes(m, "Mul") for i in n.input}  # the explicit smoothing Mul
+
+
+def test_llama_w8a8_matches_torch_with_dynamic_axes(llama_w8a8):
+    model, result, ids = llama_w8a8
+    err = compare_with_torch(model, ids, result.path)
+    assert err["rel"] < 1e-5, err
+    m = onnx.load(str(result.path))
+    assert [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim] == ["batch", "seq"]
+    other = random_tokens(3, 23)  # another batch and length than the export's
+    assert compare_with_torch(model, other, result.path)["rel"] < 1e-5
+    assert trt_check(result.path) == []
+
+
+def test_llama_int4_blocked_pattern(llama_int4):
+    model, result = llama_int4
+    m = onnx.load(str(result.path))
+    init = inits(m)
+    assert result.opset == 21 and result.int4_initializers == 7
+    assert not nodes(m, "QuantizeLinear")  # weight-only: activations stay float
+    for dq in nodes(m, "DequantizeLinear"):
+        w, s = init[dq.input[0]], init[dq.input[1]]
+        assert w.data_type == onnx.TensorProto.INT4
+        assert attr(dq, "axis") == 0 and attr(dq, "block_size") == 32
+        assert list(s.dims) == [w.dims[0] // 32, w.dims[1]]
+        assert [n.op_type for n in m.graph.node if dq.output[0] in n.input] == ["MatMul"]
+    layer = model.model.layers[0].mlp.up_proj
+    codes = layer.weight_quantizer.int4_codes(layer.weight)[0].to(torch.int8) - 8
+    t = init["model.model.layers.0.mlp.up_proj.weight_int"]
+    assert np.array_equal(unpack_int4_onnx(t.raw_data, tuple(t.dims)), codes.t().numpy())
+    err = compare_with_torch(model, random_tokens(2, 12), result.path)
+    assert err["rel"] < 1e-5, err
+    assert trt_check(result.path) == []
+
+
+def test_cnn_conv_per_channel_axis0(cnn_w8a8):
+    model, result = cnn_w8a8
+    m = onnx.load(str(result.path))
+    init = inits(m)
+    convs = nodes(m, "Conv")
+    assert len(convs) == 2
+    for conv in convs:
+        dq = next(n for n in m.graph.node if n.output[0] == conv.input[1])
+        assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
+        assert list(init[dq.input[1]].dims) == [init[dq.input[0]].dims[0]]
+    x = torch.randn(5, 3, 16, 16)  # batch 5: dynamic batch axis
+    assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
+    # onnxruntime's optimizer turns the conv bias into int32 (bias / (s_x * s_w)), as
+    # TensorRT does, so a few activations round one step apart; still near the fake-quant model
+    runtime = compare_with_torch(model, x, result.path, level="basic")
+    floating = mtl.unquantize(copy.deepcopy(model))
+    quant_err = np.linalg.norm(run_torch(floating, x) - run_torch(model, x))
+    assert runtime["rel"] * np.linalg.norm(run_torch(model, x)) < 0.5 * quant_err
+    assert trt_check(result.path) == []
+
+
+def test_external_data_round_trip(cnn_w8a8, tmp_path):
+    model, inline = cnn_w8a8
+    result = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "cnn.onnx",
+                         external_data=True)
+    assert result.data_path == tmp_path / "cnn.onnx.data" and result.data_path.exists()
+    graph = onnx.load(str(result.path), load_external_data=False)
+    where = {t.name: t.data_location for t in graph.graph.initializer}
+    assert where["2.weight_int"] == where["5.weight_int"] == onnx.TensorProto.EXTERNAL
+    assert where["2.weight_scale"] == onnx.TensorProto.DEFAULT  # small tensors stay inline
+    assert result.path.stat().st_size < 0.5 * inline.path.stat().st_size
+    a, b = onnx.load(str(inline.path)), onnx.load(str(result.path))
+    for name, t in inits(a).items():
+        assert np.array_equal(onnx.numpy_helper.to_array(t),
+                              onnx.numpy_helper.to_array(inits(b)[name])), name
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in (result.path, result.data_path):
+        os.replace(f, moved / f.name)
+    x = torch.randn(3, 3, 16, 16)
+    assert np.allclose(run_onnx(moved / "cnn.onnx", model, x), run_torch(model, x), atol=1e-5)
+    assert trt_check(moved / "cnn.onnx") == []
+
+
+def test_pack_int4_matches_onnx_reference():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for shape in [(6, 4), (3, 5)]:  # even and odd element counts
+        codes = np.random.randint(-8, 8, size=shape).astype(np.int8)
+        ref = onnx.numpy_helper.from_array(codes.astype(ml_dtypes.int4), "w")
+        assert pack_int4_onnx(codes) == ref.raw_data
+        assert np.array_equal(unpack_int4_onnx(ref.raw_data, shape), codes)
+    assert pack_int4_onnx(np.array([1, -1, 7, -8])) == bytes([0xF1, 0x87])  # low nibble first
+
+
+def _left(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_no_quantizers_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="no fake-quant layers"):
+        export_onnx(small_cnn(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("config, match", [
+    (QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=32,
+                                      symmetric=False)), "asymmetric.*symmetric"),
+    ("w8a8_dynamic", "dynamic activation"),
+])
+def test_non_trt_quantizers_are_refused(tmp_path, config, match):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    mtl.quantize(model, config, forward_loop=lambda m: m(torch.randn(4, 64)), progress=False)
+    with pytest.raises(ExportError, match=match) as err:
+        export_onnx(model, torch.randn(2, 64), tmp_path / "m.onnx")
+    assert "0 (" in str(err.value) and "Fix" in str(err.value)  # names the layer, the fix
+    assert _left(tmp_path) == []
+
+
+def test_unsupported_layer_int4_conv_is_refused(tmp_path):
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=24))
+    model = mtl.quantize(small_cnn(), cfg.replace(module_types=("Conv2d",)), progress=False)
+    with pytest.raises(ExportError, match=r"2 \(QuantConv2d\): INT4 Conv2d"):
+        export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert _left(tmp_path) == []
+
+
+def test_opset_too_low_for_int4(tmp_path):
+    model = mtl.quantize(nn.Sequential(nn.Linear(64, 16)), INT4_SYM, progress=False)
+    with pytest.raises(ExportError, match="opset 21"):
+        export_onnx(model, torch.randn(2, 64), tmp_path / "m.onnx", opset=17)
+    assert _left(tmp_path) == []
+
+
+def test_unwritable_path_is_refused(tmp_path):
+    model = mtl.quantize(nn.Sequential(nn.Linear(64, 16)), "int8_weight_only", progress=False)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(model, torch.randn(2, 64), tmp_path / "missing" / "m.onnx")
+    assert _left(tmp_path) == []
+
+
+def test_failure_mid_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
+    model = mtl.quantize(nn.Sequential(nn.Linear(64, 16)), "int8_weight_only", progress=False)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous")
+
+    def broken_check(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken_check)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx(model, torch.randn(2, 64), target, external_data=True)
+    assert _left(tmp_path) == ["m.onnx"] and target.read_bytes() == b"previous"
+    assert type(model[0]).__name__ == "QuantLinear" and "forward" not in model[0].__dict__
