@@ -56,7 +56,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         GROUP_N=cfg.get("GROUP_N", 8), HAS_ZERO=p.zterm is not None, HAS_BIAS=bias is not None,
         IS_BF16=x.dtype == torch.bfloat16, USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
         EVEN_K=k % 128 == 0, ATOMIC=atomic,
-        DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
+        DOT_F32=_interpreting() and x.dtype == torch.bfloat16, FUSE_K=cfg.get("FUSE_K", False),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     if atomic:

@@ -157,7 +157,7 @@ def w4a16_kernel(
     GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_F32: tl.constexpr = False,
+    DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -186,6 +186,8 @@ def w4a16_kernel(
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    rk = tl.arange(0, 128)
+    xf_ptrs = x_ptr + rm_safe[:, None] * stride_xm + rk[None, :]    # [BM, 128], k contiguous
     for kt in range(kt0, kt1):
         q = tl.load(q_ptrs + kt * 16)
         for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
@@ -194,6 +196,8 @@ def w4a16_kernel(
                     g = kt * GPC + (b * 32) // GROUP
                 else:
                     g = (kt * 128) // GROUP
+                if not EVEN_K:  # the padded tail of the last chunk has no group of its own
+                    g = tl.minimum(g, n_groups - 1)
                 s = tl.load(s_rows + g)[:, None]
                 if HAS_ZERO:
                     z = tl.load(z_rows + g)[:, None]
@@ -205,8 +209,30 @@ def w4a16_kernel(
             else:
                 lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
                 hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
-            acc = _mma(acc, lo, x_ptrs, kt * 128 + 32 * b, K, EVEN_K, DOT_F32)
-            acc = _mma(acc, hi, x_ptrs, kt * 128 + 32 * b + 16, K, EVEN_K, DOT_F32)
+            if FUSE_K:  # collect the planes into one [BN, 128] operand, one product per chunk
+                if b == 0:
+                    p0 = tl.join(lo, hi)
+                elif b == 1:
+                    p1 = tl.join(lo, hi)
+                elif b == 2:
+                    p2 = tl.join(lo, hi)
+                else:
+                    p3 = tl.join(lo, hi)
+            else:
+                acc = _mma(acc, lo, x_ptrs, kt * 128 + 32 * b, K, EVEN_K, DOT_F32)
+                acc = _mma(acc, hi, x_ptrs, kt * 128 + 32 * b + 16, K, EVEN_K, DOT_F32)
+        if FUSE_K:
+            w = tl.join(tl.join(p0, p1), tl.join(p2, p3))     # [BN, 16, h, b0, b1]
+            w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 128))
+            if EVEN_K:
+                xt = tl.trans(tl.load(xf_ptrs + kt * 128))
+            else:
+                xt = tl.trans(tl.load(xf_ptrs + kt * 128, mask=((kt * 128 + rk) < K)[None, :],
+                                      other=0.0))
+            if DOT_F32:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+            else:
+                acc = tl.dot(w, xt, acc)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn_safe).to(tl.float32)

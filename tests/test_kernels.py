@@ -40,6 +40,7 @@ def _ref32(x, p, b):
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 SMALL = dict(BM=16, BN=32, SPLIT_K=1, num_warps=4, num_stages=2)
 SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
+FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -50,6 +51,7 @@ SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
     (3, 48, 384, 32, SPLIT),     # split-K with a short last split
     (17, 24, 320, 64, SMALL),    # two M tiles, K not a multiple of BK
     (5, 72, 128, 128, None),     # the shipped default config
+    (7, 40, 320, 32, FUSED),     # planes joined into one 128-deep product per chunk
 ])
 def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     x, p, b = _problem(m, n, k, group, zero, dtype)

@@ -15,13 +15,14 @@ MS = [int(a) for a in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 16, 
 
 def cands(m):
     if m <= 16:
-        for bn, sk, st, asm in itertools.product((32, 64, 128), (1, 2, 4, 8), (3, 5), (True, False)):
-            yield dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=4, num_stages=st, USE_ASM=asm)
+        for (bn, nw), sk, fuse in itertools.product(((64, 4), (128, 4), (256, 8)), (4, 8), (True, False)):
+            yield dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, FUSE_K=fuse)
+    elif m <= 64:
+        for (bn, nw), sk, fuse in itertools.product(((64, 4), (128, 8)), (1, 2), (True, False)):
+            yield dict(BM=64, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, FUSE_K=fuse)
     else:
-        for bm, bn, nw, st in itertools.product((32, 64, 128) if m <= 64 else (64, 128, 256),
-                                                (64, 128, 256), (4, 8), (3, 4)):
-            if bm * bn <= 128 * 256 and not (nw == 4 and bm * bn > 64 * 128):
-                yield dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=nw, num_stages=st)
+        for (bm, bn, nw), st, fuse in itertools.product(((128, 128, 8), (128, 256, 8), (64, 128, 4)), (3, 4), (True, False)):
+            yield dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=nw, num_stages=st, FUSE_K=fuse)
 
 
 for k, n in [(8192, 28672), (28672, 8192)]:
@@ -39,5 +40,6 @@ for k, n in [(8192, 28672), (28672, 8192)]:
             except Exception as e:  # noqa: BLE001
                 print("fail", cfg, str(e)[:200], flush=True)
         res.sort(key=lambda r: r[0])
-        for t, err, cfg in res[:3]:
-            print(f"K={k} N={n} M={m} t={t:.1f}us err={err:.1e} {cfg}", flush=True)
+        for fuse in (True, False):
+            t, err, cfg = next(r for r in res if r[2].get("FUSE_K", False) == fuse)
+            print(f"K={k} N={n} M={m} fuse={fuse} t={t:.1f}us err={err:.1e} {cfg}", flush=True)
