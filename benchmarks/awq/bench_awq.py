@@ -72,14 +72,15 @@ def run(name: str, methods, windows: int, n_calib: int, awq: AWQConfig, machine:
             "block_size": BLOCK[name]}
     for method in methods:
         model, tok = load_model(name)
-        calib_s = None
+        calib_s = calib_cpu_s = None
         if method != "fp":
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             quantizer_for(method, BLOCK[name], awq)(model, loop)
             calib_s = round(time.perf_counter() - start, 1)
+            calib_cpu_s = round(time.process_time() - cpu, 1)
         res = perplexity(model, tok, test, windows=windows, progress=False)
         row = {**base, "method": method, "ppl": round(res.ppl, 4), "calib_s": calib_s,
-               "eval_tokens": res.tokens}
+               "calib_cpu_s": calib_cpu_s, "eval_tokens": res.tokens}
         if method.startswith("awq"):
             row["awq_config"] = {k: v for k, v in awq.__dict__.items()}
         print(json.dumps(row), flush=True)
@@ -104,11 +105,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--machine", default="cpu-2core")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--search-tokens", type=int, default=AWQConfig.search_tokens)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     machine = f"{args.machine} ({args.threads} torch thread{'s' * (args.threads > 1)})"
     for name in args.models:
-        run(name, args.methods, args.windows, args.n_calib, AWQConfig(), machine, args.out)
+        awq = AWQConfig(search_tokens=args.search_tokens)
+        run(name, args.methods, args.windows, args.n_calib, awq, machine, args.out)
 
 
 if __name__ == "__main__":
