@@ -61,6 +61,7 @@ class Graph:
             if node.op_type == "Constant" and attr(node, "value") is not None:
                 self.consts[node.output[0]] = attr(node, "value")
         self.consumers: dict[str, list] = {}
+        self.producer = {out: node for node in g.node for out in node.output}
         for node in g.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -126,6 +127,9 @@ def _qtype(graph: Graph, node) -> int | None:
     if len(node.input) > 2 and node.input[2]:
         return graph.dtype(node.input[2])
     if node.op_type == "DequantizeLinear":
+        source = graph.producer.get(node.input[0])
+        if source is not None and source.op_type == "QuantizeLinear":
+            return _qtype(graph, source)
         return graph.dtype(node.input[0]) or TensorProto.INT8
     return attr(node, "output_dtype", 0) or TensorProto.UINT8
 
