@@ -1,0 +1,308 @@
+"""SmoothQuant W8A8: migrate activation outliers into the weights, with a per-group alpha search.
+
+For a group of linears sharing one input X (e.g. q/k/v after the input norm), the smoothing
+scale of input channel j is ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``W_j``: column j
+of every linear in the group). ``X / s`` is quantized instead of ``X`` and the weights' columns
+are multiplied by ``s``; the division is folded exactly into the producing norm or linear
+(:func:`modelopt_lite.models.apply_group_scale_`), or kept as an explicit multiply where there is
+no foldable producer.
+
+With ``alpha=None`` each group's alpha is picked from ``alpha_grid`` by minimising the
+fake-quantized (weights and activations) output error of the group's block (``self_attn`` for
+q/k/v, ``mlp`` for gate/up, ``down_proj`` for up -> down) on calibration data, layer by layer:
+layer i is searched on the outputs of the already quantized layers < i. Static activation
+ranges are calibrated afterwards, on the smoothed activations.
+
+Example::
+
+    model = quantize(model, "int8_smoothquant", calib=texts, tokenizer=tok)
+    cfg = get_preset("int8_smoothquant").replace(algorithm=SmoothQuantConfig(alpha=0.5))
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..calib.sequential import run_sequential
+from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
+                      register_preset)
+from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
+from ..nn.quant_modules import is_quantized
+from ..nn.tensor_quantizer import CalibrationError
+from . import register_applier
+from .rtn import calibrate_activations
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRID = tuple(round(0.1 * i, 2) for i in range(11))
+
+
+@register_algorithm("smoothquant")
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """``alpha``: a fixed migration strength in [0, 1], or None to search ``alpha_grid`` per
+    group. ``search_batches``: how many calibration batches score each candidate (all batches
+    feed the statistics). ``smooth_unfoldable``: also smooth quantized linears of a decoder
+    layer that no table group covers (e.g. ``o_proj`` under grouped-query attention), keeping
+    their scale as an explicit multiply."""
+
+    alpha: float | None = None
+    alpha_grid: tuple[float, ...] = DEFAULT_GRID
+    search_batches: int = 8
+    smooth_unfoldable: bool = True
+    name: ClassVar[str]
+
+    def __post_init__(self):
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1] or None, got {self.alpha}")
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"alpha_grid must be a non-empty tuple of values in [0, 1], "
+                              f"got {self.alpha_grid}")
+        if self.search_batches < 1:
+            raise ConfigError(f"search_batches must be >= 1, got {self.search_batches}")
+
+
+# --- pure tensor functions ---
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``, both maxima clamped to ``eps``."""
+    x = x_absmax.float().clamp(min=eps)
+    w = w_absmax.float().clamp(min=eps)
+    return (x.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=eps)
+
+
+def group_weight_absmax(linears) -> torch.Tensor:
+    """Per-input-channel max |W| over every linear of a group (2-D ``[out, in]`` views)."""
+    return torch.stack([m.weight_2d().detach().abs().float().amax(0) for m in linears]).amax(0)
+
+
+def output_error(outs, refs) -> float:
+    """Sum of squared differences over batches, relative to the reference's squared norm."""
+    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, refs))
+    den = sum(r.float().pow(2).sum().item() for r in refs)
+    return num / max(den, 1e-30)
+
+
+# --- one group: capture its block, score candidates, keep the best ---
+
+class _BlockCapture:
+    """Forward hooks keeping a block's inputs and float outputs for the first ``limit`` calls."""
+
+    def __init__(self, block: nn.Module, limit: int):
+        self.block, self.limit = block, limit
+        self.inputs, self.outputs = [], []
+
+    def _pre(self, module, args, kwargs):
+        if len(self.inputs) < self.limit:
+            self.inputs.append((args, kwargs))
+
+    def _post(self, module, args, kwargs, out):
+        if len(self.outputs) < self.limit:
+            self.outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+
+    def __enter__(self):
+        self.handles = [self.block.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        self.block.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    @torch.no_grad()
+    def replay(self):
+        outs = []
+        for args, kwargs in self.inputs:
+            out = self.block(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outs
+
+
+@dataclass
+class GroupSmoother:
+    """Apply / undo / score one group's smoothing inside one decoder layer."""
+
+    layer: nn.Module
+    group: Group
+    x_absmax: torch.Tensor
+
+    def __post_init__(self):
+        self.linears = [self.layer.get_submodule(n) for n in self.group.linears]
+        self.w_absmax = group_weight_absmax(self.linears)
+        mods = self.linears + ([self.layer.get_submodule(self.group.prev)]
+                               if self.group.prev is not None else [])
+        self._quantized = [m for m in mods if is_quantized(m)]
+        self._saved = [(m, {k: v.detach().clone() for k, v in m.named_parameters(recurse=False)})
+                       for m in mods]
+        self._pqs = [m.input_quantizer.pre_quant_scale for m in self.linears]
+
+    def apply(self, alpha: float) -> torch.Tensor:
+        """Fold the scale for ``alpha`` (from the original weights) and set provisional ranges."""
+        self.restore()
+        s = smoothing_scales(self.x_absmax, self.w_absmax, alpha).to(self.x_absmax.device)
+        apply_group_scale_(self.layer, self.group, s)
+        self._refresh_weight_ranges()
+        act_amax = (self.x_absmax.float() / s).amax()
+        for m in self.linears:
+            m.weight_quantizer.enabled = m.input_quantizer.enabled = True
+            if not m.input_quantizer.spec.dynamic:
+                m.input_quantizer.set_range(act_amax)
+        return s
+
+    def _refresh_weight_ranges(self) -> None:
+        """Weight ranges follow the folded weights (a linear producer's rows change too)."""
+        for m in self._quantized:
+            if m.weight_quantizer.amax is not None:
+                m.weight_quantizer.init_from_weight(m.weight_2d())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, params in self._saved:
+            for k, v in params.items():
+                getattr(m, k).copy_(v)
+        for m, pqs in zip(self.linears, self._pqs):
+            m.input_quantizer.set_pre_quant_scale(pqs)
+        self._refresh_weight_ranges()
+
+    def score(self, capture: _BlockCapture, alpha: float) -> float:
+        self.apply(alpha)
+        return output_error(capture.replay(), capture.outputs)
+
+
+def search_alpha(smoother: GroupSmoother, capture: _BlockCapture, grid) -> tuple[float, dict]:
+    """The alpha of ``grid`` with the smallest block output error, and every candidate's error."""
+    errors = {float(a): smoother.score(capture, float(a)) for a in grid}
+    best = min(errors, key=errors.get)
+    return best, errors
+
+
+# --- the module walker ---
+
+def _smoothable_groups(model, layer, cfg: SmoothQuantConfig) -> list[Group]:
+    """Table groups whose linears are all quantized with an enabled input quantizer, plus
+    explicit-multiply groups for the remaining quantized linears when asked."""
+    def ok(name):
+        m = layer.get_submodule(name)
+        return is_quantized(m) and m.input_quantizer.enabled
+
+    groups, covered = [], set()
+    for g in layer_groups(model, layer):
+        if all(ok(n) for n in g.linears):
+            groups.append(g)
+            covered.update(g.linears)
+        else:
+            logger.info("smoothquant: group %s -> %s not smoothed (a linear is not quantized "
+                        "with activations)", g.prev, g.linears)
+    if cfg.smooth_unfoldable:
+        for name, m in layer.named_modules():
+            if name and name not in covered and is_quantized(m) and m.input_quantizer.enabled:
+                groups.append(Group(None, (name,), name))
+    return groups
+
+
+def _set_layer_quantizers(layer: nn.Module, enabled: dict | bool) -> dict:
+    """Set every quantizer's ``enabled`` in the layer; return the previous states."""
+    before = {}
+    for m in layer.modules():
+        if is_quantized(m):
+            for q in (m.weight_quantizer, m.input_quantizer):
+                before[q] = q.enabled
+                q.enabled = enabled[q] if isinstance(enabled, dict) else enabled
+    return before
+
+
+class _LayerProcessor:
+    def __init__(self, model, cfg: SmoothQuantConfig):
+        self.model, self.cfg = model, cfg
+        self.report: dict[str, dict] = {}
+
+    def __call__(self, index, name, layer, inputs) -> None:
+        groups = _smoothable_groups(self.model, layer, self.cfg)
+        enabled = _set_layer_quantizers(layer, False)
+        first = {g.linears[0]: layer.get_submodule(g.linears[0]) for g in groups}
+        stats = inputs.collect_stats(layer, first)
+        for g in groups:
+            self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs)
+        _set_layer_quantizers(layer, enabled)
+        calibrate_activations(layer, inputs.forward_loop(layer))
+
+    def _smooth_group(self, name, layer, group, x_absmax, inputs) -> None:
+        smoother = GroupSmoother(layer, group, x_absmax)
+        key = f"{name}.{group.linears[0] if group.prev is None else group.prev}"
+        if self.cfg.alpha is not None:
+            smoother.apply(self.cfg.alpha)
+            self.report[key] = {"alpha": self.cfg.alpha, "linears": group.linears}
+            return
+        block = layer.get_submodule(group.block or group.linears[0])
+        capture = _BlockCapture(block, self.cfg.search_batches)
+        with capture:
+            inputs_subset(inputs, self.cfg.search_batches).run(layer)
+        best, errors = search_alpha(smoother, capture, self.cfg.alpha_grid)
+        smoother.apply(best)
+        self.report[key] = {"alpha": best, "error": errors[best], "errors": errors,
+                            "linears": group.linears}
+        logger.debug("%s: alpha %.2f, block error %.3g", key, best, errors[best])
+
+
+def inputs_subset(inputs, n: int):
+    """A view of the first ``n`` captured batches of a LayerInputs."""
+    view = type(inputs).__new__(type(inputs))
+    view.__dict__.update(inputs.__dict__)
+    view.entries = inputs.entries[:n]
+    return view
+
+
+def _calibrate_outside_layers(model, forward_loop) -> None:
+    """Static input quantizers outside the decoder layers (if any) calibrate on the whole model."""
+    _, layers = find_decoder_layers(model)
+    inside = {id(m) for m in layers.modules()}
+    quantizers = [m.input_quantizer for m in model.modules()
+                  if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
+                  and not m.input_quantizer.spec.dynamic]
+    if not quantizers:
+        return
+    for q in quantizers:
+        q.start_calibration()
+    try:
+        forward_loop(model)
+        for q in quantizers:
+            q.finish_calibration()
+    finally:
+        for q in quantizers:
+            q._calibrator = None
+
+
+@register_applier("smoothquant")
+def apply(model: nn.Module, config: QuantConfig, forward_loop=None, progress=True) -> dict:
+    """Smooth, search alpha per group, fold, and calibrate static activation ranges, layer by
+    layer. Returns (and keeps as ``model._smoothquant_report``) each group's alpha and error."""
+    cfg = config.algorithm
+    if config.input is None:
+        raise ConfigError("smoothquant moves activation outliers into the weights, so it needs "
+                          "an input (activation) quantizer spec; use the 'int8_smoothquant' "
+                          "preset or set QuantConfig.input")
+    if forward_loop is None:
+        raise CalibrationError("smoothquant needs calibration data for its activation "
+                               "statistics; pass calib= or forward_loop= to quantize()")
+    processor = _LayerProcessor(model, cfg)
+    run_sequential(model, forward_loop, processor, progress=progress, desc="smoothquant")
+    _calibrate_outside_layers(model, forward_loop)
+    model._smoothquant_report = processor.report
+    return processor.report
+
+
+_W8 = QuantizerSpec(num_bits=8, granularity="per_channel")
+register_preset("int8_smoothquant", QuantConfig(
+    weight=_W8, input=QuantizerSpec(num_bits=8, granularity="per_tensor"),
+    algorithm=SmoothQuantConfig()))
+register_preset("int8_smoothquant_dynamic", QuantConfig(
+    weight=_W8, input=QuantizerSpec(num_bits=8, granularity="per_token", dynamic=True),
+    algorithm=SmoothQuantConfig()))
+
+__all__ = ["SmoothQuantConfig", "smoothing_scales", "search_alpha", "apply", "GroupSmoother"]
