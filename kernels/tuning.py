@@ -42,12 +42,14 @@ def _num_sms(device) -> int:
 
 def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
     """Shape-only heuristic: small M splits K until ~2 programs per SM; large M uses big tiles."""
-    if m <= 16:
-        cfg = dict(BM=16, BN=64, num_warps=4, num_stages=4)
+    if m <= 4:
+        cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3)
+    elif m <= 16:
+        cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3, FUSE_K=True)
     elif m <= 64:
-        cfg = dict(BM=64, BN=64, num_warps=4, num_stages=4)
+        cfg = dict(BM=64, BN=64, num_warps=4, num_stages=3, FUSE_K=True)
     else:
-        cfg = dict(BM=128, BN=128, num_warps=8, num_stages=3)
+        cfg = dict(BM=128, BN=128, num_warps=8, num_stages=4, FUSE_K=True)
     tiles = -(-n // cfg["BN"]) * -(-m // cfg["BM"])
     k_tiles = -(-k // 128)
     split = 1

@@ -6,9 +6,12 @@ wgmma reads only its left operand from registers) while activations stream throu
 memory. BN spans output features, BM tokens (16 is the smallest tensor-core tile, so decode
 batches 1..16 share one tile). K advances one 128-wide chunk per iteration: the chunk's 16
 int32 words per row are loaded once (16-byte loads), and nibble plane i of those words is
-the [BN, 16] weight slice k = 16i .. 16i+15 (see ``packing.py``), multiplied by the matching
-[16, BM] activation slice. When the grid is too short to fill the GPU, K is split over
-SPLIT_K programs that add their partial tiles into a float32 buffer with atomics.
+the [BN, 16] weight slice k = 16i .. 16i+15 (see ``packing.py``). Either each plane is
+multiplied by its own [16, BM] activation slice (eight K=16 products per chunk; best at
+M <= 4), or, with FUSE_K, the eight planes are joined into one [BN, 128] operand and one
+K=128 product reads a single activation tile (fewer barriers; best from M = 16 up).
+When the grid is too short to fill the GPU, K is split over SPLIT_K programs that add their
+partial tiles into a float32 buffer with atomics.
 
 Dequantization. Two adjacent words go through one PRMT that puts byte b of each into the
 two 16-bit halves of a register; one LOP3 with 0x000F000F | 0x6400 (fp16) or 0x4300 (bf16)
