@@ -202,8 +202,7 @@ def test_masks_kept_by_hf_trainer_callback(tmp_path):
         assert (m.weight[~m.weight_mask] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["int4_weight_only", "int8_smoothquant", "int4_awq",
-                                    "int4_awq_asym"])
+@pytest.mark.parametrize("preset", ["int4_weight_only", "int8_smoothquant", "int4_awq_asym"])
 def test_zeros_stay_zero_through_quantization(preset):
     from modelopt_lite.config import PRESETS, get_preset
 
@@ -213,7 +212,7 @@ def test_zeros_stay_zero_through_quantization(preset):
         pytest.skip(f"preset {preset} not available")
     if cfg.weight is not None and cfg.weight.granularity == "per_block":
         cfg = cfg.replace(weight=dataclasses.replace(cfg.weight, block_size=32))
-    model, toks = tiny_llama(), random_tokens(4, 32)
+    model, toks = tiny_llama(), random_tokens(2, 32)
     mtl.sparsify(model, progress=False)
     masks = {n: m.weight_mask.clone() for n, m in sparse_modules(model)}
     mtl.quantize(model, cfg, forward_loop=make_forward_loop(toks, progress=False), progress=False)

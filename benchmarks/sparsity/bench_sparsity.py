@@ -70,6 +70,8 @@ def run_one(args, method, tokens, base_ppl=None):
                  f"tokens of the calibration split (seed 1), lr {args.ft_lr}, "
                  f"{done['seconds']:.0f} s; calib_s includes it")
     calib_s = time.perf_counter() - start
+    if method in ("magnitude", "modelopt_magnitude"):
+        note = "no data (weights only)"
     res = perplexity(model, tokenizer, wiki_text("test"), windows=args.windows, progress=False)
     row = {"model": args.model, "method": method, "ppl": round(res.ppl, 3),
            "calib_s": None if method == "dense" else round(calib_s, 1),
@@ -102,7 +104,11 @@ def main(argv=None):
     p.add_argument("--ft-lr", type=float, default=5e-5)
     p.add_argument("--machine", default="cpu-2core")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 is fastest on a heavily shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _, tokenizer = load_model(args.model)
     tokens = calib_tokens([wiki_text("calibration")], tokenizer, args.n_samples, args.seq_len, seed=0)
