@@ -56,12 +56,13 @@ def run(model_name: str, windows: int, methods) -> list[dict]:
         model, tok = load_model(model_name)
         start = time.time()
         mtl.quantize(model, METHODS[method], progress=False)
+        quantize_s = time.time() - start
         layers = model._modelopt_lite["layers"]
         res = perplexity(model, tok, test, windows=windows, progress=False)
         rows.append({**base, "method": method, "ppl": round(res.ppl, 4),
                      "quantized_layers": sum(not r["skipped"] for r in layers),
                      "skipped_layers": sum(bool(r["skipped"]) for r in layers),
-                     "quantize_s": round(time.time() - start, 2)})
+                     "quantize_s": round(quantize_s, 2)})
         print(rows[-1], flush=True)
     return rows
 
