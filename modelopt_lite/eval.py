@@ -1,9 +1,10 @@
 """Perplexity over non-overlapping token windows, the project's accuracy measure.
 
-The text is tokenized once without special tokens and cut into windows of ``seq_len`` tokens;
-where the tokenizer has a BOS token it is prepended to each window (the window then holds
-``seq_len - 1`` text tokens). Every text token of a window after the first position is
-predicted, and ppl = exp(mean NLL) over all predicted tokens, accumulated in float64.
+The text is tokenized once without special tokens and cut into non-overlapping windows of
+``seq_len`` tokens. Where the tokenizer uses a BOS token (adds one by default, as Gemma's
+does; SmolLM2's has one but does not add it) the window is ``[bos] + seq_len - 1`` text
+tokens. Every token after a window's first position is predicted, so a window scores
+``seq_len - 1`` tokens either way; ppl = exp(mean NLL) over them, accumulated in float64.
 
 Example:
     >>> from modelopt_lite.eval import perplexity
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from .calib.data import bos_to_add
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
                add_bos: bool | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on the first ``windows`` windows of ``text`` (all when None).
 
-    ``add_bos``: None or True prepends the tokenizer's BOS token where it has one; False never.
+    ``add_bos``: None prepends BOS where the tokenizer adds one by default; True always
+    (the tokenizer must have a bos_token_id); False never.
 
     Example:
         >>> perplexity(model, tokenizer, wiki_text("test"), windows=4).ppl  # doctest: +SKIP
@@ -62,11 +66,13 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
 
 def window_bos(tokenizer, add_bos: bool | None) -> int | None:
     """The BOS id to prepend to each window, or None."""
+    if add_bos is None:
+        return bos_to_add(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is None:
         raise ValueError("add_bos=True but the tokenizer has no bos_token_id: "
                          "pass add_bos=None or False, or set tokenizer.bos_token")
-    return None if add_bos is False else bos
+    return bos if add_bos else None
 
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:

@@ -13,13 +13,17 @@ WORDS = ("the a cat dog bird sat ran flew on under over mat tree roof far near q
          "and but then big small red blue green old new").split()
 
 
-def word_tokenizer(bos=True):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_tokenizer(bos=True, adds_bos=True):
+    """A word-level tokenizer; with ``adds_bos`` it prepends <s> by default (as Gemma's does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos and adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                    bos_token="<s>" if bos else None)
 
@@ -65,6 +69,18 @@ def test_matches_float64_reference_without_bos():
     res = perplexity(model, tok, text, seq_len=16, windows=2, progress=False)
     assert res.tokens == count == 2 * 15
     assert res.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_bos_token_not_added_by_default_is_not_prepended():
+    model, tok = tiny_llama(), word_tokenizer(adds_bos=False)
+    text = random_text(100)
+    ids = tok(text, add_special_tokens=False).input_ids
+    total, count = reference_nll(model, [ids[:16]])
+    res = perplexity(model, tok, text, seq_len=16, windows=1, progress=False)
+    assert res.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    forced = perplexity(model, tok, text, seq_len=16, windows=1, add_bos=True, progress=False)
+    total, count = reference_nll(model, [[1] + ids[:15]])
+    assert forced.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_add_bos_false_skips_bos():
