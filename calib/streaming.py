@@ -275,10 +275,16 @@ class LayerStreamer:
         if self.store_device != "auto":
             return torch.device(self.store_device)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if nbytes < free // 4:
+            if nbytes < _cuda_free_bytes(self.device) // 4:
                 return self.device
         return torch.device("cpu") if self.device.type != "cpu" else self.device
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    """Free GPU memory, within a per-process cap (set_per_process_memory_fraction) if any."""
+    free, total = torch.cuda.mem_get_info(device)
+    frac = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return int(min(free, frac * total - torch.cuda.memory_reserved(device)))
 
 
 def _outer_device(model: nn.Module, layers_path: str) -> torch.device:
