@@ -5,7 +5,10 @@ distillation from the float model (KL on the calibration split), so what it reco
 quantization error, not adaptation to the test text's domain. Perplexity: the first
 ``--windows`` 2048-token windows of the test split.
 
-    python benchmarks/qat/smollm2.py [--steps 120] [--seq 256] [--batch 2] [--awq]
+    python benchmarks/qat/smollm2.py [--steps 300] [--seq 256] [--batch 4] [--awq]
+
+On a GPU machine without the model packages: ``--dump-tokens t.pt`` here writes the token ids
+(test windows + training rows), then run there with ``--gguf <file> --tokens t.pt --device cuda``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,26 @@ def train_tokens(tokenizer, n: int, seq: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq]).view(n, seq)
 
 
+class TokenIds:
+    """Stands in for the tokenizer where only precomputed token ids travel (GPU machine)."""
+
+    def __init__(self, ids, bos_token_id):
+        self.ids, self.bos_token_id = ids, bos_token_id
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.ids.tolist()}
+
+
+def load_gguf(path: str):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None
+    return model.eval()
+
+
 def distill_loss(teacher):
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -64,19 +87,37 @@ def optimizer(model, lr: float, range_lr: float):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--range-lr", type=float, default=1e-3)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--awq", action="store_true", help="also run PTQ AWQ (slow on CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gguf", help="load the model from this GGUF file instead of the package")
+    p.add_argument("--tokens", help="token ids written by --dump-tokens (with --gguf)")
+    p.add_argument("--dump-tokens", help="write the token ids to this file and stop")
+    p.add_argument("--machine", default=None, help="machine name for the results rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fp, tok = load_model(MODEL)
-    test = wiki_text("test")
+    n_train = args.steps * args.batch
+    if args.tokens:
+        saved = torch.load(args.tokens)
+        fp = load_gguf(args.gguf).to(args.device)
+        tok = TokenIds(saved["test"], saved["bos"])
+        tokens, test = saved["train"][:n_train, :args.seq].long(), "x"
+    else:
+        fp, tok = load_model(MODEL)
+        test = wiki_text("test")
+        tokens = train_tokens(tok, n_train, args.seq)
+    if args.dump_tokens:
+        ids = tok(test, add_special_tokens=False)["input_ids"][: args.windows * 2048]
+        torch.save({"test": torch.tensor(ids, dtype=torch.int32), "bos": tok.bos_token_id,
+                    "train": tokens.int()}, args.dump_tokens)
+        return
     ppl = lambda m: perplexity(m, tok, test, seq_len=2048, windows=args.windows).ppl  # noqa: E731
     rows = [row(MODEL, "fp", "ppl", ppl(fp))]
     rtn = mtl.quantize(copy.deepcopy(fp), int4_config(), progress=False)
@@ -85,13 +126,16 @@ def main(argv=None):
     if args.awq:
         from modelopt_lite.algorithms.awq import AWQConfig
         from modelopt_lite.calib.runner import make_forward_loop
-        loop = make_forward_loop(train_tokens(tok, 16, 512), batch_size=1)
-        awq = mtl.quantize(copy.deepcopy(fp), int4_config(AWQConfig()), forward_loop=loop)
-        rows.append(row(MODEL, "ptq_awq", "ppl", ppl(awq)))
-        del awq
+        loop = make_forward_loop(tokens[:32], batch_size=4)
+        try:
+            awq = mtl.quantize(copy.deepcopy(fp), int4_config(AWQConfig()), forward_loop=loop)
+            rows.append(row(MODEL, "ptq_awq", "ppl", ppl(awq)))
+            print(rows[-1], flush=True)
+            del awq
+        except Exception as err:  # AWQ is optional here; QAT still runs
+            print(f"PTQ AWQ failed: {err!r}", flush=True)
     qat = prepare_qat(rtn, qat=QATConfig(lsq=True))
-    tokens = train_tokens(tok, args.steps * args.batch, args.seq)
-    batches = list(tokens.split(args.batch))
+    batches = [b.to(args.device) for b in tokens.split(args.batch)]
     opt = optimizer(qat, args.lr, args.range_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     t0 = time.time()
@@ -102,6 +146,9 @@ def main(argv=None):
           f"KL {sum(losses[:5]) / 5:.4f} -> {sum(losses[-5:]) / 5:.4f}", flush=True)
     convert(qat.eval())
     rows.append(row(MODEL, "qat", "ppl", ppl(qat), args.steps, train_s))
+    if args.machine:
+        for r in rows:
+            r["machine"] = args.machine
     write_rows(rows, MODEL)
 
 
