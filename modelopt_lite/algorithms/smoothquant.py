@@ -32,6 +32,7 @@ from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
+from ..nn.calibrators import all_reduce_
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import register_applier
@@ -83,10 +84,11 @@ def group_weight_absmax(linears) -> torch.Tensor:
 
 
 def output_error(outs, refs) -> float:
-    """Sum of squared differences over batches, relative to the reference's squared norm."""
-    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, refs))
-    den = sum(r.float().pow(2).sum().item() for r in refs)
-    return num / max(den, 1e-30)
+    """Sum of squared differences over batches (and ranks), relative to the reference's norm."""
+    num = sum((o.double() - r.double()).pow(2).sum() for o, r in zip(outs, refs))
+    den = sum(r.double().pow(2).sum() for r in refs)
+    sums = all_reduce_(torch.stack([torch.as_tensor(num), torch.as_tensor(den)]), "sum")
+    return (sums[0] / sums[1].clamp(min=1e-30)).item()
 
 
 # --- one group: capture its block, score candidates, keep the best ---
@@ -116,12 +118,23 @@ class _BlockCapture:
             h.remove()
 
     @torch.no_grad()
-    def replay(self):
+    def replay(self, divide_by: torch.Tensor | None = None):
+        """Run the block again on the kept inputs; ``divide_by`` scales its input channels (a
+        scale folded into the producer, which the kept inputs come from, acts this way)."""
         outs = []
         for args, kwargs in self.inputs:
+            if divide_by is not None:
+                args, kwargs = _divide_hidden(args, kwargs, divide_by)
             out = self.block(*args, **kwargs)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs
+
+
+def _divide_hidden(args, kwargs, s):
+    if args:
+        return (args[0] / s.to(args[0].dtype), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] / s.to(
+        kwargs["hidden_states"].dtype)}
 
 
 @dataclass
@@ -171,8 +184,11 @@ class GroupSmoother:
         self._refresh_weight_ranges()
 
     def score(self, capture: _BlockCapture, alpha: float) -> float:
-        self.apply(alpha)
-        return output_error(capture.replay(), capture.outputs)
+        """Block output error for ``alpha``. The block's input is the group's input (the
+        producer's output, per the architecture table), so a folded scale divides it."""
+        s = self.apply(alpha)
+        folded = self.group.prev is not None
+        return output_error(capture.replay(s if folded else None), capture.outputs)
 
 
 def search_alpha(smoother: GroupSmoother, capture: _BlockCapture, grid) -> tuple[float, dict]:

@@ -1,0 +1,185 @@
+"""SmoothQuant W8A8: exact folds, the alpha search, outlier taming, static vs dynamic activations."""
+
+import copy
+
+import pytest
+import torch
+
+import modelopt_lite as mtl
+from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig, smoothing_scales
+from modelopt_lite.calib.runner import make_forward_loop
+from modelopt_lite.config import ConfigError, QuantConfig
+from modelopt_lite.layers import quant_modules
+from modelopt_lite.models import find_decoder_layers
+from tiny_models import random_tokens, tiny_gemma3, tiny_llama
+
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def sq_config(alpha=None, dynamic=False, grid=GRID, batches=8):
+    base = mtl.get_preset("int8_smoothquant_dynamic" if dynamic else "int8_smoothquant")
+    return base.replace(algorithm=SmoothQuantConfig(alpha=alpha, alpha_grid=grid,
+                                                    search_batches=batches))
+
+
+def quantized(model, cfg, tokens):
+    model = copy.deepcopy(model)
+    return mtl.quantize(model, cfg, forward_loop=make_forward_loop(tokens, 1, progress=False),
+                        progress=False)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits.double()
+
+
+def rel_err(out, ref):
+    return ((out - ref).pow(2).sum() / ref.pow(2).sum()).item()
+
+
+def set_quantizers(model, enabled):
+    for _, m in quant_modules(model):
+        m.weight_quantizer.enabled = m.input_quantizer.enabled = enabled
+
+
+def plant_outliers(model, factor=60.0, channels=(3, 17)):
+    """Scale a few norm channels up and the consuming columns down: same float model, but
+    activation outliers that per-tensor INT8 cannot represent next to the small channels."""
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            for norm, linears in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                                  (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                parent = layer.self_attn if linears[0] == "q_proj" else layer.mlp
+                for c in channels:
+                    norm.weight[c] *= factor
+                    for n in linears:
+                        getattr(parent, n).weight[:, c] /= factor
+    return model
+
+
+def test_smoothing_scales_formula():
+    x, w = torch.rand(32) * 10 + 0.1, torch.rand(32) + 0.05
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        ref = x.double() ** alpha / w.double() ** (1 - alpha)
+        assert torch.allclose(smoothing_scales(x, w, alpha).double(), ref, rtol=1e-5)
+    # migration: X / s and W * s have the same max ratio at alpha = 0.5
+    s = smoothing_scales(x, w, 0.5)
+    assert torch.allclose(x / s, w * s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_smoothing_then_fold_leaves_float_model_unchanged(make):
+    model = make()
+    tokens = random_tokens(4, 24)
+    ref = logits(model, tokens)
+    q = quantized(model, sq_config(alpha=0.7), tokens)
+    set_quantizers(q, False)  # float again, but with the smoothing folded / as explicit multiply
+    _, layers = find_decoder_layers(q)
+    changed = (layers[0].input_layernorm.weight - find_decoder_layers(model)[1][0]
+               .input_layernorm.weight).abs().max()
+    assert changed > 1e-3  # the fold did change the weights
+    assert rel_err(logits(q, tokens), ref) < 1e-10  # float32 round-off only
+    set_quantizers(q, True)
+    assert rel_err(logits(q, tokens), ref) > 1e-7  # the comparison can fail
+
+
+def _attn_error(model, float_model, tokens):
+    """Layer 0 self_attn output error with only q/k/v quantized (the search's first objective)."""
+    _, layers = find_decoder_layers(model)
+    set_quantizers(model, False)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        m = getattr(layers[0].self_attn, n)
+        m.weight_quantizer.enabled = m.input_quantizer.enabled = True
+    outs = {}
+
+    def grab(key):
+        return lambda mod, args, out: outs.setdefault(key, []).append(out[0])
+
+    h1 = layers[0].self_attn.register_forward_hook(grab("q"))
+    h2 = find_decoder_layers(float_model)[1][0].self_attn.register_forward_hook(grab("f"))
+    logits(model, tokens), logits(float_model, tokens)
+    h1.remove(), h2.remove()
+    return rel_err(torch.cat(outs["q"]).double(), torch.cat(outs["f"]).double())
+
+
+def test_alpha_search_never_worse_than_half_on_its_objective():
+    model = plant_outliers(tiny_llama(seed=3), factor=20.0)
+    tokens = random_tokens(4, 32)
+    searched = quantized(model, sq_config(batches=4), tokens)
+    fixed = quantized(model, sq_config(alpha=0.5), tokens)
+    report = searched._smoothquant_report
+    assert all(r["error"] <= r["errors"][0.5] for r in report.values())
+    assert any(r["alpha"] != 0.5 for r in report.values())
+    # measured independently on the final model: layer 0's q/k/v group
+    assert _attn_error(searched, model, tokens) <= _attn_error(fixed, model, tokens) * 1.001
+
+
+def test_planted_outlier_is_tamed():
+    model = plant_outliers(tiny_llama(seed=1))
+    tokens = random_tokens(4, 32)
+    ref = logits(model, tokens)
+    err_max = rel_err(logits(quantized(model, "w8a8", tokens), tokens), ref)
+    err_sq = rel_err(logits(quantized(model, sq_config(), tokens), tokens), ref)
+    assert err_sq < 0.2 * err_max, (err_sq, err_max)
+
+
+def test_static_ranges_are_calibrated_on_smoothed_activations():
+    model = plant_outliers(tiny_llama(seed=2))
+    tokens = random_tokens(4, 32)
+    q = quantized(model, sq_config(alpha=0.5), tokens)
+    q_proj = find_decoder_layers(q)[1][0].self_attn.q_proj
+    seen = []
+    handle = q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().amax()))
+    set_quantizers(q, False)  # layer 0's input does not depend on quantization
+    logits(q, tokens)
+    handle.remove()
+    amax = q_proj.input_quantizer.amax
+    assert amax.numel() == 1 and not q_proj.input_quantizer.spec.dynamic
+    assert torch.allclose(amax, torch.stack(seen).max().float(), rtol=1e-5)
+    with torch.no_grad():
+        raw = find_decoder_layers(model)[1][0].input_layernorm(
+            model.model.embed_tokens(tokens)).abs().amax().item()
+    assert amax.item() < 0.5 * raw  # smoothing shrank the outlier the range must cover
+
+
+def test_static_and_dynamic_activation_paths():
+    model = plant_outliers(tiny_llama(seed=4))
+    tokens = random_tokens(4, 32)
+    ref = logits(model, tokens)
+    static = quantized(model, sq_config(), tokens)
+    dynamic = quantized(model, sq_config(dynamic=True), tokens)
+    ds = find_decoder_layers(dynamic)[1][0].mlp.down_proj.input_quantizer
+    ss = find_decoder_layers(static)[1][0].mlp.down_proj.input_quantizer
+    assert ds.spec.dynamic and ds.spec.granularity == "per_token" and ds.amax is None
+    assert ss.amax is not None and ss.amax.numel() == 1
+    x = torch.randn(2, 5, 128) * torch.linspace(0.1, 5, 5)[None, :, None]
+    amax = x.abs().amax(-1, keepdim=True)  # per-token reference
+    expect = torch.clamp(torch.round(x / (amax / 127)), -128, 127) * (amax / 127)
+    assert torch.allclose(ds(x), expect, atol=1e-6)
+    s_expect = torch.clamp(torch.round(x / (ss.amax / 127)), -128, 127) * (ss.amax / 127)
+    assert torch.allclose(ss(x), s_expect, atol=1e-6)
+    for q in (static, dynamic):
+        assert rel_err(logits(q, tokens), ref) < rel_err(
+            logits(quantized(model, "w8a8", tokens), tokens), ref)
+
+
+def test_bad_configs_fail_before_work():
+    with pytest.raises(ConfigError):
+        SmoothQuantConfig(alpha=1.5)
+    with pytest.raises(ConfigError):
+        SmoothQuantConfig(alpha_grid=())
+    model = tiny_llama()
+    weight_only = QuantConfig(algorithm=SmoothQuantConfig())
+    with pytest.raises(ConfigError, match="input"):
+        mtl.quantize(model, weight_only, calib=random_tokens(2, 8), progress=False)
+    with pytest.raises(Exception, match="calibration data"):
+        mtl.quantize(model, "int8_smoothquant", progress=False)
+    assert not quant_modules(model)  # restored to float
+
+
+def test_preset_round_trips_through_json():
+    cfg = mtl.get_preset("int8_smoothquant")
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.input.granularity == "per_tensor" and not cfg.input.dynamic
+    assert cfg.weight.granularity == "per_channel" and cfg.weight.symmetric
