@@ -117,9 +117,9 @@ def calib_loop(batches):
 def test_qat_loss_falls(qat):
     data = make_task()
     model = prepare_qat(tiny(), W4A8, qat=qat, forward_loop=calib_loop(data))
-    losses = fit(model, data, torch.optim.Adam(model.parameters(), 1e-2), 120, loss_fn=ce,
+    losses = fit(model, data, torch.optim.Adam(model.parameters(), 1e-2), 48, loss_fn=ce,
                  progress=False)
-    assert sum(losses[-8:]) / 8 < 0.3 * sum(losses[:8]) / 8
+    assert sum(losses[-8:]) / 8 < 0.4 * sum(losses[:8]) / 8
 
 
 def test_weight_ranges_follow_weights_by_default_and_fixed_on_request():
