@@ -42,7 +42,7 @@ def _quantized_model(args):
     if args.checkpoint:
         mtl.load(model, args.checkpoint)
     else:
-        mtl.quantize(model, args.recipe, calib=wiki_text("calibration"), tokenizer=tokenizer,
+        mtl.quantize(model, args.recipe, calib=[wiki_text("calibration")], tokenizer=tokenizer,
                      n_samples=args.n_samples, seq_len=args.seq_len)
     return model, tokenizer
 
