@@ -11,7 +11,7 @@ from modelopt_lite.config import QuantConfig, QuantizerSpec
 from modelopt_lite.nn.functional import fake_quant
 from modelopt_lite.plugins.loop import fit
 from modelopt_lite.plugins.masks import apply_masks_, mask_grads_
-from modelopt_lite.qat import (QATConfig, LearnedRangeQuantizer, convert, freeze_ranges,
+from modelopt_lite.qat import (QATConfig, LearnedRangeQuantizer, convert,
                                load_qat_state_dict, mode_of, prepare_qat, qat_state_dict,
                                quantizers)
 
