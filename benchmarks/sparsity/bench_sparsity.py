@@ -55,7 +55,7 @@ def prune_modelopt(model, method, tokens):
 
 def run_one(args, method, tokens, base_ppl=None):
     model, tokenizer = load_model(args.model)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     note = f"{args.n_samples}x{args.seq_len} tokens of the wiki calibration split (seed 0)"
     if method in ("magnitude", "sparsegpt"):
         prune_ours(model, method, tokens)
@@ -64,14 +64,17 @@ def run_one(args, method, tokens, base_ppl=None):
     elif method == "sparsegpt_finetuned":
         prune_ours(model, "sparsegpt", tokens)
         ft_tokens = calib_tokens([wiki_text("calibration")], tokenizer, args.ft_samples,
-                                 args.seq_len, seed=1)
+                                 args.ft_seq_len, seed=1)
         done = sparse_finetune(model, ft_tokens, seconds=args.ft_seconds, lr=args.ft_lr)
-        note += (f"; then a mask-keeping fine-tune: {done['steps']} steps x {args.seq_len} "
+        note += (f"; then a mask-keeping fine-tune: {done['steps']} steps x {args.ft_seq_len} "
                  f"tokens of the calibration split (seed 1), lr {args.ft_lr}, "
                  f"{done['seconds']:.0f} s; calib_s includes it")
     calib_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
     if method in ("magnitude", "modelopt_magnitude"):
         note = "no data (weights only)"
+    if method != "dense":
+        note += f"; process CPU time {cpu_s:.0f} s, torch threads {torch.get_num_threads()}"
     res = perplexity(model, tokenizer, wiki_text("test"), windows=args.windows, progress=False)
     row = {"model": args.model, "method": method, "ppl": round(res.ppl, 3),
            "calib_s": None if method == "dense" else round(calib_s, 1),
@@ -101,7 +104,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--ft-samples", type=int, default=256)
     p.add_argument("--ft-seconds", type=float, default=240)
-    p.add_argument("--ft-lr", type=float, default=5e-5)
+    p.add_argument("--ft-lr", type=float, default=1e-4)
+    p.add_argument("--ft-seq-len", type=int, default=256)
     p.add_argument("--machine", default="cpu-2core")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=None,
