@@ -35,6 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=4,
                    help="2048-token test windows for perplexity (default 4)")
     p.add_argument("--seq-len-eval", type=int, default=2048)
+    p.add_argument("--eval-text", default=None,
+                   help="a text file to measure perplexity on (default: the embedded Wikipedia "
+                        "test split)")
 
 
 def _load(name):
@@ -47,7 +50,8 @@ def _ppl(model, tokenizer, args) -> float:
     from .calib.embedded import wiki_text
     from .eval import perplexity
 
-    return perplexity(model, tokenizer, wiki_text("test"), seq_len=args.seq_len_eval,
+    text = Path(args.eval_text).read_text() if args.eval_text else wiki_text("test")
+    return perplexity(model, tokenizer, text, seq_len=args.seq_len_eval,
                       windows=args.windows).ppl
 
 
@@ -116,7 +120,8 @@ def _quantize_run(args) -> int:
 def _table(rows, args) -> None:
     if not rows:
         return
-    print(f"\nperplexity, Wikipedia test split, {args.windows} x {args.seq_len_eval} tokens")
+    source = args.eval_text or "Wikipedia test split"
+    print(f"\nperplexity, {source}, {args.windows} x {args.seq_len_eval} tokens")
     print(f"{'model':<24} {'ppl':>8}  note")
     for name, ppl, note in rows:
         print(f"{name:<24} {ppl:8.3f}  {note}")

@@ -54,7 +54,9 @@ def test_weight_fake_quant_matches_float64_reference(bits, symmetric, gran, bloc
     assert ((got - ref).abs() > 1e-5).float().mean() < 0.01
     assert (got - ref).abs().max() <= step
     sqnr = 10 * torch.log10(w.double().pow(2).sum() / (got - w.double()).pow(2).sum())
-    assert sqnr > (12 if bits == 4 else 30)
+    # worst case over 300 draws is ~2.5 dB above these floors (per-tensor 4-bit: 11.6 dB)
+    floor = {(4, True): 9, (4, False): 14, (8, True): 32, (8, False): 38}
+    assert sqnr > floor[(bits, gran == "per_tensor")]
 
 
 def test_asymmetric_reproduces_min_max_grid_exactly():
@@ -75,8 +77,13 @@ def test_output_keeps_dtype_and_is_close(dtype):
     out = q(w)
     assert out.dtype == dtype
     ref = reference_fake_quant(w.float(), 8, True, 64)
-    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    assert (out.double() - ref).abs().max() <= tol * w.float().abs().max() + 1e-6
+    amax = w.float().abs().amax(1, keepdim=True).double()
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * amax
+    err = (out.double() - ref).abs()
+    # rounding the output to the dtype costs `tol`; a value on a .5 boundary may also land
+    # one step (amax / 127) the other way
+    assert (err <= tol + 1e-6).double().mean() > 0.97
+    assert (err <= tol + amax / 127 + 1e-6).all()
 
 
 def test_ste_gradient_is_identity_and_clipped_ste_zeroes_outside():

@@ -1,0 +1,49 @@
+"""The modelopt-lite CLI end to end on a tiny Hugging Face folder and text files."""
+
+import pytest
+
+from modelopt_lite.cli import build_parser, main
+from test_eval import random_text, word_tokenizer
+from tiny_models import tiny_llama
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    model = tiny_llama()
+    model.config.vocab_size = 128
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text(random_text(3000, seed=1))
+    (tmp_path / "test.txt").write_text(random_text(1000, seed=2))
+    return tmp_path
+
+
+def test_quantize_then_eval(tiny_folder, capsys):
+    d = tiny_folder
+    rc = main(["quantize", "--model", str(d / "tiny"), "--recipe", "int4_weight_only",
+               "--calib", str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32",
+               "--windows", "2", "--seq-len-eval", "64", "--eval-text", str(d / "test.txt"),
+               "--out", str(d / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "14 layer(s) quantized" in out  # block 'auto' picks 64: every layer fits
+    assert "float" in out and "int4_weight_only" in out
+    assert (d / "out" / "modelopt_lite.json").exists()
+    rc = main(["eval", "--model", str(d / "tiny"), "--checkpoint", str(d / "out"),
+               "--windows", "2", "--seq-len-eval", "64", "--eval-text", str(d / "test.txt")])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[-2].startswith("float") and str(d / "out") in lines[-1]
+
+
+def test_bad_recipe_is_a_clear_error(tiny_folder):
+    with pytest.raises(ValueError, match="unknown preset 'int3'"):
+        main(["quantize", "--model", str(tiny_folder / "tiny"), "--recipe", "int3",
+              "--no-eval", "--calib", str(tiny_folder / "calib.txt")])
+
+
+def test_help_lists_subcommands():
+    text = build_parser().format_help()
+    for name in ("quantize", "eval"):
+        assert name in text
