@@ -291,3 +291,18 @@ def test_hessian_sums_across_ranks():
     mp.spawn(_hessian_rank, args=(2, port, xs, out), nprocs=2, join=True)
     x = xs.reshape(100, 8)
     torch.testing.assert_close(out, 2 * x.T @ x / 100)
+
+
+def test_sparse_weights_survive_onnx_export_and_trt_check_reports_them(tmp_path):
+    pytest.importorskip("onnx")
+    from modelopt_lite.export.onnx import export_onnx
+    from modelopt_lite.export.trt_check import trt_check
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
+                          nn.Linear(32, 8))
+    mtl.sparsify(model, targets=["0", "2"], progress=False)
+    x = torch.randn(4, 64)
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(x), progress=False)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    info = [f for f in trt_check(tmp_path / "m.onnx", info=True) if f.rule == "sparsity_2_4"]
+    assert len(info) == 2, info
