@@ -32,7 +32,14 @@ from finetune import sparse_finetune  # noqa: E402
 METHODS = ("dense", "magnitude", "sparsegpt", "modelopt_magnitude", "modelopt_sparsegpt",
            "sparsegpt_finetuned")
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "sparsity.json"
+CACHE = Path("/tmp/modelopt_lite_sparsity_bench")  # pruned checkpoints shared between rows
 log = logging.getLogger("bench_sparsity")
+
+
+def mtl_save(model, directory):
+    import modelopt_lite as mtl
+
+    mtl.save(model, directory)
 
 
 def prune_ours(model, method, tokens):
@@ -57,12 +64,21 @@ def run_one(args, method, tokens, base_ppl=None):
     model, tokenizer = load_model(args.model)
     start, cpu_start = time.perf_counter(), time.process_time()
     note = f"{args.n_samples}x{args.seq_len} tokens of the wiki calibration split (seed 0)"
+    pruned_dir = CACHE / f"{args.model}-sparsegpt-{args.n_samples}x{args.seq_len}"
     if method in ("magnitude", "sparsegpt"):
         prune_ours(model, method, tokens)
+        if method == "sparsegpt":
+            mtl_save(model, pruned_dir)
     elif method.startswith("modelopt_"):
         model = prune_modelopt(model, method, tokens)
     elif method == "sparsegpt_finetuned":
-        prune_ours(model, "sparsegpt", tokens)
+        if (pruned_dir / "modelopt_lite.json").exists():  # the sparsegpt row's masks and weights
+            import modelopt_lite as mtl
+
+            mtl.load(model, pruned_dir)
+            note += "; SparseGPT model reused from the sparsegpt row (its calib_s not included)"
+        else:
+            prune_ours(model, "sparsegpt", tokens)
         ft_tokens = calib_tokens([wiki_text("calibration")], tokenizer, args.ft_samples,
                                  args.ft_seq_len, seed=1)
         done = sparse_finetune(model, ft_tokens, seconds=args.ft_seconds, lr=args.ft_lr)
