@@ -1,4 +1,4 @@
-"""SmoothQuant W8A8: exact folds, the alpha search, outlier taming, static vs dynamic activations."""
+"""SmoothQuant W8A8: exact folds, alpha search, outlier taming, static vs dynamic activations."""
 
 import copy
 
