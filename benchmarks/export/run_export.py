@@ -148,11 +148,36 @@ def run_cnn(workdir: Path) -> dict:
     return row
 
 
+def table(rows) -> str:
+    """The README table: one line per (model, recipe)."""
+    kb = lambda n: f"{n / 1024:,.0f} KiB"  # noqa: E731
+    out = ["| model | recipe | export s | file (inline) | graph + external data | trt_check | "
+           "ort none vs torch: max abs / rel L2 | ort all: rel L2 | quality: float / torch "
+           "fake-quant / ort none / ort all |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "acc_float" in r:
+            q = [r["acc_float"], r["acc_torch_fakequant"], r["ort_none"]["acc"], r["ort_all"]["acc"]]
+            quality = "acc " + " / ".join(f"{v:.4f}" for v in q)
+        else:
+            q = [r["ppl_float"], r["ppl_torch_fakequant"], r["ort_none"]["ppl"], r["ort_all"]["ppl"]]
+            quality = "ppl " + " / ".join(f"{v:.3f}" for v in q)
+        out.append(f"| {r['model'].split(' (')[0]} | {r['recipe']} | {r['export_s']} | "
+                   f"{kb(r['inline_bytes'])} | {kb(r['graph_only_bytes'])} + "
+                   f"{kb(r['external_data_bytes'])} | {r['trt_check_errors']} errors | "
+                   f"{r['ort_none']['max_abs']:.2e} / {r['ort_none']['rel_l2']:.2e} | "
+                   f"{r['ort_all']['rel_l2']:.2e} | {quality} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", nargs="*", default=["w8a8", "int4_sym_g64"])
     ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the README table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())["rows"]))
+        return
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     done = lambda r: r["model"].startswith("SmolLM2") and r["recipe"] in args.recipes  # noqa
     rows = [r for r in rows if not done(r) and not (not args.skip_cnn and "CNN" in r["model"])]
