@@ -95,6 +95,17 @@ def save_row(row: dict, out: Path = RESULTS) -> None:
     out.write_text(json.dumps(rows + [row], indent=1))
 
 
+def markdown_table(path: Path = RESULTS) -> str:
+    """The results file as a markdown table (for benchmarks/README.md)."""
+    head = "| model | method | ppl | calib | eval tokens | calib s (CPU s) | machine | date |"
+    lines = [head, "|" + "---|" * 8]
+    for r in json.loads(path.read_text()):
+        t = "" if r["calib_s"] is None else f"{r['calib_s']} ({r.get('calib_cpu_s')})"
+        lines.append(f"| {r['model']} (block {r['block_size']}) | {r['method']} | {r['ppl']:.3f} "
+                     f"| {r['calib']} | {r['eval_tokens']} | {t} | {r['machine']} | {r['date']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
@@ -106,7 +117,11 @@ def main() -> None:
     ap.add_argument("--machine", default="cpu-2core")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--search-tokens", type=int, default=AWQConfig.search_tokens)
+    ap.add_argument("--table", action="store_true", help="print the results as markdown and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(args.out))
+        return
     torch.set_num_threads(args.threads)
     machine = f"{args.machine} ({args.threads} torch thread{'s' * (args.threads > 1)})"
     for name in args.models:
