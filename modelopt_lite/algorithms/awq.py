@@ -32,8 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import (ConfigError, QuantConfig, QuantizerSpec, algorithm_to_dict,
-                      register_algorithm, register_preset)
+from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
@@ -340,10 +339,7 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
     ranges = {k[len("range::"):]: v for k, v in tensors.items() if k.startswith("range::")}
     for name, m in model.named_modules():
         if _weight_quantized(m) and f"{name}.amax" in ranges:
+            amin = ranges.get(f"{name}.amin")
             m.weight_quantizer.set_range(ranges[f"{name}.amax"].to(m.weight.device),
-                                         ranges.get(f"{name}.amin"))
+                                         None if amin is None else amin.to(m.weight.device))
     model._awq_scales = scales
-
-
-def config_summary(config: AWQConfig) -> dict:
-    return algorithm_to_dict(config)
