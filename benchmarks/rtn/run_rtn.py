@@ -73,9 +73,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--windows", type=int, default=4)
     args = ap.parse_args()
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     rows = [r for m in args.models for r in run(m, args.windows, args.methods)]
-    keep = [r for r in old if r["model"] not in args.models]
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []  # re-read: runs may overlap
+    keep = [r for r in old if (r["model"], r["method"]) not in {(x["model"], x["method"])
+                                                               for x in rows}]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(keep + rows, indent=1))
 
