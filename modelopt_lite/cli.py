@@ -78,7 +78,7 @@ def _calib_source(args):
     if args.calib == "wiki":
         from .calib.embedded import wiki_text
 
-        return wiki_text("calibration")
+        return [wiki_text("calibration")]
     return Path(args.calib)
 
 
