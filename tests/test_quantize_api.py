@@ -108,3 +108,19 @@ def test_conv2d_per_channel():
     assert model[0].weight_quantizer.amax.shape == (8, 1)
     out = model(x)
     assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_unquantize_folds_an_explicit_smoothing_multiply():
+    model = nn.Sequential(nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    ref = model(x)
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    s = torch.rand(16) + 0.5
+    with torch.no_grad():
+        model[0].weight.div_(s)  # what a smoothing search leaves: W / s with x * s in front
+    model[0].input_quantizer.set_pre_quant_scale(s)
+    model[0].weight_quantizer.enabled = False
+    assert torch.allclose(model(x), ref, atol=1e-5)
+    mtl.unquantize(model)
+    assert not is_quantized(model[0])
+    assert torch.allclose(model(x), ref, atol=1e-5)
