@@ -19,7 +19,6 @@ WORLD = 2
 # Methods whose search losses or sums are not reduced across ranks yet (see calib/distributed.py):
 # the test documents the gap and turns into a failure (XPASS is fine) once they are fixed.
 NOT_REDUCED_YET = {
-    "int4_awq": "awq.py: _InputStats sums/Gram and the scale-search loss are per-rank",
     "int8_smoothquant": "smoothquant.py: the alpha-search output_error is per-rank",
 }
 

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..calib.distributed import reduce_sum, reduce_sum_
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
@@ -196,6 +197,11 @@ class _InputStats:
         if self.width:
             self.gram = self.gram + S.block_gram(x, self.width)
 
+    def absmean(self) -> torch.Tensor:
+        """Mean |x| per channel over every rank's tokens (all-reduced under torch.distributed)."""
+        count = reduce_sum(float(self.count))
+        return reduce_sum_(torch.as_tensor(self.abssum, dtype=torch.float64)).float() / max(count, 1)
+
 
 @torch.no_grad()
 def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
@@ -225,8 +231,8 @@ def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
     finally:
         for h in handles:
             h.remove()
-    return _Capture({k: st.abssum / max(st.count, 1) for k, st in stats.items()},
-                    {k: st.gram for k, st in stats.items() if st.width}, blocks, {})
+    return _Capture({k: st.absmean() for k, st in stats.items()},
+                    {k: reduce_sum_(st.gram) for k, st in stats.items() if st.width}, blocks, {})
 
 
 def _first(out):
@@ -255,7 +261,7 @@ def _search_group(layer, group: Group, linears: dict, cap: _Capture, algo: AWQCo
         err = 0.0
         for args, kwargs, ref in batches:
             err += (_first(block(*args, **kwargs)) - ref).float().pow(2).mean().item()
-        return err
+        return reduce_sum(err)  # every rank scores the union of the ranks' search batches
 
     try:
         s, losses = S.best_scale(cands, loss)
