@@ -28,3 +28,19 @@ def run_notebook(name: str, parameters: str, workdir: Path, timeout: int = 1800)
                    resources={"metadata": {"path": str(workdir)}}).execute()
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
+
+
+def notebook_model(tmp_path: Path, real_model: str) -> str:
+    """The model a notebook test runs on: a tiny Llama folder built here (fast, the default),
+    or the real embedded model when MODELOPT_LITE_REAL_NOTEBOOKS=1."""
+    import os
+
+    if os.environ.get("MODELOPT_LITE_REAL_NOTEBOOKS") == "1":
+        return real_model
+    from test_eval import word_tokenizer
+    from tiny_models import tiny_llama
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(hidden=64, inter=128).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return str(folder)
