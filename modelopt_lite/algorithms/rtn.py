@@ -32,6 +32,11 @@ def calibrate_activations(model, forward_loop) -> None:
             f"{len(quantizers)} static activation quantizer(s) need calibration data "
             f"(first: {quantizers[0].name}); pass calib= or forward_loop= to quantize(), or use "
             "a dynamic activation spec")
+    calibrate_quantizers(model, quantizers, forward_loop)
+
+
+def calibrate_quantizers(model, quantizers, forward_loop) -> None:
+    """Run ``forward_loop(model)`` once with ``quantizers`` collecting, then set their ranges."""
     for q in quantizers:
         q.start_calibration()
     try:

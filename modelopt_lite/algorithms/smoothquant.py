@@ -36,7 +36,7 @@ from ..nn.calibrators import all_reduce_
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import register_applier
-from .rtn import calibrate_activations
+from .rtn import calibrate_activations, calibrate_quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -281,17 +281,8 @@ def _calibrate_outside_layers(model, forward_loop) -> None:
     quantizers = [m.input_quantizer for m in model.modules()
                   if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
                   and not m.input_quantizer.spec.dynamic]
-    if not quantizers:
-        return
-    for q in quantizers:
-        q.start_calibration()
-    try:
-        forward_loop(model)
-        for q in quantizers:
-            q.finish_calibration()
-    finally:
-        for q in quantizers:
-            q._calibrator = None
+    if quantizers:
+        calibrate_quantizers(model, quantizers, forward_loop)
 
 
 @register_applier("smoothquant")
