@@ -112,7 +112,7 @@ def _err(model, ref, tokens):
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt2"])
 def test_awq_beats_rtn_and_fold_alone_is_exact(arch):
     model = ALL[arch]()
-    calib, test = random_tokens(8, 48), random_tokens(4, 48)
+    calib, test = random_tokens(8, 48, seed=1), random_tokens(4, 48, seed=101)
     with torch.no_grad():
         ref = model(test).logits
     rtn = mtl.quantize(copy.deepcopy(model), awq_cfg().replace(algorithm=MaxCalibConfig()),
@@ -188,7 +188,11 @@ def test_artefacts_and_checkpoint_reuse(tmp_path):
 def test_unknown_architecture_falls_back_with_warning(caplog):
     model = ALL["llama"]()
     model.config.model_type = "not-a-known-arch"
-    calib, test = random_tokens(4, 32), random_tokens(2, 32)
+    with torch.no_grad():  # outlier input channels: the case AWQ's scales exist for
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 30.0
+            layer.post_attention_layernorm.weight[:4] *= 30.0
+    calib, test = random_tokens(8, 32, seed=5), random_tokens(2, 32, seed=6)
     with torch.no_grad():
         ref = model(test).logits
     rtn = mtl.quantize(copy.deepcopy(model), awq_cfg().replace(algorithm=MaxCalibConfig()),
@@ -200,7 +204,7 @@ def test_unknown_architecture_falls_back_with_warning(caplog):
     assert q.pre_quant_scale is not None  # explicit multiply, nothing folded
     assert torch.equal(awq.model.layers[0].input_layernorm.weight,
                        model.model.layers[0].input_layernorm.weight)
-    assert _err(awq, ref, test) <= _err(rtn, ref, test)
+    assert _err(awq, ref, test) < 0.8 * _err(rtn, ref, test)
 
 
 def test_indivisible_layers_are_skipped_and_model_stays_exact():

@@ -105,7 +105,7 @@ def _attn_error(model, float_model, tokens):
 
 def test_alpha_search_never_worse_than_half_on_its_objective():
     model = plant_outliers(tiny_llama(seed=3), factor=20.0)
-    tokens = random_tokens(4, 32)
+    tokens = random_tokens(4, 32, seed=7)
     searched = quantized(model, sq_config(batches=4), tokens)
     fixed = quantized(model, sq_config(alpha=0.5), tokens)
     report = searched._smoothquant_report
