@@ -164,9 +164,30 @@ def test_static_and_dynamic_activation_paths():
         assert rel_err(logits(q, tokens), ref) < err_max
 
 
+def test_refinement_bisects_toward_the_minimum_and_never_loses_the_grid_best():
+    from modelopt_lite.algorithms.smoothquant import DEFAULT_GRID, search_alpha
+
+    class Quadratic:  # a stand-in smoother: the search only calls score()
+        calls = []
+
+        def score(self, capture, a):
+            self.calls.append(a)
+            return (a - 0.83) ** 2
+
+    best, errors = search_alpha(Quadratic(), None, DEFAULT_GRID, refine=0)
+    assert best == pytest.approx(0.8)
+    best, errors = search_alpha(Quadratic(), None, DEFAULT_GRID, refine=2)
+    assert best == pytest.approx(0.825) and len(errors) == len(DEFAULT_GRID) + 4
+    assert errors[0.8] == min(errors[a] for a in DEFAULT_GRID)  # the grid's own scores kept
+    best, _ = search_alpha(Quadratic(), None, (0.0, 1.0), refine=6)  # edges, long bisection
+    assert abs(best - 0.83) <= 1 / 2 ** 7
+
+
 def test_bad_configs_fail_before_work():
     with pytest.raises(ConfigError):
         SmoothQuantConfig(alpha=1.5)
+    with pytest.raises(ConfigError, match="refine"):
+        SmoothQuantConfig(refine=-1)
     with pytest.raises(ConfigError):
         SmoothQuantConfig(alpha_grid=())
     model = tiny_llama()
