@@ -133,7 +133,7 @@ def _prune_block(w1: torch.Tensor, hinv1: torch.Tensor, mask1: torch.Tensor, n: 
         col = w1[:, i]
         q = col * mask1[:, i]
         e = (col - q) / diag[i]
-        w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+        w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # in place: no [rows, cols] temporary
         w1[:, i] = q
         err1[:, i] = e
     return err1
