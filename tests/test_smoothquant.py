@@ -1,6 +1,7 @@
 """SmoothQuant W8A8: exact folds, alpha search, outlier taming, static vs dynamic activations."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -113,6 +114,27 @@ def test_alpha_search_never_worse_than_half_on_its_objective():
     assert any(r["alpha"] != 0.5 for r in report.values())
     # measured independently on the final model: layer 0's q/k/v group
     assert _attn_error(searched, model, tokens) <= _attn_error(fixed, model, tokens) * 1.001
+
+
+def test_searched_activation_clip_scales_the_calibrated_range():
+    model = plant_outliers(tiny_llama(seed=3), factor=20.0)
+    tokens = random_tokens(4, 32, seed=8)
+    cfg = sq_config(batches=4)
+    clipped = quantized(model, cfg, tokens)
+    plain = quantized(model, cfg.replace(algorithm=dataclasses.replace(
+        cfg.algorithm, clip_grid=(1.0,))), tokens)
+    report = clipped._smoothquant_report
+    assert all(r["clip"] in cfg.algorithm.clip_grid for r in report.values())
+    assert all(r["error"] <= r["errors"][r["alpha"]] for r in report.values())
+    assert all(r["clip"] == 1.0 for r in plain._smoothquant_report.values())
+    layer_c = find_decoder_layers(clipped)[1][0]
+    layer_p = find_decoder_layers(plain)[1][0]
+    key = next(k for k in report if k.startswith(find_decoder_layers(clipped)[0] + ".0."))
+    for n in report[key]["linears"]:  # same alphas in both runs; the range differs by clip
+        assert plain._smoothquant_report[key]["alpha"] == report[key]["alpha"]
+        got = layer_c.get_submodule(n).input_quantizer.amax
+        want = layer_p.get_submodule(n).input_quantizer.amax * report[key]["clip"]
+        assert torch.allclose(got, want, rtol=1e-5)
 
 
 def test_planted_outlier_is_tamed():

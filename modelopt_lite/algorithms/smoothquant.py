@@ -53,11 +53,14 @@ class SmoothQuantConfig:
     calibration batches score each candidate (all batches feed the statistics).
     ``smooth_unfoldable``: also smooth quantized linears of a decoder layer that no table
     group covers (e.g. ``o_proj`` under grouped-query attention), keeping their scale as an
-    explicit multiply."""
+    explicit multiply. ``clip_grid``: with a searched alpha and static activations, the
+    group's calibrated activation range is then scaled by the ratio of this grid with the
+    smallest block output error (``(1.0,)`` keeps the calibrator's range)."""
 
     alpha: float | None = None
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
     refine: int = 2
+    clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     search_batches: int = 8
     smooth_unfoldable: bool = True
     name: ClassVar[str]
@@ -70,6 +73,9 @@ class SmoothQuantConfig:
                               f"got {self.alpha_grid}")
         if self.search_batches < 1:
             raise ConfigError(f"search_batches must be >= 1, got {self.search_batches}")
+        if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
+            raise ConfigError(f"clip_grid must be a non-empty tuple of ratios in (0, 1], "
+                              f"got {self.clip_grid}")
         if self.refine < 0:
             raise ConfigError(f"refine must be >= 0 bisection rounds, got {self.refine}")
 
@@ -161,18 +167,26 @@ class GroupSmoother:
                        for m in mods]
         self._pqs = [m.input_quantizer.pre_quant_scale for m in self.linears]
 
-    def apply(self, alpha: float) -> torch.Tensor:
-        """Fold the scale for ``alpha`` (from the original weights) and set provisional ranges."""
+    def apply(self, alpha: float, clip: float = 1.0) -> torch.Tensor:
+        """Fold the scale for ``alpha`` (from the original weights) and set provisional
+        activation ranges (the smoothed max, times ``clip``)."""
         self.restore()
         s = smoothing_scales(self.x_absmax, self.w_absmax, alpha).to(self.x_absmax.device)
         apply_group_scale_(self.layer, self.group, s)
         self._refresh_weight_ranges()
-        act_amax = (self.x_absmax.float() / s).amax()
+        self.set_activation_range(s, clip)
+        return s
+
+    def set_activation_range(self, s: torch.Tensor, clip: float = 1.0) -> None:
+        act_amax = (self.x_absmax.float() / s).amax() * clip
         for m in self.linears:
             m.weight_quantizer.enabled = m.input_quantizer.enabled = True
             if not m.input_quantizer.spec.dynamic:
                 m.input_quantizer.set_range(act_amax)
-        return s
+
+    @property
+    def static(self) -> bool:
+        return any(not m.input_quantizer.spec.dynamic for m in self.linears)
 
     def _refresh_weight_ranges(self) -> None:
         """Weight ranges follow the folded weights (a linear producer's rows change too)."""
@@ -192,7 +206,14 @@ class GroupSmoother:
     def score(self, capture: _BlockCapture, alpha: float) -> float:
         """Block output error for ``alpha``. The block's input is the group's input (the
         producer's output, per the architecture table), so a folded scale divides it."""
-        s = self.apply(alpha)
+        return self._replay_error(capture, self.apply(alpha))
+
+    def score_clip(self, capture: _BlockCapture, s: torch.Tensor, clip: float) -> float:
+        """Block output error with the already applied scale ``s`` and the range times ``clip``."""
+        self.set_activation_range(s, clip)
+        return self._replay_error(capture, s)
+
+    def _replay_error(self, capture: _BlockCapture, s: torch.Tensor) -> float:
         folded = self.group.prev is not None
         return output_error(capture.replay(s if folded else None), capture.outputs)
 
@@ -262,27 +283,42 @@ class _LayerProcessor:
         enabled = _set_layer_quantizers(layer, False)
         first = {g.linears[0]: layer.get_submodule(g.linears[0]) for g in groups}
         stats = inputs.collect_stats(layer, first)
+        clips = {}
         for g in groups:
-            self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs)
+            clips[g] = self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs)
         _set_layer_quantizers(layer, enabled)
         calibrate_activations(layer, inputs.forward_loop(layer))
+        for g, clip in clips.items():  # the searched clip scales the calibrated range
+            for n in g.linears if clip != 1.0 else ():
+                q = layer.get_submodule(n).input_quantizer
+                if not q.spec.dynamic and q.amax is not None:
+                    q.set_range(q.amax * clip)
 
-    def _smooth_group(self, name, layer, group, x_absmax, inputs) -> None:
+    def _smooth_group(self, name, layer, group, x_absmax, inputs) -> float:
+        """Smooth one group; return the activation-range ratio to apply after calibration."""
         smoother = GroupSmoother(layer, group, x_absmax)
         key = f"{name}.{group.linears[0] if group.prev is None else group.prev}"
         if self.cfg.alpha is not None:
             smoother.apply(self.cfg.alpha)
             self.report[key] = {"alpha": self.cfg.alpha, "linears": group.linears}
-            return
+            return 1.0
         block = layer.get_submodule(group.block or group.linears[0])
         capture = _BlockCapture(block, self.cfg.search_batches)
         with capture:
             inputs_subset(inputs, self.cfg.search_batches).run(layer)
         best, errors = search_alpha(smoother, capture, self.cfg.alpha_grid, self.cfg.refine)
-        smoother.apply(best)
-        self.report[key] = {"alpha": best, "error": errors[best], "errors": errors,
+        s = smoother.apply(best)
+        clip, error = 1.0, errors[best]
+        if smoother.static and len(self.cfg.clip_grid) > 1:
+            clip_errors = {float(r): smoother.score_clip(capture, s, float(r))
+                           for r in self.cfg.clip_grid}
+            clip = min(clip_errors, key=clip_errors.get)
+            clip, error = (clip, clip_errors[clip]) if clip_errors[clip] < error else (1.0, error)
+            smoother.set_activation_range(s, clip)
+        self.report[key] = {"alpha": best, "clip": clip, "error": error, "errors": errors,
                             "linears": group.linears}
-        logger.debug("%s: alpha %.2f, block error %.3g", key, best, errors[best])
+        logger.debug("%s: alpha %.2f, clip %.2f, block error %.3g", key, best, clip, error)
+        return clip
 
 
 def inputs_subset(inputs, n: int):
