@@ -65,12 +65,13 @@ def print_layer_errors(model, n: int) -> None:
     worst = sorted(report.items(), key=lambda kv: -kv[1].get("error", 0.0))[:n]
     for key, rec in worst:
         e05 = rec["errors"].get(0.5)
-        print(f"  {key:<48} alpha {rec['alpha']:.2f}  rel.err {rec['error']:.3e}  "
-              f"(alpha 0.5: {e05:.3e})", flush=True)
-    alphas = [rec["alpha"] for rec in report.values()]
-    if alphas:
-        hist = {a: alphas.count(a) for a in sorted(set(alphas))}
-        print(f"  chosen alphas: {hist}", flush=True)
+        print(f"  {key:<48} alpha {rec['alpha']:.3f}  clip {rec.get('clip', 1.0):.2f}  "
+              f"rel.err {rec['error']:.3e}  (alpha 0.5: {e05:.3e})", flush=True)
+    for field in ("alpha", "clip"):
+        values = [rec.get(field, 1.0) for rec in report.values()]
+        if values:
+            hist = {v: values.count(v) for v in sorted(set(values))}
+            print(f"  chosen {field}s: {hist}", flush=True)
 
 
 def run(name, methods, windows, n_calib, calibrator, machine, out, layer_errors):
