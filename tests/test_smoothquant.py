@@ -120,6 +120,8 @@ def test_searched_activation_clip_scales_the_calibrated_range():
     model = plant_outliers(tiny_llama(seed=3), factor=20.0)
     tokens = random_tokens(4, 32, seed=8)
     cfg = sq_config(batches=4)
+    cfg = cfg.replace(algorithm=dataclasses.replace(cfg.algorithm,
+                                                    clip_grid=(1.0, 0.9, 0.8, 0.6)))
     clipped = quantized(model, cfg, tokens)
     plain = quantized(model, cfg.replace(algorithm=dataclasses.replace(
         cfg.algorithm, clip_grid=(1.0,))), tokens)
