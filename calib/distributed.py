@@ -10,6 +10,11 @@ identical quantized model. The rule for algorithm authors:
   **sum** of errors (not a per-rank mean: ranks may hold different numbers of tokens), and
   only then take the argmin.
 - a ratio of sums (relative error)          -> reduce numerator and denominator, then divide.
+- a subset of batches (search batches)      -> choose by global index (:func:`global_offset`).
+
+Identical to one process, bit for bit, when batches have the same shapes on every rank (each
+batch's forward is then the same computation) and sums accumulate per-batch float32 partials
+in float64 (exact at calibration sizes, so the order of the sum does not matter).
 
 Without an initialised process group (or with one rank) every helper is a no-op, so the same
 code runs in one process. Example (``torchrun --nproc_per_node 2 calibrate.py``)::
@@ -114,6 +119,26 @@ def reduce_sum(x: float) -> float:
     if not is_distributed():
         return x
     return reduce_sum_(torch.tensor([float(x)], dtype=torch.float64)).item()
+
+
+def global_offset(count: int) -> tuple[int, int]:
+    """``(first, total)``: where this rank's ``count`` local items start in the sequence of all
+    ranks' items (rank order, as :func:`shard_tokens` splits them), and how many there are.
+
+    Lets an algorithm choose a subset of calibration batches by **global** index, so that N
+    ranks search on the same batches as one process on the union of their data.
+    """
+    if not is_distributed():
+        return 0, count
+    counts = torch.zeros(world_size(), dtype=torch.float64)
+    counts[rank()] = count
+    c = [int(v) for v in reduce_sum_(counts).tolist()]
+    return sum(c[:rank()]), sum(c)
+
+
+def local_indices(picks, first: int, count: int) -> list[int]:
+    """The global indices ``picks`` that fall in ``[first, first + count)``, made local."""
+    return [g - first for g in picks if first <= g < first + count]
 
 
 def reduce_mean_(t: torch.Tensor, count: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ class ChannelStats:
 
     @property
     def absmean(self) -> torch.Tensor:
-        return self.abssum / max(self.count, 1)
+        return (self.abssum / max(self.count, 1)).float()
 
 
 class ChannelStatsCollector:
@@ -50,7 +50,7 @@ class ChannelStatsCollector:
                 f"{self.name}: NaN/Inf in the activations entering this layer during "
                 "calibration; run calibration in float32/bfloat16 or check the inputs")
         x = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]).float().abs()
-        amax, asum = x.amax(0), x.sum(0)
+        amax, asum = x.amax(0), x.sum(0).double()  # float64: order-free sums
         if self.absmax is None:
             self.absmax, self.abssum = amax, asum
         else:

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calib.distributed import reduce_sum, reduce_sum_
+from ..calib.distributed import global_offset, local_indices, reduce_sum, reduce_sum_
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
@@ -155,11 +155,13 @@ class _float_weights:
 
 
 def _search_entries(inputs, max_tokens: int) -> list[int]:
-    """Indices of calibration batches spread over the set, about ``max_tokens`` tokens in all."""
-    n = len(inputs.entries)
+    """Indices of this rank's calibration batches that search: batches spread over the whole
+    set (all ranks' batches, by global index), about ``max_tokens`` tokens in all."""
+    first, n = global_offset(len(inputs.entries))
     per = max(1, inputs.hidden(0).shape[:-1].numel())
     k = min(n, max(1, -(-max_tokens // per)))
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
+    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
+    return local_indices(picks, first, len(inputs.entries))
 
 
 def _input_key(rel: str, groups: list[Group]) -> str:
@@ -192,10 +194,12 @@ class _InputStats:
         if not torch.isfinite(x).all():
             raise CalibrationError("NaN/Inf in activations during AWQ calibration; run in "
                                    "float32/bfloat16 or check the inputs")
-        self.abssum = self.abssum + x.abs().sum(0)
+        # per-batch float32 partials summed in float64: the sum does not depend on the order
+        # of batches or ranks, so N ranks reproduce one process exactly
+        self.abssum = self.abssum + x.abs().sum(0).double()
         self.count += x.shape[0]
         if self.width:
-            self.gram = self.gram + S.block_gram(x, self.width)
+            self.gram = self.gram + S.block_gram(x, self.width).double()
 
     def absmean(self) -> torch.Tensor:
         """Mean |x| per channel over every rank's tokens (all-reduced under torch.distributed)."""
@@ -232,7 +236,8 @@ def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
         for h in handles:
             h.remove()
     return _Capture({k: st.absmean() for k, st in stats.items()},
-                    {k: reduce_sum_(st.gram) for k, st in stats.items() if st.width}, blocks, {})
+                    {k: reduce_sum_(st.gram).float() for k, st in stats.items() if st.width},
+                    blocks, {})
 
 
 def _first(out):

@@ -28,11 +28,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
-from ..nn.calibrators import all_reduce_
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import register_applier
@@ -99,9 +99,10 @@ def group_weight_absmax(linears) -> torch.Tensor:
 
 def output_error(outs, refs) -> float:
     """Sum of squared differences over batches (and ranks), relative to the reference's norm."""
-    num = sum((o.double() - r.double()).pow(2).sum() for o, r in zip(outs, refs))
-    den = sum(r.double().pow(2).sum() for r in refs)
-    sums = all_reduce_(torch.stack([torch.as_tensor(num), torch.as_tensor(den)]), "sum")
+    zero = torch.zeros((), dtype=torch.float64)
+    num = sum(((o.double() - r.double()).pow(2).sum().cpu() for o, r in zip(outs, refs)), zero)
+    den = sum((r.double().pow(2).sum().cpu() for r in refs), zero)
+    sums = reduce_sum_(torch.stack([num, den]))
     return (sums[0] / sums[1].clamp(min=1e-30)).item()
 
 
@@ -324,10 +325,12 @@ class _LayerProcessor:
 
 
 def inputs_subset(inputs, n: int):
-    """A view of the first ``n`` captured batches of a LayerInputs."""
+    """A view of this rank's share of the first ``n`` captured batches of all ranks (by global
+    index, so N ranks search on the batches one process would)."""
+    first, _ = global_offset(len(inputs.entries))
     view = type(inputs).__new__(type(inputs))
     view.__dict__.update(inputs.__dict__)
-    view.entries = inputs.entries[:n]
+    view.entries = inputs.entries[:max(0, n - first)]
     return view
 
 
