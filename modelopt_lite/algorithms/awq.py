@@ -32,7 +32,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calib.distributed import global_offset, local_indices, reduce_sum, reduce_sum_
+from ..calib.distributed import (broadcast_, global_offset, local_indices, rank, reduce_sum,
+                                reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
@@ -134,9 +135,25 @@ def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) ->
             apply_group_scale_(layer, group, s)
             cap.scale[group.linears[0]] = s
             record[f"{name}::{','.join(group.linears)}"] = s.detach().cpu()
-    for rel, m in linears.items():
-        _set_clip(m, cap, _input_key(rel, groups), algo)
+    _set_clips(linears, cap, groups, algo)
     cap.clear()
+
+
+def _set_clips(linears: dict, cap: _Capture, groups, algo: AWQConfig) -> None:
+    """Clip search of every linear; under torch.distributed the linears are dealt out to the
+    ranks round-robin and each range is broadcast from the rank that searched it."""
+    world, me = world_size(), rank()
+    for k, (rel, m) in enumerate(linears.items()):
+        if k % world == me:
+            _set_clip(m, cap, _input_key(rel, groups), algo)
+        else:  # the right shapes, overwritten by the broadcast below
+            m.weight_quantizer.init_from_weight(m.weight_2d().detach().float())
+    if world > 1:
+        for k, m in enumerate(linears.values()):
+            q = m.weight_quantizer
+            for t in (q.amax, q.amin):
+                if t is not None:
+                    broadcast_(t, src=k % world)
 
 
 class _float_weights:
