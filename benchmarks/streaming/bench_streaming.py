@@ -82,6 +82,7 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
     dev = torch.device(a.device)
     cap = None
     if dev.type == "cuda":
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(dev).total_memory
         cap = int(a.cap_gb * 2**30) if a.cap_gb else total
