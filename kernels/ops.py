@@ -31,7 +31,7 @@ def _check(x: torch.Tensor, p: PackedInt4):
 def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
-    from .w4a16 import w4a16_kernel
+    from .w4a16 import w4a16_gemv_kernel, w4a16_kernel
 
     _check(x, p)
     n, k = p.shape
@@ -47,6 +47,15 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     atomic = split_k > 1
     out = (torch.zeros if atomic else torch.empty)(
         (m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    if cfg.get("GEMV", False):
+        w4a16_gemv_kernel[(triton_cdiv(n, cfg["BN"]), split_k, m)](
+            x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
+            bias if bias is not None else p.scale, out,
+            m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k,
+            GROUP=p.group_size, BN=cfg["BN"], HAS_ZERO=p.zterm is not None,
+            HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0, ATOMIC=atomic,
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        return (out.to(x.dtype) if atomic else out).reshape(out_shape)
     grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
     w4a16_kernel[grid](
         x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,

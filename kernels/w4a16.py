@@ -246,3 +246,83 @@ def w4a16_kernel(
         tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def w4a16_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
+    GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """Decode path (a few tokens): CUDA-core GEMV, one token per program along grid axis 2.
+
+    Each program owns BN output rows and a K range. Per 128-chunk the [BN, 16] packed words
+    are read once (16-byte loads); nibble plane i is isolated with one AND (planes 4..7 after
+    one 16-bit shift per word), OR-ed into the float32 2^23 exponent and rebased with one
+    subtract, which gives u * 2^(4*(i % 4)) exactly; the matching activation slice is
+    pre-divided by that power of two, so one FMA per weight accumulates sum_k u_k x_k. Scale
+    and zero are applied once per group and row: acc += s * sum(u x) + zterm * sum(x).
+    Rows are reduced once, at the end.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    kt_total = tl.cdiv(K, 128)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt0 = pid_k * kt_per
+    kt1 = tl.minimum(kt0 + kt_per, kt_total)
+
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    rj = tl.arange(0, 16)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
+    x_row = x_ptr + m * stride_xm + rj
+    s_rows = s_ptr + rn_safe * n_groups
+    z_rows = z_ptr + rn_safe * n_groups
+    PPG: tl.constexpr = GROUP // 16 if GROUP < 128 else 8   # nibble planes per group
+
+    acc = tl.zeros((BN, 16), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        q = tl.load(q_ptrs + kt * 16)
+        q_hi = q >> 16
+        t = tl.zeros((BN, 16), dtype=tl.float32)
+        xs = tl.zeros((16,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            sh: tl.constexpr = 4 * (i % 4)
+            if i < 4:
+                bits = q & (0xF << sh)
+            else:
+                bits = q_hi & (0xF << sh)
+            v = (bits | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            k0 = kt * 128 + 16 * i
+            if EVEN_K:
+                xi = tl.load(x_row + k0).to(tl.float32)
+            else:
+                xi = tl.load(x_row + k0, mask=(k0 + rj) < K, other=0.0).to(tl.float32)
+            t += v * (xi * (1.0 / (1 << sh)))[None, :]
+            xs += xi
+            if (i + 1) % PPG == 0:  # last plane of a group: scale and zero, once per row
+                if GROUP < 128:
+                    g = kt * (128 // GROUP) + i // PPG
+                else:
+                    g = (kt * 128) // GROUP
+                if not EVEN_K:
+                    g = tl.minimum(g, n_groups - 1)
+                s = tl.load(s_rows + g).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_rows + g).to(tl.float32)
+                else:
+                    z = -8.0 * s
+                acc += s[:, None] * t + z[:, None] * xs[None, :]
+                t = tl.zeros((BN, 16), dtype=tl.float32)
+                xs = tl.zeros((16,), dtype=tl.float32)
+
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn_safe).to(tl.float32) * (pid_k == 0).to(tl.float32)
+    out_ptrs = out_ptr + m * stride_om + rn
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, y, mask=rn < N, sem="relaxed")
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=rn < N)

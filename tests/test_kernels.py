@@ -41,6 +41,8 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 SMALL = dict(BM=16, BN=32, SPLIT_K=1, num_warps=4, num_stages=2)
 SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
 FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
+GEMV = dict(GEMV=True, BN=16, SPLIT_K=1, num_warps=4, num_stages=2)
+GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -52,6 +54,9 @@ FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
     (17, 24, 320, 64, SMALL),    # two M tiles, K not a multiple of BK
     (5, 72, 128, 128, None),     # the shipped default config
     (7, 40, 320, 32, FUSED),     # planes joined into one 128-deep product per chunk
+    (1, 40, 256, 128, GEMV),     # CUDA-core decode path, N not a multiple of BN
+    (2, 24, 576, 32, GEMV_SPLIT),   # decode path: split-K, K not a multiple of 128
+    (3, 48, 384, 64, GEMV_SPLIT),   # decode path: block 64, one token per program
 ])
 def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     x, p, b = _problem(m, n, k, group, zero, dtype)
@@ -90,7 +95,10 @@ def test_default_config_fills_the_gpu_for_decode():
 @pytest.mark.parametrize("zero", [True, False])
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 130, 513])
 @pytest.mark.parametrize("group", [32, 128])
-def test_gpu_kernel_large_shapes(dtype, zero, m, group):
+@pytest.mark.parametrize("cfg", [None, dict(GEMV=True, BN=64, SPLIT_K=4)])
+def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
+    if cfg and m > 16:
+        pytest.skip("the GEMV path is for decode batches")
     x, p, b = _problem(m, 1000, 2048, group, zero, dtype)
-    y = w4a16_matmul(x, p, b)
+    y = w4a16_matmul(x, p, b, cfg)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
