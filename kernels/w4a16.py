@@ -64,6 +64,52 @@ ASM_BF16_SYM_2 = tl.constexpr(_asm(True, False, 2))
 ASM_BF16_SYM_3 = tl.constexpr(_asm(True, False, 3))
 
 
+def _gemv_asm(bf16: bool) -> str:
+    """One packed word (8 nibbles) dotted with its 8 activations, as 4 float32 partial sums.
+
+    Inputs: the word and four f16x2 (bf16x2) registers holding (x[16b + j], x[16(b+4) + j]),
+    b = 0..3. Shifting the word by 4b and masking 0x000F000F puts planes b and b + 4 in the
+    two 16-bit halves; OR-ing the half-precision 1024 (128 for bf16) and subtracting it gives
+    (u_b, u_b+4) exactly; two planes are multiplied and summed per packed FMA. Outputs: the
+    sums over planes (0, 1), (2, 3), (4, 5), (6, 7): any block of 32, 64 or 128 is a sum of them.
+    """
+    ty = "bf16x2" if bf16 else "f16x2"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    cvt = "cvt.f32.bf16" if bf16 else "cvt.f32.f16"
+    return f"""
+{{
+.reg .b32 m, t, w, a, b;
+.reg .b16 lo, hi;
+mov.b32 m, {magic};
+lop3.b32 t, $4, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, m;
+mul.rn.{ty} a, t, $5;
+shr.u32 w, $4, 4;
+lop3.b32 t, w, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, m;
+fma.rn.{ty} a, t, $6, a;
+shr.u32 w, $4, 8;
+lop3.b32 t, w, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, m;
+mul.rn.{ty} b, t, $7;
+shr.u32 w, $4, 12;
+lop3.b32 t, w, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, m;
+fma.rn.{ty} b, t, $8, b;
+mov.b32 {{lo, hi}}, a;
+{cvt} $0, lo;
+{cvt} $2, hi;
+mov.b32 {{lo, hi}}, b;
+{cvt} $1, lo;
+{cvt} $3, hi;
+}}
+"""
+
+
+ASM_GEMV_F16 = tl.constexpr(_gemv_asm(False))
+ASM_GEMV_BF16 = tl.constexpr(_gemv_asm(True))
+
+
 @triton.jit
 def _asm_f16(q, s, z, asm: tl.constexpr):
     return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
@@ -249,21 +295,44 @@ def w4a16_kernel(
 
 
 @triton.jit
+def _group_scale(s_rows, z_rows, g, n_groups, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
+    """(scale, zero term) of group g for the program's rows, in float32."""
+    if not EVEN_K:  # the padded tail of the last chunk has no group of its own
+        g = tl.minimum(g, n_groups - 1)
+    s = tl.load(s_rows + g).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_rows + g).to(tl.float32)
+    else:
+        z = -8.0 * s
+    return s, z
+
+
+@triton.jit
+def _pair(xa, xb):
+    """Two half-precision vectors as one int32 vector of (xa, xb) pairs."""
+    lo = xa.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = xb.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return lo | hi
+
+
+@triton.jit
 def w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
+    IS_BF16: tl.constexpr = False,
 ):
     """Decode path (a few tokens): CUDA-core GEMV, one token per program along grid axis 2.
 
-    Each program owns BN output rows and a K range. Per 128-chunk the [BN, 16] packed words
-    are read once (16-byte loads); nibble plane i is isolated with one AND (planes 4..7 after
-    one 16-bit shift per word), OR-ed into the float32 2^23 exponent and rebased with one
-    subtract, which gives u * 2^(4*(i % 4)) exactly; the matching activation slice is
-    pre-divided by that power of two, so one FMA per weight accumulates sum_k u_k x_k. Scale
-    and zero are applied once per group and row: acc += s * sum(u x) + zterm * sum(x).
-    Rows are reduced once, at the end.
+    Each program owns BN output rows and a K range; per 128-chunk the [BN, 16] packed words
+    are read once (16-byte loads) and each word is dotted with its 8 activations. With
+    USE_ASM, packed half-precision math does it (see :func:`_gemv_asm`: about 2.5
+    instructions per weight) and returns float32 sums per pair of nibble planes; otherwise
+    plain Triton isolates each plane with an AND, OR-s it into the float32 2^23 exponent and
+    rebases it (exactly u * 2^(4 (i % 4))) for one float32 FMA per weight against activations
+    pre-divided by that power of two. Scale and zero apply once per group and row in float32:
+    acc += s * sum(u x) + zterm * sum(x). Rows are reduced once, at the end.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -281,42 +350,91 @@ def w4a16_gemv_kernel(
     s_rows = s_ptr + rn_safe * n_groups
     z_rows = z_ptr + rn_safe * n_groups
     PPG: tl.constexpr = GROUP // 16 if GROUP < 128 else 8   # nibble planes per group
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     for kt in range(kt0, kt1):
         q = tl.load(q_ptrs + kt * 16)
-        q_hi = q >> 16
-        t = tl.zeros((BN, 16), dtype=tl.float32)
-        xs = tl.zeros((16,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            sh: tl.constexpr = 4 * (i % 4)
-            if i < 4:
-                bits = q & (0xF << sh)
-            else:
-                bits = q_hi & (0xF << sh)
-            v = (bits | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            k0 = kt * 128 + 16 * i
+        if USE_ASM:
+            x_base = x_row + kt * 128
             if EVEN_K:
-                xi = tl.load(x_row + k0).to(tl.float32)
+                x0 = tl.load(x_base)
+                x1 = tl.load(x_base + 16)
+                x2 = tl.load(x_base + 32)
+                x3 = tl.load(x_base + 48)
+                x4 = tl.load(x_base + 64)
+                x5 = tl.load(x_base + 80)
+                x6 = tl.load(x_base + 96)
+                x7 = tl.load(x_base + 112)
             else:
-                xi = tl.load(x_row + k0, mask=(k0 + rj) < K, other=0.0).to(tl.float32)
-            t += v * (xi * (1.0 / (1 << sh)))[None, :]
-            xs += xi
-            if (i + 1) % PPG == 0:  # last plane of a group: scale and zero, once per row
-                if GROUP < 128:
-                    g = kt * (128 // GROUP) + i // PPG
+                kk = kt * 128 + rj
+                x0 = tl.load(x_base, mask=kk < K, other=0.0)
+                x1 = tl.load(x_base + 16, mask=kk + 16 < K, other=0.0)
+                x2 = tl.load(x_base + 32, mask=kk + 32 < K, other=0.0)
+                x3 = tl.load(x_base + 48, mask=kk + 48 < K, other=0.0)
+                x4 = tl.load(x_base + 64, mask=kk + 64 < K, other=0.0)
+                x5 = tl.load(x_base + 80, mask=kk + 80 < K, other=0.0)
+                x6 = tl.load(x_base + 96, mask=kk + 96 < K, other=0.0)
+                x7 = tl.load(x_base + 112, mask=kk + 112 < K, other=0.0)
+            shape: tl.constexpr = (BN, 16)
+            xp0 = tl.broadcast_to(_pair(x0, x4)[None, :], shape)
+            xp1 = tl.broadcast_to(_pair(x1, x5)[None, :], shape)
+            xp2 = tl.broadcast_to(_pair(x2, x6)[None, :], shape)
+            xp3 = tl.broadcast_to(_pair(x3, x7)[None, :], shape)
+            if IS_BF16:
+                asm: tl.constexpr = ASM_GEMV_BF16
+            else:
+                asm: tl.constexpr = ASM_GEMV_F16
+            p01, p23, p45, p67 = tl.inline_asm_elementwise(
+                asm, "=r,=r,=r,=r,r,r,r,r,r", [q, xp0, xp1, xp2, xp3],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            xs01 = x0.to(tl.float32) + x1.to(tl.float32)
+            xs23 = x2.to(tl.float32) + x3.to(tl.float32)
+            xs45 = x4.to(tl.float32) + x5.to(tl.float32)
+            xs67 = x6.to(tl.float32) + x7.to(tl.float32)
+            if GROUP >= 128:
+                s, z = _group_scale(s_rows, z_rows, (kt * 128) // GROUP, n_groups, HAS_ZERO,
+                                    EVEN_K)
+                acc += s[:, None] * ((p01 + p23) + (p45 + p67)) + \
+                    z[:, None] * ((xs01 + xs23) + (xs45 + xs67))[None, :]
+            elif GROUP == 64:
+                s, z = _group_scale(s_rows, z_rows, kt * 2, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * (p01 + p23) + z[:, None] * (xs01 + xs23)[None, :]
+                s, z = _group_scale(s_rows, z_rows, kt * 2 + 1, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * (p45 + p67) + z[:, None] * (xs45 + xs67)[None, :]
+            else:  # GROUP == 32
+                s, z = _group_scale(s_rows, z_rows, kt * 4, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * p01 + z[:, None] * xs01[None, :]
+                s, z = _group_scale(s_rows, z_rows, kt * 4 + 1, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * p23 + z[:, None] * xs23[None, :]
+                s, z = _group_scale(s_rows, z_rows, kt * 4 + 2, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * p45 + z[:, None] * xs45[None, :]
+                s, z = _group_scale(s_rows, z_rows, kt * 4 + 3, n_groups, HAS_ZERO, EVEN_K)
+                acc += s[:, None] * p67 + z[:, None] * xs67[None, :]
+        else:
+            q_hi = q >> 16
+            t = tl.zeros((BN, 16), dtype=tl.float32)
+            xs = tl.zeros((16,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                sh = 4 * (i % 4)
+                if i < 4:
+                    bits = q & (0xF << sh)
                 else:
-                    g = (kt * 128) // GROUP
-                if not EVEN_K:
-                    g = tl.minimum(g, n_groups - 1)
-                s = tl.load(s_rows + g).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(z_rows + g).to(tl.float32)
+                    bits = q_hi & (0xF << sh)
+                v = (bits | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                k0 = kt * 128 + 16 * i
+                if EVEN_K:
+                    xi = tl.load(x_row + k0).to(tl.float32)
                 else:
-                    z = -8.0 * s
-                acc += s[:, None] * t + z[:, None] * xs[None, :]
-                t = tl.zeros((BN, 16), dtype=tl.float32)
-                xs = tl.zeros((16,), dtype=tl.float32)
+                    xi = tl.load(x_row + k0, mask=(k0 + rj) < K, other=0.0).to(tl.float32)
+                t += v * (xi * (1.0 / (1 << sh)))[None, :]
+                xs += xi
+                if (i + 1) % PPG == 0:  # last plane of a group: scale and zero, once per row
+                    s, z = _group_scale(s_rows, z_rows, kt * GPC + i // PPG if GROUP < 128
+                                        else (kt * 128) // GROUP, n_groups, HAS_ZERO, EVEN_K)
+                    acc += s[:, None] * t + z[:, None] * xs[None, :]
+                    t = tl.zeros((BN, 16), dtype=tl.float32)
+                    xs = tl.zeros((16,), dtype=tl.float32)
 
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:

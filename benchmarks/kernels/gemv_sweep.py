@@ -18,10 +18,8 @@ import peers  # noqa: E402
 
 
 def cands():
-    for bn, sk, nw, st in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 4)):
-        if bn == 128 and nw == 4:
-            continue
-        yield dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=st)
+    for bn, sk, nw in itertools.product((64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
+        yield dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3)
 
 
 def main():
