@@ -41,7 +41,15 @@ def _num_sms(device) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
-    """Shape-only heuristic: small M splits K until ~2 programs per SM; large M uses big tiles."""
+    """Shape-only heuristic: one token takes the GEMV path; small M splits K until ~2 programs
+    per SM; large M uses big tiles."""
+    if m == 1:  # CUDA-core GEMV; ~8 programs per SM hide the memory latency
+        cfg = dict(GEMV=True, BN=64, num_warps=4, num_stages=3)
+        split, tiles, k_tiles = 1, -(-n // 64), -(-k // 128)
+        while tiles * split < 8 * num_sms and split * 2 <= max(1, k_tiles // 4):
+            split *= 2
+        cfg.update(SPLIT_K=split)
+        return cfg
     if m <= 4:
         cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3)
     elif m <= 16:

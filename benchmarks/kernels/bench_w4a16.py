@@ -71,6 +71,9 @@ def tune(mk, out_path, shapes, ms, budget_s):
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             cands = list(small_m_candidates() if m <= 16 else large_m_candidates(m))
+            if m <= 2:  # the CUDA-core decode kernel
+                cands += [dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3)
+                          for bn, sk, nw in itertools.product((64, 128), (2, 4, 8), (2, 4, 8))]
             best = (float("inf"), None)
             for cfg in cands:
                 if time.time() - t0 > budget_s:
