@@ -106,6 +106,19 @@ def markdown_table(path: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def _overrides(items):
+    """``FIELD=VALUE`` strings -> AWQConfig keyword arguments, typed like the field defaults."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        default = getattr(AWQConfig, key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
@@ -117,6 +130,8 @@ def main() -> None:
     ap.add_argument("--machine", default="cpu-2core")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--search-tokens", type=int, default=AWQConfig.search_tokens)
+    ap.add_argument("--awq-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="extra AWQConfig fields for our rows, e.g. n_grid=40 duo_scaling=false")
     ap.add_argument("--table", action="store_true", help="print the results as markdown and exit")
     args = ap.parse_args()
     if args.table:
@@ -125,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = f"{args.machine} ({args.threads} torch thread{'s' * (args.threads > 1)})"
     for name in args.models:
-        awq = AWQConfig(search_tokens=args.search_tokens)
+        awq = AWQConfig(search_tokens=args.search_tokens, **_overrides(args.awq_set))
         run(name, args.methods, args.windows, args.n_calib, awq, machine, args.out)
 
 
