@@ -55,7 +55,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             GROUP=p.group_size, BN=cfg["BN"], HAS_ZERO=p.zterm is not None,
             HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0, ATOMIC=atomic,
             USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
-            IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+            IS_BF16=x.dtype == torch.bfloat16, PREFETCH=cfg.get("PREFETCH", False),
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
         return (out.to(x.dtype) if atomic else out).reshape(out_shape)
     grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
     w4a16_kernel[grid](

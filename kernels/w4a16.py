@@ -321,7 +321,7 @@ def w4a16_gemv_kernel(
     M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
-    IS_BF16: tl.constexpr = False,
+    IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """Decode path (a few tokens): CUDA-core GEMV, one token per program along grid axis 2.
 
@@ -353,8 +353,14 @@ def w4a16_gemv_kernel(
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, 16), dtype=tl.float32)
+    if PREFETCH:  # the next chunk's words are in flight while this one is computed
+        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0)
     for kt in range(kt0, kt1):
-        q = tl.load(q_ptrs + kt * 16)
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0)
+        else:
+            q = tl.load(q_ptrs + kt * 16)
         if USE_ASM:
             x_base = x_row + kt * 128
             if EVEN_K:

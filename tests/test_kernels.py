@@ -42,7 +42,7 @@ SMALL = dict(BM=16, BN=32, SPLIT_K=1, num_warps=4, num_stages=2)
 SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
 FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
 GEMV = dict(GEMV=True, BN=16, SPLIT_K=1, num_warps=4, num_stages=2)
-GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2)
+GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -97,7 +97,8 @@ def test_default_config_fills_the_gpu_for_decode():
 @pytest.mark.parametrize("zero", [True, False])
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 130, 513])
 @pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("cfg", [None, dict(GEMV=True, BN=64, SPLIT_K=4)])
+@pytest.mark.parametrize("cfg", [None, dict(GEMV=True, BN=64, SPLIT_K=4),
+                                 dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     if cfg and m > 16:
         pytest.skip("the GEMV path is for decode batches")

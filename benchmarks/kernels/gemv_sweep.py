@@ -18,8 +18,8 @@ import peers  # noqa: E402
 
 
 def cands():
-    for bn, sk, nw in itertools.product((64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
-        yield dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3)
+    for bn, sk, nw, pf in itertools.product((32, 64, 128), (2, 3, 4, 6, 8), (2, 4), (False, True)):
+        yield dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, PREFETCH=pf)
 
 
 def main():
@@ -27,11 +27,13 @@ def main():
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--out", default="gemv_sweep.json")
     ap.add_argument("--peers", default="humming")
+    ap.add_argument("--shapes", default=None, help="KxN,... (default: all five)")
     a = ap.parse_args()
     mk = import_kernels()
     bw = copy_bandwidth()
     rows = []
-    for k, n in SHAPES:
+    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    for k, n in shapes:
         w_hat, codes, scale, zero, packed = make_problem(mk, k, n)
         nc = copies_for(packed.qweight.numel() * 4)
         for m in map(int, a.ms.split(",")):
