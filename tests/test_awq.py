@@ -40,7 +40,8 @@ def _ref_qdq(w, block, symmetric, ratio=1.0):
         for b in range(0, w.shape[1], block):
             x = w[r, b:b + block].double()
             if symmetric:
-                scale = max(x.abs().max().item() * ratio, 1e-8) / 7
+                amax = max(x.max().item(), -x.min().item() * 7 / 8)  # -8 is on the grid
+                scale = max(amax * ratio, 1e-8) / 7
                 out[r, b:b + block] = torch.clamp(torch.round(x / scale), -8, 7) * scale
             else:
                 lo, hi = x.min().item() * ratio, x.max().item() * ratio
@@ -129,7 +130,8 @@ def test_awq_ranges_are_set_per_block_and_shrunk():
     model = mtl.quantize(ALL["llama"](), awq_cfg(), calib=random_tokens(4, 32), progress=False)
     q = model.model.layers[0].mlp.down_proj.weight_quantizer
     w = model.model.layers[0].mlp.down_proj.weight
-    full = w.detach().reshape(w.shape[0], -1, 32).abs().amax(-1)
+    blocks = w.detach().reshape(w.shape[0], -1, 32)
+    full = torch.maximum(blocks.amax(-1), -blocks.amin(-1) * 7 / 8)
     assert q.amax.shape == full.shape and (q.amax <= full + 1e-6).all() and (q.amax < full).any()
 
 

@@ -18,8 +18,8 @@ def reference_fake_quant(w, bits, symmetric, group):
         for start in range(0, k, group):
             g = w[r, start:start + group]
             if symmetric:
-                qmax = 2 ** (bits - 1) - 1
-                s = max(g.abs().max().item(), 1e-8) / qmax
+                qmax = 2 ** (bits - 1) - 1  # the negative extreme may use -qmax - 1
+                s = max(g.max().item(), -g.min().item() * qmax / (qmax + 1), 1e-8) / qmax
                 q = torch.clamp(torch.round(g / s), -qmax - 1, qmax)
                 out[r, start:start + group] = q * s
             else:
@@ -133,3 +133,20 @@ def test_int4_codes_round_trip():
         z = 8.0 if zero is None else zero.unsqueeze(-1)
         deq = ((codes.float().reshape(16, 2, 64) - z) * scale.unsqueeze(-1)).reshape(16, 128)
         assert torch.allclose(deq, q(w), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_weight_range_uses_the_negative_level_without_clipping(bits):
+    """Both extremes land on the grid (no clipping: error <= scale / 2 everywhere), the step is
+    never coarser than abs-max / qmax, and it is finer when the negative extreme dominates."""
+    qmax = 2 ** (bits - 1) - 1
+    w = torch.randn(64, 128, dtype=torch.float64)
+    w[:32, 0] = -w[:32].abs().amax(1) * 1.5     # rows 0..31: the negative extreme dominates
+    amax = F.symmetric_amax(w, 1, bits, keepdim=True)
+    scale = amax / qmax
+    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
+    assert ((q * scale - w).abs() <= scale / 2 + 1e-12).all()
+    old = w.abs().amax(1, keepdim=True) / qmax
+    assert (scale <= old + 1e-12).all()
+    torch.testing.assert_close(scale[:32], old[:32] * qmax / (qmax + 1))
+    assert (q[:32, 0] == -qmax - 1).all()

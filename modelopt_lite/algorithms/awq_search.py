@@ -33,7 +33,7 @@ def weight_range(w: torch.Tensor, spec: QuantizerSpec):
     else:
         blocks = F.to_blocks(w, block_width(spec, w.shape[1]))
     if spec.symmetric:
-        return None, blocks.abs().amax(-1)
+        return None, F.symmetric_amax(blocks, -1, spec.num_bits)
     return blocks.amin(-1), blocks.amax(-1)
 
 

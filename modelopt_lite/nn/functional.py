@@ -3,7 +3,10 @@
 Conventions (shared by the fake-quant modules, the checkpoints, the INT4 kernels and export):
 
 * symmetric: ``scale = amax / qmax``, ``q = clamp(round(x / scale), qmin, qmax)``,
-  ``x_hat = q * scale`` (int8: q in [-128, 127]; int4: q in [-8, 7]);
+  ``x_hat = q * scale`` (int8: q in [-128, 127]; int4: q in [-8, 7]). A *weight's* range
+  uses the extra negative level: ``amax = max(max(x), -min(x) * qmax / -qmin)``, so a group
+  whose largest magnitude is negative maps it to -8 (int4) with a 1/8 finer step, instead of
+  to -7 with a 1/7 step (:func:`symmetric_amax`);
 * asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = -min / scale`` (a float, so a
   min/max group is reproduced exactly), ``q = clamp(round(x / scale + zero), 0, 2**bits - 1)``,
   ``x_hat = (q - zero) * scale``.
@@ -113,17 +116,27 @@ def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.reshape(rows, k // block_size, block_size)
 
 
-def block_range(w: torch.Tensor, block_size: int, symmetric: bool):
+def symmetric_amax(x: torch.Tensor, dim, num_bits: int, keepdim: bool = False) -> torch.Tensor:
+    """The symmetric range of a weight that uses all of [qmin, qmax]: the smallest ``amax``
+    with ``max(x) <= amax`` and ``-min(x) <= amax * (-qmin) / qmax``, i.e. both extremes land
+    on the grid ``scale = amax / qmax`` without clipping."""
+    qmin, qmax = qrange(num_bits, True)
+    hi = x.amax(dim=dim, keepdim=keepdim)
+    lo = x.amin(dim=dim, keepdim=keepdim)
+    return torch.maximum(hi, -lo * (qmax / -qmin)).clamp(min=0)
+
+
+def block_range(w: torch.Tensor, block_size: int, symmetric: bool, num_bits: int = 8):
     """(amin or None, amax) per (row, block) of a 2-D weight, each [rows, K // block]."""
     blocks = to_blocks(w, block_size)
     if symmetric:
-        return None, blocks.abs().amax(-1)
+        return None, symmetric_amax(blocks, -1, num_bits)
     return blocks.amin(-1), blocks.amax(-1)
 
 
 def quantize_blockwise(w: torch.Tensor, block_size: int, num_bits: int, symmetric: bool):
     """Blockwise quantization of a 2-D weight along its input dim -> (q, scale, zero)."""
-    amin, amax = block_range(w, block_size, symmetric)
+    amin, amax = block_range(w, block_size, symmetric, num_bits)
     scale, zero = scale_zero(amin, amax, num_bits, symmetric)
     zb = zero.unsqueeze(-1) if zero is not None else None
     q = quantize(to_blocks(w, block_size), scale.unsqueeze(-1), zb, num_bits, symmetric)

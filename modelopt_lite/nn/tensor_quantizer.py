@@ -72,10 +72,10 @@ class TensorQuantizer(nn.Module):
         s = self.spec
         w = w2d.detach().float()
         if s.granularity == "per_block":
-            return F.block_range(w, s.block_size, s.symmetric)
+            return F.block_range(w, s.block_size, s.symmetric, s.num_bits)
         dims = (1,) if s.granularity == "per_channel" else (0, 1)
         if s.symmetric:
-            return None, w.abs().amax(dim=dims, keepdim=s.granularity == "per_channel")
+            return None, F.symmetric_amax(w, dims, s.num_bits, s.granularity == "per_channel")
         keep = s.granularity == "per_channel"
         return w.amin(dim=dims, keepdim=keep), w.amax(dim=dims, keepdim=keep)
 
