@@ -47,29 +47,23 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     atomic = split_k > 1
     out = (torch.zeros if atomic else torch.empty)(
         (m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
-    if cfg.get("GEMV", False):
-        w4a16_gemv_kernel[(triton_cdiv(n, cfg["BN"]), split_k, m)](
-            x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
+    args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
-            m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k,
-            GROUP=p.group_size, BN=cfg["BN"], HAS_ZERO=p.zterm is not None,
-            HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0, ATOMIC=atomic,
-            USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
-            IS_BF16=x.dtype == torch.bfloat16, PREFETCH=cfg.get("PREFETCH", False),
-            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-        return (out.to(x.dtype) if atomic else out).reshape(out_shape)
-    grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
-    w4a16_kernel[grid](
-        x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
-        bias if bias is not None else p.scale, out,
-        m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k,
-        GROUP=p.group_size, BN=cfg["BN"], BM=cfg["BM"],
-        GROUP_N=cfg.get("GROUP_N", 8), HAS_ZERO=p.zterm is not None, HAS_BIAS=bias is not None,
-        IS_BF16=x.dtype == torch.bfloat16, USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
-        EVEN_K=k % 128 == 0, ATOMIC=atomic,
-        DOT_F32=_interpreting() and x.dtype == torch.bfloat16, FUSE_K=cfg.get("FUSE_K", False),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-    )
+            m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
+    common = dict(GROUP=p.group_size, BN=cfg["BN"], HAS_ZERO=p.zterm is not None,
+                  HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
+                  USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
+                  EVEN_K=k % 128 == 0, ATOMIC=atomic,
+                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    if cfg.get("GEMV", False):  # one token per program along grid axis 2
+        w4a16_gemv_kernel[(triton_cdiv(n, cfg["BN"]), split_k, m)](
+            *args, PREFETCH=cfg.get("PREFETCH", False), **common)
+    else:
+        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
+        w4a16_kernel[grid](
+            *args, BM=cfg["BM"], GROUP_N=cfg.get("GROUP_N", 8),
+            DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
+            FUSE_K=cfg.get("FUSE_K", False), **common)
     if atomic:
         out = out.to(x.dtype)
     return out.reshape(out_shape)

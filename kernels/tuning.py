@@ -43,14 +43,10 @@ def _num_sms(device) -> int:
 def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
     """Shape-only heuristic: one token takes the GEMV path; small M splits K until ~2 programs
     per SM; large M uses big tiles."""
+    per_sm = 2
     if m == 1:  # CUDA-core GEMV; ~8 programs per SM hide the memory latency
-        cfg = dict(GEMV=True, BN=64, num_warps=4, num_stages=3)
-        split, tiles, k_tiles = 1, -(-n // 64), -(-k // 128)
-        while tiles * split < 8 * num_sms and split * 2 <= max(1, k_tiles // 4):
-            split *= 2
-        cfg.update(SPLIT_K=split)
-        return cfg
-    if m <= 4:
+        cfg, per_sm = dict(GEMV=True, BN=64, num_warps=4, num_stages=3), 8
+    elif m <= 4:
         cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3)
     elif m <= 16:
         cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3, FUSE_K=True)
@@ -58,10 +54,10 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> d
         cfg = dict(BM=64, BN=64, num_warps=4, num_stages=3, FUSE_K=True)
     else:
         cfg = dict(BM=128, BN=128, num_warps=8, num_stages=4, FUSE_K=True)
-    tiles = -(-n // cfg["BN"]) * -(-m // cfg["BM"])
+    tiles = -(-n // cfg["BN"]) * -(-m // cfg.get("BM", 1))
     k_tiles = -(-k // 128)
     split = 1
-    while tiles * split < 2 * num_sms and split * 2 <= max(1, k_tiles // 4):
+    while tiles * split < per_sm * num_sms and split * 2 <= max(1, k_tiles // 4):
         split *= 2
     cfg.update(SPLIT_K=split, GROUP_N=8)
     return cfg

@@ -76,27 +76,20 @@ def _gemv_asm(bf16: bool) -> str:
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     cvt = "cvt.f32.bf16" if bf16 else "cvt.f32.f16"
+    planes = []
+    for b, acc in enumerate("aabb"):  # planes (b, b+4): b = 0, 1 -> a; b = 2, 3 -> b
+        word = "$4" if b == 0 else "w"
+        shift = "" if b == 0 else f"shr.u32 w, $4, {4 * b};\n"
+        prod = f"mul.rn.{ty} {acc}, t, ${5 + b};" if b % 2 == 0 else \
+            f"fma.rn.{ty} {acc}, t, ${5 + b}, {acc};"
+        planes.append(f"{shift}lop3.b32 t, {word}, 0x000F000F, m, 0xEA;\n"
+                      f"sub.rn.{ty} t, t, m;\n{prod}\n")
     return f"""
 {{
 .reg .b32 m, t, w, a, b;
 .reg .b16 lo, hi;
 mov.b32 m, {magic};
-lop3.b32 t, $4, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, m;
-mul.rn.{ty} a, t, $5;
-shr.u32 w, $4, 4;
-lop3.b32 t, w, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, m;
-fma.rn.{ty} a, t, $6, a;
-shr.u32 w, $4, 8;
-lop3.b32 t, w, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, m;
-mul.rn.{ty} b, t, $7;
-shr.u32 w, $4, 12;
-lop3.b32 t, w, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, m;
-fma.rn.{ty} b, t, $8, b;
-mov.b32 {{lo, hi}}, a;
+{"".join(planes)}mov.b32 {{lo, hi}}, a;
 {cvt} $0, lo;
 {cvt} $2, hi;
 mov.b32 {{lo, hi}}, b;

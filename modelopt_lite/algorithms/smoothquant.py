@@ -99,9 +99,9 @@ def group_weight_absmax(linears) -> torch.Tensor:
 
 def output_error(outs, refs) -> float:
     """Sum of squared differences over batches (and ranks), relative to the reference's norm."""
-    zero = torch.zeros((), dtype=torch.float64)
-    num = sum(((o.double() - r.double()).pow(2).sum().cpu() for o, r in zip(outs, refs)), zero)
-    den = sum((r.double().pow(2).sum().cpu() for r in refs), zero)
+    zero = torch.zeros((), dtype=torch.float64, device=refs[0].device if refs else None)
+    num = sum(((o.double() - r.double()).pow(2).sum() for o, r in zip(outs, refs)), zero)
+    den = sum((r.double().pow(2).sum() for r in refs), zero)
     sums = reduce_sum_(torch.stack([num, den]))
     return (sums[0] / sums[1].clamp(min=1e-30)).item()
 

@@ -126,7 +126,7 @@ def symmetric_amax(x: torch.Tensor, dim, num_bits: int, keepdim: bool = False) -
     return torch.maximum(hi, -lo * (qmax / -qmin)).clamp(min=0)
 
 
-def block_range(w: torch.Tensor, block_size: int, symmetric: bool, num_bits: int = 8):
+def block_range(w: torch.Tensor, block_size: int, symmetric: bool, num_bits: int):
     """(amin or None, amax) per (row, block) of a 2-D weight, each [rows, K // block]."""
     blocks = to_blocks(w, block_size)
     if symmetric:
