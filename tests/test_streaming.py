@@ -148,11 +148,16 @@ def test_gpu_holds_about_one_layer(tmp_path):
     ref = mtl.quantize(copy.deepcopy(model), "w8a8", calib=tokens, progress=False)
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     meta = load_streaming(_save(model, tmp_path, "2MB"))
+    # cuBLAS takes its workspace (32 MiB on Hopper) from the caching allocator on first use:
+    # allocate it first and count only what calibration adds on top
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with stream_layers(meta, "cuda") as streamer:
         mtl.quantize(meta, "w8a8", calib=tokens, progress=False)
         streamer.materialize_all("cpu")
-    assert torch.cuda.max_memory_allocated() < 3 * layer_bytes
+    assert torch.cuda.max_memory_allocated() - base < 3 * layer_bytes
     sa, sb = ref.state_dict(), meta.state_dict()
     for k in sa:
         torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-4, atol=1e-5)
