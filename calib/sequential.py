@@ -37,6 +37,11 @@ class _Captured(Exception):
     pass
 
 
+class StopForward(Exception):
+    """Raised by a hook during :meth:`LayerInputs.feed` to end the current batch's forward
+    early, once the hook has seen everything it needs from it."""
+
+
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -116,6 +121,23 @@ class LayerInputs:
             out = layer(*args, **kwargs)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs
+
+    @torch.no_grad()
+    def feed(self, layer: nn.Module, device=None,
+             after_batch: Callable[[], None] | None = None) -> None:
+        """Replay ``layer`` on every captured input for its hooks' sake, keeping no outputs.
+        A hook may raise :class:`StopForward` to cut a batch short; ``after_batch`` is called
+        after each batch."""
+        device = self.device if device is None else device
+        for args, kwargs in self.entries:
+            if device is not None:
+                args, kwargs = _move(args, device), _move(kwargs, device)
+            try:
+                layer(*args, **kwargs)
+            except StopForward:
+                pass
+            if after_batch is not None:
+                after_batch()
 
     @torch.no_grad()
     def advance(self, layer: nn.Module) -> None:

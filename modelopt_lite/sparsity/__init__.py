@@ -81,12 +81,13 @@ def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
             by_layer.setdefault(f"{path}.{prefix}", []).append(p)
     if by_layer:
         def process(i, name, layer, inputs):
-            prune_plans(by_layer.get(name, []), lambda: inputs.run(layer), cfg)
+            prune_plans(by_layer.get(name, []),
+                        lambda end_batch: inputs.feed(layer, after_batch=end_batch), cfg)
 
         run_sequential(model, loop, process, progress=progress, desc=f"{cfg.method} layers")
     rest = [p for p in plans if p.name not in inside]
     if rest:
-        prune_plans(rest, lambda: loop(model), cfg)
+        prune_plans(rest, lambda end_batch: loop(model), cfg)
 
 
 def _record(model: nn.Module, cfg: SparsityConfig, plans: list[SparsePlan], seconds: float) -> None:

@@ -209,7 +209,11 @@ class _InputCollector:
     """Forward pre-hooks that accumulate ``X^T X`` of each planned linear's input.
 
     Linears that read the very same input tensor (q/k/v, gate/up) share one accumulator: the
-    first batch decides the sharing, so the Hessian is computed once per distinct input.
+    first batch decides the sharing, so the Hessian is computed once per distinct input. When
+    the replay reports batch ends (:meth:`end_batch`) and the first batch called every hooked
+    linear once, later batches stop right after the last one's input is recorded
+    (:class:`~modelopt_lite.calib.sequential.StopForward`): the rest of the forward, such as
+    ``down_proj`` itself, is not needed for statistics.
     """
 
     def __init__(self, plans: list[SparsePlan]):
@@ -217,6 +221,8 @@ class _InputCollector:
         self.owner: dict[str, str] = {}
         self.handles = []
         self._last = None
+        self._calls: list[str] | None = []  # call order in the first batch
+        self._stop_at: str | None = None
         for p in plans:
             if p.skipped or _kind(p.module) == "conv2d":
                 continue
@@ -234,7 +240,21 @@ class _InputCollector:
             self._last = (x, self.owner[name])
             if self.owner[name] == name:
                 self.accs[name].add(x)
+            if self._calls is not None:
+                self._calls.append(name)
+            elif name == self._stop_at:
+                from ..calib.sequential import StopForward
+
+                raise StopForward
         return hook
+
+    def end_batch(self) -> None:
+        """Called between batches: after the first, fix where later batches may stop."""
+        self._last = None
+        if self._calls is not None:
+            once = len(set(self._calls)) == len(self._calls)
+            self._stop_at = self._calls[-1] if self._calls and once else None
+            self._calls = None
 
     def remove(self):
         for h in self.handles:
@@ -252,11 +272,12 @@ class _InputCollector:
 
 
 def prune_plans(plans: list[SparsePlan], run, cfg: SparsityConfig) -> None:
-    """Collect inputs while ``run()`` replays the model (or a layer), then prune every plan."""
+    """Collect inputs while ``run(end_batch)`` replays the model (or a layer), then prune every
+    plan. ``run`` may call ``end_batch()`` after each batch to let later batches stop early."""
     collector = _InputCollector(plans)
     try:
         if collector.handles:
-            run()
+            run(collector.end_batch)
     finally:
         collector.remove()
     for group, acc in collector.groups(plans):

@@ -26,22 +26,42 @@ from .masks import check_nm_shape
 
 
 class HessianAccumulator:
-    """Sums ``X^T X`` and counts tokens; :meth:`hessian` all-reduces and returns ``2 X^T X / n``."""
+    """Sums ``X^T X`` and counts tokens; :meth:`hessian` all-reduces and returns ``2 X^T X / n``.
 
-    def __init__(self, in_features: int, device=None):
+    Wide inputs accumulate only the blocks on and above the diagonal (``X^T X`` is
+    symmetric), mirrored once at the end: about 5/8 of the products at 4 blocks.
+    """
+
+    def __init__(self, in_features: int, device=None, split: int | None = None):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self._reduced = False
+        k = split if split is not None else (4 if in_features >= 1024 else 1)
+        edges = [round(i * in_features / k) for i in range(k + 1)]
+        self._spans = [slice(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
-        self.xtx.addmm_(x.t(), x)
+        if len(self._spans) == 1:
+            self.xtx.addmm_(x.t(), x)
+        else:
+            for i, a in enumerate(self._spans):
+                xa = x[:, a].t()
+                for b in self._spans[i:]:
+                    self.xtx[a, b].addmm_(xa, x[:, b])
         self.count += x.shape[0]
+
+    def _mirror(self) -> None:
+        for i, a in enumerate(self._spans):
+            for b in self._spans[i + 1:]:
+                self.xtx[b, a] = self.xtx[a, b].t()
+        self._spans = [slice(0, self.xtx.shape[0])]
 
     def reduce(self) -> None:
         """Sum the statistics over torch.distributed ranks (once)."""
         if not self._reduced:
+            self._mirror()
             all_reduce_(self.xtx, "sum")
             all_reduce_(self.count, "sum")
             self._reduced = True
@@ -60,14 +80,19 @@ class HessianAccumulator:
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it is positive definite."""
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), raising the
+    damping until ``H`` is positive definite.
+
+    With ``J`` the reversal permutation and ``J H J = L L^T``, ``H = R R^T`` for the upper
+    ``R = J L J``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1``: one factorisation and one
+    triangular solve.
+    """
     damp = percdamp * torch.mean(torch.diag(h)).clamp_min(1e-8)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + damp * (10 ** attempt) * eye)
+        chol, info = torch.linalg.cholesky_ex((h + damp * (10 ** attempt) * eye).flip(0, 1))
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True)
+            return torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)
     raise ValueError("the Hessian is not positive definite even with 10^5x the dampening; "
                      "check the calibration data (NaN/Inf or all-zero inputs)")
 
@@ -100,40 +125,57 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n: int = 2, m: int = 4,
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
     if block_size % m:
         raise ValueError(f"block_size {block_size} must be a multiple of m={m}")
-    with _few_threads(w.device):
-        return _sparsegpt(w, h, n, m, block_size, percdamp)
+    return _sparsegpt(w, h, n, m, block_size, percdamp)
 
 
 def _sparsegpt(w, h, n, m, block_size, percdamp):
-    W = w.detach().float().clone()
+    # transposed, [in, out]: each input column is a contiguous row, so the column loop's
+    # small operations stay cheap
+    W = w.detach().float().t().contiguous()
     H = h.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[dead] = 0.0
     hinv = _inverse_cholesky_upper(H, percdamp)
     mask = torch.zeros_like(W, dtype=torch.bool)
-    cols = W.shape[1]
+    cols = W.shape[0]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        err = _prune_block(W[:, i1:i2], hinv[i1:i2, i1:i2], mask[:, i1:i2], n, m)
-        W[:, i2:] -= err.matmul(hinv[i1:i2, i2:])
+        with _few_threads(W.device):
+            err = _prune_block(W[i1:i2], hinv[i1:i2, i1:i2], mask[i1:i2], n, m)
+        if i2 < cols:
+            W[i2:] -= hinv[i1:i2, i2:].t() @ err
     W[~mask] = 0.0
-    return W.to(w.dtype), mask
+    return W.t().to(w.dtype), mask.t()
 
 
 def _prune_block(w1: torch.Tensor, hinv1: torch.Tensor, mask1: torch.Tensor, n: int, m: int):
-    """Prune one block in place (``w1``, ``mask1`` are views); return its scaled errors."""
-    err1 = torch.zeros_like(w1)
+    """Prune one block in place; return its scaled errors. Transposed layout: ``w1``,
+    ``mask1`` are ``[block, out]`` views (one row per input column).
+
+    One group of ``m`` columns at a time: the group's mask is chosen on its current weights;
+    the OBS recursion inside the group, ``e_k = p_k / d_k (w_k - sum_{j<k} U_jk e_j)``
+    (``p``: 1 where pruned; ``U``: the block's upper factor of ``H^-1``, ``d`` its diagonal),
+    runs over the ``m`` columns for all output rows at once, and the group's errors then
+    update the block's later columns in one product (the lazy update of the paper, per group).
+    """
+    err1 = torch.empty_like(w1)
     diag = torch.diagonal(hinv1)
-    for i in range(w1.shape[1]):
-        if i % m == 0:
-            saliency = w1[:, i:i + m] ** 2 / diag[i:i + m].unsqueeze(0) ** 2
-            keep = torch.topk(saliency, n, dim=1).indices
-            mask1[:, i:i + m] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(1, keep, True)
-        col = w1[:, i]
-        q = col * mask1[:, i]
-        e = (col - q) / diag[i]
-        w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # in place: no [rows, cols] temporary
-        w1[:, i] = q
-        err1[:, i] = e
+    cols = w1.shape[0]
+    for i in range(0, cols, m):
+        j = i + m
+        wg, d = w1[i:j], diag[i:j].unsqueeze(1)
+        keep = torch.topk(wg.pow(2) / d.pow(2), n, dim=0).indices
+        mask_g = torch.zeros_like(wg, dtype=torch.bool).scatter_(0, keep, True)
+        scale = (~mask_g).to(wg.dtype) / d  # [m, out]: p_k / d_k
+        e = err1[i:j]
+        u = hinv1[i:j, i:j]
+        e[0] = wg[0] * scale[0]
+        for k in range(1, m):
+            e[k] = (wg[k] - u[:k, k] @ e[:k]) * scale[k]
+        q = (wg - torch.triu(u, diagonal=1).t() @ e) * mask_g
+        if j < cols:
+            w1[j:] -= hinv1[i:j, j:].t() @ e
+        w1[i:j] = q
+        mask1[i:j] = mask_g
     return err1
