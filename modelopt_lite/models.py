@@ -32,11 +32,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Group:
-    """Linears that share one input, the module producing that input, and the block to score."""
+    """Linears that share one input, the module producing that input, and the block to score.
+
+    ``kv_heads``: for ``v_proj -> o_proj``, the attention module whose key/value heads are
+    repeated for grouped-query attention. Then ``o_proj`` reads each ``v_proj`` channel
+    ``num_key_value_groups`` times (once per query head of the group), so the scale is tied
+    across those copies and folds into ``v_proj``'s rows exactly.
+    """
 
     prev: str | None
     linears: tuple[str, ...]
     block: str | None = None
+    kv_heads: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,15 +53,16 @@ class Arch:
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_V_O = Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", kv_heads="self_attn")
 _LLAMA = Arch("model.layers", (
     Group("input_layernorm", _ATTN, "self_attn"),
-    Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    _V_O,
     Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 ))
 _GEMMA2 = Arch("model.layers", (
     Group("input_layernorm", _ATTN, "self_attn"),
-    Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    _V_O,
     Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 ))
@@ -146,8 +154,50 @@ def _group_ok(layer: nn.Module, group: Group) -> bool:
     if prev is None:
         return False
     if _is_linear(prev):  # a linear producer must emit exactly the consumers' input channels
-        return out_features(prev) == in_features(linears[0])
+        return (out_features(prev) == in_features(linears[0])
+                or kv_repeat(layer, group) is not None)
     return True
+
+
+def kv_repeat(layer: nn.Module, group: Group) -> tuple[int, int] | None:
+    """``(repeats, head_dim)`` when the group's producer feeds repeated key/value heads (GQA):
+    consumer input channel ``h * head_dim + d`` reads producer channel
+    ``(h // repeats) * head_dim + d``. None otherwise."""
+    attn = _get(layer, group.kv_heads)
+    prev, first = _get(layer, group.prev), _get(layer, group.linears[0])
+    if attn is None or prev is None or first is None or not _is_linear(prev):
+        return None
+    r, hd = getattr(attn, "num_key_value_groups", None), getattr(attn, "head_dim", None)
+    if not isinstance(r, int) or not isinstance(hd, int) or r <= 1 or hd <= 0:
+        return None
+    produced = out_features(prev)
+    return (r, hd) if produced % hd == 0 and produced * r == in_features(first) else None
+
+
+def tie_scale(layer: nn.Module, group: Group, s: torch.Tensor) -> torch.Tensor:
+    """Project consumer-side scales (``[..., in]``) onto what the producer can fold: under
+    GQA, the geometric mean over each channel's repeated copies, repeated back; else ``s``."""
+    rep = kv_repeat(layer, group)
+    if rep is None:
+        return s
+    r, hd = rep
+    lead = s.shape[:-1]
+    tied = s.float().clamp(min=1e-12).log().reshape(*lead, -1, r, hd).mean(-2, keepdim=True)
+    return tied.exp().expand(*lead, tied.shape[-3], r, hd).reshape(s.shape).to(s.dtype)
+
+
+def _producer_scale(layer: nn.Module, group: Group, s: torch.Tensor) -> torch.Tensor:
+    """The scale on the producer's own channels (one copy of each repeated GQA channel)."""
+    rep = kv_repeat(layer, group)
+    if rep is None:
+        return s
+    r, hd = rep
+    copies = s.reshape(-1, r, hd)
+    if not torch.allclose(copies, copies[:, :1].expand_as(copies), rtol=1e-5, atol=0):
+        raise ValueError(f"{group.prev} -> {group.linears}: the scale differs between the "
+                         "copies of a repeated key/value head, so it cannot fold; pass it "
+                         "through models.tie_scale first")
+    return copies[:, 0].reshape(-1)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -205,11 +255,12 @@ def divide_producer_(prev: nn.Module, s: torch.Tensor) -> None:
 def apply_group_scale_(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
     """Fold ``s`` exactly: producer / s, consumers' inputs * s; or an explicit multiply."""
     s = s.float()
+    prev = _get(layer, group.prev)
+    s_prev = None if prev is None else _producer_scale(layer, group, s)  # checks before changes
     for name in group.linears:
         scale_linear_inputs_(layer.get_submodule(name), s)
-    prev = _get(layer, group.prev)
     if prev is not None:
-        divide_producer_(prev, s.to(prev.weight.device))
+        divide_producer_(prev, s_prev.to(prev.weight.device))
         return
     for name in group.linears:  # no producer: keep x / s as an explicit multiply
         _set_input_multiplier(layer.get_submodule(name), 1.0 / s)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from modelopt_lite.calib.sequential import run_sequential
-from modelopt_lite.models import apply_group_scale_, find_decoder_layers, layer_groups
-from tiny_models import ALL, random_tokens
+from modelopt_lite.models import (apply_group_scale_, find_decoder_layers, kv_repeat, layer_groups,
+                                  tie_scale)
+from tiny_models import ALL, random_tokens, tiny_llama
 
 
 def _logits(model, tokens):
@@ -24,13 +25,33 @@ def test_fold_leaves_float_model_unchanged(arch):
         for group in layer_groups(model, layer):
             width = layer.get_submodule(group.linears[0]).weight.shape[
                 0 if arch == "gpt2" else 1]
-            apply_group_scale_(layer, group, torch.rand(width, dtype=torch.float64) * 4 + 0.25)
+            s = tie_scale(layer, group, torch.rand(width, dtype=torch.float64) * 4 + 0.25)
+            apply_group_scale_(layer, group, s)
             n_groups += 1
     assert n_groups >= 2 * len(layers)
     out = _logits(model, tokens)
     # Gemma norms compute in float32 even in a float64 model: 1e-6, not 1e-12
     assert (out - ref).abs().max() / ref.abs().max() < 1e-6
     assert not torch.allclose(out, ref + 1)  # sanity: the comparison can fail
+
+
+def test_gqa_value_to_output_scale_is_tied_over_repeated_heads():
+    model = tiny_llama(heads=4, kv_heads=2).double()  # head_dim 16: v_proj 32 -> o_proj 64
+    tokens = random_tokens()
+    ref = _logits(model, tokens)
+    layer = find_decoder_layers(model)[1][0]
+    group = next(g for g in layer_groups(model, layer) if g.prev == "self_attn.v_proj")
+    assert kv_repeat(layer, group) == (2, 16)
+    raw = torch.rand(64, dtype=torch.float64) + 0.5
+    with pytest.raises(ValueError, match="repeated key/value head"):
+        apply_group_scale_(layer, group, raw)
+    s = tie_scale(layer, group, raw)
+    # o_proj channel h * 16 + d reads v_proj channel (h // 2) * 16 + d
+    assert torch.equal(s[:16], s[16:32]) and torch.equal(s[32:48], s[48:])
+    torch.testing.assert_close(s[:16], (raw[:16] * raw[16:32]).sqrt())
+    apply_group_scale_(layer, group, s)
+    out = _logits(model, tokens)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-12
 
 
 def test_unknown_arch_falls_back_to_explicit_multiply(caplog):

@@ -35,7 +35,7 @@ from torch import nn
 from ..calib.distributed import (broadcast_, global_offset, local_indices, rank, reduce_sum,
                                 reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
-from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
+from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups, tie_scale
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
@@ -273,7 +273,8 @@ def _search_group(layer, group: Group, linears: dict, cap: _Capture, algo: AWQCo
     spec = next(iter(quant.values())).weight_quantizer.spec
     weights = {n: m.weight_2d().detach().clone() for n, m in quant.items()}
     w_mag = S.weight_magnitude(list(weights.values()), spec) if algo.duo_scaling else None
-    cands = S.candidate_scales(cap.absmean[group.linears[0]], w_mag, algo.n_grid)
+    cands = tie_scale(layer, group, S.candidate_scales(cap.absmean[group.linears[0]], w_mag,
+                                                       algo.n_grid))
     block = layer.get_submodule(group.block)
     batches = cap.blocks[group.block]
 
