@@ -43,10 +43,17 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if m == 0:
         return x.new_empty(out_shape)
     cfg = dict(config) if config else pick_config(m, n, k, p.group_size, x.device)
+    if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
+        w = dequantize_fp(p, x.dtype, cfg)
+        return torch.nn.functional.linear(x2, w, bias).reshape(out_shape)
     split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, 128)))
     atomic = split_k > 1
-    out = (torch.zeros if atomic else torch.empty)(
-        (m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    gemv = cfg.get("GEMV", False)
+    # split-K partials are added with float32 atomics, or (OUT16, GEMV and fp16 only) straight
+    # into the half-precision output, which saves the float32 buffer's conversion pass
+    out16 = atomic and gemv and cfg.get("OUT16", False) and x.dtype == torch.float16
+    acc_dtype = torch.float32 if atomic and not out16 else x.dtype
+    out = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=acc_dtype)
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
             m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
@@ -55,18 +62,42 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                   USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
                   EVEN_K=k % 128 == 0, ATOMIC=atomic,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    if cfg.get("GEMV", False):  # one token per program along grid axis 2
-        w4a16_gemv_kernel[(triton_cdiv(n, cfg["BN"]), split_k, m)](
-            *args, PREFETCH=cfg.get("PREFETCH", False), **common)
+    if gemv:  # one token per program along grid axis 0
+        k_fast = cfg.get("K_FAST", True)
+        grid = (m, split_k, triton_cdiv(n, cfg["BN"])) if k_fast else \
+            (m, triton_cdiv(n, cfg["BN"]), split_k)
+        w4a16_gemv_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), K_FAST=k_fast,
+                                **common)
     else:
         grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
         w4a16_kernel[grid](
             *args, BM=cfg["BM"], GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
             FUSE_K=cfg.get("FUSE_K", False), **common)
-    if atomic:
+    if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)
+
+
+def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:
+    """W_hat [N, K] in fp16/bf16 with the Triton dequantization kernel (same arithmetic as the
+    GEMM's: u * s + zterm rounded once per weight)."""
+    from .w4a16 import w4a16_dequant_kernel
+
+    if p.scale.dtype != dtype:
+        raise TypeError(f"scale dtype {p.scale.dtype} differs from {dtype}")
+    cfg = config or {}
+    n, k = p.shape
+    w = torch.empty((n, k), device=p.qweight.device, dtype=dtype)
+    bn, chunks = cfg.get("DQ_BN", 32), cfg.get("DQ_CHUNKS", 4)
+    kt = triton_cdiv(k, 128)
+    w4a16_dequant_kernel[(triton_cdiv(n, bn), triton_cdiv(kt, chunks))](
+        p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale, w,
+        n, k, k // p.group_size, chunks,
+        GROUP=p.group_size, BN=bn, HAS_ZERO=p.zterm is not None,
+        IS_BF16=dtype == torch.bfloat16, USE_ASM=not _interpreting(), EVEN_K=k % 128 == 0,
+        num_warps=cfg.get("DQ_WARPS", 4), num_stages=2)
+    return w
 
 
 def triton_cdiv(a: int, b: int) -> int:

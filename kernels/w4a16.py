@@ -18,6 +18,11 @@ two 16-bit halves of a register; one LOP3 with 0x000F000F | 0x6400 (fp16) or 0x4
 turns two nibbles into the half-precision numbers magic + u with no int-to-float
 conversion; one packed subtract and one packed FMA with (scale, -zero*scale) finish: about
 two instructions per weight. The interpreter runs the same arithmetic in plain Triton.
+
+Two more kernels serve the ends of the M range (``ops.py`` picks by config):
+``w4a16_gemv_kernel`` (one token: CUDA cores, packed half-precision dot products, no
+tensor-core tile to fill) and ``w4a16_dequant_kernel`` (large M: W_hat written once in fp16,
+then one cuBLAS GEMM, which beats the fused kernel from M ~ 512 up on H100).
 """
 import triton
 import triton.language as tl
@@ -62,45 +67,6 @@ ASM_BF16_SYM_0 = tl.constexpr(_asm(True, False, 0))
 ASM_BF16_SYM_1 = tl.constexpr(_asm(True, False, 1))
 ASM_BF16_SYM_2 = tl.constexpr(_asm(True, False, 2))
 ASM_BF16_SYM_3 = tl.constexpr(_asm(True, False, 3))
-
-
-def _gemv_asm(bf16: bool) -> str:
-    """One packed word (8 nibbles) dotted with its 8 activations, as 4 float32 partial sums.
-
-    Inputs: the word and four f16x2 (bf16x2) registers holding (x[16b + j], x[16(b+4) + j]),
-    b = 0..3. Shifting the word by 4b and masking 0x000F000F puts planes b and b + 4 in the
-    two 16-bit halves; OR-ing the half-precision 1024 (128 for bf16) and subtracting it gives
-    (u_b, u_b+4) exactly; two planes are multiplied and summed per packed FMA. Outputs: the
-    sums over planes (0, 1), (2, 3), (4, 5), (6, 7): any block of 32, 64 or 128 is a sum of them.
-    """
-    ty = "bf16x2" if bf16 else "f16x2"
-    magic = "0x43004300" if bf16 else "0x64006400"
-    cvt = "cvt.f32.bf16" if bf16 else "cvt.f32.f16"
-    planes = []
-    for b, acc in enumerate("aabb"):  # planes (b, b+4): b = 0, 1 -> a; b = 2, 3 -> b
-        word = "$4" if b == 0 else "w"
-        shift = "" if b == 0 else f"shr.u32 w, $4, {4 * b};\n"
-        prod = f"mul.rn.{ty} {acc}, t, ${5 + b};" if b % 2 == 0 else \
-            f"fma.rn.{ty} {acc}, t, ${5 + b}, {acc};"
-        planes.append(f"{shift}lop3.b32 t, {word}, 0x000F000F, m, 0xEA;\n"
-                      f"sub.rn.{ty} t, t, m;\n{prod}\n")
-    return f"""
-{{
-.reg .b32 m, t, w, a, b;
-.reg .b16 lo, hi;
-mov.b32 m, {magic};
-{"".join(planes)}mov.b32 {{lo, hi}}, a;
-{cvt} $0, lo;
-{cvt} $2, hi;
-mov.b32 {{lo, hi}}, b;
-{cvt} $1, lo;
-{cvt} $3, hi;
-}}
-"""
-
-
-ASM_GEMV_F16 = tl.constexpr(_gemv_asm(False))
-ASM_GEMV_BF16 = tl.constexpr(_gemv_asm(True))
 
 
 @triton.jit
@@ -287,25 +253,237 @@ def w4a16_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+def _gemv_asm(bf16: bool, groups_per_chunk: int) -> str:
+    """One packed word dotted with its 8 activations: (u - 8) * x summed in half precision.
+
+    Inputs (after the 2 or 4 outputs): the word, then four f16x2 (bf16x2) pairs
+    xp_b = (x[16b + j], x[16(b+4) + j]), b = 0..3. The mask 0x000F000F OR-ed with the
+    half-precision 1024 (bf16: 128) gives (1024 + u_b, 1024 + u_b+4); subtracting 1032 (136)
+    leaves (u - 8) exactly, centred so the half-precision products stay small. fp16 reads
+    planes 1 and 3 in place (mask 0x00F000F0: 1024 + 16 u, minus 1152 = 16 (u - 8), against
+    activations pre-divided by 16; exact), so one shift per word serves all eight planes;
+    bf16 (7 mantissa bits) shifts per plane pair.
+    Outputs, float32: one sum per group of the chunk: planes 0-3 and 4-7 (1 or 2 groups per
+    chunk), or planes 0-1, 2-3, 4-5, 6-7 (block 32).
+    """
+    ty = "bf16x2" if bf16 else "f16x2"
+    cvt = "cvt.f32.bf16" if bf16 else "cvt.f32.f16"
+    n_out = 4 if groups_per_chunk == 4 else 2
+    q = f"${n_out}"
+    lines = ["mov.b32 m, " + ("0x43004300;" if bf16 else "0x64006400;"),
+             "mov.b32 o, " + ("0x43084308;" if bf16 else "0x64086408;")]
+    if not bf16:
+        lines.append("mov.b32 o16, 0x64806480;")
+    for b in range(4):
+        acc = "a" if (n_out == 2 or b < 2) else "c"
+        xp = f"${n_out + 1 + b}"
+        if bf16:
+            src = q if b == 0 else "w"
+            if b:
+                lines.append(f"shr.u32 w, {q}, {4 * b};")
+            lines.append(f"lop3.b32 t, {src}, 0x000F000F, m, 0xEA;")
+            lines.append(f"sub.rn.{ty} t, t, o;")
+        else:
+            src = q if b < 2 else "w"
+            if b == 2:
+                lines.append(f"shr.u32 w, {q}, 8;")
+            mask, off = ("0x000F000F", "o") if b % 2 == 0 else ("0x00F000F0", "o16")
+            lines.append(f"lop3.b32 t, {src}, {mask}, m, 0xEA;")
+            lines.append(f"sub.rn.{ty} t, t, {off};")
+        first = b == 0 or (n_out == 4 and b == 2)
+        lines.append(f"mul.rn.{ty} {acc}, t, {xp};" if first else
+                     f"fma.rn.{ty} {acc}, t, {xp}, {acc};")
+    lines += ["mov.b32 {lo, hi}, a;", f"{cvt} $0, lo;"]
+    if n_out == 2:
+        lines.append(f"{cvt} $1, hi;")
+    else:  # a: planes (0,1 | 4,5), c: planes (2,3 | 6,7)
+        lines += [f"{cvt} $2, hi;", "mov.b32 {lo, hi}, c;", f"{cvt} $1, lo;", f"{cvt} $3, hi;"]
+    body = "\n".join(lines)
+    return f"""
+{{
+.reg .b32 m, o, o16, t, w, a, c;
+.reg .b16 lo, hi;
+{body}
+}}
+"""
+
+
+def _xprep_asm(bf16: bool, groups_per_chunk: int) -> str:
+    """Eight activations x[16i + j], i = 0..7 (as 16-bit integers $n_out..), into the four
+    pairs the GEMV asm reads (fp16: pairs 1 and 3 divided by 16, exact) and the float32 sum
+    of x per group of the chunk (same order as :func:`_gemv_asm`'s outputs)."""
+    ty = "bf16x2" if bf16 else "f16x2"
+    n_s = 4 if groups_per_chunk == 4 else 2
+    x = [f"${4 + n_s + i}" for i in range(8)]
+    lines = []
+    for b in range(4):
+        if bf16 or b % 2 == 0:
+            lines.append(f"mov.b32 ${b}, {{{x[b]}, {x[b + 4]}}};")
+        else:
+            lines.append(f"mov.b32 p{b}, {{{x[b]}, {x[b + 4]}}};")
+            lines.append(f"mul.rn.{ty} ${b}, p{b}, d;")
+    if bf16:  # bf16 sums in float32 (bf16 -> f32 is exact)
+        lines += [f"cvt.f32.bf16 f{i}, {x[i]};" for i in range(8)]
+        if n_s == 2:
+            lines += ["add.f32 f0, f0, f1;", "add.f32 f2, f2, f3;", "add.f32 $4, f0, f2;",
+                      "add.f32 f4, f4, f5;", "add.f32 f6, f6, f7;", "add.f32 $5, f4, f6;"]
+        else:
+            lines += ["add.f32 $4, f0, f1;", "add.f32 $5, f2, f3;", "add.f32 $6, f4, f5;",
+                      "add.f32 $7, f6, f7;"]
+    else:  # fp16 sums of 2 or 4 values in f16x2, then float32
+        lines += [f"mov.b32 p0, {{{x[0]}, {x[4]}}};", f"mov.b32 p2, {{{x[2]}, {x[6]}}};",
+                  "add.rn.f16x2 s, p0, p1;", "add.rn.f16x2 r, p2, p3;"]
+        if n_s == 2:
+            lines += ["add.rn.f16x2 s, s, r;", "mov.b32 {lo, hi}, s;", "cvt.f32.f16 $4, lo;",
+                      "cvt.f32.f16 $5, hi;"]
+        else:
+            lines += ["mov.b32 {lo, hi}, s;", "cvt.f32.f16 $4, lo;", "cvt.f32.f16 $6, hi;",
+                      "mov.b32 {lo, hi}, r;", "cvt.f32.f16 $5, lo;", "cvt.f32.f16 $7, hi;"]
+    body = "\n".join(lines)
+    return f"""
+{{
+.reg .b32 p0, p1, p2, p3, s, r, d;
+.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;
+.reg .b16 lo, hi;
+mov.b32 d, 0x2C002C00;
+{body}
+}}
+"""
+
+
+ASM_GEMV_F16_2 = tl.constexpr(_gemv_asm(False, 2))
+ASM_GEMV_F16_4 = tl.constexpr(_gemv_asm(False, 4))
+ASM_GEMV_BF16_2 = tl.constexpr(_gemv_asm(True, 2))
+ASM_GEMV_BF16_4 = tl.constexpr(_gemv_asm(True, 4))
+ASM_XPREP_F16_2 = tl.constexpr(_xprep_asm(False, 2))
+ASM_XPREP_F16_4 = tl.constexpr(_xprep_asm(False, 4))
+ASM_XPREP_BF16_2 = tl.constexpr(_xprep_asm(True, 2))
+ASM_XPREP_BF16_4 = tl.constexpr(_xprep_asm(True, 4))
+
+
 @triton.jit
-def _group_scale(s_rows, z_rows, g, n_groups, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
-    """(scale, zero term) of group g for the program's rows, in float32."""
+def _centred(q, i: tl.constexpr):
+    """Nibble plane i of q as u - 8, float32."""
+    return (((q >> (4 * i)) & 0xF) - 8).to(tl.float32)
+
+
+@triton.jit
+def _gemv_word_sums(q, x0, x1, x2, x3, x4, x5, x6, x7, GS: tl.constexpr, USE_ASM: tl.constexpr,
+                    IS_BF16: tl.constexpr):
+    """Per word of q [BN, 16]: sum over its 8 planes of (u - 8) x, one float32 per group of
+    the chunk (GS = 2: planes 0-3, 4-7; GS = 4: planes 0-1, 2-3, 4-5, 6-7), and the matching
+    sums of x per column [1, 16]. x_i: [1, 16] activations of plane i."""
+    if USE_ASM:
+        xi = (x0.to(tl.int16, bitcast=True), x1.to(tl.int16, bitcast=True),
+              x2.to(tl.int16, bitcast=True), x3.to(tl.int16, bitcast=True),
+              x4.to(tl.int16, bitcast=True), x5.to(tl.int16, bitcast=True),
+              x6.to(tl.int16, bitcast=True), x7.to(tl.int16, bitcast=True))
+        if GS == 2:
+            if IS_BF16:
+                xasm: tl.constexpr = ASM_XPREP_BF16_2
+                wasm: tl.constexpr = ASM_GEMV_BF16_2
+            else:
+                xasm: tl.constexpr = ASM_XPREP_F16_2
+                wasm: tl.constexpr = ASM_GEMV_F16_2
+            xp0, xp1, xp2, xp3, s0, s1 = tl.inline_asm_elementwise(
+                xasm, "=r,=r,=r,=r,=r,=r,h,h,h,h,h,h,h,h", list(xi),
+                dtype=(tl.int32,) * 6, is_pure=True, pack=1)
+            shape: tl.constexpr = q.shape
+            p0, p1 = tl.inline_asm_elementwise(
+                wasm, "=r,=r,r,r,r,r,r",
+                [q, tl.broadcast_to(xp0, shape), tl.broadcast_to(xp1, shape),
+                 tl.broadcast_to(xp2, shape), tl.broadcast_to(xp3, shape)],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+            s0 = s0.to(tl.float32, bitcast=True)
+            s1 = s1.to(tl.float32, bitcast=True)
+            p2 = p0
+            p3 = p0
+            s2 = s0
+            s3 = s0
+        else:
+            if IS_BF16:
+                xasm: tl.constexpr = ASM_XPREP_BF16_4
+                wasm: tl.constexpr = ASM_GEMV_BF16_4
+            else:
+                xasm: tl.constexpr = ASM_XPREP_F16_4
+                wasm: tl.constexpr = ASM_GEMV_F16_4
+            xp0, xp1, xp2, xp3, s0, s1, s2, s3 = tl.inline_asm_elementwise(
+                xasm, "=r,=r,=r,=r,=r,=r,=r,=r,h,h,h,h,h,h,h,h", list(xi),
+                dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+            shape: tl.constexpr = q.shape
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(
+                wasm, "=r,=r,=r,=r,r,r,r,r,r",
+                [q, tl.broadcast_to(xp0, shape), tl.broadcast_to(xp1, shape),
+                 tl.broadcast_to(xp2, shape), tl.broadcast_to(xp3, shape)],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+            s0 = s0.to(tl.float32, bitcast=True)
+            s1 = s1.to(tl.float32, bitcast=True)
+            s2 = s2.to(tl.float32, bitcast=True)
+            s3 = s3.to(tl.float32, bitcast=True)
+    else:  # plain Triton, float32: the same sums
+        f0 = x0.to(tl.float32)
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        f3 = x3.to(tl.float32)
+        f4 = x4.to(tl.float32)
+        f5 = x5.to(tl.float32)
+        f6 = x6.to(tl.float32)
+        f7 = x7.to(tl.float32)
+        t0 = _centred(q, 0) * f0 + _centred(q, 1) * f1
+        t1 = _centred(q, 2) * f2 + _centred(q, 3) * f3
+        t2 = _centred(q, 4) * f4 + _centred(q, 5) * f5
+        t3 = _centred(q, 6) * f6 + _centred(q, 7) * f7
+        if GS == 2:
+            p0 = t0 + t1
+            p1 = t2 + t3
+            s0 = (f0 + f1) + (f2 + f3)
+            s1 = (f4 + f5) + (f6 + f7)
+            p2 = p0
+            p3 = p0
+            s2 = s0
+            s3 = s0
+        else:
+            p0 = t0
+            p1 = t1
+            p2 = t2
+            p3 = t3
+            s0 = f0 + f1
+            s1 = f2 + f3
+            s2 = f4 + f5
+            s3 = f6 + f7
+    return p0, p1, p2, p3, s0, s1, s2, s3
+
+
+@triton.jit
+def _load_half(ptrs, USE_ASM: tl.constexpr):
+    """A half-precision load as float32. With USE_ASM it is an elementwise inline load, so
+    it takes the layout of its consumer: a plain [BN] load gets its own layout once BN reaches
+    the thread count, and each conversion costs a shared-memory round trip and a barrier."""
+    if USE_ASM:
+        v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs.to(tl.int64)],
+                                      dtype=tl.int16, is_pure=True, pack=1)
+        return v.to(ptrs.dtype.element_ty, bitcast=True).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _gemv_scales(s_rows, z_rows, g, n_groups, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """(s, zterm + 8 s) of group g for the rows [BN, 1], float32: W = (u - 8) s + zterm + 8 s."""
     if not EVEN_K:  # the padded tail of the last chunk has no group of its own
         g = tl.minimum(g, n_groups - 1)
-    s = tl.load(s_rows + g).to(tl.float32)
+    s = _load_half(s_rows + g, USE_ASM)
     if HAS_ZERO:
-        z = tl.load(z_rows + g).to(tl.float32)
-    else:
-        z = -8.0 * s
-    return s, z
+        return s, _load_half(z_rows + g, USE_ASM) + 8.0 * s
+    return s, s
 
 
 @triton.jit
-def _pair(xa, xb):
-    """Two half-precision vectors as one int32 vector of (xa, xb) pairs."""
-    lo = xa.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = xb.to(tl.int16, bitcast=True).to(tl.int32) << 16
-    return lo | hi
+def _gemv_apply(acc, s, zc, p, xs, HAS_ZERO: tl.constexpr):
+    """acc [BN, 16] += s * sum (u - 8) x + (zterm + 8 s) * sum x."""
+    if HAS_ZERO:
+        return acc + s * p + zc * xs
+    return acc + s * p
 
 
 @triton.jit
@@ -315,21 +493,29 @@ def w4a16_gemv_kernel(
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    K_FAST: tl.constexpr = True,
 ):
-    """Decode path (a few tokens): CUDA-core GEMV, one token per program along grid axis 2.
+    """Decode path (one token per program along grid axis 0): CUDA-core GEMV.
 
-    Each program owns BN output rows and a K range; per 128-chunk the [BN, 16] packed words
-    are read once (16-byte loads) and each word is dotted with its 8 activations. With
-    USE_ASM, packed half-precision math does it (see :func:`_gemv_asm`: about 2.5
-    instructions per weight) and returns float32 sums per pair of nibble planes; otherwise
-    plain Triton isolates each plane with an AND, OR-s it into the float32 2^23 exponent and
-    rebases it (exactly u * 2^(4 (i % 4))) for one float32 FMA per weight against activations
-    pre-divided by that power of two. Scale and zero apply once per group and row in float32:
-    acc += s * sum(u x) + zterm * sum(x). Rows are reduced once, at the end.
+    Each program owns BN output rows and a K range. A chunk's 16 words per row are loaded as a
+    [BN, 16] tile (16 bytes per thread: 4 consecutive words of one row, so a thread meets the
+    same 4 activation columns in every row it owns). Per chunk, each thread turns its 32
+    activations into the 4 half-precision pairs and per-group sums once (:func:`_xprep_asm`),
+    then every word of every row it owns is dotted with them in packed half precision
+    (:func:`_gemv_asm`: about 2 instructions per weight); scale and zero apply once per
+    (row, group, thread) in float32: acc += s * sum (u - 8) x + (zterm + 8 s) * sum x.
+    Without USE_ASM (the interpreter) the same sums run in float32.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    # Grid (M, SPLIT_K, row blocks) with K_FAST: programs that run together read whole rows
+    # (contiguous memory); with the split slowest they read one K slice of every row instead,
+    # 4-16 KB apart. Tokens vary fastest: the programs that share words run together.
+    m = tl.program_id(0)
+    if K_FAST:
+        pid_k = tl.program_id(1)
+        pid_n = tl.program_id(2)
+    else:
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
     kt_total = tl.cdiv(K, 128)
     kt_per = tl.cdiv(kt_total, SPLIT_K)
     kt0 = pid_k * kt_per
@@ -337,109 +523,135 @@ def w4a16_gemv_kernel(
 
     rn = pid_n * BN + tl.arange(0, BN)
     rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
-    rj = tl.arange(0, 16)
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
-    x_row = x_ptr + m * stride_xm + rj
-    s_rows = s_ptr + rn_safe * n_groups
-    z_rows = z_ptr + rn_safe * n_groups
-    PPG: tl.constexpr = GROUP // 16 if GROUP < 128 else 8   # nibble planes per group
+    rj = tl.arange(0, 16)[None, :]                                     # word in chunk
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj
+    x_ptrs = x_ptr + m * stride_xm + rj
+    s_rows = s_ptr + rn_safe[:, None] * n_groups
+    z_rows = z_ptr + rn_safe[:, None] * n_groups
+    GS: tl.constexpr = 4 if GROUP == 32 else 2
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, 16), dtype=tl.float32)
-    if PREFETCH:  # the next chunk's words are in flight while this one is computed
+    # PREFETCH 1: the next chunk's words load during this chunk; 2: its scales too (block 128)
+    SPF: tl.constexpr = PREFETCH == 2 and GPC == 1
+    if PREFETCH:
         q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0)
+    if SPF:
+        g_first = (tl.minimum(kt0, kt_total - 1) * 128) // GROUP
+        s_next, z_next = _gemv_scales(s_rows, z_rows, g_first, n_groups, HAS_ZERO, EVEN_K,
+                                      USE_ASM)
     for kt in range(kt0, kt1):
         if PREFETCH:
             q = q_next
             q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0)
         else:
             q = tl.load(q_ptrs + kt * 16)
-        if USE_ASM:
-            x_base = x_row + kt * 128
-            if EVEN_K:
-                x0 = tl.load(x_base)
-                x1 = tl.load(x_base + 16)
-                x2 = tl.load(x_base + 32)
-                x3 = tl.load(x_base + 48)
-                x4 = tl.load(x_base + 64)
-                x5 = tl.load(x_base + 80)
-                x6 = tl.load(x_base + 96)
-                x7 = tl.load(x_base + 112)
-            else:
-                kk = kt * 128 + rj
-                x0 = tl.load(x_base, mask=kk < K, other=0.0)
-                x1 = tl.load(x_base + 16, mask=kk + 16 < K, other=0.0)
-                x2 = tl.load(x_base + 32, mask=kk + 32 < K, other=0.0)
-                x3 = tl.load(x_base + 48, mask=kk + 48 < K, other=0.0)
-                x4 = tl.load(x_base + 64, mask=kk + 64 < K, other=0.0)
-                x5 = tl.load(x_base + 80, mask=kk + 80 < K, other=0.0)
-                x6 = tl.load(x_base + 96, mask=kk + 96 < K, other=0.0)
-                x7 = tl.load(x_base + 112, mask=kk + 112 < K, other=0.0)
-            shape: tl.constexpr = (BN, 16)
-            xp0 = tl.broadcast_to(_pair(x0, x4)[None, :], shape)
-            xp1 = tl.broadcast_to(_pair(x1, x5)[None, :], shape)
-            xp2 = tl.broadcast_to(_pair(x2, x6)[None, :], shape)
-            xp3 = tl.broadcast_to(_pair(x3, x7)[None, :], shape)
-            if IS_BF16:
-                asm: tl.constexpr = ASM_GEMV_BF16
-            else:
-                asm: tl.constexpr = ASM_GEMV_F16
-            p01, p23, p45, p67 = tl.inline_asm_elementwise(
-                asm, "=r,=r,=r,=r,r,r,r,r,r", [q, xp0, xp1, xp2, xp3],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-            xs01 = x0.to(tl.float32) + x1.to(tl.float32)
-            xs23 = x2.to(tl.float32) + x3.to(tl.float32)
-            xs45 = x4.to(tl.float32) + x5.to(tl.float32)
-            xs67 = x6.to(tl.float32) + x7.to(tl.float32)
-            if GROUP >= 128:
-                s, z = _group_scale(s_rows, z_rows, (kt * 128) // GROUP, n_groups, HAS_ZERO,
-                                    EVEN_K)
-                acc += s[:, None] * ((p01 + p23) + (p45 + p67)) + \
-                    z[:, None] * ((xs01 + xs23) + (xs45 + xs67))[None, :]
-            elif GROUP == 64:
-                s, z = _group_scale(s_rows, z_rows, kt * 2, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * (p01 + p23) + z[:, None] * (xs01 + xs23)[None, :]
-                s, z = _group_scale(s_rows, z_rows, kt * 2 + 1, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * (p45 + p67) + z[:, None] * (xs45 + xs67)[None, :]
-            else:  # GROUP == 32
-                s, z = _group_scale(s_rows, z_rows, kt * 4, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * p01 + z[:, None] * xs01[None, :]
-                s, z = _group_scale(s_rows, z_rows, kt * 4 + 1, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * p23 + z[:, None] * xs23[None, :]
-                s, z = _group_scale(s_rows, z_rows, kt * 4 + 2, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * p45 + z[:, None] * xs45[None, :]
-                s, z = _group_scale(s_rows, z_rows, kt * 4 + 3, n_groups, HAS_ZERO, EVEN_K)
-                acc += s[:, None] * p67 + z[:, None] * xs67[None, :]
+        g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
+        if SPF:
+            sa, za = s_next, z_next
+            g1 = (tl.minimum(kt + 1, kt_total - 1) * 128) // GROUP
+            s_next, z_next = _gemv_scales(s_rows, z_rows, g1, n_groups, HAS_ZERO, EVEN_K,
+                                          USE_ASM)
         else:
-            q_hi = q >> 16
-            t = tl.zeros((BN, 16), dtype=tl.float32)
-            xs = tl.zeros((16,), dtype=tl.float32)
-            for i in tl.static_range(8):
-                sh = 4 * (i % 4)
-                if i < 4:
-                    bits = q & (0xF << sh)
-                else:
-                    bits = q_hi & (0xF << sh)
-                v = (bits | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                k0 = kt * 128 + 16 * i
-                if EVEN_K:
-                    xi = tl.load(x_row + k0).to(tl.float32)
-                else:
-                    xi = tl.load(x_row + k0, mask=(k0 + rj) < K, other=0.0).to(tl.float32)
-                t += v * (xi * (1.0 / (1 << sh)))[None, :]
-                xs += xi
-                if (i + 1) % PPG == 0:  # last plane of a group: scale and zero, once per row
-                    s, z = _group_scale(s_rows, z_rows, kt * GPC + i // PPG if GROUP < 128
-                                        else (kt * 128) // GROUP, n_groups, HAS_ZERO, EVEN_K)
-                    acc += s[:, None] * t + z[:, None] * xs[None, :]
-                    t = tl.zeros((BN, 16), dtype=tl.float32)
-                    xs = tl.zeros((16,), dtype=tl.float32)
+            sa, za = _gemv_scales(s_rows, z_rows, g0, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+        sb, zb = sa, za
+        sc, zc = sa, za
+        sd, zd = sa, za
+        if GPC >= 2:
+            sb, zb = _gemv_scales(s_rows, z_rows, g0 + 1, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+        if GPC == 4:
+            sc, zc = _gemv_scales(s_rows, z_rows, g0 + 2, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+            sd, zd = _gemv_scales(s_rows, z_rows, g0 + 3, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+        xb = x_ptrs + kt * 128
+        if EVEN_K:
+            x0 = tl.load(xb)
+            x1 = tl.load(xb + 16)
+            x2 = tl.load(xb + 32)
+            x3 = tl.load(xb + 48)
+            x4 = tl.load(xb + 64)
+            x5 = tl.load(xb + 80)
+            x6 = tl.load(xb + 96)
+            x7 = tl.load(xb + 112)
+        else:
+            kk = kt * 128 + rj
+            x0 = tl.load(xb, mask=kk < K, other=0.0)
+            x1 = tl.load(xb + 16, mask=kk + 16 < K, other=0.0)
+            x2 = tl.load(xb + 32, mask=kk + 32 < K, other=0.0)
+            x3 = tl.load(xb + 48, mask=kk + 48 < K, other=0.0)
+            x4 = tl.load(xb + 64, mask=kk + 64 < K, other=0.0)
+            x5 = tl.load(xb + 80, mask=kk + 80 < K, other=0.0)
+            x6 = tl.load(xb + 96, mask=kk + 96 < K, other=0.0)
+            x7 = tl.load(xb + 112, mask=kk + 112 < K, other=0.0)
+        p0, p1, p2, p3, s0, s1, s2, s3 = _gemv_word_sums(q, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                         GS, USE_ASM, IS_BF16)
+        if GPC == 1:
+            acc = _gemv_apply(acc, sa, za, p0 + p1, s0 + s1, HAS_ZERO)
+        elif GPC == 2:
+            acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
+            acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
+        else:
+            acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
+            acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
+            acc = _gemv_apply(acc, sc, zc, p2, s2, HAS_ZERO)
+            acc = _gemv_apply(acc, sd, zd, p3, s3, HAS_ZERO)
 
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn_safe).to(tl.float32) * (pid_k == 0).to(tl.float32)
     out_ptrs = out_ptr + m * stride_om + rn
     if ATOMIC:
-        tl.atomic_add(out_ptrs, y, mask=rn < N, sem="relaxed")
+        tl.atomic_add(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=rn < N, sem="relaxed")
     else:
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def w4a16_dequant_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, N, K, n_groups, CHUNKS,
+    GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr,
+    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """W_hat [N, K] in the activation dtype, CHUNKS 128-chunks of BN rows per program (for
+    large M, where one dequantization feeds a cuBLAS GEMM)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    kt_total = tl.cdiv(K, 128)
+    kt0 = pid_k * CHUNKS
+    kt1 = tl.minimum(kt0 + CHUNKS, kt_total)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    rj = tl.arange(0, 16)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rj[None, :]
+    s_rows = s_ptr + rn_safe * n_groups
+    z_rows = z_ptr + rn_safe * n_groups
+    rmask = (rn < N)[:, None]
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    for kt in range(kt0, kt1):
+        q = tl.load(q_ptrs + kt * 16)
+        for b in tl.static_range(4):
+            if (b * 32) % (128 // GPC) == 0:
+                if GROUP < 128:
+                    g = kt * GPC + (b * 32) // GROUP
+                else:
+                    g = (kt * 128) // GROUP
+                if not EVEN_K:
+                    g = tl.minimum(g, n_groups - 1)
+                s = tl.load(s_rows + g)[:, None]
+                if HAS_ZERO:
+                    z = tl.load(z_rows + g)[:, None]
+                else:
+                    z = s
+            if USE_ASM:
+                lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape),
+                                           tl.broadcast_to(z, q.shape), b, HAS_ZERO, IS_BF16)
+            else:
+                lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
+                hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+            k_lo = kt * 128 + 32 * b
+            if EVEN_K:
+                tl.store(w_ptrs + k_lo, lo, mask=rmask)
+                tl.store(w_ptrs + k_lo + 16, hi, mask=rmask)
+            else:
+                tl.store(w_ptrs + k_lo, lo, mask=rmask & ((k_lo + rj) < K)[None, :])
+                tl.store(w_ptrs + k_lo + 16, hi, mask=rmask & ((k_lo + 16 + rj) < K)[None, :])

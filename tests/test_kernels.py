@@ -43,6 +43,10 @@ SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
 FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
 GEMV = dict(GEMV=True, BN=16, SPLIT_K=1, num_warps=4, num_stages=2)
 GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=True)
+GEMV_OUT16 = dict(GEMV=True, BN=16, SPLIT_K=2, num_warps=4, num_stages=2, OUT16=True)
+GEMV_PF2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=2,
+                K_FAST=False)
+DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -57,6 +61,10 @@ GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2, PREFET
     (1, 40, 256, 128, GEMV),     # CUDA-core decode path, N not a multiple of BN
     (2, 24, 576, 32, GEMV_SPLIT),   # decode path: split-K, K not a multiple of 128
     (3, 48, 384, 64, GEMV_SPLIT),   # decode path: block 64, one token per program
+    (2, 40, 320, 32, GEMV_OUT16),   # decode path: split-K added in the output dtype (fp16)
+    (1, 40, 640, 128, GEMV_PF2),    # decode path: words and scales prefetched, short last split
+    (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
+    (4, 24, 384, 128, DEQUANT),
 ])
 def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     x, p, b = _problem(m, n, k, group, zero, dtype)
@@ -73,6 +81,18 @@ def test_kernel_leading_dims_and_no_bias():
     assert _rel_err(y.view(6, 32), _ref32(x, p, None)) < TOL[torch.float16]
 
 
+def test_dequantize_fp_matches_reference():
+    from modelopt_lite.kernels.ops import dequantize_fp
+    from modelopt_lite.kernels.packing import dequantize
+
+    for zero in (True, False):
+        _, p, _ = _problem(1, 24, 320, 64, zero, torch.float16)
+        w = dequantize_fp(p, torch.float16, dict(DQ_BN=16, DQ_CHUNKS=2))
+        ref = dequantize(p, torch.float32)
+        assert w.dtype == torch.float16 and w.shape == (24, 320)
+        assert (w.float() - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+
+
 def test_kernel_rejects_mismatched_inputs():
     x, p, _ = _problem(2, 16, 128, 32, True, torch.float16)
     with pytest.raises(ValueError, match="input features"):
@@ -87,7 +107,8 @@ def test_default_config_fills_the_gpu_for_decode():
     cfg = default_config(4, 8192, 28672)
     assert cfg["BM"] == 16 and cfg["SPLIT_K"] > 1 and not cfg.get("FUSE_K")
     assert default_config(16, 4096, 4096)["FUSE_K"]
-    assert default_config(1024, 28672, 8192)["SPLIT_K"] == 1
+    assert default_config(256, 28672, 8192)["SPLIT_K"] == 1
+    assert default_config(1024, 28672, 8192)["DEQUANT"]
     assert pick_config(2, 8192, 28672, 128, None)["BM"] == 16
 
 
@@ -98,9 +119,12 @@ def test_default_config_fills_the_gpu_for_decode():
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 130, 513])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("cfg", [None, dict(GEMV=True, BN=64, SPLIT_K=4),
-                                 dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=True)])
+                                 dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=True),
+                                 dict(GEMV=True, BN=128, SPLIT_K=2, num_warps=8, OUT16=True),
+                                 dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=2),
+                                 dict(DEQUANT=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
-    if cfg and m > 16:
+    if cfg and cfg.get("GEMV") and m > 16:
         pytest.skip("the GEMV path is for decode batches")
     x, p, b = _problem(m, 1000, 2048, group, zero, dtype)
     y = w4a16_matmul(x, p, b, cfg)

@@ -31,20 +31,34 @@ MS = [1, 4, 16, 64, 256, 1024]
 GROUP = 128
 
 
-def small_m_candidates():
-    for bn, sk in itertools.product((64, 128), (1, 2, 4, 8)):
-        yield dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=4, num_stages=3)
-    yield dict(BM=16, BN=64, SPLIT_K=4, num_warps=2, num_stages=3)
+def small_m_candidates(m):
+    fuse = (False, True) if m > 4 else (False,)  # one 128-deep product per chunk (v3)
+    for bn, sk, fk in itertools.product((64, 128), (1, 2, 4, 8), fuse):
+        yield dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=4, num_stages=3, FUSE_K=fk)
+    yield dict(BM=16, BN=64, SPLIT_K=4, num_warps=2, num_stages=3, FUSE_K=m > 4)
 
 
 def large_m_candidates(m):
     if m <= 64:
         for bn, nw in ((64, 4), (128, 8), (128, 4)):
             for sk in (1, 2):
-                yield dict(BM=64, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3)
+                yield dict(BM=64, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, FUSE_K=True)
     else:
-        yield dict(BM=128, BN=128, SPLIT_K=1, num_warps=8, num_stages=3)
-        yield dict(BM=128, BN=64, SPLIT_K=1, num_warps=4, num_stages=3)
+        for st in (3, 4):
+            yield dict(BM=128, BN=128, SPLIT_K=1, num_warps=8, num_stages=st, FUSE_K=True)
+            yield dict(BM=128, BN=64, SPLIT_K=1, num_warps=4, num_stages=st, FUSE_K=True)
+        # dequantize once to fp16, then cuBLAS
+        for bn, ch in ((32, 4), (64, 16)):
+            yield dict(DEQUANT=True, DQ_BN=bn, DQ_CHUNKS=ch, DQ_WARPS=4)
+
+
+def gemv_candidates():
+    """The CUDA-core decode kernel: BN / (8 num_warps) rows per thread (1, 2 or 4)."""
+    for (bn, nw), sk, pf, o16 in itertools.product(
+            ((64, 4), (128, 8), (32, 2), (64, 2), (128, 4)), (2, 4, 8, 16), (False, True, 2),
+            (False, True)):
+        yield dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, PREFETCH=pf,
+                   OUT16=o16)
 
 
 def make_problem(mk, k, n, group=GROUP, seed=0):
@@ -70,10 +84,9 @@ def tune(mk, out_path, shapes, ms, budget_s):
         rows = []
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            cands = list(small_m_candidates() if m <= 16 else large_m_candidates(m))
-            if m <= 2:  # the CUDA-core decode kernel
-                cands += [dict(GEMV=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3)
-                          for bn, sk, nw in itertools.product((64, 128), (2, 4, 8), (2, 4, 8))]
+            cands = list(small_m_candidates(m) if m <= 16 else large_m_candidates(m))
+            if m == 1:  # the CUDA-core decode kernel
+                cands += list(gemv_candidates())
             best = (float("inf"), None)
             for cfg in cands:
                 if time.time() - t0 > budget_s:
@@ -95,7 +108,15 @@ def tune(mk, out_path, shapes, ms, budget_s):
     return table
 
 
-def bench(mk, shapes, ms, peer_names, gpu, bw, out=None):
+def _settle(seconds):
+    """Idle before a timing, so that no kernel is timed while the clocks recover from the
+    previous (large-M) measurement."""
+    if seconds > 0:
+        torch.cuda.synchronize()
+        time.sleep(seconds)
+
+
+def bench(mk, shapes, ms, peer_names, gpu, bw, out=None, settle=0.0):
     rows = []
     date = datetime.date.today().isoformat()
     for k, n in shapes:
@@ -105,10 +126,11 @@ def bench(mk, shapes, ms, peer_names, gpu, bw, out=None):
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ w16.float().t()
-            row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date,
+            row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date, "settle_s": settle,
                    "floor_us": round(int4_floor_us(m, n, k, GROUP, bw), 2)}
             fns = ours_fns(mk, packed, x, n4)
             row["ours_err"] = peers.check(fns[0](), ref)
+            _settle(settle)
             row["ours_us"] = round(graph_time_us(fns), 2)
             builders = {
                 "cublas": lambda: peers.cublas(w16, x, n16),
@@ -123,6 +145,7 @@ def bench(mk, shapes, ms, peer_names, gpu, bw, out=None):
                 try:
                     pf = builders[name]()
                     err = peers.check(pf[0](), ref)
+                    _settle(settle)
                     row[f"{name}_us"] = round(graph_time_us(pf), 2)
                     row[f"{name}_err"] = err
                     del pf
@@ -155,6 +178,9 @@ def main():
     ap.add_argument("--out", default=None, help="results JSON")
     ap.add_argument("--tune", default=None, help="write a tuned config table here first")
     ap.add_argument("--tune-budget", type=float, default=300.0, help="seconds for tuning")
+    ap.add_argument("--tune-only", action="store_true", help="write the table, skip the bench")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="seconds idle before each timing (0 for the old back-to-back order)")
     args = ap.parse_args()
     mk = import_kernels()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -165,9 +191,12 @@ def main():
     if args.tune:
         tune(mk, args.tune, shapes, ms, args.tune_budget)
         importlib.import_module(mk.__name__ + ".tuning")._table.cache_clear()
+        if args.tune_only:
+            return
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    rows = bench(mk, shapes, ms, set(args.peers.split(",")) - {""}, gpu, bw, args.out)
+    rows = bench(mk, shapes, ms, set(args.peers.split(",")) - {""}, gpu, bw, args.out,
+                 args.settle)
     print_table(rows)
 
 
