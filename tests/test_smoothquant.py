@@ -209,7 +209,10 @@ def test_refinement_bisects_toward_the_minimum_and_never_loses_the_grid_best():
 
 def test_bad_configs_fail_before_work():
     with pytest.raises(ConfigError):
-        SmoothQuantConfig(alpha=1.5)
+        SmoothQuantConfig(alpha=2.5)
+    with pytest.raises(ConfigError):
+        SmoothQuantConfig(alpha=-0.1)
+    SmoothQuantConfig(alpha_grid=(0.5, 1.0, 1.5))  # past the paper's range is allowed
     with pytest.raises(ConfigError, match="refine"):
         SmoothQuantConfig(refine=-1)
     with pytest.raises(ConfigError):

@@ -36,13 +36,32 @@ SEQ = 512
 METHODS = ("fp", "w8a8_max", "sq_fixed", "sq_search", "modelopt_sq", "modelopt_int8")
 
 
+SQ_OVERRIDES: dict = {}  # SmoothQuantConfig fields for sq_search, from --sq-set
+
+
 def ours(method: str, calibrator: str):
     base = mtl.get_preset("int8_smoothquant")
     inp = base.input.__class__(**{**base.input.__dict__, "calibrator": calibrator})
     if method == "w8a8_max":
         return mtl.get_preset("w8a8")
-    alpha = 0.5 if method == "sq_fixed" else None
-    return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=alpha))
+    if method == "sq_fixed":
+        return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=0.5))
+    return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=None, **SQ_OVERRIDES))
+
+
+def _overrides(items):
+    """``FIELD=VALUE`` strings -> SmoothQuantConfig keyword arguments (tuples as a,b,c)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        default = getattr(SmoothQuantConfig, key)
+        if isinstance(default, tuple):
+            out[key] = tuple(float(v) for v in value.split(","))
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value)
+    return out
 
 
 def modelopt(model, cfg_name: str, loop):
@@ -95,6 +114,9 @@ def run(name, methods, windows, n_calib, calibrator, machine, out, layer_errors)
         row = {"model": name, "method": method, "ppl": round(res.ppl, 4), "calib_s": calib_s,
                "eval_tokens": res.tokens, "calib": row_calib, "machine": machine,
                "date": datetime.date.today().isoformat()}
+        if method == "sq_search" and SQ_OVERRIDES:
+            row["sq_config"] = {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in SQ_OVERRIDES.items()}
         print(json.dumps(row), flush=True)
         if out is not None:
             save_row(row, out)
@@ -120,7 +142,11 @@ def main() -> None:
     ap.add_argument("--machine", default="cpu-2core")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-save", action="store_true", help="print rows only (ablations)")
+    ap.add_argument("--sq-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="SmoothQuantConfig overrides for sq_search, e.g. refine=3 "
+                         "alpha_grid=0,0.25,0.5,0.75,1")
     args = ap.parse_args()
+    SQ_OVERRIDES.update(_overrides(args.sq_set))
     torch.set_num_threads(args.threads)
     for name in args.models:
         run(name, args.methods, args.windows, args.n_calib, args.act_calibrator, args.machine,

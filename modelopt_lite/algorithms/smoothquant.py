@@ -41,12 +41,14 @@ from .rtn import calibrate_activations, calibrate_quantizers
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = tuple(round(0.1 * i, 2) for i in range(11))
+MAX_ALPHA = 2.0
 
 
 @register_algorithm("smoothquant")
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    """``alpha``: a fixed migration strength in [0, 1], or None to search ``alpha_grid`` per
+    """``alpha``: a fixed migration strength in [0, 2] (the paper's range is [0, 1]; above 1
+    the scale also grows with the weight's column maximum), or None to search ``alpha_grid`` per
     group. ``refine``: after the grid, this many bisection rounds try the two points halfway
     between the best alpha and its grid neighbours (each round halves the step: 0.1 -> 0.05
     -> 0.025 on the default grid), keeping any that scores lower. ``search_batches``: how many
@@ -68,10 +70,11 @@ class SmoothQuantConfig:
     name: ClassVar[str]
 
     def __post_init__(self):
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"smoothquant alpha must be in [0, 1] or None, got {self.alpha}")
-        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
-            raise ConfigError(f"alpha_grid must be a non-empty tuple of values in [0, 1], "
+        if self.alpha is not None and not 0.0 <= self.alpha <= MAX_ALPHA:
+            raise ConfigError(f"smoothquant alpha must be in [0, {MAX_ALPHA}] or None, "
+                              f"got {self.alpha}")
+        if not self.alpha_grid or any(not 0.0 <= a <= MAX_ALPHA for a in self.alpha_grid):
+            raise ConfigError(f"alpha_grid must be a non-empty tuple of values in [0, {MAX_ALPHA}], "
                               f"got {self.alpha_grid}")
         if self.search_batches < 1:
             raise ConfigError(f"search_batches must be >= 1, got {self.search_batches}")
@@ -226,7 +229,7 @@ def search_alpha(smoother: GroupSmoother, capture: _BlockCapture, grid,
     """The alpha with the smallest block output error, and every candidate's error.
 
     Every point of ``grid`` is scored; then ``refine`` rounds each score the midpoints between
-    the current best and its nearest scored neighbours on either side (inside [0, 1])."""
+    the current best and its nearest scored neighbours on either side."""
     errors = {float(a): smoother.score(capture, float(a)) for a in grid}
     best = min(errors, key=errors.get)
     for _ in range(refine):
