@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ def copies_for(nbytes: int, l2_bytes: int = L2_BYTES) -> int:
     return max(2, math.ceil(4 * l2_bytes / max(nbytes, 1)) + 1)
 
 
-def graph_time_us(fns, reps: int = 25) -> float:
-    """Median over ``reps`` graph replays of (replay time / len(fns)), in microseconds."""
+def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
+    """Median over ``reps`` graph replays of (replay time / len(fns)), in microseconds, after
+    replaying for ``warmup_ms`` first, so that a kernel timed right after an idle spell does not
+    run on a clock that has not ramped up yet (settle_check.py, NOTES.md)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -43,6 +46,11 @@ def graph_time_us(fns, reps: int = 25) -> float:
             f()
     graph.replay()
     torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    while n < 3 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        graph.replay()
+        torch.cuda.synchronize()
+        n += 1
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,5 +1,6 @@
 """Does a GEMV timing depend on what ran just before it? Times our M = 1 call on the two large
-shapes cold, right after ~1 s of large-M tensor-core work, and after sleeps of 0.5 and 2 s."""
+shapes after 2 s idle (with and without graph_time_us's warm-up replays), and without warm-up
+right after ~1 s of large-M tensor-core work and after sleeps of 0.5 and 2 s."""
 import json
 import sys
 import time
@@ -25,7 +26,9 @@ for k, n in [(8192, 28672), (28672, 8192)]:
         fns = ours_fns(mk, packed, x, nc, cfg)
         graph_time_us(fns, reps=5)
         time.sleep(2.0)
-        r = {"K": k, "N": n, "cfg": name, "cold": graph_time_us(fns)}
+        r = {"K": k, "N": n, "cfg": name, "cold_no_warmup": graph_time_us(fns, warmup_ms=0)}
+        time.sleep(2.0)
+        r["cold_warmup100ms"] = graph_time_us(fns)
         for wait in (0.0, 0.5, 2.0):
             t0 = time.time()
             while time.time() - t0 < 1.0:  # ~1 s of heavy GEMMs
@@ -33,7 +36,7 @@ for k, n in [(8192, 28672), (28672, 8192)]:
                     a @ a
                 torch.cuda.synchronize()
             time.sleep(wait)
-            r[f"after_heavy_wait{wait}"] = graph_time_us(fns)
+            r[f"after_heavy_wait{wait}_no_warmup"] = graph_time_us(fns, warmup_ms=0)
         r = {kk: round(v, 2) if isinstance(v, float) else v for kk, v in r.items()}
         rows.append(r)
         print(json.dumps(r), flush=True)
