@@ -120,8 +120,12 @@ def test_awq_beats_rtn_and_fold_alone_is_exact(arch):
                        progress=False)
     awq = mtl.quantize(copy.deepcopy(model), awq_cfg(), calib=calib, progress=False)
     assert _err(awq, ref, test) < _err(rtn, ref, test)
-    if arch == "gemma3":  # grouped-query attention (4 query heads, 1 kv head): v -> o scaled too
-        assert any(k.endswith("::self_attn.o_proj") for k in awq._awq_scales)
+    if arch == "gemma3":  # grouped-query attention (4 query heads, 1 kv head): v -> o on request
+        assert not any(k.endswith("::self_attn.o_proj") for k in awq._awq_scales)
+        tied = mtl.quantize(copy.deepcopy(model), awq_cfg(gqa_v_o=True), calib=calib,
+                            progress=False)
+        assert any(k.endswith("::self_attn.o_proj") for k in tied._awq_scales)
+        assert _err(tied, ref, test) < _err(rtn, ref, test)
     for m in awq.modules():  # the folded float model equals the original
         if hasattr(m, "weight_quantizer"):
             m.weight_quantizer.enabled = False
