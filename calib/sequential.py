@@ -114,13 +114,18 @@ class LayerInputs:
     def run(self, layer: nn.Module, device=None) -> list[torch.Tensor]:
         """Replay ``layer`` on every captured input; return its hidden-state outputs."""
         outs = []
+        for args, kwargs in self._batches(device):
+            out = layer(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outs
+
+    def _batches(self, device=None):
+        """Each batch's ``(args, kwargs)``, moved to ``device`` (default: ``self.device``)."""
         device = self.device if device is None else device
         for args, kwargs in self.entries:
             if device is not None:
                 args, kwargs = _move(args, device), _move(kwargs, device)
-            out = layer(*args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outs
+            yield args, kwargs
 
     @torch.no_grad()
     def feed(self, layer: nn.Module, device=None,
@@ -128,10 +133,7 @@ class LayerInputs:
         """Replay ``layer`` on every captured input for its hooks' sake, keeping no outputs.
         A hook may raise :class:`StopForward` to cut a batch short; ``after_batch`` is called
         after each batch."""
-        device = self.device if device is None else device
-        for args, kwargs in self.entries:
-            if device is not None:
-                args, kwargs = _move(args, device), _move(kwargs, device)
+        for args, kwargs in self._batches(device):
             try:
                 layer(*args, **kwargs)
             except StopForward:

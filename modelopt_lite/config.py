@@ -40,6 +40,29 @@ def _check_keys(cls, data: dict) -> None:
         )
 
 
+def parse_overrides(cls, items) -> dict:
+    """``["field=value", ...]`` -> keyword arguments for the config dataclass ``cls``, each value
+    typed like the field's default (``true``/``false`` for flags, ``a,b,c`` for tuples of
+    numbers, text where the default is None). For command-line ``--set`` style options."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item!r}: expected FIELD=VALUE")
+        _check_keys(cls, {key: None})
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            out[key] = tuple(float(v) for v in value.split(","))
+        elif default is None or default is dataclasses.MISSING:
+            out[key] = value
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")

@@ -126,15 +126,17 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def layer_groups(model: nn.Module, layer: nn.Module) -> list[Group]:
-    """The scale groups of one decoder layer that exist and fold exactly; else per-linear groups."""
+def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> list[Group]:
+    """The scale groups of one decoder layer that exist and fold exactly; else per-linear groups.
+    ``kv_tied``: include groups that fold only with a scale tied over repeated key/value heads
+    (``v_proj -> o_proj`` under grouped-query attention, see :func:`tie_scale`)."""
     arch = get_arch(model)
     if arch is None:
         logger.warning("%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
                        "its own with an explicit multiply (no fold). Add a row to fold scales.",
                        model_type(model) or type(model).__name__)
         return [Group(None, (n,), n) for n, m in layer.named_modules() if _is_linear(m)]
-    return [g for g in arch.groups if _group_ok(layer, g)]
+    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)]
 
 
 def _get(layer: nn.Module, name: str | None):
@@ -146,7 +148,7 @@ def _get(layer: nn.Module, name: str | None):
         return None
 
 
-def _group_ok(layer: nn.Module, group: Group) -> bool:
+def _group_ok(layer: nn.Module, group: Group, kv_tied: bool = False) -> bool:
     linears = [_get(layer, n) for n in group.linears]
     if any(m is None for m in linears):
         return False
@@ -155,7 +157,7 @@ def _group_ok(layer: nn.Module, group: Group) -> bool:
         return False
     if _is_linear(prev):  # a linear producer must emit exactly the consumers' input channels
         return (out_features(prev) == in_features(linears[0])
-                or kv_repeat(layer, group) is not None)
+                or kv_tied and kv_repeat(layer, group) is not None)
     return True
 
 

@@ -61,3 +61,21 @@ def test_configs_are_frozen():
     with pytest.raises(Exception):
         cfg.on_indivisible = "error"
     assert cfg.replace(on_indivisible="error").on_indivisible == "error"
+
+
+def test_parse_overrides_types_values_like_the_defaults():
+    from modelopt_lite.algorithms.awq import AWQConfig
+    from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig
+    from modelopt_lite.config import ConfigError, parse_overrides
+
+    got = parse_overrides(AWQConfig, ["search_tokens=8192", "gqa_v_o=true", "device=cuda",
+                                      "clip_min_ratio=0.4"])
+    assert got == {"search_tokens": 8192, "gqa_v_o": True, "device": "cuda",
+                   "clip_min_ratio": 0.4}
+    assert AWQConfig(**got).search_tokens == 8192
+    assert parse_overrides(SmoothQuantConfig, ["alpha_grid=0.5,1,1.5"]) == {
+        "alpha_grid": (0.5, 1.0, 1.5)}
+    with pytest.raises(ConfigError, match="unknown AWQConfig key"):
+        parse_overrides(AWQConfig, ["no_such_field=1"])
+    with pytest.raises(ConfigError, match="FIELD=VALUE"):
+        parse_overrides(AWQConfig, ["search_tokens"])

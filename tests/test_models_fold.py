@@ -22,7 +22,7 @@ def test_fold_leaves_float_model_unchanged(arch):
     _, layers = find_decoder_layers(model)
     n_groups = 0
     for layer in layers:
-        for group in layer_groups(model, layer):
+        for group in layer_groups(model, layer, kv_tied=True):
             width = layer.get_submodule(group.linears[0]).weight.shape[
                 0 if arch == "gpt2" else 1]
             s = tie_scale(layer, group, torch.rand(width, dtype=torch.float64) * 4 + 0.25)
@@ -40,7 +40,9 @@ def test_gqa_value_to_output_scale_is_tied_over_repeated_heads():
     tokens = random_tokens()
     ref = _logits(model, tokens)
     layer = find_decoder_layers(model)[1][0]
-    group = next(g for g in layer_groups(model, layer) if g.prev == "self_attn.v_proj")
+    assert not any(g.prev == "self_attn.v_proj" for g in layer_groups(model, layer))
+    group = next(g for g in layer_groups(model, layer, kv_tied=True)
+                 if g.prev == "self_attn.v_proj")
     assert kv_repeat(layer, group) == (2, 16)
     raw = torch.rand(64, dtype=torch.float64) + 0.5
     with pytest.raises(ValueError, match="repeated key/value head"):

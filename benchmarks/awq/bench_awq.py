@@ -27,7 +27,7 @@ from modelopt_lite.algorithms.awq import AWQConfig
 from modelopt_lite.calib.data import calib_tokens
 from modelopt_lite.calib.embedded import load_model, wiki_text
 from modelopt_lite.calib.runner import make_forward_loop
-from modelopt_lite.config import MaxCalibConfig, QuantConfig, QuantizerSpec
+from modelopt_lite.config import MaxCalibConfig, QuantConfig, QuantizerSpec, parse_overrides
 from modelopt_lite.eval import perplexity
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "awq.json"
@@ -106,19 +106,6 @@ def markdown_table(path: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-def _overrides(items):
-    """``FIELD=VALUE`` strings -> AWQConfig keyword arguments, typed like the field defaults."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        default = getattr(AWQConfig, key)
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(default)(value)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
@@ -140,7 +127,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = f"{args.machine} ({args.threads} torch thread{'s' * (args.threads > 1)})"
     for name in args.models:
-        awq = AWQConfig(search_tokens=args.search_tokens, **_overrides(args.awq_set))
+        awq = AWQConfig(**{"search_tokens": args.search_tokens,
+                           **parse_overrides(AWQConfig, args.awq_set)})
         run(name, args.methods, args.windows, args.n_calib, awq, machine, args.out)
 
 

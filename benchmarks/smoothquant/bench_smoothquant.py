@@ -27,6 +27,7 @@ import torch
 import modelopt_lite as mtl
 from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig
 from modelopt_lite.calib.data import calib_tokens
+from modelopt_lite.config import parse_overrides
 from modelopt_lite.calib.embedded import load_model, wiki_text
 from modelopt_lite.calib.runner import make_forward_loop
 from modelopt_lite.eval import perplexity
@@ -47,21 +48,6 @@ def ours(method: str, calibrator: str):
     if method == "sq_fixed":
         return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=0.5))
     return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=None, **SQ_OVERRIDES))
-
-
-def _overrides(items):
-    """``FIELD=VALUE`` strings -> SmoothQuantConfig keyword arguments (tuples as a,b,c)."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        default = getattr(SmoothQuantConfig, key)
-        if isinstance(default, tuple):
-            out[key] = tuple(float(v) for v in value.split(","))
-        elif isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(default)(value)
-    return out
 
 
 def modelopt(model, cfg_name: str, loop):
@@ -146,7 +132,7 @@ def main() -> None:
                     help="SmoothQuantConfig overrides for sq_search, e.g. refine=3 "
                          "alpha_grid=0,0.25,0.5,0.75,1")
     args = ap.parse_args()
-    SQ_OVERRIDES.update(_overrides(args.sq_set))
+    SQ_OVERRIDES.update(parse_overrides(SmoothQuantConfig, args.sq_set))
     torch.set_num_threads(args.threads)
     for name in args.models:
         run(name, args.methods, args.windows, args.n_calib, args.act_calibrator, args.machine,

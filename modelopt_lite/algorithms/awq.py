@@ -35,8 +35,7 @@ from torch import nn
 from ..calib.distributed import (broadcast_, global_offset, local_indices, rank, reduce_sum,
                                 reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
-from ..models import (Group, apply_group_scale_, find_decoder_layers, kv_repeat, layer_groups,
-                      tie_scale)
+from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups, tie_scale
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
@@ -129,8 +128,8 @@ def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) ->
     linears = {n: m for n, m in layer.named_modules() if _weight_quantized(m)}
     if not linears:
         return
-    groups = [g for g in layer_groups(model, layer) if any(n in linears for n in g.linears)
-              and (algo.gqa_v_o or kv_repeat(layer, g) is None)]
+    groups = [g for g in layer_groups(model, layer, kv_tied=algo.gqa_v_o)
+              if any(n in linears for n in g.linears)]
     device = next(layer.parameters()).device
     subset = _search_entries(inputs, algo.search_tokens)
     with _float_weights(linears.values()):
@@ -361,7 +360,7 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
     path, layers = find_decoder_layers(model)
     used = 0
     for i, layer in enumerate(layers):
-        for group in layer_groups(model, layer):
+        for group in layer_groups(model, layer, kv_tied=True):  # whatever was saved
             key = f"{path}.{i}::{','.join(group.linears)}"
             if key in scales:
                 s = scales[key].to(next(layer.parameters()).device)

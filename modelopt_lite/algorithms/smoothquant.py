@@ -32,7 +32,7 @@ from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
-from ..models import Group, apply_group_scale_, find_decoder_layers, kv_repeat, layer_groups
+from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import register_applier
@@ -255,10 +255,6 @@ def _smoothable_groups(model, layer, cfg: SmoothQuantConfig) -> list[Group]:
 
     groups, covered = [], set()
     for g in layer_groups(model, layer):
-        if kv_repeat(layer, g) is not None:
-            # GQA v -> o: a scale tied over the repeated heads folds, but a per-channel
-            # explicit multiply (smooth_unfoldable) smooths o_proj's input better
-            continue
         if all(ok(n) for n in g.linears):
             groups.append(g)
             covered.update(g.linears)

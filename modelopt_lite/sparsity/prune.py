@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..calib.sequential import StopForward
 from ..config import DEFAULT_EXCLUDE, DEFAULT_MODULE_TYPES, ConfigError
 from ..nn.quant_modules import quant_class_for
 from .masks import SparsityPatternError, magnitude_scores, nm_mask, parse_pattern, wanda_scores
@@ -243,8 +244,6 @@ class _InputCollector:
             if self._calls is not None:
                 self._calls.append(name)
             elif name == self._stop_at:
-                from ..calib.sequential import StopForward
-
                 raise StopForward
         return hook
 
