@@ -147,6 +147,37 @@ def _dequant_plane(q, s, z, i: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl
 
 
 @triton.jit
+def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
+                      GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Scale and zero ([BN, 1]) of the group that byte ``b`` of chunk ``kt`` starts."""
+    if GROUP < 128:
+        g = kt * GPC + (b * 32) // GROUP
+    else:
+        g = (kt * 128) // GROUP
+    if not EVEN_K:  # the padded tail of the last chunk has no group of its own
+        g = tl.minimum(g, n_groups - 1)
+    s = tl.load(s_rows + g)[:, None]
+    if HAS_ZERO:
+        z = tl.load(z_rows + g)[:, None]
+    else:
+        z = s
+    return s, z
+
+
+@triton.jit
+def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  IS_BF16: tl.constexpr):
+    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized."""
+    if USE_ASM:
+        lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape), tl.broadcast_to(z, q.shape),
+                                   b, HAS_ZERO, IS_BF16)
+    else:
+        lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
+        hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+    return lo, hi
+
+
+@triton.jit
 def _mma(acc, w, x_ptrs, xk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
     rj = tl.arange(0, 16)
     if EVEN_K:
@@ -200,23 +231,9 @@ def w4a16_kernel(
         q = tl.load(q_ptrs + kt * 16)
         for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
             if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
-                if GROUP < 128:
-                    g = kt * GPC + (b * 32) // GROUP
-                else:
-                    g = (kt * 128) // GROUP
-                if not EVEN_K:  # the padded tail of the last chunk has no group of its own
-                    g = tl.minimum(g, n_groups - 1)
-                s = tl.load(s_rows + g)[:, None]
-                if HAS_ZERO:
-                    z = tl.load(z_rows + g)[:, None]
-                else:
-                    z = s
-            if USE_ASM:
-                lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape),
-                                           tl.broadcast_to(z, q.shape), b, HAS_ZERO, IS_BF16)
-            else:
-                lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
-                hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+                s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
+                                         HAS_ZERO)
+            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
             if FUSE_K:  # collect the planes into one [BN, 128] operand, one product per chunk
                 if b == 0:
                     p0 = tl.join(lo, hi)
@@ -631,23 +648,9 @@ def w4a16_dequant_kernel(
         q = tl.load(q_ptrs + kt * 16)
         for b in tl.static_range(4):
             if (b * 32) % (128 // GPC) == 0:
-                if GROUP < 128:
-                    g = kt * GPC + (b * 32) // GROUP
-                else:
-                    g = (kt * 128) // GROUP
-                if not EVEN_K:
-                    g = tl.minimum(g, n_groups - 1)
-                s = tl.load(s_rows + g)[:, None]
-                if HAS_ZERO:
-                    z = tl.load(z_rows + g)[:, None]
-                else:
-                    z = s
-            if USE_ASM:
-                lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape),
-                                           tl.broadcast_to(z, q.shape), b, HAS_ZERO, IS_BF16)
-            else:
-                lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
-                hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+                s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
+                                         HAS_ZERO)
+            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
             k_lo = kt * 128 + 32 * b
             if EVEN_K:
                 tl.store(w_ptrs + k_lo, lo, mask=rmask)
