@@ -1,6 +1,7 @@
 """Launch wrapper for the W4A16 kernel: input checks, config choice by M, split-K buffer."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,7 +32,7 @@ def _check(x: torch.Tensor, p: PackedInt4):
 def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
-    from .w4a16 import w4a16_gemv_kernel, w4a16_kernel
+    from .w4a16 import MMA_CONSTRAINTS, w4a16_gemv_kernel, w4a16_kernel, w4a16_mma_kernel
 
     _check(x, p)
     n, k = p.shape
@@ -49,9 +50,11 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, 128)))
     atomic = split_k > 1
     gemv = cfg.get("GEMV", False)
-    # split-K partials are added with float32 atomics, or (OUT16, GEMV and fp16 only) straight
-    # into the half-precision output, which saves the float32 buffer's conversion pass
-    out16 = atomic and gemv and cfg.get("OUT16", False) and x.dtype == torch.float16
+    mma = cfg.get("MMA", False)
+    # split-K partials are added with float32 atomics, or (OUT16, GEMV/MMA and fp16 only)
+    # straight into the half-precision output, which saves the float32 buffer's conversion pass
+    out16 = (atomic and (gemv or mma) and cfg.get("OUT16", False)
+             and x.dtype == torch.float16)
     acc_dtype = torch.float32 if atomic and not out16 else x.dtype
     out = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=acc_dtype)
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
@@ -62,7 +65,19 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                   USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
                   EVEN_K=k % 128 == 0, ATOMIC=atomic,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    if gemv:  # one token per program along grid axis 0
+    if mma:  # up to 16 tokens per program, one dequantization per word for all of them
+        nw = cfg.get("num_warps", 4)
+        if cfg["BN"] != 16 * nw:
+            raise ValueError(f"MMA configs need BN = 16 * num_warps, got BN={cfg['BN']}, "
+                             f"num_warps={nw}")
+        use_asm = common["USE_ASM"]
+        asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
+                       1 if m <= 8 else 2, k % 128 == 0) if use_asm else ""
+        grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
+        w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
+                               CONSTRAINTS=MMA_CONSTRAINTS if use_asm else "",
+                               DOT_F32=_interpreting() and x.dtype == torch.bfloat16, **common)
+    elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
         grid = (m, split_k, triton_cdiv(n, cfg["BN"])) if k_fast else \
             (m, triton_cdiv(n, cfg["BN"]), split_k)
@@ -98,6 +113,13 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
         IS_BF16=dtype == torch.bfloat16, USE_ASM=not _interpreting(), EVEN_K=k % 128 == 0,
         num_warps=cfg.get("DQ_WARPS", 4), num_stages=2)
     return w
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool) -> str:
+    from .w4a16 import mma_asm
+
+    return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -658,3 +658,218 @@ def w4a16_dequant_kernel(
             else:
                 tl.store(w_ptrs + k_lo, lo, mask=rmask & ((k_lo + rj) < K)[None, :])
                 tl.store(w_ptrs + k_lo + 16, hi, mask=rmask & ((k_lo + 16 + rj) < K)[None, :])
+
+
+def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool) -> str:
+    """One chunk (128 k) of the small-M tensor-core GEMV for one thread: 2 rows x 4 words.
+
+    Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
+    per thread, 8 x 4 threads per warp, BN = 16 num_warps so each thread holds 2 rows):
+    lane = 4 g + t holds words 4t .. 4t+3 of rows r0 (slot 0) and r1 (slot 1). That is the
+    A-fragment layout of ``mma.m16n8k16`` with mma rows (g, g + 8) = (r0, r1) and, for nibble
+    plane i, mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3):
+    K is a sum, so any fixed permutation of it works when the activations follow it. One
+    PRMT per word pair and byte puts byte b of both words in the two halves of a register;
+    LOP3 with the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as
+    f16x2; a packed subtract and FMA with (scale, zterm) finish the weight, exactly as in
+    :func:`_asm`. The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte
+    load per token tile (tokens g and g + 8, clamped to M - 1), addressed from %laneid.
+    Each word is dequantized once and used by every token (2 MMAs per plane at M > 8).
+
+    Operands (pack 8): $0-$7 the accumulators out: slot 0 (tile 0 c0, c1, tile 1 c0, c1),
+    slot 1 (tile 0 c2, c3, tile 1 c2, c3), i.e. column c = 4t + j holds token
+    2t + (j & 1) + 8 (j >> 1); then 8 words, 4 x 4 scale registers (groups of the chunk),
+    4 x 4 zterm registers, 8 accumulators in, 8 x the chunk's x address (b64), 8 x (M - 1),
+    8 x the x row stride in bytes, 8 x the K left in this chunk.
+    """
+    ty = "bf16x2" if bf16 else "f16x2"
+    ab = "bf16" if bf16 else "f16"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
+    q = [f"${8 + i}" for i in range(8)]
+    sreg = [[f"${16 + 4 * j}", f"${16 + 4 * j + 2}"] for j in range(4)]     # [group][slot]
+    zreg = [[f"${32 + 4 * j}", f"${32 + 4 * j + 2}"] for j in range(4)]
+    acc_in = [f"${48 + i}" for i in range(8)]
+    xaddr, mm1, stride, krem = "$56", "$64", "$72", "$80"
+    lines = [f"mov.b32 m, {magic};", f"mov.b32 o, {offset};"]
+    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(8)]
+    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;",
+              f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
+              f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
+              "add.s64 xa0, xa0, off;"]
+    if n_tiles == 2:
+        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
+                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
+                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
+    # A fragment sources: (slot, first word) for a0 (row g, k 2t..), a1 (row g+8, k 2t..),
+    # a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
+    frag_src = ((0, 0), (1, 0), (0, 2), (1, 2))
+    for b in range(4):
+        sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
+        for f, (slot, w) in enumerate(frag_src):
+            lines.append(f"prmt.b32 p{f}, {q[4 * slot + w]}, {q[4 * slot + w + 1]}, {sel};")
+        for i in (2 * b, 2 * b + 1):
+            grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
+            for f, (slot, _) in enumerate(frag_src):
+                if i % 2:
+                    lines.append(f"shr.u32 p{f}, p{f}, 4;")
+                lines.append(f"lop3.b32 a{f}, p{f}, 0x000F000F, m, 0xEA;")
+                lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
+                if zero:
+                    lines.append(f"fma.rn.{ty} a{f}, a{f}, {sreg[grp][slot]}, "
+                                 f"{zreg[grp][slot]};")
+                else:
+                    lines.append(f"mul.rn.{ty} a{f}, a{f}, {sreg[grp][slot]};")
+            for tile in range(n_tiles):
+                if even_k:
+                    lines.append(f"ld.global.nc.v2.b32 {{xb0, xb1}}, [xa{tile}+{32 * i}];")
+                else:  # planes past K read zeros (their padding codes are not zero weights)
+                    lines += ["mov.b32 xb0, 0;", "mov.b32 xb1, 0;",
+                              f"setp.lt.s32 pk, {16 * i}, {krem};",
+                              f"@pk ld.global.nc.v2.b32 {{xb0, xb1}}, [xa{tile}+{32 * i}];"]
+                d = ("$0", "$1", "$4", "$5") if tile == 0 else ("$2", "$3", "$6", "$7")
+                dl = ", ".join(d)
+                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{{dl}}}, "
+                             f"{{a0, a1, a2, a3}}, {{xb0, xb1}}, {{{dl}}};")
+    body = "\n".join(lines)
+    return f"""
+{{
+.reg .b32 m, o, p0, p1, p2, p3, a0, a1, a2, a3, xb0, xb1, lane, g, tt, tok;
+.reg .b64 off, xa0, xa1;
+.reg .pred pk;
+{body}
+}}
+"""
+
+
+MMA_CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * 8 + ["r"] * 16 + ["r"] * 16 + ["r"] * 8
+                           + ["l"] * 8 + ["r"] * 24)
+
+
+@triton.jit
+def _load_half_raw(ptrs, USE_ASM: tl.constexpr):
+    """A half-precision load in the consumer's layout (see :func:`_load_half`)."""
+    if USE_ASM:
+        v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs.to(tl.int64)],
+                                      dtype=tl.int16, is_pure=True, pack=1)
+        return v.to(ptrs.dtype.element_ty, bitcast=True)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _mma_scales(s_rows, z_rows, g, n_groups, shape: tl.constexpr, HAS_ZERO: tl.constexpr,
+                EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Scale and zterm of group g for the rows, broadcast to the [BN, 16] tile."""
+    if not EVEN_K:
+        g = tl.minimum(g, n_groups - 1)
+    s = tl.broadcast_to(_load_half_raw(s_rows + g, USE_ASM), shape)
+    if HAS_ZERO:
+        z = tl.broadcast_to(_load_half_raw(z_rows + g, USE_ASM), shape)
+    else:
+        z = s
+    return s, z
+
+
+@triton.jit
+def _mma_token(c):
+    """Token of accumulator column c (see :func:`mma_asm`): 2 (c // 4) + c % 2 + 8 (c // 2 % 2)."""
+    return 2 * (c // 4) + (c % 2) + 8 * ((c // 2) % 2)
+
+
+@triton.jit
+def w4a16_mma_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
+    GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
+    IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False, ASM: tl.constexpr = "",
+    CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False,
+):
+    """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
+    multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
+    :func:`mma_asm`), with the dequantized weights and the activations going straight from
+    global memory into the MMA's register fragments: no shared memory, no barrier.
+
+    Grid (token blocks of 16, SPLIT_K, row blocks of BN = 16 num_warps). The accumulator is a
+    [BN, 16] float32 tile in the word tile's layout; column c holds token
+    :func:`_mma_token` (c). Without USE_ASM (the interpreter) the same product runs as eight
+    ``tl.dot`` per chunk on the same dequantized planes.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    m0 = pid_m * 16
+    m_left = tl.minimum(M - m0, 16)
+    kt_total = tl.cdiv(K, 128)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt0 = pid_k * kt_per
+    kt1 = tl.minimum(kt0 + kt_per, kt_total)
+
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    rj = tl.arange(0, 16)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
+    s_rows = s_ptr + rn_safe[:, None] * n_groups
+    z_rows = z_ptr + rn_safe[:, None] * n_groups
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    tok = _mma_token(rj)                                     # token of accumulator column
+    x_rows = x_ptr + m0 * stride_xm
+    shape: tl.constexpr = (BN, 16)
+
+    acc = tl.zeros((BN, 16), dtype=tl.float32)
+    if PREFETCH:
+        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0)
+    for kt in range(kt0, kt1):
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0)
+        else:
+            q = tl.load(q_ptrs + kt * 16)
+        g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
+        if USE_ASM:
+            sa, za = _mma_scales(s_rows, z_rows, g0, n_groups, shape, HAS_ZERO, EVEN_K, USE_ASM)
+            sb, zb = sa, za
+            sc, zc = sa, za
+            sd, zd = sa, za
+            if GPC >= 2:
+                sb, zb = _mma_scales(s_rows, z_rows, g0 + 1, n_groups, shape, HAS_ZERO, EVEN_K,
+                                     USE_ASM)
+            if GPC == 4:
+                sc, zc = _mma_scales(s_rows, z_rows, g0 + 2, n_groups, shape, HAS_ZERO, EVEN_K,
+                                     USE_ASM)
+                sd, zd = _mma_scales(s_rows, z_rows, g0 + 3, n_groups, shape, HAS_ZERO, EVEN_K,
+                                     USE_ASM)
+            xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
+            mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
+            stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
+            krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
+            acc = tl.inline_asm_elementwise(
+                ASM, CONSTRAINTS,
+                [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
+                dtype=tl.float32, is_pure=True, pack=8)
+        else:
+            x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]   # [16 k, 16 tokens]
+            tmask = (tok < m_left)[None, :]
+            for b in tl.static_range(4):
+                if (b * 32) % (128 // GPC) == 0:
+                    s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
+                                             z_ptr + rn_safe * n_groups, kt, b, n_groups, GPC,
+                                             GROUP, EVEN_K, HAS_ZERO)
+                lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
+                for h in tl.static_range(2):
+                    kk = kt * 128 + 32 * b + 16 * h
+                    xt = tl.load(x_ptrs + kk, mask=tmask & ((kk + rj) < K)[:, None], other=0.0)
+                    w = lo if h == 0 else hi
+                    if DOT_F32:
+                        acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(w, xt, acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None] * (pid_k == 0).to(tl.float32)
+    out_ptrs = out_ptr + (m0 + tok)[None, :] * stride_om + rn[:, None]
+    omask = (rn[:, None] < N) & (tok < m_left)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)

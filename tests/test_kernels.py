@@ -47,6 +47,10 @@ GEMV_OUT16 = dict(GEMV=True, BN=16, SPLIT_K=2, num_warps=4, num_stages=2, OUT16=
 GEMV_PF2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=2,
                 K_FAST=False)
 DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
+# small-M tensor-core GEMV: BN = 16 * num_warps (2 rows per thread)
+MMA = dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1, num_stages=2)
+MMA_SPLIT = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, PREFETCH=True)
+MMA_OUT16 = dict(MMA=True, BN=16, SPLIT_K=2, num_warps=1, num_stages=2, OUT16=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -72,6 +76,31 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m,n,cfg,k_tail", [
+    (3, 40, MMA, False),         # odd M (one token tile of 8), N not a multiple of BN
+    (7, 72, MMA_SPLIT, True),    # split-K with a short last split, K not a multiple of 128
+    (13, 24, MMA_OUT16, False),  # two token tiles of 8, split-K added in the output dtype
+    (16, 40, MMA, True),         # a full 16-token block
+    (19, 24, MMA_SPLIT, False),  # two 16-token blocks, the second with 3 tokens
+])
+def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
+    k = 448 if k_tail and group < 128 else 384
+    x, p, b = _problem(m, n, k, group, zero, dtype)
+    y = w4a16_matmul(x, p, b, cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+def test_mma_path_rejects_a_tile_it_cannot_map():
+    x, p, _ = _problem(4, 32, 128, 32, True, torch.float16)
+    with pytest.raises(ValueError, match="BN = 16"):
+        w4a16_matmul(x, p, None, dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2))
 
 
 def test_kernel_leading_dims_and_no_bias():
@@ -122,10 +151,31 @@ def test_default_config_fills_the_gpu_for_decode():
                                  dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=True),
                                  dict(GEMV=True, BN=128, SPLIT_K=2, num_warps=8, OUT16=True),
                                  dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=2),
+                                 dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4),
+                                 dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
+                                      OUT16=True),
+                                 dict(MMA=True, BN=128, SPLIT_K=1, num_warps=8),
                                  dict(DEQUANT=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     if cfg and cfg.get("GEMV") and m > 16:
         pytest.skip("the GEMV path is for decode batches")
     x, p, b = _problem(m, 1000, 2048, group, zero, dtype)
+    y = w4a16_matmul(x, p, b, cfg)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [3, 16, 37])
+@pytest.mark.parametrize("cfg", [dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4),
+                                 dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
+                                      OUT16=True),
+                                 dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1)])
+def test_gpu_mma_path(dtype, zero, group, m, cfg):
+    k = 2048 + 64 if group < 128 else 2048   # K not a multiple of 128 where the block allows
+    x, p, b = _problem(m, 1000, k, group, zero, dtype)
     y = w4a16_matmul(x, p, b, cfg)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
