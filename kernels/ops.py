@@ -32,7 +32,7 @@ def _check(x: torch.Tensor, p: PackedInt4):
 def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
-    from .w4a16 import MMA_CONSTRAINTS, w4a16_gemv_kernel, w4a16_kernel, w4a16_mma_kernel
+    from .w4a16 import mma_constraints, w4a16_gemv_kernel, w4a16_kernel, w4a16_mma_kernel
 
     _check(x, p)
     n, k = p.shape
@@ -67,15 +67,16 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     if mma:  # up to 16 tokens per program, one dequantization per word for all of them
         nw = cfg.get("num_warps", 4)
-        if cfg["BN"] != 16 * nw:
-            raise ValueError(f"MMA configs need BN = 16 * num_warps, got BN={cfg['BN']}, "
+        rows = cfg["BN"] // (8 * nw)     # rows per thread in the [BN, 16] word tile's layout
+        if rows not in (2, 4) or cfg["BN"] != 8 * rows * nw:
+            raise ValueError(f"MMA configs need BN = 16 or 32 * num_warps, got BN={cfg['BN']}, "
                              f"num_warps={nw}")
         use_asm = common["USE_ASM"]
         asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
-                       1 if m <= 8 else 2, k % 128 == 0) if use_asm else ""
+                       1 if m <= 8 else 2, k % 128 == 0, rows) if use_asm else ""
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
         w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
-                               CONSTRAINTS=MMA_CONSTRAINTS if use_asm else "",
+                               CONSTRAINTS=mma_constraints(rows) if use_asm else "", ROWS=rows,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16, **common)
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
@@ -116,10 +117,10 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool) -> str:
+def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int) -> str:
     from .w4a16 import mma_asm
 
-    return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k)
+    return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows)
 
 
 def triton_cdiv(a: int, b: int) -> int:

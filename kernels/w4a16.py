@@ -660,39 +660,42 @@ def w4a16_dequant_kernel(
                 tl.store(w_ptrs + k_lo + 16, hi, mask=rmask & ((k_lo + 16 + rj) < K)[None, :])
 
 
-def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool) -> str:
-    """One chunk (128 k) of the small-M tensor-core GEMV for one thread: 2 rows x 4 words.
+def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
+            rows: int = 2) -> str:
+    """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
 
     Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
-    per thread, 8 x 4 threads per warp, BN = 16 num_warps so each thread holds 2 rows):
-    lane = 4 g + t holds words 4t .. 4t+3 of rows r0 (slot 0) and r1 (slot 1). That is the
-    A-fragment layout of ``mma.m16n8k16`` with mma rows (g, g + 8) = (r0, r1) and, for nibble
-    plane i, mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3):
-    K is a sum, so any fixed permutation of it works when the activations follow it. One
-    PRMT per word pair and byte puts byte b of both words in the two halves of a register;
-    LOP3 with the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as
-    f16x2; a packed subtract and FMA with (scale, zterm) finish the weight, exactly as in
-    :func:`_asm`. The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte
-    load per token tile (tokens g and g + 8, clamped to M - 1), addressed from %laneid.
-    Each word is dequantized once and used by every token (2 MMAs per plane at M > 8).
+    per thread, 8 x 4 threads per warp, BN = 8 rows num_warps): lane = 4 g + t holds words
+    4t .. 4t+3 of its rows (slots 0 .. rows-1). That is the A-fragment layout of
+    ``mma.m16n8k16`` with mma rows (g, g + 8) = slots (2p, 2p + 1) and, for nibble plane i,
+    mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3): K is a
+    sum, so any fixed permutation of it works when the activations follow it. One PRMT per
+    word pair and byte puts byte b of both words in the two halves of a register; LOP3 with
+    the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as f16x2; a
+    packed subtract and FMA with (scale, zterm) finish the weight, exactly as in :func:`_asm`.
+    The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte load per
+    token tile (tokens g and g + 8, clamped to M - 1), addressed from %laneid and shared by
+    the thread's row pairs. Each word is dequantized once and used by every token.
 
-    Operands (pack 8): $0-$7 the accumulators out: slot 0 (tile 0 c0, c1, tile 1 c0, c1),
-    slot 1 (tile 0 c2, c3, tile 1 c2, c3), i.e. column c = 4t + j holds token
-    2t + (j & 1) + 8 (j >> 1); then 8 words, 4 x 4 scale registers (groups of the chunk),
-    4 x 4 zterm registers, 8 accumulators in, 8 x the chunk's x address (b64), 8 x (M - 1),
-    8 x the x row stride in bytes, 8 x the K left in this chunk.
+    Operands (pack 4 rows): the accumulators out, 4 per slot: (tile 0 c0, c1, tile 1 c0, c1)
+    for slot 2p, (tile 0 c2, c3, tile 1 c2, c3) for slot 2p + 1, i.e. column c = 4t + j holds
+    token 2t + (j & 1) + 8 (j >> 1); then the words, 4 scale and 4 zterm tensors (groups of
+    the chunk; two half-precision values per register), the accumulators in, the chunk's x
+    address (b64), M - 1, the x row stride in bytes and the K left in this chunk.
     """
+    n = 4 * rows                        # elements per thread
     ty = "bf16x2" if bf16 else "f16x2"
     ab = "bf16" if bf16 else "f16"
     magic = "0x43004300" if bf16 else "0x64006400"
     offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
-    q = [f"${8 + i}" for i in range(8)]
-    sreg = [[f"${16 + 4 * j}", f"${16 + 4 * j + 2}"] for j in range(4)]     # [group][slot]
-    zreg = [[f"${32 + 4 * j}", f"${32 + 4 * j + 2}"] for j in range(4)]
-    acc_in = [f"${48 + i}" for i in range(8)]
-    xaddr, mm1, stride, krem = "$56", "$64", "$72", "$80"
+    q = [f"${n + i}" for i in range(n)]
+    sbase, zbase, abase = 2 * n, 2 * n + 2 * n, 2 * n + 4 * n
+    sreg = [[f"${sbase + (n // 2) * j + 2 * r}" for r in range(rows)] for j in range(4)]
+    zreg = [[f"${zbase + (n // 2) * j + 2 * r}" for r in range(rows)] for j in range(4)]
+    acc_in = [f"${abase + i}" for i in range(n)]
+    xaddr, mm1, stride, krem = (f"${abase + n * (1 + i)}" for i in range(4))
     lines = [f"mov.b32 m, {magic};", f"mov.b32 o, {offset};"]
-    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(8)]
+    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
     lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;",
               f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
               f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
@@ -701,40 +704,50 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
         lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
                   f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
                   "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
-    # A fragment sources: (slot, first word) for a0 (row g, k 2t..), a1 (row g+8, k 2t..),
-    # a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
+    # A fragment sources per row pair p: (slot, first word) for a0 (row g, k 2t..),
+    # a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
     frag_src = ((0, 0), (1, 0), (0, 2), (1, 2))
     for b in range(4):
         sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
-        for f, (slot, w) in enumerate(frag_src):
-            lines.append(f"prmt.b32 p{f}, {q[4 * slot + w]}, {q[4 * slot + w + 1]}, {sel};")
+        for pr in range(rows // 2):
+            for f, (slot, w) in enumerate(frag_src):
+                sl = 2 * pr + slot
+                lines.append(f"prmt.b32 p{pr}_{f}, {q[4 * sl + w]}, {q[4 * sl + w + 1]}, {sel};")
         for i in (2 * b, 2 * b + 1):
             grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
-            for f, (slot, _) in enumerate(frag_src):
-                if i % 2:
-                    lines.append(f"shr.u32 p{f}, p{f}, 4;")
-                lines.append(f"lop3.b32 a{f}, p{f}, 0x000F000F, m, 0xEA;")
-                lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
-                if zero:
-                    lines.append(f"fma.rn.{ty} a{f}, a{f}, {sreg[grp][slot]}, "
-                                 f"{zreg[grp][slot]};")
-                else:
-                    lines.append(f"mul.rn.{ty} a{f}, a{f}, {sreg[grp][slot]};")
             for tile in range(n_tiles):
+                xb = f"x{tile}_0, x{tile}_1"
                 if even_k:
-                    lines.append(f"ld.global.nc.v2.b32 {{xb0, xb1}}, [xa{tile}+{32 * i}];")
+                    lines.append(f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];")
                 else:  # planes past K read zeros (their padding codes are not zero weights)
-                    lines += ["mov.b32 xb0, 0;", "mov.b32 xb1, 0;",
+                    lines += [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
                               f"setp.lt.s32 pk, {16 * i}, {krem};",
-                              f"@pk ld.global.nc.v2.b32 {{xb0, xb1}}, [xa{tile}+{32 * i}];"]
-                d = ("$0", "$1", "$4", "$5") if tile == 0 else ("$2", "$3", "$6", "$7")
-                dl = ", ".join(d)
-                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{{dl}}}, "
-                             f"{{a0, a1, a2, a3}}, {{xb0, xb1}}, {{{dl}}};")
+                              f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+            for pr in range(rows // 2):
+                for f, (slot, _) in enumerate(frag_src):
+                    sl = 2 * pr + slot
+                    src = f"p{pr}_{f}"
+                    if i % 2:
+                        lines.append(f"shr.u32 {src}, {src}, 4;")
+                    lines.append(f"lop3.b32 a{f}, {src}, 0x000F000F, m, 0xEA;")
+                    lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
+                    if zero:
+                        lines.append(f"fma.rn.{ty} a{f}, a{f}, {sreg[grp][sl]}, "
+                                     f"{zreg[grp][sl]};")
+                    else:
+                        lines.append(f"mul.rn.{ty} a{f}, a{f}, {sreg[grp][sl]};")
+                for tile in range(n_tiles):
+                    o0, o1 = 8 * pr, 8 * pr + 4      # slots 2p and 2p + 1
+                    d = ((o0, o0 + 1, o1, o1 + 1) if tile == 0 else
+                         (o0 + 2, o0 + 3, o1 + 2, o1 + 3))
+                    dl = ", ".join(f"${v}" for v in d)
+                    lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{{dl}}}, "
+                                 f"{{a0, a1, a2, a3}}, {{x{tile}_0, x{tile}_1}}, {{{dl}}};")
     body = "\n".join(lines)
+    pregs = ", ".join(f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4))
     return f"""
 {{
-.reg .b32 m, o, p0, p1, p2, p3, a0, a1, a2, a3, xb0, xb1, lane, g, tt, tok;
+.reg .b32 m, o, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1, lane, g, tt, tok;
 .reg .b64 off, xa0, xa1;
 .reg .pred pk;
 {body}
@@ -742,8 +755,10 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
 """
 
 
-MMA_CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * 8 + ["r"] * 16 + ["r"] * 16 + ["r"] * 8
-                           + ["l"] * 8 + ["r"] * 24)
+def mma_constraints(rows: int = 2) -> str:
+    n = 4 * rows
+    return ",".join(["=r"] * n + ["r"] * n + ["r"] * (2 * n) + ["r"] * (2 * n) + ["r"] * n
+                    + ["l"] * n + ["r"] * (3 * n))
 
 
 @triton.jit
@@ -783,14 +798,15 @@ def w4a16_mma_kernel(
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False, ASM: tl.constexpr = "",
-    CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False,
+    CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
     :func:`mma_asm`), with the dequantized weights and the activations going straight from
     global memory into the MMA's register fragments: no shared memory, no barrier.
 
-    Grid (token blocks of 16, SPLIT_K, row blocks of BN = 16 num_warps). The accumulator is a
+    Grid (token blocks of 16, SPLIT_K, row blocks of BN = 8 ROWS num_warps: ROWS = 2 or 4 rows
+    per thread, all in one asm call, which share the activation loads). The accumulator is a
     [BN, 16] float32 tile in the word tile's layout; column c holds token
     :func:`_mma_token` (c). Without USE_ASM (the interpreter) the same product runs as eight
     ``tl.dot`` per chunk on the same dequantized planes.
@@ -846,7 +862,7 @@ def w4a16_mma_kernel(
             acc = tl.inline_asm_elementwise(
                 ASM, CONSTRAINTS,
                 [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
-                dtype=tl.float32, is_pure=True, pack=8)
+                dtype=tl.float32, is_pure=True, pack=4 * ROWS)
         else:
             x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]   # [16 k, 16 tokens]
             tmask = (tok < m_left)[None, :]

@@ -51,6 +51,7 @@ DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
 MMA = dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1, num_stages=2)
 MMA_SPLIT = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, PREFETCH=True)
 MMA_OUT16 = dict(MMA=True, BN=16, SPLIT_K=2, num_warps=1, num_stages=2, OUT16=True)
+MMA_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, num_stages=2)   # 4 rows per thread
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -87,6 +88,7 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     (13, 24, MMA_OUT16, False),  # two token tiles of 8, split-K added in the output dtype
     (16, 40, MMA, True),         # a full 16-token block
     (19, 24, MMA_SPLIT, False),  # two 16-token blocks, the second with 3 tokens
+    (11, 72, MMA_ROWS4, True),   # 4 rows per thread, N and K tails
 ])
 def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     k = 448 if k_tail and group < 128 else 384
@@ -99,8 +101,8 @@ def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
 
 def test_mma_path_rejects_a_tile_it_cannot_map():
     x, p, _ = _problem(4, 32, 128, 32, True, torch.float16)
-    with pytest.raises(ValueError, match="BN = 16"):
-        w4a16_matmul(x, p, None, dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2))
+    with pytest.raises(ValueError, match="BN = 16 or 32"):
+        w4a16_matmul(x, p, None, dict(MMA=True, BN=48, SPLIT_K=1, num_warps=2))
 
 
 def test_kernel_leading_dims_and_no_bias():
@@ -173,7 +175,8 @@ def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
 @pytest.mark.parametrize("cfg", [dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4),
                                  dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
                                       OUT16=True),
-                                 dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1)])
+                                 dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1),
+                                 dict(MMA=True, BN=128, SPLIT_K=2, num_warps=4)])
 def test_gpu_mma_path(dtype, zero, group, m, cfg):
     k = 2048 + 64 if group < 128 else 2048   # K not a multiple of 128 where the block allows
     x, p, b = _problem(m, 1000, k, group, zero, dtype)

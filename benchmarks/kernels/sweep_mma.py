@@ -20,11 +20,11 @@ from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, in
 from sweep_v5 import best_of, shipped  # noqa: E402
 import peers  # noqa: E402
 
-TILES = ((32, 2), (64, 4), (128, 8))     # BN = 16 num_warps: 2 rows per thread
+TILES = ((32, 2), (64, 4), (128, 8), (64, 2), (128, 4), (256, 8))   # 2 or 4 rows per thread
 
 
 def mma_cands(m, k_tiles):
-    splits = (1, 2, 4) if m > 16 else (1, 2, 4, 8, 16)
+    splits = (1, 2, 4) if m > 16 else (4, 8, 16)
     for (bn, nw), sk, pf in itertools.product(TILES, splits, (False, True)):
         if sk <= k_tiles:
             yield dict(MMA=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3, PREFETCH=pf,
@@ -33,7 +33,7 @@ def mma_cands(m, k_tiles):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="1,2,4,8,16,64")
+    ap.add_argument("--ms", default="1,2,4,8,16")
     ap.add_argument("--shapes", default="8192x28672,28672x8192,4096x4096,4096x14336,14336x4096")
     ap.add_argument("--out", default="mma_sweep.json")
     ap.add_argument("--peers", default="cublas,humming")
@@ -98,19 +98,16 @@ def main():
 
 
 def write_table(path, rows, margin):
-    """Rows max_m = M for every swept M > 1: the MMA config where it beats the shipped one by
-    more than ``margin``, else the shipped config; rows above the largest swept M are kept."""
+    """Rows max_m = M for every swept M: the MMA config where it beats the shipped one by more
+    than ``margin``, else the shipped config; rows above the largest swept M are kept."""
     table = json.loads(Path(path).read_text())
     for key in {f"{r['N']}x{r['K']}" for r in rows}:
         if key not in table:
             continue
-        swept = sorted((r for r in rows if f"{r['N']}x{r['K']}" == key and r["M"] > 1),
-                       key=lambda r: r["M"])
-        if not swept:
-            continue
+        swept = sorted((r for r in rows if f"{r['N']}x{r['K']}" == key), key=lambda r: r["M"])
         top = swept[-1]["M"]
         old = table[key]
-        new = [r for r in old if r["max_m"] == 1]
+        new = [r for r in old if r["max_m"] < swept[0]["M"]]
         for r in swept:
             win = r["mma_cfg"] is not None and r["mma_us"] < (1 - margin) * r["shipped_us"]
             cfg = r["mma_cfg"] if win else r["shipped_cfg"]
