@@ -135,12 +135,15 @@ def test_kernel_rejects_mismatched_inputs():
 def test_default_config_fills_the_gpu_for_decode():
     cfg = default_config(1, 8192, 28672)
     assert cfg["GEMV"] and cfg["SPLIT_K"] > 1
-    cfg = default_config(4, 8192, 28672)
-    assert cfg["BM"] == 16 and cfg["SPLIT_K"] > 1 and not cfg.get("FUSE_K")
-    assert default_config(16, 4096, 4096)["FUSE_K"]
+    for m in (2, 4, 9, 16):   # the small-M tensor-core GEMV, K split to fill the GPU
+        cfg = default_config(m, 8192, 28672)
+        assert cfg["MMA"] and cfg["SPLIT_K"] > 1 and cfg["BN"] // cfg["num_warps"] in (16, 32)
+    assert default_config(16, 4096, 4096)["SPLIT_K"] == 16
+    assert default_config(2, 64, 256)["SPLIT_K"] == 1
+    assert default_config(32, 4096, 4096)["FUSE_K"]
     assert default_config(256, 28672, 8192)["SPLIT_K"] == 1
     assert default_config(1024, 28672, 8192)["DEQUANT"]
-    assert pick_config(2, 8192, 28672, 128, None)["BM"] == 16
+    assert pick_config(2, 8192, 28672, 128, None)["MMA"]
 
 
 @pytest.mark.gpu
