@@ -43,7 +43,8 @@ def _check_keys(cls, data: dict) -> None:
 def parse_overrides(cls, items) -> dict:
     """``["field=value", ...]`` -> keyword arguments for the config dataclass ``cls``, each value
     typed like the field's default (``true``/``false`` for flags, ``a,b,c`` for tuples of
-    numbers, text where the default is None). For command-line ``--set`` style options."""
+    numbers; where the default is None: ``none``, a number, or else text). For command-line
+    ``--set`` style options."""
     defaults = {f.name: f.default for f in fields(cls)}
     out = {}
     for item in items:
@@ -57,10 +58,21 @@ def parse_overrides(cls, items) -> dict:
         elif isinstance(default, tuple):
             out[key] = tuple(float(v) for v in value.split(","))
         elif default is None or default is dataclasses.MISSING:
-            out[key] = value
+            out[key] = _scalar(value)
         else:
             out[key] = type(default)(value)
     return out
+
+
+def _scalar(value: str):
+    if value.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -118,8 +118,14 @@ def test_awq_beats_rtn_and_fold_alone_is_exact(arch):
         ref = model(test).logits
     rtn = mtl.quantize(copy.deepcopy(model), awq_cfg().replace(algorithm=MaxCalibConfig()),
                        progress=False)
-    awq = mtl.quantize(copy.deepcopy(model), awq_cfg(), calib=calib, progress=False)
+    awq = mtl.quantize(copy.deepcopy(model), awq_cfg(gptq=False), calib=calib, progress=False)
+    gptq = mtl.quantize(copy.deepcopy(model), awq_cfg(), calib=calib, progress=False)
     assert _err(awq, ref, test) < _err(rtn, ref, test)
+    assert _err(gptq, ref, test) < _err(rtn, ref, test)
+    for m in gptq.modules():  # GPTQ moves weights onto the searched grid, not the grid
+        if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled:
+            w = m.weight_2d().detach()
+            assert torch.allclose(m.weight_quantizer(w), w, atol=1e-6)
     if arch == "gemma3":  # grouped-query attention (4 query heads, 1 kv head): v -> o on request
         assert not any(k.endswith("::self_attn.o_proj") for k in awq._awq_scales)
         tied = mtl.quantize(copy.deepcopy(model), awq_cfg(gqa_v_o=True), calib=calib,
@@ -133,7 +139,8 @@ def test_awq_beats_rtn_and_fold_alone_is_exact(arch):
 
 
 def test_awq_ranges_are_set_per_block_and_shrunk():
-    model = mtl.quantize(ALL["llama"](), awq_cfg(), calib=random_tokens(4, 32), progress=False)
+    model = mtl.quantize(ALL["llama"](), awq_cfg(gptq=False), calib=random_tokens(4, 32),
+                         progress=False)  # GPTQ would move the weights after the clip
     q = model.model.layers[0].mlp.down_proj.weight_quantizer
     w = model.model.layers[0].mlp.down_proj.weight
     blocks = w.detach().reshape(w.shape[0], -1, 32)
@@ -220,7 +227,8 @@ def test_indivisible_layers_are_skipped_and_model_stays_exact():
     calib, test = random_tokens(4, 32), random_tokens(2, 32)
     with torch.no_grad():
         ref = model(test).logits
-    awq = mtl.quantize(copy.deepcopy(model), awq_cfg(block=64), calib=calib, progress=False)
+    awq = mtl.quantize(copy.deepcopy(model), awq_cfg(block=64, gptq=False), calib=calib,
+                       progress=False)  # (GPTQ moves the weights: the float check below)
     skipped = {r["name"] for r in awq._modelopt_lite["layers"] if r["skipped"]}
     assert "model.layers.0.self_attn.q_proj" in skipped
     assert "model.layers.0.mlp.down_proj" not in skipped

@@ -75,6 +75,9 @@ def test_parse_overrides_types_values_like_the_defaults():
     assert AWQConfig(**got).search_tokens == 8192
     assert parse_overrides(SmoothQuantConfig, ["alpha_grid=0.5,1,1.5"]) == {
         "alpha_grid": (0.5, 1.0, 1.5)}
+    got = parse_overrides(SmoothQuantConfig, ["alpha=0.75"])  # an optional float field
+    assert got == {"alpha": 0.75} and SmoothQuantConfig(**got).alpha == 0.75
+    assert parse_overrides(SmoothQuantConfig, ["alpha=none"]) == {"alpha": None}
     with pytest.raises(ConfigError, match="unknown AWQConfig key"):
         parse_overrides(AWQConfig, ["no_such_field=1"])
     with pytest.raises(ConfigError, match="FIELD=VALUE"):

@@ -148,6 +148,24 @@ def test_planted_outlier_is_tamed():
     assert err_sq < 0.2 * err_max, (err_sq, err_max)
 
 
+def test_gptq_weights_lower_the_error_and_stay_on_their_grid():
+    model = plant_outliers(tiny_llama(seed=3))
+    calib, test = random_tokens(8, 32, seed=13), random_tokens(4, 32, seed=113)
+    ref = logits(model, test)
+    cfg = sq_config(alpha=0.8)
+    plain = quantized(model, cfg, calib)
+    gptq = quantized(model, cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, gptq=True)),
+                     calib)
+    assert rel_err(logits(gptq, test), ref) < rel_err(logits(plain, test), ref)
+    moved = 0
+    for (_, a), (_, b) in zip(quant_modules(plain), quant_modules(gptq)):
+        w = b.weight_2d().detach()
+        assert torch.equal(b.weight_quantizer(w), w)  # exactly on the INT8 grid it keeps
+        moved += int(not torch.allclose(b.weight_quantizer(w), a.weight_quantizer(
+            a.weight_2d().detach())))
+    assert moved == len(quant_modules(gptq))
+
+
 def test_static_ranges_are_calibrated_on_smoothed_activations():
     model = plant_outliers(tiny_llama(seed=2))
     tokens = random_tokens(4, 32, seed=12)

@@ -47,7 +47,7 @@ def ours(method: str, calibrator: str):
         return mtl.get_preset("w8a8")
     if method == "sq_fixed":
         return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=0.5))
-    return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=None, **SQ_OVERRIDES))
+    return base.replace(input=inp, algorithm=SmoothQuantConfig(**{"alpha": None, **SQ_OVERRIDES}))
 
 
 def modelopt(model, cfg_name: str, loop):

@@ -40,6 +40,8 @@ from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
 from . import register_applier
+from ..sparsity.sparsegpt import HessianAccumulator
+from .gptq import gptq_round
 from .rtn import calibrate_activations
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ class AWQConfig:
     ``artefacts``: a folder from :func:`save_artefacts`; apply its scales and ranges instead
     of searching. ``gqa_v_o``: also search ``v_proj -> o_proj`` under grouped-query attention,
     the scale tied over each kv head's repeated copies (off by default: on SmolLM2-135M it
-    raised perplexity 14.99 -> 15.05 and left Gemma-3-270M unchanged).
+    raised perplexity 14.99 -> 15.05 and left Gemma-3-270M unchanged). ``gptq``: after the
+    scale and clip searches, round each weight onto its (searched) grid with GPTQ's
+    second-order error feedback (:mod:`modelopt_lite.algorithms.gptq`) instead of to nearest,
+    on the Hessian of all calibration tokens; same format and ranges. ``gptq_damp``: its
+    dampening, a fraction of the Hessian's mean diagonal.
     """
 
     name: ClassVar[str]
@@ -76,12 +82,16 @@ class AWQConfig:
     device: str | None = None
     artefacts: str | None = None
     gqa_v_o: bool = False
+    gptq: bool = True
+    gptq_damp: float = 0.01
 
     def __post_init__(self):
         if self.n_grid < 20:
             raise ConfigError(f"n_grid={self.n_grid}: AWQ searches at least 20 alpha points")
         if self.search_tokens < 1:
             raise ConfigError(f"search_tokens must be >= 1, got {self.search_tokens}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if self.clip_grid < 1 or not 0.0 < self.clip_min_ratio <= 1.0:
             raise ConfigError("clip_grid must be >= 1 and clip_min_ratio in (0, 1], got "
                               f"{self.clip_grid}, {self.clip_min_ratio}")
@@ -117,6 +127,7 @@ def apply(model: nn.Module, config: QuantConfig, forward_loop=None, progress: bo
         run_sequential(model, forward_loop, process, device=algo.device, offload=offload,
                        progress=progress, desc="awq")
         model._awq_scales = record
+        model._awq_gptq = algo.gptq
     calibrate_activations(model, forward_loop)
 
 
@@ -133,13 +144,15 @@ def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) ->
     device = next(layer.parameters()).device
     subset = _search_entries(inputs, algo.search_tokens)
     with _float_weights(linears.values()):
-        cap = _capture(layer, inputs, groups, linears, subset, device)
+        cap = _capture(layer, inputs, groups, linears, subset, device, algo.gptq)
         for group in groups:
             s = _search_group(layer, group, linears, cap, algo)
             apply_group_scale_(layer, group, s)
             cap.scale[group.linears[0]] = s
             record[f"{name}::{','.join(group.linears)}"] = s.detach().cpu()
     _set_clips(linears, cap, groups, algo)
+    if algo.gptq:
+        _gptq_round(linears, cap, groups, algo)
     cap.clear()
 
 
@@ -199,10 +212,12 @@ class _Capture:
     gram: dict      # input key -> [nb, width, width] (None when no clip is needed)
     blocks: dict    # block name -> [(args, kwargs, reference output)]
     scale: dict     # input key -> folded scale
+    hessian: dict   # input key -> HessianAccumulator (GPTQ only)
 
     def clear(self):
         self.blocks.clear()
         self.gram.clear()
+        self.hessian.clear()
 
 
 class _InputStats:
@@ -229,20 +244,25 @@ class _InputStats:
 
 
 @torch.no_grad()
-def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
-    """One replay of the float layer: input statistics and the search batches' block I/O."""
+def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = False) -> _Capture:
+    """One replay of the float layer: input statistics (and with ``hessians`` each input's
+    ``X^T X`` for GPTQ) and the search batches' block I/O."""
     keys = {}
     for rel in linears:
         keys.setdefault(_input_key(rel, groups), []).append(rel)
     for g in groups:
         keys.setdefault(g.linears[0], list(g.linears))
-    stats, handles, blocks = {}, [], {g.block: [] for g in groups}
+    stats, handles, blocks, hess = {}, [], {g.block: [] for g in groups}, {}
     for key, members in keys.items():
         quant = [linears[n] for n in members if n in linears]
         width = S.block_width(quant[0].weight_quantizer.spec, quant[0].in_features_2d) if (
             quant and quant[0].weight_quantizer.spec.granularity != "per_tensor") else 0
         stats[key] = _InputStats(width)
         handles.append(layer.get_submodule(key).register_forward_pre_hook(stats[key]))
+        if hessians and width:
+            hess[key] = HessianAccumulator(quant[0].in_features_2d, device=device)
+            handles.append(layer.get_submodule(key).register_forward_pre_hook(
+                lambda m, args, acc=hess[key]: acc.add(args[0])))
     active = [False]
     for block in blocks:
         def keep(module, args, kwargs, out, block=block):
@@ -258,7 +278,7 @@ def _capture(layer, inputs, groups, linears, subset, device) -> _Capture:
             h.remove()
     return _Capture({k: st.absmean() for k, st in stats.items()},
                     {k: reduce_sum_(st.gram).float() for k, st in stats.items() if st.width},
-                    blocks, {})
+                    blocks, {}, hess)
 
 
 def _first(out):
@@ -315,6 +335,30 @@ def _set_clip(module, cap: _Capture, key: str, algo: AWQConfig) -> None:
     quantizer.set_range(amax, amin)
 
 
+@torch.no_grad()
+def _gptq_round(linears: dict, cap: _Capture, groups, algo: AWQConfig) -> None:
+    """GPTQ-round every weight onto its set range, the linears sharing an input at once (their
+    rows stacked: one Hessian, one factorisation). Every rank holds the same reduced Hessian
+    and weights and computes the same result."""
+    by_key: dict[str, list] = {}
+    for rel, m in linears.items():
+        by_key.setdefault(_input_key(rel, groups), []).append(m)
+    for key, mods in by_key.items():
+        if key not in cap.hessian:
+            continue
+        h = cap.hessian[key].hessian()
+        if key in cap.scale:  # the Hessian of x / s
+            inv = 1.0 / cap.scale[key].to(h.device, h.dtype)
+            h = h * inv[:, None] * inv[None, :]
+        q0 = mods[0].weight_quantizer
+        w = torch.cat([m.weight_2d().detach() for m in mods])
+        amax = torch.cat([m.weight_quantizer.amax for m in mods])
+        amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in mods])
+        w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=algo.gptq_damp)
+        for m, part in zip(mods, w_q.split([m.weight_2d().shape[0] for m in mods])):
+            m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
+
+
 # --- artefacts: scales and ranges, reusable without calibration ---
 
 def _ranges(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -338,6 +382,9 @@ def save_artefacts(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"scale::{k}": v for k, v in scales.items()}
     tensors.update({f"range::{k}": v.cpu() for k, v in _ranges(model).items()})
+    if getattr(model, "_awq_gptq", False):  # GPTQ moved the weights themselves
+        tensors.update({f"weight::{name}": m.weight.detach().cpu()
+                        for name, m in model.named_modules() if _weight_quantized(m)})
     tmp = directory / f".{ARTEFACT_TENSORS}.{uuid.uuid4().hex}.tmp"
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -370,9 +417,17 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError(f"{directory}: {len(scales) - used} saved scale(s) match no group of this "
                          "model; apply artefacts to the architecture they were made from")
     ranges = {k[len("range::"):]: v for k, v in tensors.items() if k.startswith("range::")}
+    weights = {k[len("weight::"):]: v for k, v in tensors.items() if k.startswith("weight::")}
     for name, m in model.named_modules():
+        if name in weights:
+            if weights[name].shape != m.weight.shape:
+                raise ValueError(f"{directory}: saved weight of {name} has shape "
+                                 f"{tuple(weights[name].shape)}, the model's is "
+                                 f"{tuple(m.weight.shape)}")
+            m.weight.data.copy_(weights[name].to(m.weight.device, m.weight.dtype))
         if _weight_quantized(m) and f"{name}.amax" in ranges:
             amin = ranges.get(f"{name}.amin")
             m.weight_quantizer.set_range(ranges[f"{name}.amax"].to(m.weight.device),
                                          None if amin is None else amin.to(m.weight.device))
     model._awq_scales = scales
+    model._awq_gptq = bool(weights)

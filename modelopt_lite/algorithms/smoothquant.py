@@ -35,7 +35,9 @@ from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorith
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
+from ..sparsity.sparsegpt import HessianAccumulator
 from . import register_applier
+from .gptq import gptq_round
 from .rtn import calibrate_activations, calibrate_quantizers
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,12 @@ class SmoothQuantConfig:
     group's calibrated activation range is then scaled by the ratio of this grid with the
     smallest block output error (``(1.0,)``, the default, keeps the calibrator's range: on
     SmolLM2-135M clipping lowered the block errors yet raised test perplexity, 13.02 -> 13.08,
-    since the rare outlier tokens it clips are few in the scored batches)."""
+    since the rare outlier tokens it clips are few in the scored batches). ``gptq``: once a
+    layer is smoothed and its activation ranges are set, round its INT8 weights onto their
+    per-channel grid with GPTQ's error feedback (:mod:`modelopt_lite.algorithms.gptq`) on the
+    Hessian of the quantized inputs the weights see, instead of to nearest (the smoothed
+    weights carry the activation outliers, so their rounding matters); ``gptq_damp`` is its
+    dampening."""
 
     alpha: float | None = None
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
@@ -67,6 +74,8 @@ class SmoothQuantConfig:
     clip_grid: tuple[float, ...] = (1.0,)
     search_batches: int = 8
     smooth_unfoldable: bool = True
+    gptq: bool = False
+    gptq_damp: float = 0.01
     name: ClassVar[str]
 
     def __post_init__(self):
@@ -81,6 +90,8 @@ class SmoothQuantConfig:
         if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
             raise ConfigError(f"clip_grid must be a non-empty tuple of ratios in (0, 1], "
                               f"got {self.clip_grid}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if self.refine < 0:
             raise ConfigError(f"refine must be >= 0 bisection rounds, got {self.refine}")
 
@@ -299,6 +310,8 @@ class _LayerProcessor:
                 q = layer.get_submodule(n).input_quantizer
                 if not q.spec.dynamic and q.amax is not None:
                     q.set_range(q.amax * clip)
+        if self.cfg.gptq:
+            gptq_layer(layer, inputs, self.cfg.gptq_damp)
 
     def _smooth_group(self, name, layer, group, x_absmax, inputs) -> float:
         """Smooth one group; return the activation-range ratio to apply after calibration."""
@@ -325,6 +338,38 @@ class _LayerProcessor:
                             "linears": group.linears}
         logger.debug("%s: alpha %.2f, clip %.2f, block error %.3g", key, best, clip, error)
         return clip
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01) -> None:
+    """GPTQ-round the weights of every weight-quantized (per channel or block) linear of
+    ``layer`` onto a grid fixed from its current weight, on the Hessian of the input the
+    weight multiplies (after the input quantizer: pre-quant scale and fake quantization)."""
+    mods = {n: m for n, m in layer.named_modules()
+            if is_quantized(m) and m.weight_quantizer.enabled
+            and m.weight_quantizer.spec.granularity != "per_tensor"}
+    if not mods:
+        return
+    device = next(layer.parameters()).device
+    accs = {n: HessianAccumulator(m.in_features_2d, device=device) for n, m in mods.items()}
+
+    def hook(name):
+        def add(module, args):
+            accs[name].add(module.input_quantizer(args[0]))
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    try:
+        inputs.feed(layer)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, m in mods.items():
+        q = m.weight_quantizer
+        w = m.weight_2d().detach()
+        q.init_from_weight(w)
+        w_q = gptq_round(w, accs[n].hessian(), q.spec, q.amin, q.amax, percdamp=percdamp)
+        m.weight.data.copy_(m.weight_from_2d(w_q.to(m.weight.dtype)))
 
 
 def inputs_subset(inputs, n: int):

@@ -1,0 +1,97 @@
+"""GPTQ rounding (Frantar et al., 2022) on fixed quantization ranges.
+
+Given a weight ``W`` ``[out, in]``, its quantization ranges (per output row and input block,
+e.g. from AWQ's clip search) and the Hessian ``H = 2 X^T X / n`` of its calibration inputs,
+the columns are rounded one at a time and each column's rounding error is spread over the
+columns not yet rounded through the upper Cholesky factor ``U`` of ``H^-1`` (the OBS update),
+so the layer output ``X W^T`` changes less than with round-to-nearest. The ranges do not
+move: the result lies exactly on the grid the quantizer already holds, so the format and the
+export are those of plain RTN / AWQ weights.
+
+``act_order`` rounds the columns with the largest ``H_jj`` first; each column keeps the range
+of the block it belongs to ("static groups"), so the blocks stay contiguous in the file.
+
+Example::
+
+    acc = HessianAccumulator(in_features=640)
+    acc.add(x)                                   # every calibration batch
+    amin, amax = weight_range(w, spec)           # or searched ranges
+    w_q = gptq_round(w, acc.hessian(), spec, amin, amax)
+    assert torch.equal(qdq_weight(w_q, spec, amin, amax), w_q)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantizerSpec
+from ..nn import functional as F
+from ..sparsity.sparsegpt import _few_threads, _inverse_cholesky_upper
+from .awq_search import block_width
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torch.Tensor | None,
+               amax: torch.Tensor, block_size: int = 128, percdamp: float = 0.01,
+               act_order: bool = True) -> torch.Tensor:
+    """Round ``w`` (2-D ``[out, in]``) onto the grid of ``(amin, amax)`` with GPTQ updates.
+
+    ``amax`` (and ``amin``, None when symmetric) are ``[out, in // block]`` as
+    :func:`~modelopt_lite.algorithms.awq_search.weight_range` returns them (``[out, 1]`` per
+    channel). ``h``: the ``[in, in]`` Hessian. ``block_size`` is GPTQ's lazy-update width, not
+    the quantization block. Returns the rounded weight in ``w``'s dtype.
+    """
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
+    if spec.granularity == "per_tensor":
+        raise ValueError("gptq_round needs per-channel or per-block weight ranges")
+    width = block_width(spec, in_f)
+    scale, zero = F.scale_zero(amin, amax, spec.num_bits, spec.symmetric)  # [out, nb]
+    col_block = torch.arange(in_f, device=w.device) // width
+    col_scale = scale.t()[col_block].contiguous()                          # [in, out]
+    col_zero = None if zero is None else zero.t()[col_block].contiguous()
+
+    # transposed, [in, out]: each input column is a contiguous row; float64 in, float64 math
+    dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
+    W = w.detach().to(dtype).t().contiguous()
+    H = h.detach().to(w.device, dtype).clone()
+    col_scale = col_scale.to(dtype)
+    col_zero = None if col_zero is None else col_zero.to(dtype)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H, col_scale = W[perm], H[perm][:, perm], col_scale[perm]
+        col_zero = None if col_zero is None else col_zero[perm]
+    U = _inverse_cholesky_upper(H, percdamp)
+    Q = torch.empty_like(W)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        with _few_threads(W.device):
+            err = _round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2],
+                               None if col_zero is None else col_zero[i1:i2], spec)
+        if i2 < in_f:
+            W[i2:] -= U[i1:i2, i2:].t() @ err
+    if perm is not None:
+        Q = Q[torch.argsort(perm)]
+    return Q.t().contiguous().to(w.dtype)
+
+
+def _round_block(w1, u1, q1, scale1, zero1, spec):
+    """Round one block's columns in place into ``q1``; return the scaled errors ``[cols, out]``."""
+    err1 = torch.empty_like(w1)
+    for i in range(w1.shape[0]):
+        z = None if zero1 is None else zero1[i]
+        q = F.dequantize(F.quantize(w1[i], scale1[i], z, spec.num_bits, spec.symmetric),
+                         scale1[i], z)
+        q1[i] = q
+        e = (w1[i] - q) / u1[i, i]
+        err1[i] = e
+        if i + 1 < w1.shape[0]:
+            w1[i + 1:].sub_(u1[i, i + 1:, None] * e[None])
+    return err1
+
+
+__all__ = ["gptq_round"]
