@@ -19,10 +19,12 @@ turns two nibbles into the half-precision numbers magic + u with no int-to-float
 conversion; one packed subtract and one packed FMA with (scale, -zero*scale) finish: about
 two instructions per weight. The interpreter runs the same arithmetic in plain Triton.
 
-Two more kernels serve the ends of the M range (``ops.py`` picks by config):
+Three more kernels serve the rest of the M range (``ops.py`` picks by config):
 ``w4a16_gemv_kernel`` (one token: CUDA cores, packed half-precision dot products, no
-tensor-core tile to fill) and ``w4a16_dequant_kernel`` (large M: W_hat written once in fp16,
-then one cuBLAS GEMM, which beats the fused kernel from M ~ 512 up on H100).
+tensor-core tile to fill), ``w4a16_mma_kernel`` (2..16 tokens: each word dequantized once
+into ``mma.sync`` register fragments for all tokens, no shared memory) and
+``w4a16_dequant_kernel`` (large M: W_hat written once in fp16, then one cuBLAS GEMM, which
+beats the fused kernel from M ~ 512 up on H100).
 """
 import triton
 import triton.language as tl
