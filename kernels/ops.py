@@ -72,12 +72,17 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             raise ValueError(f"MMA configs need BN = 16 or 32 * num_warps, got BN={cfg['BN']}, "
                              f"num_warps={nw}")
         use_asm = common["USE_ASM"]
+        n_tiles = 1 if m <= 8 else 2
+        xperm = bool(cfg.get("XPERM", False))
+        if xperm:  # activations re-laid out once per call for 16-byte fragment loads
+            args = (permute_x(x2, 8 * n_tiles),) + args[1:]
         asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
-                       1 if m <= 8 else 2, k % 128 == 0, rows) if use_asm else ""
+                       n_tiles, k % 128 == 0, rows, xperm) if use_asm else ""
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
         w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
                                CONSTRAINTS=mma_constraints(rows) if use_asm else "", ROWS=rows,
-                               DOT_F32=_interpreting() and x.dtype == torch.bfloat16, **common)
+                               DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
+                               XTB=8 * n_tiles if xperm else 0, **common)
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
         grid = (m, split_k, triton_cdiv(n, cfg["BN"])) if k_fast else \
@@ -116,11 +121,30 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
     return w
 
 
+def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:
+    """x [M, K] in the order the MMA path's B fragments are read with 16-byte loads (``XPERM``).
+
+    M is zero-padded to a multiple of ``tb`` (8 or 16 tokens, one or two MMA token tiles) and K
+    to a multiple of 128. With k = 128 kt + 32 j + 16 h + 4 t + e (plane i = 2 j + h of chunk
+    kt), element (token block mb, token r, k) goes to [mb, kt, j, r, t, h, e]: lane (g, t) of
+    an MMA reads planes 2j and 2j + 1 of token g as 16 contiguous bytes, and the 8 tokens of a
+    tile as 512 contiguous bytes. One copy kernel (two with padding).
+    """
+    m, k = x2.shape
+    mp, kp = triton_cdiv(m, tb) * tb, triton_cdiv(k, 128) * 128
+    if mp != m or kp != k:
+        x2 = torch.nn.functional.pad(x2, (0, kp - k, 0, mp - m))
+    return (x2.view(mp // tb, tb, kp // 128, 4, 2, 4, 4)
+            .permute(0, 2, 3, 1, 5, 4, 6).contiguous())
+
+
 @functools.lru_cache(maxsize=None)
-def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int) -> str:
+def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int,
+             xperm: bool = False) -> str:
     from .w4a16 import mma_asm
 
-    return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows)
+    return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
+                   xperm)
 
 
 def triton_cdiv(a: int, b: int) -> int:

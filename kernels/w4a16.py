@@ -663,7 +663,7 @@ def w4a16_dequant_kernel(
 
 
 def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
-            rows: int = 2) -> str:
+            rows: int = 2, xperm: bool = False) -> str:
     """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
 
     Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
@@ -684,6 +684,13 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     token 2t + (j & 1) + 8 (j >> 1); then the words, 4 scale and 4 zterm tensors (groups of
     the chunk; two half-precision values per register), the accumulators in, the chunk's x
     address (b64), M - 1, the x row stride in bytes and the K left in this chunk.
+
+    With ``xperm`` the activations come pre-permuted once per call (:func:`permute_x`): per
+    chunk and load j = 0..3 a [8 n_tiles tokens, 4 t, planes 2j and 2j + 1, 4 halves] block,
+    so a lane fetches both planes' B fragments with one 16-byte load and a warp's load reads
+    512 contiguous bytes per token tile (4 lines instead of 8 lines for 8 bytes a lane).
+    Tokens and K are zero-padded there, so no clamp and no K predicate; the address operand
+    is the chunk's block, and M - 1, the stride and the K left are unused.
     """
     n = 4 * rows                        # elements per thread
     ty = "bf16x2" if bf16 else "f16x2"
@@ -698,11 +705,15 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     xaddr, mm1, stride, krem = (f"${abase + n * (1 + i)}" for i in range(4))
     lines = [f"mov.b32 m, {magic};", f"mov.b32 o, {offset};"]
     lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
-    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;",
-              f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
-              f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
-              "add.s64 xa0, xa0, off;"]
-    if n_tiles == 2:
+    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
+    if xperm:  # lane (g, t): byte 64 g + 16 t of each load's block; tile 1 is 8 tokens on
+        lines += ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
+                  "add.s64 xa1, xa0, 512;"]
+    else:
+        lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
+                  f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
+                  "add.s64 xa0, xa0, off;"]
+    if n_tiles == 2 and not xperm:
         lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
                   f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
                   "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
@@ -719,7 +730,14 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
             grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
             for tile in range(n_tiles):
                 xb = f"x{tile}_0, x{tile}_1"
-                if even_k:
+                if xperm:  # one 16-byte load per plane pair: (plane 2b: r0, r1; 2b+1: r2, r3)
+                    if i % 2 == 0:
+                        lines.append(f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
+                                     f"[xa{tile}+{b * 64 * 8 * n_tiles}];")
+                    else:
+                        lines += [f"mov.b32 x{tile}_0, y{tile}_0;",
+                                  f"mov.b32 x{tile}_1, y{tile}_1;"]
+                elif even_k:
                     lines.append(f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];")
                 else:  # planes past K read zeros (their padding codes are not zero weights)
                     lines += [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
@@ -749,7 +767,8 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     pregs = ", ".join(f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4))
     return f"""
 {{
-.reg .b32 m, o, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1, lane, g, tt, tok;
+.reg .b32 m, o, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1, y0_0, y0_1, y1_0, y1_1;
+.reg .b32 lane, g, tt, tok;
 .reg .b64 off, xa0, xa1;
 .reg .pred pk;
 {body}
@@ -801,6 +820,7 @@ def w4a16_mma_kernel(
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False, ASM: tl.constexpr = "",
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
+    XTB: tl.constexpr = 0,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -812,6 +832,9 @@ def w4a16_mma_kernel(
     [BN, 16] float32 tile in the word tile's layout; column c holds token
     :func:`_mma_token` (c). Without USE_ASM (the interpreter) the same product runs as eight
     ``tl.dot`` per chunk on the same dequantized planes.
+
+    XTB > 0: x is the per-call permuted copy of :func:`permute_x` with token blocks of XTB
+    (8 or 16) zero-padded tokens, 128 XTB halves per chunk and block.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -857,7 +880,11 @@ def w4a16_mma_kernel(
                                      USE_ASM)
                 sd, zd = _mma_scales(s_rows, z_rows, g0 + 3, n_groups, shape, HAS_ZERO, EVEN_K,
                                      USE_ASM)
-            xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
+            if XTB > 0:
+                xa = tl.zeros(shape, tl.int64) + (
+                    x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
+            else:
+                xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
             mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
             stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
             krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
@@ -866,8 +893,13 @@ def w4a16_mma_kernel(
                 [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
                 dtype=tl.float32, is_pure=True, pack=4 * ROWS)
         else:
-            x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]   # [16 k, 16 tokens]
-            tmask = (tok < m_left)[None, :]
+            if XTB > 0:  # k 16 i + 4 t + e of load j = i // 2 at [j, token, t, i % 2, e]
+                tmask = (tok < XTB)[None, :]
+                x_ptrs = (x_ptr + (pid_m * kt_total + kt) * (128 * XTB) + tok[None, :] * 32
+                          + (rj // 4)[:, None] * 8 + (rj % 4)[:, None])
+            else:
+                x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]  # [16 k, 16 tokens]
+                tmask = (tok < m_left)[None, :]
             for b in tl.static_range(4):
                 if (b * 32) % (128 // GPC) == 0:
                     s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
@@ -876,7 +908,11 @@ def w4a16_mma_kernel(
                 lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
                 for h in tl.static_range(2):
                     kk = kt * 128 + 32 * b + 16 * h
-                    xt = tl.load(x_ptrs + kk, mask=tmask & ((kk + rj) < K)[:, None], other=0.0)
+                    if XTB > 0:
+                        xt = tl.load(x_ptrs + (b * 32 * XTB + 4 * h), mask=tmask, other=0.0)
+                    else:
+                        xt = tl.load(x_ptrs + kk, mask=tmask & ((kk + rj) < K)[:, None],
+                                     other=0.0)
                     w = lo if h == 0 else hi
                     if DOT_F32:
                         acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)

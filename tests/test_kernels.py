@@ -52,6 +52,10 @@ MMA = dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1, num_stages=2)
 MMA_SPLIT = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, PREFETCH=True)
 MMA_OUT16 = dict(MMA=True, BN=16, SPLIT_K=2, num_warps=1, num_stages=2, OUT16=True)
 MMA_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, num_stages=2)   # 4 rows per thread
+# activations permuted once per call for 16-byte fragment loads
+MMA_XPERM = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, XPERM=True)
+MMA_XPERM_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2, num_stages=2, XPERM=True,
+                       OUT16=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -89,6 +93,9 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     (16, 40, MMA, True),         # a full 16-token block
     (19, 24, MMA_SPLIT, False),  # two 16-token blocks, the second with 3 tokens
     (11, 72, MMA_ROWS4, True),   # 4 rows per thread, N and K tails
+    (5, 40, MMA_XPERM, True),    # permuted activations: one token tile, padded K and tokens
+    (13, 72, MMA_XPERM_ROWS4, False),   # permuted, two token tiles, 4 rows per thread
+    (21, 24, MMA_XPERM, False),  # permuted, two 16-token blocks
 ])
 def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     k = 448 if k_tail and group < 128 else 384
@@ -97,6 +104,29 @@ def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+def test_permute_x_layout():
+    from modelopt_lite.kernels.ops import permute_x
+
+    m, k, tb = 11, 320, 16
+    x = torch.randn(m, k)
+    xp = permute_x(x, tb)
+    assert xp.shape == (1, 3, 4, tb, 4, 2, 4)
+    for r, kk in ((0, 0), (3, 17), (10, 255), (7, 300), (10, 319)):
+        kt, j, h, t, e = kk // 128, kk % 128 // 32, kk % 32 // 16, kk % 16 // 4, kk % 4
+        assert xp[0, kt, j, r, t, h, e] == x[r, kk]
+    assert xp[0, 2, 3].abs().sum() == 0 and xp[0, :, :, m:].abs().sum() == 0   # zero padding
+
+
+def test_mma_asm_xperm_loads_16_bytes():
+    from modelopt_lite.kernels.w4a16 import mma_asm
+
+    for n_tiles in (1, 2):
+        text = mma_asm(False, True, 1, n_tiles, False, rows=4, xperm=True)
+        assert text.count("ld.global.nc.v4.b32") == 4 * n_tiles
+        assert "ld.global.nc.v2" not in text and "setp" not in text
+        assert text.count("mma.sync") == 8 * 2 * n_tiles
 
 
 def test_mma_path_rejects_a_tile_it_cannot_map():
@@ -179,7 +209,10 @@ def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
                                  dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
                                       OUT16=True),
                                  dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1),
-                                 dict(MMA=True, BN=128, SPLIT_K=2, num_warps=4)])
+                                 dict(MMA=True, BN=128, SPLIT_K=2, num_warps=4),
+                                 dict(MMA=True, BN=128, SPLIT_K=4, num_warps=4, XPERM=True),
+                                 dict(MMA=True, BN=64, SPLIT_K=3, num_warps=4, XPERM=True,
+                                      PREFETCH=True, OUT16=True)])
 def test_gpu_mma_path(dtype, zero, group, m, cfg):
     k = 2048 + 64 if group < 128 else 2048   # K not a multiple of 128 where the block allows
     x, p, b = _problem(m, 1000, k, group, zero, dtype)
