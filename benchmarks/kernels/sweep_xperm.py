@@ -33,6 +33,16 @@ def xperm_cands(base, k_tiles):
     return out
 
 
+def wide_cands(k_tiles):
+    """Every MMA tile (2 or 4 rows per thread) x split 8/16 x prefetch, all with XPERM."""
+    for bn, nw in ((32, 2), (64, 4), (128, 8), (64, 2), (128, 4), (256, 8)):
+        for sk in (8, 16):
+            for pf in (False, True):
+                if sk <= k_tiles:
+                    yield dict(MMA=True, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=3,
+                               PREFETCH=pf, OUT16=True, XPERM=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="8,16")
@@ -41,6 +51,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop trying candidates after")
     ap.add_argument("--write-table", default=None)
     ap.add_argument("--margin", type=float, default=0.03)
+    ap.add_argument("--wide", action="store_true", help="every tile, split 8/16, prefetch")
     a = ap.parse_args()
     t0 = time.time()
     mk = import_kernels()
@@ -65,6 +76,8 @@ def main():
             row["shipped_cfg"] = base
             del fns
             cands = xperm_cands(base, -(-k // 128)) if base.get("MMA") else []
+            if a.wide:
+                cands = list(wide_cands(-(-k // 128)))
             if time.time() - t0 > a.budget_s:
                 cands = cands[:1]
             t, err, cfg = best_of(mk, packed, x, nc, ref, cands)
