@@ -260,7 +260,8 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
         stats[key] = _InputStats(width)
         handles.append(layer.get_submodule(key).register_forward_pre_hook(stats[key]))
         if hessians and width:
-            hess[key] = HessianAccumulator(quant[0].in_features_2d, device=device)
+            hess[key] = HessianAccumulator(quant[0].in_features_2d, device=device,
+                                           exact=True)
             handles.append(layer.get_submodule(key).register_forward_pre_hook(
                 lambda m, args, acc=hess[key]: acc.add(args[0])))
     active = [False]
@@ -346,7 +347,7 @@ def _gptq_round(linears: dict, cap: _Capture, groups, algo: AWQConfig) -> None:
     for key, mods in by_key.items():
         if key not in cap.hessian:
             continue
-        h = cap.hessian[key].hessian()
+        h = cap.hessian[key].hessian().float()
         if key in cap.scale:  # the Hessian of x / s
             inv = 1.0 / cap.scale[key].to(h.device, h.dtype)
             h = h * inv[:, None] * inv[None, :]

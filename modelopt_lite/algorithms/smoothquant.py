@@ -351,7 +351,8 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01) -> None:
     if not mods:
         return
     device = next(layer.parameters()).device
-    accs = {n: HessianAccumulator(m.in_features_2d, device=device) for n, m in mods.items()}
+    accs = {n: HessianAccumulator(m.in_features_2d, device=device, exact=True)
+            for n, m in mods.items()}
 
     def hook(name):
         def add(module, args):
@@ -368,7 +369,8 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01) -> None:
         q = m.weight_quantizer
         w = m.weight_2d().detach()
         q.init_from_weight(w)
-        w_q = gptq_round(w, accs[n].hessian(), q.spec, q.amin, q.amax, percdamp=percdamp)
+        w_q = gptq_round(w, accs[n].hessian().float(), q.spec, q.amin, q.amax,
+                         percdamp=percdamp)
         m.weight.data.copy_(m.weight_from_2d(w_q.to(m.weight.dtype)))
 
 

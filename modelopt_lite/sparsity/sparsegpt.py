@@ -30,10 +30,15 @@ class HessianAccumulator:
 
     Wide inputs accumulate only the blocks on and above the diagonal (``X^T X`` is
     symmetric), mirrored once at the end: about 5/8 of the products at 4 blocks.
+    ``exact=True`` sums each batch's float32 product into a float64 buffer, so the sum does
+    not depend on the order of batches or ranks (N ranks reproduce one process).
     """
 
-    def __init__(self, in_features: int, device=None, split: int | None = None):
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device=None, split: int | None = None,
+                 exact: bool = False):
+        self.exact = exact
+        self.xtx = torch.zeros(in_features, in_features, device=device,
+                               dtype=torch.float64 if exact else torch.float32)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self._reduced = False
         k = split if split is not None else (4 if in_features >= 1024 else 1)
@@ -43,12 +48,12 @@ class HessianAccumulator:
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
-        if len(self._spans) == 1:
-            self.xtx.addmm_(x.t(), x)
-        else:
-            for i, a in enumerate(self._spans):
-                xa = x[:, a].t()
-                for b in self._spans[i:]:
+        for i, a in enumerate(self._spans):
+            xa = x[:, a].t()
+            for b in self._spans[i:]:
+                if self.exact:
+                    self.xtx[a, b] += (xa @ x[:, b]).double()
+                else:
                     self.xtx[a, b].addmm_(xa, x[:, b])
         self.count += x.shape[0]
 
