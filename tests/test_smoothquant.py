@@ -17,10 +17,12 @@ from tiny_models import random_tokens, tiny_gemma3, tiny_llama
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def sq_config(alpha=None, dynamic=False, grid=GRID, batches=8):
+def sq_config(alpha=None, dynamic=False, grid=GRID, batches=8, gptq=False):
+    """The preset with these search settings; GPTQ rounding off unless asked, so that the
+    float model after the fold and the search's objective can be checked exactly."""
     base = mtl.get_preset("int8_smoothquant_dynamic" if dynamic else "int8_smoothquant")
     return base.replace(algorithm=SmoothQuantConfig(alpha=alpha, alpha_grid=grid,
-                                                    search_batches=batches))
+                                                    search_batches=batches, gptq=gptq))
 
 
 def quantized(model, cfg, tokens):
@@ -152,10 +154,8 @@ def test_gptq_weights_lower_the_error_and_stay_on_their_grid():
     model = plant_outliers(tiny_llama(seed=3))
     calib, test = random_tokens(8, 32, seed=13), random_tokens(4, 32, seed=113)
     ref = logits(model, test)
-    cfg = sq_config(alpha=0.8)
-    plain = quantized(model, cfg, calib)
-    gptq = quantized(model, cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, gptq=True)),
-                     calib)
+    plain = quantized(model, sq_config(alpha=0.8), calib)
+    gptq = quantized(model, sq_config(alpha=0.8, gptq=True), calib)
     assert rel_err(logits(gptq, test), ref) < rel_err(logits(plain, test), ref)
     moved = 0
     for (_, a), (_, b) in zip(quant_modules(plain), quant_modules(gptq)):
