@@ -4,11 +4,14 @@ For every group of linears that share an input (q/k/v, gate/up, v->o, up->down, 
 architecture table in :mod:`modelopt_lite.models`) a per-input-channel scale ``s`` is
 searched over an alpha grid, minimising the error of the output of the block the linears feed
 (``self_attn``, ``mlp``, ``down_proj``...), and folded exactly into the producer. Then each
-weight's range is shrunk per (output row, block) to minimise that block's output error. The
+weight's range is shrunk per (output row, block) to minimise that block's output error, and
+the weights are rounded onto those ranges with GPTQ's error feedback
+(:mod:`modelopt_lite.algorithms.gptq`; ``AWQConfig(gptq=False)`` rounds to nearest). The
 layer's quantized output feeds the next layer (:func:`~modelopt_lite.calib.sequential.run_sequential`).
 
 Results: the folded weights and the quantizers' ``amax``/``amin`` go into ``mtl.save``
-checkpoints; :func:`save_artefacts` also writes the scales and ranges on their own, and
+checkpoints; :func:`save_artefacts` also writes the scales and ranges (and the GPTQ-rounded
+weights) on their own, and
 ``AWQConfig(artefacts=dir)`` re-applies them to a fresh float model with no calibration.
 
 Example::
