@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .tuning import pick_config
+from .tuning import _num_sms, pick_config
 from .packing import PackedInt4
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -85,10 +85,18 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                XTB=8 * n_tiles if xperm else 0, **common)
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
-        grid = (m, split_k, triton_cdiv(n, cfg["BN"])) if k_fast else \
-            (m, triton_cdiv(n, cfg["BN"]), split_k)
+        persist = int(cfg.get("PERSIST", 0))
+        if persist:  # PERSIST programs per SM (or PROGRAMS in all), each walking many items
+            items = triton_cdiv(n, cfg["BN"]) * split_k
+            programs = int(cfg.get("PROGRAMS", 0)) or persist * _num_sms(x.device)
+            grid = (m, max(1, min(items, programs)))
+        elif k_fast:
+            grid = (m, split_k, triton_cdiv(n, cfg["BN"]))
+        else:
+            grid = (m, triton_cdiv(n, cfg["BN"]), split_k)
         w4a16_gemv_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), K_FAST=k_fast,
-                                **common)
+                                PERSIST=bool(persist), AHEAD=int(cfg.get("AHEAD", 1)),
+                                **common, **_maxnreg(cfg))
     else:
         grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
         w4a16_kernel[grid](
@@ -145,6 +153,11 @@ def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, row
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
                    xperm)
+
+
+def _maxnreg(cfg: dict) -> dict:
+    """Launch option capping registers per thread (``MAXNREG``; compiled code only)."""
+    return {} if _interpreting() or not cfg.get("MAXNREG") else {"maxnreg": int(cfg["MAXNREG"])}
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -506,13 +506,192 @@ def _gemv_apply(acc, s, zc, p, xs, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
+def _gemv_chunk(acc, q, sa, za, kt, x_ptrs, s_rows, z_rows, n_groups, K, GROUP: tl.constexpr,
+                HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+                IS_BF16: tl.constexpr):
+    """acc += one chunk (128 k) of the GEMV: words q [BN, 16], (sa, za) the scale of the
+    chunk's first group; further groups (block 64 / 32) are loaded here."""
+    GS: tl.constexpr = 4 if GROUP == 32 else 2
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    rj = tl.arange(0, 16)[None, :]
+    g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
+    sb, zb = sa, za
+    sc, zc = sa, za
+    sd, zd = sa, za
+    if GPC >= 2:
+        sb, zb = _gemv_scales(s_rows, z_rows, g0 + 1, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+    if GPC == 4:
+        sc, zc = _gemv_scales(s_rows, z_rows, g0 + 2, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+        sd, zd = _gemv_scales(s_rows, z_rows, g0 + 3, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+    xb = x_ptrs + kt * 128
+    if EVEN_K:
+        x0 = tl.load(xb)
+        x1 = tl.load(xb + 16)
+        x2 = tl.load(xb + 32)
+        x3 = tl.load(xb + 48)
+        x4 = tl.load(xb + 64)
+        x5 = tl.load(xb + 80)
+        x6 = tl.load(xb + 96)
+        x7 = tl.load(xb + 112)
+    else:
+        kk = kt * 128 + rj
+        x0 = tl.load(xb, mask=kk < K, other=0.0)
+        x1 = tl.load(xb + 16, mask=kk + 16 < K, other=0.0)
+        x2 = tl.load(xb + 32, mask=kk + 32 < K, other=0.0)
+        x3 = tl.load(xb + 48, mask=kk + 48 < K, other=0.0)
+        x4 = tl.load(xb + 64, mask=kk + 64 < K, other=0.0)
+        x5 = tl.load(xb + 80, mask=kk + 80 < K, other=0.0)
+        x6 = tl.load(xb + 96, mask=kk + 96 < K, other=0.0)
+        x7 = tl.load(xb + 112, mask=kk + 112 < K, other=0.0)
+    p0, p1, p2, p3, s0, s1, s2, s3 = _gemv_word_sums(q, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                     GS, USE_ASM, IS_BF16)
+    if GPC == 1:
+        acc = _gemv_apply(acc, sa, za, p0 + p1, s0 + s1, HAS_ZERO)
+    elif GPC == 2:
+        acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
+        acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
+    else:
+        acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
+        acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
+        acc = _gemv_apply(acc, sc, zc, p2, s2, HAS_ZERO)
+        acc = _gemv_apply(acc, sd, zd, p3, s3, HAS_ZERO)
+    return acc
+
+
+@triton.jit
+def _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN: tl.constexpr):
+    """Word pointers [BN, 16] (chunk 0) and scale / zero row pointers [BN, 1] of row block rb
+    (rows past N clamped to N - 1: they are loaded, never written)."""
+    rows = tl.minimum(rb * BN + tl.arange(0, BN), N - 1)
+    q_ptrs = q_ptr + rows[:, None] * (kt_total * 16) + tl.arange(0, 16)[None, :]
+    return q_ptrs, s_ptr + rows[:, None] * n_groups, z_ptr + rows[:, None] * n_groups
+
+
+@triton.jit
+def _gemv_fetch(q_ptr, s_ptr, z_ptr, rb, kt, ok, N, kt_total, n_groups, GROUP: tl.constexpr,
+                BN: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """Words of chunk kt of row block rb (zeros unless ok) and its first group's scale."""
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    q_ptrs, s_rows, z_rows = _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN)
+    q = tl.load(q_ptrs + kt * 16, mask=ok, other=0)
+    ktc = tl.minimum(kt, kt_total - 1)
+    g = ktc * GPC if GROUP < 128 else (ktc * 128) // GROUP
+    s, zc = _gemv_scales(s_rows, z_rows, g, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
+    return q, s, zc
+
+
+@triton.jit
+def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, stride_xm,
+                     stride_om, n_groups, SPLIT_K, GROUP: tl.constexpr, BN: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     ATOMIC: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr,
+                     AHEAD: tl.constexpr):
+    """The GEMV with a persistent grid (``PERSIST``; see :func:`w4a16_gemv_kernel`).
+
+    Work items are (row block, K slice of kt_per chunks), numbered with the slice fastest
+    (the K_FAST order: consecutive items are neighbouring pieces of the same rows). Program
+    p of P takes items p, p + P, p + 2P, ...: at any time the resident programs work on a
+    contiguous run of items, i.e. a slab of whole rows. Its steps (item, chunk) are walked by
+    two cursors: the load cursor fetches words and first-group scales AHEAD (1 or 2) steps
+    before the compute cursor uses them, across item boundaries, so only the program's first
+    chunk starts cold. After an item's last chunk its row sums are added (atomics with split-K,
+    else stored) and the accumulator restarts. Item changes (the only integer divisions) come
+    once per kt_per steps."""
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    kt_total = tl.cdiv(K, 128)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    items = tl.cdiv(N, BN) * SPLIT_K
+    steps = tl.cdiv(items - p, P) * kt_per
+    rj = tl.arange(0, 16)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + rj
+    zero = p * 0
+
+    # load cursor: item l_it = (row block l_rb, slice starting at chunk l_kt0), chunk l_c
+    l_it = p
+    l_rb = p // SPLIT_K
+    l_kt0 = (p - l_rb * SPLIT_K) * kt_per
+    l_c = zero
+    q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt0, (l_it < items) & (l_kt0 < kt_total),
+                             N, kt_total, n_groups, GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+    l_c += 1
+    if l_c == kt_per:
+        l_c = zero
+        l_it += P
+        l_rb = l_it // SPLIT_K
+        l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+    q2, s2, z2 = q1, s1, z1
+    if AHEAD == 2:
+        l_kt = l_kt0 + l_c
+        q2, s2, z2 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
+                                 (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
+                                 GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+        l_c += 1
+        if l_c == kt_per:
+            l_c = zero
+            l_it += P
+            l_rb = l_it // SPLIT_K
+            l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+
+    # compute cursor
+    c_rb = p // SPLIT_K
+    c_pk = p - c_rb * SPLIT_K
+    c_it = p
+    c_c = zero
+    acc = tl.zeros((BN, 16), dtype=tl.float32)
+    for _ in range(0, steps):
+        q, sa, za = q1, s1, z1
+        l_kt = l_kt0 + l_c
+        if AHEAD == 2:
+            q1, s1, z1 = q2, s2, z2
+            q2, s2, z2 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
+                                     (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
+                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+        else:
+            q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
+                                     (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
+                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+        l_c += 1
+        if l_c == kt_per:
+            l_c = zero
+            l_it += P
+            l_rb = l_it // SPLIT_K
+            l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+
+        kt = c_pk * kt_per + c_c
+        if kt < kt_total:  # the last K slice can be short
+            c_q, c_s, c_z = _gemv_rows(q_ptr, s_ptr, z_ptr, c_rb, N, kt_total, n_groups, BN)
+            acc = _gemv_chunk(acc, q, sa, za, kt, x_ptrs, c_s, c_z, n_groups, K, GROUP,
+                              HAS_ZERO, EVEN_K, USE_ASM, IS_BF16)
+        c_c += 1
+        if c_c == kt_per:  # the item's last chunk: add its rows, move to the next item
+            rn = c_rb * BN + tl.arange(0, BN)
+            y = tl.sum(acc, axis=1)
+            if HAS_BIAS:
+                y += (tl.load(bias_ptr + tl.minimum(rn, N - 1)).to(tl.float32)
+                      * (c_pk == 0).to(tl.float32))
+            out_ptrs = out_ptr + m * stride_om + rn
+            if ATOMIC:
+                tl.atomic_add(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=rn < N,
+                              sem="relaxed")
+            else:
+                tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+            acc = tl.zeros((BN, 16), dtype=tl.float32)
+            c_c = zero
+            c_it += P
+            c_rb = c_it // SPLIT_K
+            c_pk = c_it - c_rb * SPLIT_K
+
+
+@triton.jit
 def w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    K_FAST: tl.constexpr = True,
+    K_FAST: tl.constexpr = True, PERSIST: tl.constexpr = False, AHEAD: tl.constexpr = 1,
 ):
     """Decode path (one token per program along grid axis 0): CUDA-core GEMV.
 
@@ -524,7 +703,27 @@ def w4a16_gemv_kernel(
     (:func:`_gemv_asm`: about 2 instructions per weight); scale and zero apply once per
     (row, group, thread) in float32: acc += s * sum (u - 8) x + (zterm + 8 s) * sum x.
     Without USE_ASM (the interpreter) the same sums run in float32.
+
+    PERSIST: grid (M, P) of persistent programs, each walking a strided list of
+    (row block, K slice) items with its word loads AHEAD steps ahead (:func:`_gemv_persistent`).
     """
+    if PERSIST:
+        _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, tl.program_id(0), N, K,
+                         stride_xm, stride_om, n_groups, SPLIT_K, GROUP, BN, HAS_ZERO, HAS_BIAS,
+                         EVEN_K, ATOMIC, USE_ASM, IS_BF16, AHEAD)
+    else:
+        _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
+                   n_groups, SPLIT_K, GROUP, BN, HAS_ZERO, HAS_BIAS, EVEN_K, ATOMIC, USE_ASM,
+                   IS_BF16, PREFETCH, K_FAST)
+
+
+@triton.jit
+def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
+               n_groups, SPLIT_K, GROUP: tl.constexpr, BN: tl.constexpr,
+               HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+               ATOMIC: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr,
+               PREFETCH: tl.constexpr, K_FAST: tl.constexpr):
+    """The GEMV over a grid of one (token, K slice, row block) per program (PERSIST off)."""
     # Grid (M, SPLIT_K, row blocks) with K_FAST: programs that run together read whole rows
     # (contiguous memory); with the split slowest they read one K slice of every row instead,
     # 4-16 KB apart. Tokens vary fastest: the programs that share words run together.

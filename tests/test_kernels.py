@@ -47,6 +47,13 @@ GEMV_OUT16 = dict(GEMV=True, BN=16, SPLIT_K=2, num_warps=4, num_stages=2, OUT16=
 GEMV_PF2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=2,
                 K_FAST=False)
 DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
+# persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
+GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
+GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
+                       OUT16=True)
+GEMV_PERSIST_STORE = dict(GEMV=True, BN=16, SPLIT_K=1, num_warps=4, PERSIST=1, PROGRAMS=2,
+                          AHEAD=2)
+GEMV_PERSIST_SM = dict(GEMV=True, BN=32, SPLIT_K=2, num_warps=2, PERSIST=8, PREFETCH=2)
 # small-M tensor-core GEMV: BN = 16 * num_warps (2 rows per thread)
 MMA = dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1, num_stages=2)
 MMA_SPLIT = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, PREFETCH=True)
@@ -72,6 +79,14 @@ MMA_XPERM_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2, num_stages=2, XP
     (3, 48, 384, 64, GEMV_SPLIT),   # decode path: block 64, one token per program
     (2, 40, 320, 32, GEMV_OUT16),   # decode path: split-K added in the output dtype (fp16)
     (1, 40, 640, 128, GEMV_PF2),    # decode path: words and scales prefetched, short last split
+    # persistent GEMV: 9 items over 4 programs (3 / 2 / 2 / 2), short last K slice, N tail
+    (1, 40, 640, 128, GEMV_PERSIST),
+    (1, 40, 640, 128, GEMV_PERSIST_A2),    # 2 steps ahead across items, fp16 atomics
+    (1, 40, 576, 32, GEMV_PERSIST_A2),     # block 32, K not a multiple of 128
+    (3, 24, 448, 64, GEMV_PERSIST),        # block 64, K tail, one token per grid row
+    (1, 40, 384, 128, GEMV_PERSIST_STORE),  # no split: each item's rows stored once
+    (2, 72, 320, 32, GEMV_PERSIST_STORE),
+    (1, 72, 512, 128, GEMV_PERSIST_SM),    # programs = PERSIST x SMs, more than the items
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
 ])
@@ -186,6 +201,11 @@ def test_default_config_fills_the_gpu_for_decode():
                                  dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=True),
                                  dict(GEMV=True, BN=128, SPLIT_K=2, num_warps=8, OUT16=True),
                                  dict(GEMV=True, BN=64, SPLIT_K=3, PREFETCH=2),
+                                 dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=2, PERSIST=1),
+                                 dict(GEMV=True, BN=64, SPLIT_K=2, PERSIST=1, PROGRAMS=7,
+                                      AHEAD=2, OUT16=True),
+                                 dict(GEMV=True, BN=128, SPLIT_K=1, PERSIST=1, PROGRAMS=3,
+                                      AHEAD=2),
                                  dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4),
                                  dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
                                       OUT16=True),
