@@ -67,6 +67,13 @@ def _recipe(model, args):
     from .config import resolve_config
 
     cfg = resolve_config(args.recipe)
+    if getattr(args, "set", None):
+        from .config import ConfigError, parse_overrides
+
+        if cfg.algorithm is None:
+            raise ConfigError(f"--set: recipe {args.recipe!r} has no algorithm settings")
+        cfg = cfg.replace(algorithm=dataclasses.replace(
+            cfg.algorithm, **parse_overrides(type(cfg.algorithm), args.set)))
     w = cfg.weight
     if w is None or w.granularity != "per_block" or args.block_size is None:
         return cfg
@@ -95,6 +102,10 @@ def _quantize_args(p):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", default="modelopt_lite_out", help="checkpoint folder to write")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override the recipe's algorithm settings, e.g. 'gptq=false' (AWQ / "
+                        "SmoothQuant rounding to nearest) or 'alpha=0.8' (fixed SmoothQuant "
+                        "alpha)")
 
 
 def _quantize_run(args) -> int:

@@ -47,3 +47,17 @@ def test_help_lists_subcommands():
     text = build_parser().format_help()
     for name in ("quantize", "eval"):
         assert name in text
+
+
+def test_set_overrides_algorithm_fields_and_names_bad_keys(tiny_folder):
+    from modelopt_lite.cli import _recipe
+    from modelopt_lite.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(["quantize", "--recipe", "int8_smoothquant",
+                              "--set", "gptq=false", "alpha=0.8"])
+    cfg = _recipe(tiny_llama(), args)
+    assert cfg.algorithm.gptq is False and cfg.algorithm.alpha == 0.8
+    args = parser.parse_args(["quantize", "--set", "no_such=1"])
+    with pytest.raises(ConfigError, match="no_such"):
+        _recipe(tiny_llama(), args)
