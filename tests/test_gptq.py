@@ -9,7 +9,7 @@ from modelopt_lite.algorithms.gptq import gptq_round
 from modelopt_lite.config import QuantizerSpec
 
 
-def _reference(w, h, spec, amin, amax, percdamp):
+def _reference(w, h, spec, amin, amax, percdamp, mask=None):
     w = w.double().clone()
     h = h.double().clone()
     h += percdamp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
@@ -23,6 +23,8 @@ def _reference(w, h, spec, amin, amax, percdamp):
                                                      granularity="per_channel",
                                                      symmetric=spec.symmetric),
                          lo, amax[:, b:b + 1])[:, 0]
+        if mask is not None:
+            col = col * mask[:, j]
         q_all[:, j] = col
         err = (w[:, j] - col) / hinv[j, j]
         w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None]
@@ -78,3 +80,19 @@ def test_gptq_dead_input_channels_and_shape_errors():
     assert torch.isfinite(got).all() and (got[:, 7] == 0).all()
     with pytest.raises(ValueError, match="Hessian shape"):
         gptq_round(w, h[:10, :10], spec, amin, amax)
+
+
+def test_gptq_keeps_pruned_weights_at_zero_and_compensates_them():
+    spec = QuantizerSpec(num_bits=8, granularity="per_channel")
+    x, w, h = _problem(3)
+    mask = torch.zeros_like(w, dtype=torch.bool)  # 2:4: keep the 2 largest of every 4
+    idx = w.abs().reshape(w.shape[0], -1, 4).topk(2, dim=-1).indices
+    mask.reshape(w.shape[0], -1, 4).scatter_(-1, idx, True)
+    amin, amax = weight_range(w * mask, spec)
+    got = gptq_round(w, h, spec, amin, amax, act_order=False, block_size=8, mask=mask)
+    assert (got[~mask] == 0).all()
+    assert torch.allclose(got, _reference(w, h, spec, amin, amax, 0.01, mask.double()),
+                          atol=1e-9)
+    rtn = qdq_weight(w, spec, amin, amax) * mask
+    err = lambda q: ((x @ (q - w).t()) ** 2).sum().item()  # noqa: E731
+    assert err(got) < 0.9 * err(rtn)  # the kept weights absorb part of the pruning error

@@ -33,13 +33,15 @@ from .awq_search import block_width
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torch.Tensor | None,
                amax: torch.Tensor, block_size: int = 128, percdamp: float = 0.01,
-               act_order: bool = True) -> torch.Tensor:
+               act_order: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Round ``w`` (2-D ``[out, in]``) onto the grid of ``(amin, amax)`` with GPTQ updates.
 
     ``amax`` (and ``amin``, None when symmetric) are ``[out, in // block]`` as
     :func:`~modelopt_lite.algorithms.awq_search.weight_range` returns them (``[out, 1]`` per
     channel). ``h``: the ``[in, in]`` Hessian. ``block_size`` is GPTQ's lazy-update width, not
-    the quantization block. Returns the rounded weight in ``w``'s dtype.
+    the quantization block. ``mask`` (bool ``[out, in]``, e.g. a 2:4 sparsity mask): weights
+    where it is False are set to 0 and their error is spread like any other. Returns the
+    rounded weight in ``w``'s dtype.
     """
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
@@ -51,6 +53,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     col_block = torch.arange(in_f, device=w.device) // width
     col_scale = scale.t()[col_block].contiguous()                          # [in, out]
     col_zero = None if zero is None else zero.t()[col_block].contiguous()
+    keep = None if mask is None else mask.detach().t().to(w.device, torch.bool).contiguous()
 
     # transposed, [in, out]: each input column is a contiguous row; float64 in, float64 math
     dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
@@ -65,13 +68,15 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     if perm is not None:
         W, H, col_scale = W[perm], H[perm][:, perm], col_scale[perm]
         col_zero = None if col_zero is None else col_zero[perm]
+        keep = None if keep is None else keep[perm]
     U = _inverse_cholesky_upper(H, percdamp)
     Q = torch.empty_like(W)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         with _few_threads(W.device):
             err = _round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2],
-                               None if col_zero is None else col_zero[i1:i2], spec)
+                               None if col_zero is None else col_zero[i1:i2], spec,
+                               None if keep is None else keep[i1:i2])
         if i2 < in_f:
             W[i2:] -= U[i1:i2, i2:].t() @ err
     if perm is not None:
@@ -79,13 +84,15 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     return Q.t().contiguous().to(w.dtype)
 
 
-def _round_block(w1, u1, q1, scale1, zero1, spec):
+def _round_block(w1, u1, q1, scale1, zero1, spec, keep1=None):
     """Round one block's columns in place into ``q1``; return the scaled errors ``[cols, out]``."""
     err1 = torch.empty_like(w1)
     for i in range(w1.shape[0]):
         z = None if zero1 is None else zero1[i]
         q = F.dequantize(F.quantize(w1[i], scale1[i], z, spec.num_bits, spec.symmetric),
                          scale1[i], z)
+        if keep1 is not None:
+            q = q * keep1[i]
         q1[i] = q
         e = (w1[i] - q) / u1[i, i]
         err1[i] = e
@@ -94,4 +101,13 @@ def _round_block(w1, u1, q1, scale1, zero1, spec):
     return err1
 
 
-__all__ = ["gptq_round"]
+def stacked_mask(members) -> torch.Tensor | None:
+    """The members' sparsity masks stacked like their weights (None when none is sparse)."""
+    masks = [m.mask_2d() for m in members]
+    if all(k is None for k in masks):
+        return None
+    return torch.cat([torch.ones_like(m.weight_2d(), dtype=torch.bool) if k is None else k.bool()
+                      for m, k in zip(members, masks)])
+
+
+__all__ = ["gptq_round", "stacked_mask"]

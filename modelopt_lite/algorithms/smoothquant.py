@@ -39,7 +39,7 @@ from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from ..sparsity.sparsegpt import HessianAccumulator
 from . import register_applier
-from .gptq import gptq_round
+from .gptq import gptq_round, stacked_mask
 from .rtn import calibrate_activations, calibrate_quantizers
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
         amax = torch.cat([m.weight_quantizer.amax for m in members])
         amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
         w_q = gptq_round(w, accs[names[0]].hessian().float(), q0.spec, amin, amax,
-                         percdamp=percdamp)
+                         percdamp=percdamp, mask=stacked_mask(members))
         for m, part in zip(members, w_q.split([m.weight_2d().shape[0] for m in members])):
             m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
 
@@ -457,4 +457,5 @@ register_preset("int8_smoothquant_dynamic", QuantConfig(
     weight=_W8, input=QuantizerSpec(num_bits=8, granularity="per_token", dynamic=True),
     algorithm=SmoothQuantConfig()))
 
-__all__ = ["SmoothQuantConfig", "smoothing_scales", "search_alpha", "apply", "GroupSmoother"]
+__all__ = ["SmoothQuantConfig", "smoothing_scales", "search_alpha", "apply", "GroupSmoother",
+           "gptq_layer"]

@@ -32,7 +32,16 @@ class QuantModuleMixin:
         self.input_quantizer = _quantizer(input_spec, f"{name}.input", False)
         self.layer_name = name
 
-    # subclasses define: weight_2d(), weight_from_2d(w2d), _float_forward(x, weight)
+    # subclasses define: _to_2d(t) (the weight's [out, in] view), weight_from_2d(w2d),
+    # _float_forward(x, weight)
+    def weight_2d(self) -> torch.Tensor:
+        return self._to_2d(self.weight)
+
+    def mask_2d(self) -> torch.Tensor | None:
+        """The 2:4 sparsity mask as a 2-D ``[out, in]`` view (None when not sparse)."""
+        mask = self._buffers.get("weight_mask")
+        return None if mask is None else self._to_2d(mask)
+
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight_from_2d(self.weight_quantizer(self.weight_2d()))
         mask = self._buffers.get("weight_mask")  # 2:4 sparsity: pruned weights stay exactly 0
@@ -47,8 +56,8 @@ class QuantModuleMixin:
 
 
 class QuantLinear(QuantModuleMixin, nn.Linear):
-    def weight_2d(self):
-        return self.weight
+    def _to_2d(self, t):
+        return t
 
     def weight_from_2d(self, w2d):
         return w2d
@@ -58,8 +67,8 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
 
 
 class QuantConv2d(QuantModuleMixin, nn.Conv2d):
-    def weight_2d(self):
-        return self.weight.flatten(1)
+    def _to_2d(self, t):
+        return t.flatten(1)
 
     def weight_from_2d(self, w2d):
         return w2d.reshape(self.weight.shape)
@@ -71,8 +80,8 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
 class _Conv1DOps(QuantModuleMixin):
     """Hugging Face Conv1D stores its weight as [in, out]."""
 
-    def weight_2d(self):
-        return self.weight.t()
+    def _to_2d(self, t):
+        return t.t()
 
     def weight_from_2d(self, w2d):
         return w2d.t()
