@@ -44,7 +44,7 @@ from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
 from . import register_applier
 from ..sparsity.sparsegpt import HessianAccumulator
-from .gptq import gptq_round, stacked_mask
+from .gptq import gptq_round_linears
 from .rtn import calibrate_activations
 
 logger = logging.getLogger(__name__)
@@ -355,14 +355,7 @@ def _gptq_round(linears: dict, cap: _Capture, groups, algo: AWQConfig) -> None:
         if key in cap.scale:  # the Hessian of x / s
             inv = 1.0 / cap.scale[key].to(h.device, h.dtype)
             h = h * inv[:, None] * inv[None, :]
-        q0 = mods[0].weight_quantizer
-        w = torch.cat([m.weight_2d().detach() for m in mods])
-        amax = torch.cat([m.weight_quantizer.amax for m in mods])
-        amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in mods])
-        w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=algo.gptq_damp,
-                         mask=stacked_mask(mods))
-        for m, part in zip(mods, w_q.split([m.weight_2d().shape[0] for m in mods])):
-            m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
+        gptq_round_linears(mods, h, algo.gptq_damp)
 
 
 # --- artefacts: scales and ranges, reusable without calibration ---

@@ -101,7 +101,21 @@ def _round_block(w1, u1, q1, scale1, zero1, spec, keep1=None):
     return err1
 
 
-def stacked_mask(members) -> torch.Tensor | None:
+@torch.no_grad()
+def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01) -> None:
+    """GPTQ-round the weights of quantized linears that share one input (Hessian ``h``) onto
+    the ranges their weight quantizers hold, rows stacked (one factorisation), in place.
+    2:4-pruned weights stay 0."""
+    q0 = members[0].weight_quantizer
+    w = torch.cat([m.weight_2d().detach() for m in members])
+    amax = torch.cat([m.weight_quantizer.amax for m in members])
+    amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
+    w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=percdamp, mask=_stacked_mask(members))
+    for m, part in zip(members, w_q.split([m.weight_2d().shape[0] for m in members])):
+        m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
+
+
+def _stacked_mask(members) -> torch.Tensor | None:
     """The members' sparsity masks stacked like their weights (None when none is sparse)."""
     masks = [m.mask_2d() for m in members]
     if all(k is None for k in masks):
@@ -110,4 +124,4 @@ def stacked_mask(members) -> torch.Tensor | None:
                       for m, k in zip(members, masks)])
 
 
-__all__ = ["gptq_round", "stacked_mask"]
+__all__ = ["gptq_round", "gptq_round_linears"]

@@ -39,7 +39,7 @@ from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from ..sparsity.sparsegpt import HessianAccumulator
 from . import register_applier
-from .gptq import gptq_round, stacked_mask
+from .gptq import gptq_round_linears
 from .rtn import calibrate_activations, calibrate_quantizers
 
 logger = logging.getLogger(__name__)
@@ -376,14 +376,7 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
         members = [mods[n] for n in names]
         for m in members:
             m.weight_quantizer.init_from_weight(m.weight_2d().detach())
-        q0 = members[0].weight_quantizer
-        w = torch.cat([m.weight_2d().detach() for m in members])
-        amax = torch.cat([m.weight_quantizer.amax for m in members])
-        amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
-        w_q = gptq_round(w, accs[names[0]].hessian().float(), q0.spec, amin, amax,
-                         percdamp=percdamp, mask=stacked_mask(members))
-        for m, part in zip(members, w_q.split([m.weight_2d().shape[0] for m in members])):
-            m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
+        gptq_round_linears(members, accs[names[0]].hessian().float(), percdamp)
 
 
 def _shared_input_sets(mods: dict, groups) -> list[list[str]]:
