@@ -746,7 +746,6 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     x_ptrs = x_ptr + m * stride_xm + rj
     s_rows = s_ptr + rn_safe[:, None] * n_groups
     z_rows = z_ptr + rn_safe[:, None] * n_groups
-    GS: tl.constexpr = 4 if GROUP == 32 else 2
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, 16), dtype=tl.float32)
@@ -772,46 +771,8 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
                                           USE_ASM)
         else:
             sa, za = _gemv_scales(s_rows, z_rows, g0, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
-        sb, zb = sa, za
-        sc, zc = sa, za
-        sd, zd = sa, za
-        if GPC >= 2:
-            sb, zb = _gemv_scales(s_rows, z_rows, g0 + 1, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
-        if GPC == 4:
-            sc, zc = _gemv_scales(s_rows, z_rows, g0 + 2, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
-            sd, zd = _gemv_scales(s_rows, z_rows, g0 + 3, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
-        xb = x_ptrs + kt * 128
-        if EVEN_K:
-            x0 = tl.load(xb)
-            x1 = tl.load(xb + 16)
-            x2 = tl.load(xb + 32)
-            x3 = tl.load(xb + 48)
-            x4 = tl.load(xb + 64)
-            x5 = tl.load(xb + 80)
-            x6 = tl.load(xb + 96)
-            x7 = tl.load(xb + 112)
-        else:
-            kk = kt * 128 + rj
-            x0 = tl.load(xb, mask=kk < K, other=0.0)
-            x1 = tl.load(xb + 16, mask=kk + 16 < K, other=0.0)
-            x2 = tl.load(xb + 32, mask=kk + 32 < K, other=0.0)
-            x3 = tl.load(xb + 48, mask=kk + 48 < K, other=0.0)
-            x4 = tl.load(xb + 64, mask=kk + 64 < K, other=0.0)
-            x5 = tl.load(xb + 80, mask=kk + 80 < K, other=0.0)
-            x6 = tl.load(xb + 96, mask=kk + 96 < K, other=0.0)
-            x7 = tl.load(xb + 112, mask=kk + 112 < K, other=0.0)
-        p0, p1, p2, p3, s0, s1, s2, s3 = _gemv_word_sums(q, x0, x1, x2, x3, x4, x5, x6, x7,
-                                                         GS, USE_ASM, IS_BF16)
-        if GPC == 1:
-            acc = _gemv_apply(acc, sa, za, p0 + p1, s0 + s1, HAS_ZERO)
-        elif GPC == 2:
-            acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
-            acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
-        else:
-            acc = _gemv_apply(acc, sa, za, p0, s0, HAS_ZERO)
-            acc = _gemv_apply(acc, sb, zb, p1, s1, HAS_ZERO)
-            acc = _gemv_apply(acc, sc, zc, p2, s2, HAS_ZERO)
-            acc = _gemv_apply(acc, sd, zd, p3, s3, HAS_ZERO)
+        acc = _gemv_chunk(acc, q, sa, za, kt, x_ptrs, s_rows, z_rows, n_groups, K, GROUP,
+                          HAS_ZERO, EVEN_K, USE_ASM, IS_BF16)
 
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
