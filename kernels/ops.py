@@ -98,9 +98,13 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                 PERSIST=bool(persist), AHEAD=int(cfg.get("AHEAD", 1)),
                                 **common, **_maxnreg(cfg))
     else:
-        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, cfg["BM"]), split_k)
+        # the token tile is at most the tokens rounded up to a power of two (>= 16): a half-empty
+        # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
+        # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
+        bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
+        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
         w4a16_kernel[grid](
-            *args, BM=cfg["BM"], GROUP_N=cfg.get("GROUP_N", 8),
+            *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
             FUSE_K=cfg.get("FUSE_K", False), **common)
     if out.dtype != x.dtype:

@@ -47,6 +47,8 @@ GEMV_OUT16 = dict(GEMV=True, BN=16, SPLIT_K=2, num_warps=4, num_stages=2, OUT16=
 GEMV_PF2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=2,
                 K_FAST=False)
 DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
+# the H100 table's M <= 256 tile: the token tile shrinks to the tokens' power of two (>= 16)
+BIG_TILE = dict(BM=256, BN=32, SPLIT_K=2, num_warps=8, num_stages=3, FUSE_K=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -87,6 +89,8 @@ MMA_XPERM_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2, num_stages=2, XP
     (1, 40, 384, 128, GEMV_PERSIST_STORE),  # no split: each item's rows stored once
     (2, 72, 320, 32, GEMV_PERSIST_STORE),
     (1, 72, 512, 128, GEMV_PERSIST_SM),    # programs = PERSIST x SMs, more than the items
+    (1, 40, 256, 32, BIG_TILE),     # a 256-token tile asked for one token
+    (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
 ])
@@ -210,7 +214,13 @@ def test_default_config_fills_the_gpu_for_decode():
                                  dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PREFETCH=True,
                                       OUT16=True),
                                  dict(MMA=True, BN=128, SPLIT_K=1, num_warps=8),
-                                 dict(DEQUANT=True)])
+                                 dict(DEQUANT=True),
+                                 dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3,
+                                      FUSE_K=True),
+                                 dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=3,
+                                      FUSE_K=True),
+                                 dict(BM=256, BN=128, SPLIT_K=3, num_warps=8, num_stages=3,
+                                      FUSE_K=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     if cfg and cfg.get("GEMV") and m > 16:
         pytest.skip("the GEMV path is for decode batches")
