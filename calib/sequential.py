@@ -154,10 +154,20 @@ class LayerInputs:
         """A forward loop that replays this layer (for hook-based collectors)."""
         return lambda _model: self.run(layer, device)
 
-    def collect_stats(self, layer: nn.Module, modules: dict[str, nn.Module], device=None):
-        """Per-input-channel statistics of ``modules`` (inside ``layer``) over all inputs."""
+    def collect_stats(self, layer: nn.Module, modules: dict[str, nn.Module], device=None,
+                      transforms: dict | None = None):
+        """Per-input-channel statistics of ``modules`` (inside ``layer``) over all inputs;
+        ``transforms`` maps a name to a function applied to that module's input first."""
         collectors = {n: ChannelStatsCollector(n) for n in modules}
-        handles = [m.register_forward_pre_hook(collectors[n]) for n, m in modules.items()]
+        transforms = transforms or {}
+
+        def hook(name):
+            collector, fn = collectors[name], transforms.get(name)
+            if fn is None:
+                return collector
+            return lambda module, args: collector.update(fn(args[0]))
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
         try:
             self.run(layer, device)
         finally:

@@ -66,13 +66,16 @@ def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
 
 def unquantize(model: nn.Module) -> nn.Module:
     """Remove every fake quantizer; the float function stays: smoothing folds remain, and an
-    unfolded smoothing multiply (``pre_quant_scale``) is folded into the weight's input columns."""
-    from .models import scale_linear_inputs_
+    unfolded smoothing multiply (``pre_quant_scale``) and an online input rotation are folded
+    into the weight's input columns."""
+    from .models import scale_linear_inputs_, unrotate_linear_input_
 
     for _, module in quant_modules(model):
         pqs = module.input_quantizer.pre_quant_scale
         if pqs is not None and module.weight.dim() == 2:
             scale_linear_inputs_(module, pqs)
+        if getattr(module.input_quantizer, "rotation", None) is not None:
+            unrotate_linear_input_(module)
         unwrap_module(module)
     if hasattr(model, "_modelopt_lite"):
         sparsity = model._modelopt_lite.get("sparsity")

@@ -43,7 +43,7 @@ def _check_keys(cls, data: dict) -> None:
 def parse_overrides(cls, items) -> dict:
     """``["field=value", ...]`` -> keyword arguments for the config dataclass ``cls``, each value
     typed like the field's default (``true``/``false`` for flags, ``a,b,c`` for tuples of
-    numbers; where the default is None: ``none``, a number, or else text). For command-line
+    numbers or names, an empty value for an empty tuple; where the default is None: ``none``, a number, or else text). For command-line
     ``--set`` style options."""
     defaults = {f.name: f.default for f in fields(cls)}
     out = {}
@@ -56,7 +56,7 @@ def parse_overrides(cls, items) -> dict:
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, tuple):
-            out[key] = tuple(float(v) for v in value.split(","))
+            out[key] = tuple(_number_or_text(v) for v in value.split(",") if v)
         elif default is None or default is dataclasses.MISSING:
             out[key] = _scalar(value)
         else:
@@ -67,6 +67,10 @@ def parse_overrides(cls, items) -> dict:
 def _scalar(value: str):
     if value.lower() == "none":
         return None
+    return _number_or_text(value)
+
+
+def _number_or_text(value: str):
     for kind in (int, float):
         try:
             return kind(value)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .nn.functional import rotate_blocks
+
 logger = logging.getLogger(__name__)
 
 
@@ -232,6 +234,45 @@ def scale_linear_inputs_(linear: nn.Module, s: torch.Tensor) -> None:
         w.mul_(s.to(w.dtype)[:, None])
     else:
         w.mul_(s.to(w.dtype)[None, :])
+
+
+@torch.no_grad()
+def rotate_linear_input_(linear: nn.Module, r: torch.Tensor) -> None:
+    """Rotate a quantized linear's input online by the orthogonal block ``r`` and its weight's
+    input columns by the same blocks, so ``(x R)(W R)^T = x W^T`` and the float function stays.
+    The input quantizer then sees ``x R``, whose outliers are spread over ``r.shape[0]``
+    channels."""
+    quantizer = getattr(linear, "input_quantizer", None)
+    name = getattr(quantizer, "name", type(linear).__name__)
+    if quantizer is None or not hasattr(linear, "weight_2d"):
+        raise UnsupportedModelError(f"{name}: an online rotation needs a quantized linear")
+    if linear._buffers.get("weight_mask") is not None:
+        raise UnsupportedModelError(f"{name}: rotating the input of a 2:4-sparse layer would "
+                                    "destroy its sparsity pattern; do not rotate sparse layers")
+    if quantizer.rotation is not None or quantizer.pre_quant_scale is not None:
+        raise UnsupportedModelError(f"{name}: the input is already rotated or scaled; rotate "
+                                    "before any explicit smoothing multiply")
+    w2d = linear.weight_2d()
+    rotated = rotate_blocks(w2d.detach().float(), r.float()).to(w2d.dtype)
+    linear.weight.copy_(linear.weight_from_2d(rotated))
+    quantizer.set_rotation(r)
+    wq = linear.weight_quantizer
+    if getattr(wq, "amax", None) is not None:
+        wq.init_from_weight(linear.weight_2d())
+
+
+@torch.no_grad()
+def unrotate_linear_input_(linear: nn.Module) -> None:
+    """Undo :func:`rotate_linear_input_` into the weight: ``W R^T`` (after any pre-quant
+    scale was folded into it), and drop the online rotation."""
+    quantizer = linear.input_quantizer
+    r = quantizer.rotation
+    if r is None:
+        return
+    w2d = linear.weight_2d()
+    plain = rotate_blocks(w2d.detach().float(), r.float().t()).to(w2d.dtype)
+    linear.weight.copy_(linear.weight_from_2d(plain))
+    quantizer.set_rotation(None)
 
 
 @torch.no_grad()

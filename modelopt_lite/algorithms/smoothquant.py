@@ -24,7 +24,9 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import ClassVar
 
 import torch
@@ -34,7 +36,9 @@ from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
-from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups
+from ..models import (Group, apply_group_scale_, find_decoder_layers, layer_groups,
+                      rotate_linear_input_)
+from ..nn.functional import hadamard
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from ..sparsity.sparsegpt import HessianAccumulator
@@ -70,7 +74,15 @@ class SmoothQuantConfig:
     weights carry the activation outliers, so their rounding matters); on by default
     (SmolLM2-135M, searched alpha: 13.055 -> 12.991 perplexity; Gemma-3-270M 13.124 -> 13.130,
     and at alpha 1.0 13.079 -> 13.045; at a fixed alpha 0.5, where the activation outliers
-    dominate, it cost 0.06 on both). ``gptq_damp`` is its dampening."""
+    dominate, it cost 0.06 on both). ``gptq_damp`` is its dampening. ``rotate``: names
+    (fnmatch patterns on the name inside a decoder layer, or on its last part, e.g.
+    ``("down_proj",)``) of linears whose input is rotated online by a block-Hadamard matrix of
+    order ``rotate_block`` (or the largest power of two dividing both it and the input width),
+    with the weight's input columns rotated alike so the float function is unchanged; the
+    rotation spreads a channel's outliers over its block before the per-tensor INT8 grid, and
+    the rotated input is then smoothed by an explicit multiply (a fold into the producer would
+    act on the unrotated channels). It costs a ``[b, b]`` matmul per token in front of the
+    linear (exported as Reshape, MatMul, Reshape before the Q/DQ pair)."""
 
     alpha: float | None = None
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
@@ -80,6 +92,8 @@ class SmoothQuantConfig:
     smooth_unfoldable: bool = True
     gptq: bool = True
     gptq_damp: float = 0.01
+    rotate: tuple[str, ...] = ()
+    rotate_block: int = 128
     name: ClassVar[str]
 
     def __post_init__(self):
@@ -96,6 +110,12 @@ class SmoothQuantConfig:
                               f"got {self.clip_grid}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
+            raise ConfigError(f"rotate_block must be a power of two >= 2 (a Hadamard order), "
+                              f"got {self.rotate_block}")
+        if isinstance(self.rotate, str):
+            raise ConfigError(f"rotate takes a tuple of name patterns, e.g. "
+                              f"({self.rotate!r},), got the string {self.rotate!r}")
         if self.refine < 0:
             raise ConfigError(f"refine must be >= 0 bisection rounds, got {self.refine}")
 
@@ -261,12 +281,37 @@ def search_alpha(smoother: GroupSmoother, capture: _BlockCapture, grid,
 
 # --- the module walker ---
 
-def _smoothable_groups(model, layer, cfg: SmoothQuantConfig) -> list[Group]:
-    """Table groups whose linears are all quantized with an enabled input quantizer, plus
-    explicit-multiply groups for the remaining quantized linears when asked."""
+def rotate_inputs_(layer: nn.Module, cfg: SmoothQuantConfig) -> dict[str, int]:
+    """Rotate the inputs of the layer's quantized linears that ``cfg.rotate`` names by a
+    block-Hadamard matrix (:func:`modelopt_lite.models.rotate_linear_input_`); return the
+    rotated names and their block sizes."""
+    done = {}
+    for name, m in layer.named_modules():
+        if not (name and cfg.rotate and is_quantized(m) and m.input_quantizer.enabled
+                and any(fnmatch(name, p) or fnmatch(name.rsplit(".", 1)[-1], p)
+                        for p in cfg.rotate)):
+            continue
+        if m.weight.dim() != 2:
+            raise ConfigError(f"{m.input_quantizer.name}: rotate applies to linear layers, not "
+                              f"{type(m).__name__}; narrow SmoothQuantConfig.rotate")
+        width = m.in_features_2d
+        block = math.gcd(width, cfg.rotate_block)
+        if block < 16:
+            logger.warning("smoothquant: %s not rotated: its %d input channels have no "
+                           "power-of-two block >= 16 dividing them (rotate_block %d)",
+                           m.input_quantizer.name, width, cfg.rotate_block)
+            continue
+        rotate_linear_input_(m, hadamard(block, device=m.weight.device))
+        done[name] = block
+    return done
+
+
+def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list[Group]:
+    """Table groups whose linears are all quantized with an enabled input quantizer and not
+    rotated, plus explicit-multiply groups for the remaining quantized linears when asked."""
     def ok(name):
         m = layer.get_submodule(name)
-        return is_quantized(m) and m.input_quantizer.enabled
+        return is_quantized(m) and m.input_quantizer.enabled and name not in rotated
 
     groups, covered = [], set()
     for g in layer_groups(model, layer):
@@ -300,13 +345,17 @@ class _LayerProcessor:
         self.report: dict[str, dict] = {}
 
     def __call__(self, index, name, layer, inputs) -> None:
-        groups = _smoothable_groups(self.model, layer, self.cfg)
+        rotated = rotate_inputs_(layer, self.cfg)
+        groups = _smoothable_groups(self.model, layer, self.cfg, rotated)
         enabled = _set_layer_quantizers(layer, False)
         first = {g.linears[0]: layer.get_submodule(g.linears[0]) for g in groups}
-        stats = inputs.collect_stats(layer, first)
+        turn = {n: m.input_quantizer.rotate for n, m in first.items() if n in rotated}
+        stats = inputs.collect_stats(layer, first, transforms=turn)  # on the rotated inputs
         clips = {}
         for g in groups:
             clips[g] = self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs)
+        for n, block in rotated.items():
+            self.report.setdefault(f"{name}.{n}", {"linears": (n,)})["rotation"] = block
         _set_layer_quantizers(layer, enabled)
         calibrate_activations(layer, inputs.forward_loop(layer))
         for g, clip in clips.items():  # the searched clip scales the calibrated range
@@ -452,4 +501,4 @@ register_preset("int8_smoothquant_dynamic", QuantConfig(
     algorithm=SmoothQuantConfig()))
 
 __all__ = ["SmoothQuantConfig", "smoothing_scales", "search_alpha", "apply", "GroupSmoother",
-           "gptq_layer"]
+           "gptq_layer", "rotate_inputs_"]

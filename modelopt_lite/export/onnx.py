@@ -11,7 +11,9 @@ Patterns (see :mod:`.qdq_patterns`): INT8 activations ``QuantizeLinear -> Dequan
 (scalar scale, int8 zero point 0); INT8 weights as int8 initializers ``-> DequantizeLinear``
 (per-channel scales, ``axis`` always written: 1 for ``[K, N]`` MatMul weights, 0 for Conv);
 INT4 weight-only as packed INT4 initializers ``-> DequantizeLinear(axis=0, block_size) ->
-MatMul`` at opset 21; unfolded smoothing scales as an explicit ``Mul``.
+MatMul`` at opset 21; unfolded smoothing scales as an explicit ``Mul``; an online input
+rotation (``SmoothQuantConfig.rotate``) as ``Reshape -> MatMul [b, b] -> Reshape`` in front of
+that ``Mul`` and the input's Q/DQ pair.
 
 The graph comes from ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) with
 the export ops translated by :func:`.qdq_ops.translation_table`. Hugging Face causal LMs are

@@ -28,7 +28,7 @@ from ..nn import functional as F
 from ..nn.quant_modules import QuantConv2d
 from . import qdq_ops  # noqa: F401  (registers torch.ops.modelopt_lite.*)
 
-_BUFFERS = ("weight_int", "weight_scale", "input_scale", "input_pre_scale")
+_BUFFERS = ("weight_int", "weight_scale", "input_scale", "input_pre_scale", "input_rotation")
 
 
 class ExportError(ValueError):
@@ -131,6 +131,8 @@ def weight_q(module: nn.Module) -> WeightQ | None:
 
 
 def _input(self, x: torch.Tensor) -> torch.Tensor:
+    if self.input_rotation is not None:  # Reshape -> MatMul -> Reshape in the graph
+        x = F.rotate_blocks(x, self.input_rotation)
     if self.input_pre_scale is not None:
         x = x * self.input_pre_scale
     if self.input_scale is not None:
@@ -167,6 +169,9 @@ def _install(module: nn.Module) -> None:
     module.register_buffer("weight_scale", None if wq is None else wq.scale, persistent=False)
     module.register_buffer("input_scale", in_scale, persistent=False)
     module.register_buffer("input_pre_scale", None if pre is None else pre.to(dtype).clone(),
+                           persistent=False)
+    rot = getattr(iq, "rotation", None)
+    module.register_buffer("input_rotation", None if rot is None else rot.to(dtype).clone(),
                            persistent=False)
     module._export_axis = 0 if wq is None else wq.axis
     module._export_block = 0 if wq is None else wq.block_size

@@ -108,6 +108,26 @@ def fake_quant(x, scale, zero, num_bits: int, symmetric: bool, clip_grad: bool =
     return FakeQuantFunction.apply(x, scale, zero, num_bits, symmetric, clip_grad)
 
 
+def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of two):
+    symmetric, entries +-1/sqrt(n), ``H @ H.T = I``."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester-Hadamard matrix needs a power-of-two order, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(dtype=dtype, device=device)
+
+
+def rotate_blocks(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x @ diag(r, r, ..., r)`` on the last dimension: each run of ``r.shape[0]`` channels
+    times the same ``[b, b]`` matrix (the last dimension must be a multiple of ``b``)."""
+    b = r.shape[0]
+    if x.shape[-1] % b:
+        raise ValueError(f"cannot rotate {x.shape[-1]} channels in blocks of {b}")
+    return (x.unflatten(-1, (-1, b)) @ r.to(x.dtype)).flatten(-2)
+
+
 def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """[rows, K] -> [rows, K // block_size, block_size]; K must be a multiple of the block."""
     rows, k = w.shape

@@ -110,6 +110,10 @@ def _to_int4_linear(module: nn.Module) -> Int4Linear:
     weight = module.weight.detach()
     codes, scale, zero, block = module.weight_quantizer.int4_codes(weight)
     iq = getattr(module, "input_quantizer", None)
+    if getattr(iq, "rotation", None) is not None:
+        raise ValueError(f"{getattr(iq, 'name', '')}: Int4Linear has no online input rotation; "
+                         "call modelopt_lite.unquantize() to fold it, or quantize without "
+                         "SmoothQuantConfig.rotate")
     pre_scale = getattr(iq, "pre_quant_scale", None) if iq is not None else None
     dtype = weight.dtype if weight.dtype in _HALF else torch.float16
     bias = getattr(module, "bias", None)

@@ -6,8 +6,11 @@ along ``in``). Activations are quantized per tensor with a static calibrated ran
 dynamically per tensor / per token.
 
 State (all buffers, saved in checkpoints): ``amax`` (and ``amin`` for asymmetric weights),
-and ``pre_quant_scale``, a per-input-channel multiplier applied before quantization (an
-unfolded SmoothQuant/AWQ smoothing scale).
+``pre_quant_scale``, a per-input-channel multiplier applied before quantization (an
+unfolded SmoothQuant/AWQ smoothing scale), and, for activations, ``rotation``: an orthogonal
+``[b, b]`` matrix applied to each run of ``b`` input channels before that multiplier (an online
+block-Hadamard transform; the layer's weight holds the same rotation, so the product is
+unchanged).
 
 Example::
 
@@ -43,6 +46,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("amax", None)
         self.register_buffer("amin", None)
         self.register_buffer("pre_quant_scale", None)
+        self.register_buffer("rotation", None)
 
     # --- state ---
     @property
@@ -60,8 +64,17 @@ class TensorQuantizer(nn.Module):
     def set_pre_quant_scale(self, scale: torch.Tensor | None) -> None:
         self.pre_quant_scale = None if scale is None else scale.detach().clone()
 
+    def set_rotation(self, r: torch.Tensor | None) -> None:
+        """Rotate each run of ``r.shape[0]`` input channels by the orthogonal ``r`` before the
+        pre-quant scale and quantization (activations only)."""
+        if r is not None and (self.is_weight or r.dim() != 2 or r.shape[0] != r.shape[1]):
+            raise ValueError(f"{self.name}: a rotation is a square matrix on an activation "
+                             f"quantizer, got {tuple(r.shape)} on a "
+                             f"{'weight' if self.is_weight else 'activation'} quantizer")
+        self.rotation = None if r is None else r.detach().float().clone()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in ("amax", "amin", "pre_quant_scale"):
+        for key in ("amax", "amin", "pre_quant_scale", "rotation"):
             if prefix + key in state_dict and getattr(self, key) is None:
                 setattr(self, key, torch.empty_like(state_dict[prefix + key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -111,7 +124,12 @@ class TensorQuantizer(nn.Module):
                 "or bfloat16 instead of float16, or check the inputs)")
 
     # --- forward ---
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its channels rotated by ``rotation`` (unchanged when there is none)."""
+        return x if self.rotation is None else F.rotate_blocks(x, self.rotation)
+
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.rotate(x)
         if self.pre_quant_scale is None:
             return x
         return x * self.pre_quant_scale.to(x.dtype)
@@ -174,4 +192,5 @@ class TensorQuantizer(nn.Module):
         state = "calibrating" if self.calibrating else ("on" if self.enabled else "off")
         amax = "" if self.amax is None else f", amax{tuple(self.amax.shape)}"
         pqs = "" if self.pre_quant_scale is None else ", pre_quant_scale"
-        return f"{self.spec.describe()}, {state}{amax}{pqs}"
+        rot = "" if self.rotation is None else f", rotation {self.rotation.shape[0]}"
+        return f"{self.spec.describe()}, {state}{amax}{pqs}{rot}"
