@@ -236,14 +236,6 @@ def scale_linear_inputs_(linear: nn.Module, s: torch.Tensor) -> None:
         w.mul_(s.to(w.dtype)[None, :])
 
 
-def _scale_rotated_inputs_(linear: nn.Module, s: torch.Tensor, r: torch.Tensor) -> None:
-    """``W R -> W diag(s) R`` for a weight stored rotated: undo the rotation, scale the input
-    columns, rotate again (in float32)."""
-    w2d = linear.weight_2d()
-    plain = rotate_blocks(w2d.detach().float(), r.float().t()) * s.float()[None, :]
-    linear.weight.copy_(linear.weight_from_2d(rotate_blocks(plain, r.float()).to(w2d.dtype)))
-
-
 @torch.no_grad()
 def rotate_linear_input_(linear: nn.Module, r: torch.Tensor) -> None:
     """Rotate a quantized linear's input online by the orthogonal block ``r`` and its weight's
@@ -309,12 +301,7 @@ def apply_group_scale_(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
     prev = _get(layer, group.prev)
     s_prev = None if prev is None else _producer_scale(layer, group, s)  # checks before changes
     for name in group.linears:
-        linear = layer.get_submodule(name)
-        rotation = getattr(getattr(linear, "input_quantizer", None), "rotation", None)
-        if prev is not None and rotation is not None:  # x / s is rotated after the fold
-            _scale_rotated_inputs_(linear, s, rotation)
-        else:
-            scale_linear_inputs_(linear, s)
+        scale_linear_inputs_(layer.get_submodule(name), s)
     if prev is not None:
         divide_producer_(prev, s_prev.to(prev.weight.device))
         return

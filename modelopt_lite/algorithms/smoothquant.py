@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calib.distributed import global_offset, reduce_max_, reduce_sum_
+from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
@@ -183,10 +183,6 @@ class _BlockCapture:
         return outs
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-
-
 def _divide_hidden(args, kwargs, s):
     if args:
         return (args[0] / s.to(args[0].dtype), *args[1:]), kwargs
@@ -201,7 +197,6 @@ class GroupSmoother:
     layer: nn.Module
     group: Group
     x_absmax: torch.Tensor
-    capture: "_BlockCapture | None" = None
 
     def __post_init__(self):
         self.linears = [self.layer.get_submodule(n) for n in self.group.linears]
@@ -212,13 +207,6 @@ class GroupSmoother:
         self._saved = [(m, {k: v.detach().clone() for k, v in m.named_parameters(recurse=False)})
                        for m in mods]
         self._pqs = [m.input_quantizer.pre_quant_scale for m in self.linears]
-
-    @property
-    def rotated_fold(self) -> bool:
-        """The scale folds into the producer and the linear's input is rotated after it, so
-        the smoothed input's range is not a function of the channel maxima."""
-        return self.group.prev is not None and any(
-            getattr(m.input_quantizer, "rotation", None) is not None for m in self.linears)
 
     def apply(self, alpha: float, clip: float = 1.0) -> torch.Tensor:
         """Fold the scale for ``alpha`` (from the original weights) and set provisional
@@ -231,16 +219,7 @@ class GroupSmoother:
         return s
 
     def set_activation_range(self, s: torch.Tensor, clip: float = 1.0) -> None:
-        """Provisional static ranges (calibration sets the final ones): the smoothed channel
-        maxima, or, for a rotated input after a fold, the maximum of the rotated smoothed
-        inputs of ``capture`` when one is attached (the block is then the linear itself)."""
-        if self.rotated_fold and self.capture is not None:
-            q = self.linears[0].input_quantizer
-            act_amax = reduce_max_(torch.stack([
-                q.rotate(_hidden(a, k) / s.to(_hidden(a, k).dtype)).abs().amax().float()
-                for a, k in self.capture.inputs]).amax()) * clip
-        else:
-            act_amax = (self.x_absmax.float() / s).amax() * clip
+        act_amax = (self.x_absmax.float() / s).amax() * clip
         for m in self.linears:
             m.weight_quantizer.enabled = m.input_quantizer.enabled = True
             if not m.input_quantizer.spec.dynamic:
@@ -328,18 +307,15 @@ def rotate_inputs_(layer: nn.Module, cfg: SmoothQuantConfig) -> dict[str, int]:
 
 
 def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list[Group]:
-    """Table groups whose linears are all quantized with an enabled input quantizer, plus
-    explicit-multiply groups for the remaining quantized linears when asked. A rotated linear
-    keeps its table group only if it is the group's one linear and scored block (then the
-    scale folds into the producer and the smoothed input is rotated after it)."""
-    def ok(g, name):
+    """Table groups whose linears are all quantized with an enabled input quantizer and not
+    rotated, plus explicit-multiply groups for the remaining quantized linears when asked."""
+    def ok(name):
         m = layer.get_submodule(name)
-        return is_quantized(m) and m.input_quantizer.enabled and (
-            name not in rotated or g.linears == (name,) == (g.block,))
+        return is_quantized(m) and m.input_quantizer.enabled and name not in rotated
 
     groups, covered = [], set()
     for g in layer_groups(model, layer):
-        if all(ok(g, n) for n in g.linears):
+        if all(ok(n) for n in g.linears):
             groups.append(g)
             covered.update(g.linears)
         else:
@@ -350,10 +326,6 @@ def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list
             if name and name not in covered and is_quantized(m) and m.input_quantizer.enabled:
                 groups.append(Group(None, (name,), name))
     return groups
-
-
-def _report_key(layer_name: str, group: Group) -> str:
-    return f"{layer_name}.{group.linears[0] if group.prev is None else group.prev}"
 
 
 def _set_layer_quantizers(layer: nn.Module, enabled: dict | bool) -> dict:
@@ -377,16 +349,13 @@ class _LayerProcessor:
         groups = _smoothable_groups(self.model, layer, self.cfg, rotated)
         enabled = _set_layer_quantizers(layer, False)
         first = {g.linears[0]: layer.get_submodule(g.linears[0]) for g in groups}
-        turn = {g.linears[0]: first[g.linears[0]].input_quantizer.rotate for g in groups
-                if g.prev is None and g.linears[0] in rotated}  # explicit scales: rotated stats
-        stats = inputs.collect_stats(layer, first, transforms=turn)
+        turn = {n: m.input_quantizer.rotate for n, m in first.items() if n in rotated}
+        stats = inputs.collect_stats(layer, first, transforms=turn)  # on the rotated inputs
         clips = {}
         for g in groups:
             clips[g] = self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs)
         for n, block in rotated.items():
-            g = next((g for g in groups if n in g.linears), None)
-            key = _report_key(name, g) if g is not None else f"{name}.{n}"
-            self.report.setdefault(key, {"linears": (n,)})["rotation"] = block
+            self.report.setdefault(f"{name}.{n}", {"linears": (n,)})["rotation"] = block
         _set_layer_quantizers(layer, enabled)
         calibrate_activations(layer, inputs.forward_loop(layer))
         for g, clip in clips.items():  # the searched clip scales the calibrated range
@@ -400,7 +369,7 @@ class _LayerProcessor:
     def _smooth_group(self, name, layer, group, x_absmax, inputs) -> float:
         """Smooth one group; return the activation-range ratio to apply after calibration."""
         smoother = GroupSmoother(layer, group, x_absmax)
-        key = _report_key(name, group)
+        key = f"{name}.{group.linears[0] if group.prev is None else group.prev}"
         if self.cfg.alpha is not None:
             smoother.apply(self.cfg.alpha)
             self.report[key] = {"alpha": self.cfg.alpha, "linears": group.linears}
@@ -409,7 +378,6 @@ class _LayerProcessor:
         capture = _BlockCapture(block, self.cfg.search_batches)
         with capture:
             inputs_subset(inputs, self.cfg.search_batches).run(layer)
-        smoother.capture = capture
         best, errors = search_alpha(smoother, capture, self.cfg.alpha_grid, self.cfg.refine)
         s = smoother.apply(best)
         clip, error = 1.0, errors[best]
