@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import modelopt_lite as mtl
-from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig, smoothing_scales
+from modelopt_lite.algorithms.smoothquant import (DEFAULT_ROTATE, SmoothQuantConfig,
+                                                  smoothing_scales)
 from modelopt_lite.calib.runner import make_forward_loop
 from modelopt_lite.config import ConfigError, QuantizerSpec, parse_overrides
 from modelopt_lite.layers import quant_modules
@@ -19,7 +20,7 @@ from tiny_models import random_tokens, tiny_gemma3, tiny_llama
 GRID = (0.0, 0.5, 1.0)
 
 
-def sq(rotate=("down_proj",), block=32, alpha=None, gptq=False):
+def sq(rotate=DEFAULT_ROTATE, block=32, alpha=None, gptq=False):
     return mtl.get_preset("int8_smoothquant").replace(algorithm=SmoothQuantConfig(
         alpha=alpha, alpha_grid=GRID, refine=0, gptq=gptq, rotate=rotate, rotate_block=block))
 
@@ -60,16 +61,20 @@ def test_hadamard_is_orthonormal_and_blocks_match_a_block_diagonal_product():
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
 def test_rotation_and_smoothing_leave_the_float_model_unchanged(make):
+    """By default down_proj and o_proj are rotated, then smoothed by an explicit multiply
+    (no fold through the rotation); the float function stays."""
     model = make(seed=1)
     tokens = random_tokens(4, 32, seed=3)
     q = quantized(model, sq(), tokens)
-    rotated = [m for _, m in quant_modules(q) if m.input_quantizer.rotation is not None]
-    assert len(rotated) == 2 and all(m.input_quantizer.name.endswith("mlp.down_proj.input")
-                                     or "down_proj" in m.input_quantizer.name for m in rotated)
-    assert all(m.input_quantizer.rotation.shape == (32, 32) for m in rotated)
+    rotated = {n.rsplit(".", 1)[-1]: m.input_quantizer for n, m in quant_modules(q)
+               if m.input_quantizer.rotation is not None}
+    assert sorted(rotated) == ["down_proj", "o_proj"]
+    assert all(iq.rotation.shape == (32, 32) and iq.pre_quant_scale is not None
+               for iq in rotated.values())
     report = q._smoothquant_report
-    assert [v["rotation"] for k, v in report.items() if "rotation" in v] == [32, 32]
-    assert not any(k.endswith("up_proj") for k in report)  # no fold through the rotation
+    keys = {k.split(".", 3)[-1] for k, v in report.items() if v.get("rotation") == 32}
+    assert keys == {"mlp.down_proj", "self_attn.o_proj"}
+    assert not any(k.endswith(("up_proj", "v_proj")) for k in report)  # no fold through it
     assert rel_err(logits(disable_quantizers(q), tokens), logits(model, tokens)) < 1e-10
 
 
@@ -119,7 +124,9 @@ def test_rotated_model_exports_and_matches_onnxruntime(tmp_path):
     graph = onnx.load(str(result.path)).graph
     rotations = [i for n in graph.node if n.op_type == "MatMul" for i in n.input
                  if i.endswith("input_rotation")]
-    assert len(rotations) == 2
+    assert len(rotations) == 4  # down_proj and o_proj x 2 layers
+    assert sum(i.endswith("input_pre_scale") for n in graph.node if n.op_type == "Mul"
+               for i in n.input) == 4  # each followed by its explicit smoothing Mul
     assert trt_check(result.path) == []
 
 

@@ -196,11 +196,19 @@ def test_static_and_dynamic_activation_paths():
     assert ds.spec.dynamic and ds.spec.granularity == "per_token" and ds.amax is None
     assert ss.amax is not None and ss.amax.numel() == 1
     x = torch.randn(2, 5, 128) * torch.linspace(0.1, 5, 5)[None, :, None]
-    amax = x.abs().amax(-1, keepdim=True)  # per-token reference
-    expect = torch.clamp(torch.round(x / (amax / 127)), -128, 127) * (amax / 127)
-    assert torch.allclose(ds(x), expect, atol=1e-6)
-    s_expect = torch.clamp(torch.round(x / (ss.amax / 127)), -128, 127) * (ss.amax / 127)
-    assert torch.allclose(ss(x), s_expect, atol=1e-6)
+
+    def pre(q):  # the online rotation (block diagonal) and smoothing multiply, if any
+        t = x if q.rotation is None else x @ torch.block_diag(*[q.rotation] * (
+            128 // q.rotation.shape[0]))
+        return t if q.pre_quant_scale is None else t * q.pre_quant_scale
+
+    t = pre(ds)
+    amax = t.abs().amax(-1, keepdim=True)  # per-token reference
+    expect = torch.clamp(torch.round(t / (amax / 127)), -128, 127) * (amax / 127)
+    assert torch.allclose(ds(x), expect, atol=1e-5)
+    t = pre(ss)
+    s_expect = torch.clamp(torch.round(t / (ss.amax / 127)), -128, 127) * (ss.amax / 127)
+    assert torch.allclose(ss(x), s_expect, atol=1e-5)
     err_max = rel_err(logits(quantized(model, "w8a8", tokens), tokens), ref)
     for q in (static, dynamic):
         assert rel_err(logits(q, tokens), ref) < err_max

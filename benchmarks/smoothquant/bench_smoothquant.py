@@ -46,7 +46,7 @@ def ours(method: str, calibrator: str):
     if method == "w8a8_max":
         return mtl.get_preset("w8a8")
     if method == "sq_fixed":
-        return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=0.5))
+        return base.replace(input=inp, algorithm=SmoothQuantConfig(alpha=0.5, rotate=()))
     return base.replace(input=inp, algorithm=SmoothQuantConfig(**{"alpha": None, **SQ_OVERRIDES}))
 
 
