@@ -305,6 +305,10 @@ def rotate_inputs_(layer: nn.Module, cfg: SmoothQuantConfig) -> dict[str, int]:
         if m.weight.dim() != 2:
             raise ConfigError(f"{m.input_quantizer.name}: rotate applies to linear layers, not "
                               f"{type(m).__name__}; narrow SmoothQuantConfig.rotate")
+        if m.mask_2d() is not None:  # a rotated weight would lose its 2:4 zeros
+            logger.info("smoothquant: %s not rotated: the layer is 2:4-sparse",
+                        m.input_quantizer.name)
+            continue
         width = m.in_features_2d
         block = math.gcd(width, cfg.rotate_block)
         if block < 16:
