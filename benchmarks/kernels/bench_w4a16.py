@@ -70,6 +70,23 @@ def make_problem(mk, k, n, group=GROUP, seed=0):
     return w_hat, codes, scale, zero, packed
 
 
+def problems(mk, shapes, ms):
+    """Each (K, N) x M of a sweep as ``(k, n, m, w16, packed, nc, n16, x, ref)``: the weights
+    made once per shape, the rotating-copy counts for the packed and the fp16 weights, a fresh
+    activation and its fp32 product with the dequantized weights."""
+    for k, n in shapes:
+        w16, _, _, _, packed = make_problem(mk, k, n)
+        nc, n16 = copies_for(packed.qweight.numel() * 4), copies_for(w16.numel() * 2)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            yield k, n, m, w16, packed, nc, n16, x, x.float() @ w16.float().t()
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"KxN,KxN"`` -> [(K, N), ...] (empty -> the five Llama shapes)."""
+    return [tuple(map(int, s.split("x"))) for s in text.split(",") if s] or list(SHAPES)
+
+
 def ours_fns(mk, packed, x, n_copies, cfg=None):
     copies = [packed._replace(qweight=packed.qweight.clone(), scale=packed.scale.clone(),
                               zterm=packed.zterm.clone()) for _ in range(n_copies)]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import SHAPES, make_problem, ours_fns  # noqa: E402
-from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from bench_w4a16 import SHAPES, ours_fns, parse_shapes, problems  # noqa: E402
+from common import copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -90,53 +90,48 @@ def main():
             if r.get("best_cfg"):
                 prev[(r["K"], r["N"], r["M"])] = [r["best_cfg"]]
     rows = []
-    for s in a.shapes.split(","):
-        k, n = map(int, s.split("x"))
-        w16, codes, scale, zero, packed = make_problem(mk, k, n)
-        nc = copies_for(packed.qweight.numel() * 4)
-        n16 = copies_for(w16.numel() * 2)
-        for m in [int(v) for v in a.ms.split(",") if v]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = x.float() @ w16.float().t()
-            row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date,
-                   "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
-            base = shipped(mk, m, n, k)
-            t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
-            row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
-            cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
-            row["cands"] = []
-            for cfg in cands or []:
-                if time.time() - t0 > a.budget_s:
-                    print("budget spent: skipping the rest", flush=True)
-                    break
-                if cfg == base:
-                    continue
-                try:
-                    t, err = time_cfg(mk, packed, x, nc, ref, cfg, a.reps)
-                except Exception as e:  # noqa: BLE001 - a config that fails is reported
-                    print("fail", cfg, type(e).__name__, str(e)[:200], flush=True)
-                    row["cands"].append({"cfg": cfg, "fail": f"{type(e).__name__}: {str(e)[:200]}"})
-                    continue
-                row["cands"].append({"cfg": cfg, "us": round(t, 2), "err": err})
-            ok = [c for c in row["cands"] if c.get("us") and c["err"] < 3e-3]
-            best = min(ok, key=lambda c: c["us"]) if ok else None
-            if best:  # the winner again, with the full number of replays
-                t, err = time_cfg(mk, packed, x, nc, ref, best["cfg"], 25)
-                row.update(best_cfg=best["cfg"], best_us=round(t, 2), best_err=err)
-            if not a.no_peers:
-                row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
-                try:
-                    row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-                except Exception as e:  # noqa: BLE001
-                    row["humming_fail"] = f"{type(e).__name__}: {str(e)[:200]}"
-            t, _ = time_cfg(mk, packed, x, nc, ref, base, 25)
-            row["shipped_us_2"] = round(t, 2)
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps({key: v for key, v in row.items() if key != "cands"}), flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows},
-                                              indent=1))
+    shapes = parse_shapes(a.shapes)
+    for k, n, m, w16, packed, nc, n16, x, ref in problems(
+            mk, shapes, [int(v) for v in a.ms.split(",") if v]):
+        row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date,
+               "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
+        base = shipped(mk, m, n, k)
+        t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
+        row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
+        cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
+        row["cands"] = []
+        for cfg in cands or []:
+            if time.time() - t0 > a.budget_s:
+                print("budget spent: skipping the rest", flush=True)
+                break
+            if cfg == base:
+                continue
+            try:
+                t, err = time_cfg(mk, packed, x, nc, ref, cfg, a.reps)
+            except Exception as e:  # noqa: BLE001 - a config that fails is reported
+                print("fail", cfg, type(e).__name__, str(e)[:200], flush=True)
+                row["cands"].append({"cfg": cfg, "fail": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            row["cands"].append({"cfg": cfg, "us": round(t, 2), "err": err})
+        ok = [c for c in row["cands"] if c.get("us") and c["err"] < 3e-3]
+        best = min(ok, key=lambda c: c["us"]) if ok else None
+        if best:  # the winner again, with the full number of replays
+            t, err = time_cfg(mk, packed, x, nc, ref, best["cfg"], 25)
+            row.update(best_cfg=best["cfg"], best_us=round(t, 2), best_err=err)
+        if not a.no_peers:
+            row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
+            try:
+                row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
+            except Exception as e:  # noqa: BLE001
+                row["humming_fail"] = f"{type(e).__name__}: {str(e)[:200]}"
+        t, _ = time_cfg(mk, packed, x, nc, ref, base, 25)
+        row["shipped_us_2"] = round(t, 2)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps({key: v for key, v in row.items() if key != "cands"}), flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows},
+                                          indent=1))
     if a.write_table:
         write_table(a.write_table, rows, a.margin)
     print(f"{'K':>6} {'N':>6} {'M':>5} {'shipped':>8} {'again':>8} {'best':>8} {'cublas':>8} "

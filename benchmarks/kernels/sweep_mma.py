@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import SHAPES, make_problem, ours_fns  # noqa: E402
-from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from bench_w4a16 import ours_fns, parse_shapes, problems  # noqa: E402
+from common import copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
 from sweep_v5 import best_of, shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -46,45 +46,40 @@ def main():
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {bw / 1e12:.3f} TB/s", flush=True)
-    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    shapes = parse_shapes(a.shapes or "")
     rows = []
-    for k, n in shapes:
-        w16, codes, scale, zero, packed = make_problem(mk, k, n)
-        nc = copies_for(packed.qweight.numel() * 4)
-        n16 = copies_for(w16.numel() * 2)
-        for m in [int(v) for v in a.ms.split(",") if v]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = x.float() @ w16.float().t()
-            row = {"K": k, "N": n, "M": m, "gpu": gpu,
-                   "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
-            base_cfg = shipped(mk, m, n, k, base)
-            fns = ours_fns(mk, packed, x, nc, base_cfg)
-            row["shipped_err"] = peers.check(fns[0](), ref)
-            row["shipped_us"] = round(graph_time_us(fns), 2)
-            row["shipped_cfg"] = base_cfg
-            del fns
-            cands = list(mma_cands(m, -(-k // 128)))
-            if m == 1:  # for reference only: the GEMV stays at M = 1
-                cands = [c for c in cands if c["SPLIT_K"] in (8, 16) and c["PREFETCH"]]
-            t, err, cfg = best_of(mk, packed, x, nc, ref, cands)
-            if cfg is not None and cfg["SPLIT_K"] > 1:  # the float32 buffer instead of OUT16
-                t2, err2, cfg2 = best_of(mk, packed, x, nc, ref, [dict(cfg, OUT16=False)])
-                if cfg2 is not None and t2 < t:
-                    t, err, cfg = t2, err2, cfg2
-            if cfg is not None:
-                t = graph_time_us(ours_fns(mk, packed, x, nc, cfg))
-            row.update(mma_us=round(t, 2), mma_err=err, mma_cfg=cfg)
-            if "cublas" in a.peers:
-                row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
-            if "humming" in a.peers:
-                try:
-                    row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-                except Exception as e:  # noqa: BLE001
-                    print("humming fail", str(e)[:200], flush=True)
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
+    for k, n, m, w16, packed, nc, n16, x, ref in problems(
+            mk, shapes, [int(v) for v in a.ms.split(",") if v]):
+        row = {"K": k, "N": n, "M": m, "gpu": gpu,
+               "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
+        base_cfg = shipped(mk, m, n, k, base)
+        fns = ours_fns(mk, packed, x, nc, base_cfg)
+        row["shipped_err"] = peers.check(fns[0](), ref)
+        row["shipped_us"] = round(graph_time_us(fns), 2)
+        row["shipped_cfg"] = base_cfg
+        del fns
+        cands = list(mma_cands(m, -(-k // 128)))
+        if m == 1:  # for reference only: the GEMV stays at M = 1
+            cands = [c for c in cands if c["SPLIT_K"] in (8, 16) and c["PREFETCH"]]
+        t, err, cfg = best_of(mk, packed, x, nc, ref, cands)
+        if cfg is not None and cfg["SPLIT_K"] > 1:  # the float32 buffer instead of OUT16
+            t2, err2, cfg2 = best_of(mk, packed, x, nc, ref, [dict(cfg, OUT16=False)])
+            if cfg2 is not None and t2 < t:
+                t, err, cfg = t2, err2, cfg2
+        if cfg is not None:
+            t = graph_time_us(ours_fns(mk, packed, x, nc, cfg))
+        row.update(mma_us=round(t, 2), mma_err=err, mma_cfg=cfg)
+        if "cublas" in a.peers:
+            row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
+        if "humming" in a.peers:
+            try:
+                row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
+            except Exception as e:  # noqa: BLE001
+                print("humming fail", str(e)[:200], flush=True)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
     if a.write_table:
         write_table(a.write_table, rows, a.margin)
     print(f"{'K':>6} {'N':>6} {'M':>4} {'shipped':>8} {'mma':>8} {'cublas':>8} {'humming':>8} "

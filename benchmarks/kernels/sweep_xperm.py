@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import make_problem, ours_fns  # noqa: E402
-from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from bench_w4a16 import ours_fns, parse_shapes, problems  # noqa: E402
+from common import copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
 from sweep_v5 import best_of, shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -59,42 +59,37 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {bw / 1e12:.3f} TB/s", flush=True)
     rows = []
-    for s in a.shapes.split(","):
-        k, n = map(int, s.split("x"))
-        w16, codes, scale, zero, packed = make_problem(mk, k, n)
-        nc = copies_for(packed.qweight.numel() * 4)
-        n16 = copies_for(w16.numel() * 2)
-        for m in [int(v) for v in a.ms.split(",") if v]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = x.float() @ w16.float().t()
-            row = {"K": k, "N": n, "M": m, "gpu": gpu,
-                   "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
-            base = shipped(mk, m, n, k)
-            fns = ours_fns(mk, packed, x, nc, base)
-            row["shipped_err"] = peers.check(fns[0](), ref)
-            row["shipped_us"] = round(graph_time_us(fns), 2)
-            row["shipped_cfg"] = base
-            del fns
-            cands = xperm_cands(base, -(-k // 128)) if base.get("MMA") else []
-            if a.wide:
-                cands = list(wide_cands(-(-k // 128)))
-            if time.time() - t0 > a.budget_s:
-                cands = cands[:1]
-            t, err, cfg = best_of(mk, packed, x, nc, ref, cands)
-            if cfg is not None:
-                t = graph_time_us(ours_fns(mk, packed, x, nc, cfg))
-            row.update(xperm_us=round(t, 2) if cfg else None, xperm_err=err, xperm_cfg=cfg)
-            row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
-            try:
-                row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-            except Exception as e:  # noqa: BLE001
-                print("humming fail", str(e)[:200], flush=True)
-            if cfg is not None:  # the shipped config again, after the candidates
-                row["shipped_us_2"] = round(graph_time_us(ours_fns(mk, packed, x, nc, base)), 2)
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
+    shapes = parse_shapes(a.shapes)
+    for k, n, m, w16, packed, nc, n16, x, ref in problems(
+            mk, shapes, [int(v) for v in a.ms.split(",") if v]):
+        row = {"K": k, "N": n, "M": m, "gpu": gpu,
+               "floor_us": round(int4_floor_us(m, n, k, 128, bw), 2)}
+        base = shipped(mk, m, n, k)
+        fns = ours_fns(mk, packed, x, nc, base)
+        row["shipped_err"] = peers.check(fns[0](), ref)
+        row["shipped_us"] = round(graph_time_us(fns), 2)
+        row["shipped_cfg"] = base
+        del fns
+        cands = xperm_cands(base, -(-k // 128)) if base.get("MMA") else []
+        if a.wide:
+            cands = list(wide_cands(-(-k // 128)))
+        if time.time() - t0 > a.budget_s:
+            cands = cands[:1]
+        t, err, cfg = best_of(mk, packed, x, nc, ref, cands)
+        if cfg is not None:
+            t = graph_time_us(ours_fns(mk, packed, x, nc, cfg))
+        row.update(xperm_us=round(t, 2) if cfg else None, xperm_err=err, xperm_cfg=cfg)
+        row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
+        try:
+            row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
+        except Exception as e:  # noqa: BLE001
+            print("humming fail", str(e)[:200], flush=True)
+        if cfg is not None:  # the shipped config again, after the candidates
+            row["shipped_us_2"] = round(graph_time_us(ours_fns(mk, packed, x, nc, base)), 2)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
     if a.write_table:
         write_table(a.write_table, rows, a.margin)
     print(f"{'K':>6} {'N':>6} {'M':>4} {'shipped':>8} {'again':>8} {'xperm':>8} {'cublas':>8} "
