@@ -43,8 +43,8 @@ def _check_keys(cls, data: dict) -> None:
 def parse_overrides(cls, items) -> dict:
     """``["field=value", ...]`` -> keyword arguments for the config dataclass ``cls``, each value
     typed like the field's default (``true``/``false`` for flags, ``a,b,c`` for tuples of
-    numbers or names, an empty value for an empty tuple; where the default is None: ``none``, a number, or else text). For command-line
-    ``--set`` style options."""
+    numbers or names, an empty value for an empty tuple; where the default is None: ``none``,
+    a number, or else text). For command-line ``--set`` style options."""
     defaults = {f.name: f.default for f in fields(cls)}
     out = {}
     for item in items:

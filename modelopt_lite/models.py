@@ -246,15 +246,13 @@ def rotate_linear_input_(linear: nn.Module, r: torch.Tensor) -> None:
     name = getattr(quantizer, "name", type(linear).__name__)
     if quantizer is None or not hasattr(linear, "weight_2d"):
         raise UnsupportedModelError(f"{name}: an online rotation needs a quantized linear")
-    if linear._buffers.get("weight_mask") is not None:
+    if linear.mask_2d() is not None:
         raise UnsupportedModelError(f"{name}: rotating the input of a 2:4-sparse layer would "
                                     "destroy its sparsity pattern; do not rotate sparse layers")
     if quantizer.rotation is not None or quantizer.pre_quant_scale is not None:
         raise UnsupportedModelError(f"{name}: the input is already rotated or scaled; rotate "
                                     "before any explicit smoothing multiply")
-    w2d = linear.weight_2d()
-    rotated = rotate_blocks(w2d.detach().float(), r.float()).to(w2d.dtype)
-    linear.weight.copy_(linear.weight_from_2d(rotated))
+    _rotate_weight_columns_(linear, r)
     quantizer.set_rotation(r)
     wq = linear.weight_quantizer
     if getattr(wq, "amax", None) is not None:
@@ -269,10 +267,15 @@ def unrotate_linear_input_(linear: nn.Module) -> None:
     r = quantizer.rotation
     if r is None:
         return
-    w2d = linear.weight_2d()
-    plain = rotate_blocks(w2d.detach().float(), r.float().t()).to(w2d.dtype)
-    linear.weight.copy_(linear.weight_from_2d(plain))
+    _rotate_weight_columns_(linear, r.t())
     quantizer.set_rotation(None)
+
+
+def _rotate_weight_columns_(linear: nn.Module, r: torch.Tensor) -> None:
+    """``W -> W diag(r, ..., r)`` on the weight's input columns, in float32."""
+    w2d = linear.weight_2d()
+    rotated = rotate_blocks(w2d.detach().float(), r.float()).to(w2d.dtype)
+    linear.weight.copy_(linear.weight_from_2d(rotated))
 
 
 @torch.no_grad()

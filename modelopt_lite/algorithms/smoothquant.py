@@ -515,5 +515,5 @@ register_preset("int8_smoothquant_dynamic", QuantConfig(
     weight=_W8, input=QuantizerSpec(num_bits=8, granularity="per_token", dynamic=True),
     algorithm=SmoothQuantConfig()))
 
-__all__ = ["SmoothQuantConfig", "DEFAULT_ROTATE", "smoothing_scales", "search_alpha", "apply", "GroupSmoother",
-           "gptq_layer", "rotate_inputs_"]
+__all__ = ["SmoothQuantConfig", "DEFAULT_ROTATE", "smoothing_scales", "search_alpha", "apply",
+           "GroupSmoother", "gptq_layer", "rotate_inputs_"]
