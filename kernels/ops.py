@@ -32,7 +32,8 @@ def _check(x: torch.Tensor, p: PackedInt4):
 def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
-    from .w4a16 import mma_constraints, w4a16_gemv_kernel, w4a16_kernel, w4a16_mma_kernel
+    from .w4a16 import (mma_constraints, mma_fs_constraints, w4a16_gemv_kernel, w4a16_kernel,
+                        w4a16_mma_kernel)
 
     _check(x, p)
     n, k = p.shape
@@ -76,13 +77,25 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         xperm = bool(cfg.get("XPERM", False))
         if xperm:  # activations re-laid out once per call for 16-byte fragment loads
             args = (permute_x(x2, 8 * n_tiles),) + args[1:]
-        asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
-                       n_tiles, k % 128 == 0, rows, xperm) if use_asm else ""
+        # FS: scales applied in float32 after the products (one group per chunk: block >= 128)
+        fs = int(cfg.get("FS", 0)) if p.group_size >= 128 else 0
+        if not use_asm:
+            asm, cons = "", ""
+        elif fs:
+            asm = _mma_fs_asm(x.dtype == torch.bfloat16, p.zterm is not None, n_tiles,
+                              k % 128 == 0, rows, xperm, fs == 2)
+            cons = mma_fs_constraints(rows)
+        else:
+            asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
+                           n_tiles, k % 128 == 0, rows, xperm)
+            cons = mma_constraints(rows)
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
         w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
-                               CONSTRAINTS=mma_constraints(rows) if use_asm else "", ROWS=rows,
+                               CONSTRAINTS=cons, ROWS=rows, FS=fs if use_asm else 0,
+                               QC=cfg.get("QC", ""), QE=cfg.get("QE", ""),
+                               SV=_scale_vector(cfg, p, split_k, use_asm),
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-                               XTB=8 * n_tiles if xperm else 0, **common)
+                               XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common)
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
         persist = int(cfg.get("PERSIST", 0))
@@ -96,6 +109,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             grid = (m, triton_cdiv(n, cfg["BN"]), split_k)
         w4a16_gemv_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), K_FAST=k_fast,
                                 PERSIST=bool(persist), AHEAD=int(cfg.get("AHEAD", 1)),
+                                PIPE=_pipe(cfg), QC=cfg.get("QC", ""), QE=cfg.get("QE", ""),
                                 **common, **_maxnreg(cfg))
     else:
         # the token tile is at most the tokens rounded up to a power of two (>= 16): a half-empty
@@ -157,6 +171,39 @@ def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, row
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
                    xperm)
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int,
+                xperm: bool = False, fold: bool = False) -> str:
+    from .w4a16 import mma_fs_asm
+
+    return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold)
+
+
+def _scale_vector(cfg: dict, p: PackedInt4, split_k: int, use_asm: bool) -> int:
+    """``SV`` = 2 or 4: the MMA path loads SV chunks' scales (and zterms) per row with one 4- or
+    8-byte load. Needs block 128 (one group per chunk), K a multiple of 128, SV dividing both
+    the K slice of each program and the groups per row, and aligned scale rows; else 1."""
+    sv = int(cfg.get("SV", 1) or 1)
+    if sv not in (2, 4) or not use_asm or p.group_size != 128:
+        return 1
+    n, k = p.shape
+    kt_total = triton_cdiv(k, 128)
+    kt_per = triton_cdiv(kt_total, split_k)
+    tensors = (p.scale,) if p.zterm is None else (p.scale, p.zterm)
+    if (k % 128 or kt_per % sv or kt_total % sv
+            or any(t.data_ptr() % (2 * sv) or t.stride(0) != kt_total for t in tensors)):
+        return 1
+    return sv
+
+
+def _pipe(cfg: dict):
+    """``PIPE`` = S > 1: the word loads of the GEMV / MMA K loop go through the software
+    pipeliner (``cp.async`` into S - 1 shared-memory buffers, loaded S - 1 chunks ahead);
+    None leaves the loop as plain loads."""
+    s = int(cfg.get("PIPE", 0) or 0)
+    return s if s > 1 else None
 
 
 def _maxnreg(cfg: dict) -> dict:

@@ -692,6 +692,7 @@ def w4a16_gemv_kernel(
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     K_FAST: tl.constexpr = True, PERSIST: tl.constexpr = False, AHEAD: tl.constexpr = 1,
+    PIPE: tl.constexpr = None, QC: tl.constexpr = "", QE: tl.constexpr = "",
 ):
     """Decode path (one token per program along grid axis 0): CUDA-core GEMV.
 
@@ -714,7 +715,7 @@ def w4a16_gemv_kernel(
     else:
         _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
                    n_groups, SPLIT_K, GROUP, BN, HAS_ZERO, HAS_BIAS, EVEN_K, ATOMIC, USE_ASM,
-                   IS_BF16, PREFETCH, K_FAST)
+                   IS_BF16, PREFETCH, K_FAST, PIPE, QC, QE)
 
 
 @triton.jit
@@ -722,7 +723,8 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
                n_groups, SPLIT_K, GROUP: tl.constexpr, BN: tl.constexpr,
                HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                ATOMIC: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr,
-               PREFETCH: tl.constexpr, K_FAST: tl.constexpr):
+               PREFETCH: tl.constexpr, K_FAST: tl.constexpr, PIPE: tl.constexpr,
+               QC: tl.constexpr, QE: tl.constexpr):
     """The GEMV over a grid of one (token, K slice, row block) per program (PERSIST off)."""
     # Grid (M, SPLIT_K, row blocks) with K_FAST: programs that run together read whole rows
     # (contiguous memory); with the split slowest they read one K slice of every row instead,
@@ -752,17 +754,19 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     # PREFETCH 1: the next chunk's words load during this chunk; 2: its scales too (block 128)
     SPF: tl.constexpr = PREFETCH == 2 and GPC == 1
     if PREFETCH:
-        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0)
+        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
+                         eviction_policy=QE)
     if SPF:
         g_first = (tl.minimum(kt0, kt_total - 1) * 128) // GROUP
         s_next, z_next = _gemv_scales(s_rows, z_rows, g_first, n_groups, HAS_ZERO, EVEN_K,
                                       USE_ASM)
-    for kt in range(kt0, kt1):
+    for kt in tl.range(kt0, kt1, num_stages=PIPE):
         if PREFETCH:
             q = q_next
-            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0)
+            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
+                             cache_modifier=QC, eviction_policy=QE)
         else:
-            q = tl.load(q_ptrs + kt * 16)
+            q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
         g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
         if SPF:
             sa, za = s_next, z_next
@@ -936,6 +940,142 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
 """
 
 
+def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2,
+               xperm: bool = False, fold: bool = False) -> str:
+    """:func:`mma_asm` with the scale applied in float32 after the products (``FS``; one group
+    per chunk, i.e. block >= 128).
+
+    Only the code goes to the tensor cores. FS 1 (``fold`` off): PRMT + LOP3 + one packed
+    subtract give (u - 8) exactly (fp16 odd planes: the mask 0x00F000F0 reads 16 (u - 8) in
+    place, against activations divided by 16, exact), so no shift and no packed FMA per weight
+    pair. FS 2 (``fold``): not even the subtract: the A operand is the magic number plus the
+    code as LOP3 leaves it (fp16: 1024 + u, odd planes 1024 + 16 u against x / 16; bf16:
+    128 + u), exact in half precision, and the offsets come off in float32 with the sums of x.
+    The eight planes of a chunk accumulate into a fresh float32 tile T per row pair and token
+    tile, then acc += s T + c_e S_e + c_o S_o, with S_e, S_o the chunk's sums of x per token
+    over the even and odd planes (one extra MMA per plane and token tile with an all-ones A,
+    shared by all rows) and per row (float32, made by the caller from s and zterm):
+    FS 1: c_e = c_o = zterm + 8 s (no S without zero points);
+    FS 2, fp16: c_e = zterm - 1024 s, c_o = zterm - 64 s; bf16: c_e = c_o = zterm - 128 s
+    (zterm = -8 s without zero points). The weights are never rounded to half precision.
+
+    Operands (pack 4 rows, all 32-bit): the accumulators out (as :func:`mma_asm`), the words,
+    s, c_e and c_o per element (element 4 r + w: slot r), the accumulators in, the x address
+    (b64), M - 1, the x row stride in bytes and the K left.
+    """
+    n = 4 * rows
+    ty = "bf16x2" if bf16 else "f16x2"
+    ab = "bf16" if bf16 else "f16"
+    q = [f"${n + i}" for i in range(n)]
+    sreg = [f"${2 * n + 4 * r}" for r in range(rows)]
+    ereg = [f"${3 * n + 4 * r}" for r in range(rows)]
+    oreg = [f"${4 * n + 4 * r}" for r in range(rows)]
+    acc_in = [f"${5 * n + i}" for i in range(n)]
+    xaddr, mm1, stride, krem = (f"${6 * n + n * i}" for i in range(4))
+    sums = zero or fold                  # S needed
+    split_s = fold and not bf16          # separate S_e / S_o
+    lines = ["mov.b32 m, " + ("0x43004300;" if bf16 else "0x64006400;"),
+             "mov.b32 o, " + ("0x43084308;" if bf16 else "0x64086408;"),
+             "mov.b32 o16, 0x64806480;", "mov.b32 d16, 0x2C002C00;",
+             "mov.b32 one, " + ("0x3F803F80;" if bf16 else "0x3C003C00;"), "mov.b32 zf, 0;"]
+    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
+    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
+    if xperm:
+        lines += ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
+                  "add.s64 xa1, xa0, 512;"]
+    else:
+        lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
+                  f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
+                  "add.s64 xa0, xa0, off;"]
+    if n_tiles == 2 and not xperm:
+        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
+                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
+                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
+    frag_src = ((0, 0), (1, 0), (0, 2), (1, 2))
+    zq = "{zf, zf, zf, zf}"
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
+    for b in range(4):
+        sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
+        for pr in range(rows // 2):
+            for f, (slot, w) in enumerate(frag_src):
+                sl = 2 * pr + slot
+                lines.append(f"prmt.b32 p{pr}_{f}, {q[4 * sl + w]}, {q[4 * sl + w + 1]}, {sel};")
+        for i in (2 * b, 2 * b + 1):
+            odd16 = i % 2 == 1 and not bf16     # fp16 odd plane read in place (16 u)
+            for tile in range(n_tiles):
+                xb = f"x{tile}_0, x{tile}_1"
+                if xperm:
+                    if i % 2 == 0:
+                        lines.append(f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
+                                     f"[xa{tile}+{b * 64 * 8 * n_tiles}];")
+                    else:
+                        lines += [f"mov.b32 x{tile}_0, y{tile}_0;",
+                                  f"mov.b32 x{tile}_1, y{tile}_1;"]
+                elif even_k:
+                    lines.append(f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];")
+                else:
+                    lines += [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
+                              f"setp.lt.s32 pk, {16 * i}, {krem};",
+                              f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+                if sums:  # S += ones x: the sums of x per token (all rows alike)
+                    h = "o" if split_s and i % 2 else "e"
+                    sq = ", ".join(f"s{h}{tile}_{e}" for e in range(4))
+                    cin = zq if i < (2 if split_s else 1) else f"{{{sq}}}"
+                    lines.append(f"{mma} {{{sq}}}, {{one, one, one, one}}, {{{xb}}}, {cin};")
+                if odd16:
+                    lines += [f"mul.rn.f16x2 x{tile}_0, x{tile}_0, d16;",
+                              f"mul.rn.f16x2 x{tile}_1, x{tile}_1, d16;"]
+            for pr in range(rows // 2):
+                for f in range(4):
+                    src = f"p{pr}_{f}"
+                    if odd16:
+                        lines.append(f"lop3.b32 a{f}, {src}, 0x00F000F0, m, 0xEA;")
+                        if not fold:
+                            lines.append(f"sub.rn.{ty} a{f}, a{f}, o16;")
+                    else:
+                        if i % 2:
+                            lines.append(f"shr.u32 {src}, {src}, 4;")
+                        lines.append(f"lop3.b32 a{f}, {src}, 0x000F000F, m, 0xEA;")
+                        if not fold:
+                            lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
+                for tile in range(n_tiles):
+                    t = ", ".join(f"t{pr}_{tile}_{e}" for e in range(4))
+                    cin = zq if i == 0 else f"{{{t}}}"
+                    lines.append(f"{mma} {{{t}}}, {{a0, a1, a2, a3}}, {{x{tile}_0, x{tile}_1}}, "
+                                 f"{cin};")
+    for pr in range(rows // 2):   # acc += c_e S_e + c_o S_o + s T
+        for tile in range(n_tiles):
+            o0, o1 = 8 * pr, 8 * pr + 4
+            d = ((o0, o0 + 1, o1, o1 + 1) if tile == 0 else (o0 + 2, o0 + 3, o1 + 2, o1 + 3))
+            for e in range(4):
+                sl = 2 * pr + (e // 2)
+                if sums:
+                    lines.append(f"fma.rn.f32 ${d[e]}, se{tile}_{e % 2}, {ereg[sl]}, ${d[e]};")
+                if split_s:
+                    lines.append(f"fma.rn.f32 ${d[e]}, so{tile}_{e % 2}, {oreg[sl]}, ${d[e]};")
+                lines.append(f"fma.rn.f32 ${d[e]}, t{pr}_{tile}_{e}, {sreg[sl]}, ${d[e]};")
+    body = "\n".join(lines)
+    pregs = ", ".join(f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4))
+    fregs = [f"t{pr}_{tile}_{e}" for pr in range(rows // 2) for tile in range(n_tiles)
+             for e in range(4)]
+    fregs += [f"s{h}{tile}_{e}" for h in "eo" for tile in range(2) for e in range(4)]
+    return f"""
+{{
+.reg .b32 m, o, o16, d16, one, zf, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1;
+.reg .b32 y0_0, y0_1, y1_0, y1_1, lane, g, tt, tok;
+.reg .f32 {", ".join(fregs)};
+.reg .b64 off, xa0, xa1;
+.reg .pred pk;
+{body}
+}}
+"""
+
+
+def mma_fs_constraints(rows: int = 2) -> str:
+    n = 4 * rows
+    return ",".join(["=r"] * n + ["r"] * (5 * n) + ["l"] * n + ["r"] * (3 * n))
+
+
 def mma_constraints(rows: int = 2) -> str:
     n = 4 * rows
     return ",".join(["=r"] * n + ["r"] * n + ["r"] * (2 * n) + ["r"] * (2 * n) + ["r"] * n
@@ -967,6 +1107,73 @@ def _mma_scales(s_rows, z_rows, g, n_groups, shape: tl.constexpr, HAS_ZERO: tl.c
 
 
 @triton.jit
+def _load_halves(ptrs, SV: tl.constexpr):
+    """SV (2 or 4) consecutive half-precision values from each pointer of ``ptrs`` ([BN, 1]) in
+    one 4- or 8-byte inline load (consumer's layout), as SV tensors of the pointee dtype."""
+    dt: tl.constexpr = ptrs.dtype.element_ty
+    if SV == 2:
+        v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs.to(tl.int64)],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+        a = (v & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
+        b = (v >> 16).to(tl.int16).to(dt, bitcast=True)
+        return a, b, a, b
+    v, w = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l",
+                                     [ptrs.to(tl.int64)], dtype=(tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+    return ((v & 0xFFFF).to(tl.int16).to(dt, bitcast=True),
+            (v >> 16).to(tl.int16).to(dt, bitcast=True),
+            (w & 0xFFFF).to(tl.int16).to(dt, bitcast=True),
+            (w >> 16).to(tl.int16).to(dt, bitcast=True))
+
+
+@triton.jit
+def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left, stride_xm, K,
+                   BN: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                   ROWS: tl.constexpr, FS: tl.constexpr, XTB: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """One chunk of the MMA path's asm (one group per chunk): s16 / z16 are the rows' scale
+    and zterm ([BN, 1], activation dtype; z16 unused without zero points)."""
+    shape: tl.constexpr = (BN, 16)
+    if XTB > 0:
+        xa = tl.zeros(shape, tl.int64) + (
+            x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
+    else:
+        xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
+    mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
+    stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
+    krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
+    if FS > 0:
+        s32 = s16.to(tl.float32)
+        if HAS_ZERO:
+            z32 = z16.to(tl.float32)
+        else:
+            z32 = -8.0 * s32
+        if FS == 2:
+            if IS_BF16:
+                ce32 = z32 - 128.0 * s32
+                co32 = ce32
+            else:
+                ce32 = z32 - 1024.0 * s32
+                co32 = z32 - 64.0 * s32
+        else:
+            ce32 = z32 + 8.0 * s32
+            co32 = ce32
+        return tl.inline_asm_elementwise(
+            ASM, CONSTRAINTS,
+            [q, tl.broadcast_to(s32, shape), tl.broadcast_to(ce32, shape),
+             tl.broadcast_to(co32, shape), acc, xa, mm1, stride_b, krem],
+            dtype=tl.float32, is_pure=True, pack=4 * ROWS)
+    sa = tl.broadcast_to(s16, shape)
+    if HAS_ZERO:
+        za = tl.broadcast_to(z16, shape)
+    else:
+        za = sa
+    return tl.inline_asm_elementwise(
+        ASM, CONSTRAINTS, [q, sa, sa, sa, sa, za, za, za, za, acc, xa, mm1, stride_b, krem],
+        dtype=tl.float32, is_pure=True, pack=4 * ROWS)
+
+
+@triton.jit
 def _mma_token(c):
     """Token of accumulator column c (see :func:`mma_asm`): 2 (c // 4) + c % 2 + 8 (c // 2 % 2)."""
     return 2 * (c // 4) + (c % 2) + 8 * ((c // 2) % 2)
@@ -980,7 +1187,8 @@ def w4a16_mma_kernel(
     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr = False,
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False, ASM: tl.constexpr = "",
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
-    XTB: tl.constexpr = 0,
+    XTB: tl.constexpr = 0, PIPE: tl.constexpr = None, FS: tl.constexpr = 0,
+    QC: tl.constexpr = "", QE: tl.constexpr = "", SV: tl.constexpr = 1,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -995,6 +1203,13 @@ def w4a16_mma_kernel(
 
     XTB > 0: x is the per-call permuted copy of :func:`permute_x` with token blocks of XTB
     (8 or 16) zero-padded tokens, 128 XTB halves per chunk and block.
+
+    Load options (NOTES.md, v8-v10): PIPE = S puts the word loads through the software
+    pipeliner (cp.async, S - 1 chunks ahead); QC / QE are the word loads' cache modifier and
+    eviction policy (the H100 table uses evict_first: the words pass through L1 once); SV = 2 or
+    4 takes SV chunks per step and loads each row's SV scales and zterms with one 4- or 8-byte
+    load (block 128 only, checked by the launcher); FS = 1 / 2 applies the scales in float32
+    after the MMAs (:func:`mma_fs_asm`, block >= 128).
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -1018,16 +1233,56 @@ def w4a16_mma_kernel(
     shape: tl.constexpr = (BN, 16)
 
     acc = tl.zeros((BN, 16), dtype=tl.float32)
+    if SV > 1:  # SV chunks per step: their words, then one SV-wide load of scales and zterms
+        # (block 128, SV | K slice, SV | groups per row: the launcher checks)
+        for kt2 in range(kt0, kt1, SV):
+            qa = tl.load(q_ptrs + kt2 * 16, cache_modifier=QC, eviction_policy=QE)
+            qb = tl.load(q_ptrs + (kt2 + 1) * 16, cache_modifier=QC, eviction_policy=QE)
+            if SV == 4:
+                qc = tl.load(q_ptrs + (kt2 + 2) * 16, cache_modifier=QC, eviction_policy=QE)
+                qd = tl.load(q_ptrs + (kt2 + 3) * 16, cache_modifier=QC, eviction_policy=QE)
+            s0, s1, s2, s3 = _load_halves(s_rows + kt2, SV)
+            if HAS_ZERO:
+                z0, z1, z2, z3 = _load_halves(z_rows + kt2, SV)
+            else:
+                z0, z1, z2, z3 = s0, s1, s2, s3
+            acc = _mma_asm_chunk(acc, qa, s0, z0, kt2, x_ptr, x_rows, pid_m, kt_total, m_left,
+                                 stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB, HAS_ZERO,
+                                 IS_BF16)
+            acc = _mma_asm_chunk(acc, qb, s1, z1, kt2 + 1, x_ptr, x_rows, pid_m, kt_total,
+                                 m_left, stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB,
+                                 HAS_ZERO, IS_BF16)
+            if SV == 4:
+                acc = _mma_asm_chunk(acc, qc, s2, z2, kt2 + 2, x_ptr, x_rows, pid_m, kt_total,
+                                     m_left, stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB,
+                                     HAS_ZERO, IS_BF16)
+                acc = _mma_asm_chunk(acc, qd, s3, z3, kt2 + 3, x_ptr, x_rows, pid_m, kt_total,
+                                     m_left, stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB,
+                                     HAS_ZERO, IS_BF16)
+        kt1 = kt0   # done: the general loop below runs no iteration
     if PREFETCH:
-        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0)
-    for kt in range(kt0, kt1):
+        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
+                         eviction_policy=QE)
+    for kt in tl.range(kt0, kt1, num_stages=PIPE):
         if PREFETCH:
             q = q_next
-            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0)
+            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
+                             cache_modifier=QC, eviction_policy=QE)
         else:
-            q = tl.load(q_ptrs + kt * 16)
+            q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
         g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
-        if USE_ASM:
+        if USE_ASM and FS > 0:  # one group per chunk; scales applied in float32 (mma_fs_asm)
+            gs = g0
+            if not EVEN_K:
+                gs = tl.minimum(gs, n_groups - 1)
+            s16 = _load_half_raw(s_rows + gs, USE_ASM)
+            z16 = s16
+            if HAS_ZERO:
+                z16 = _load_half_raw(z_rows + gs, USE_ASM)
+            acc = _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left,
+                                 stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB, HAS_ZERO,
+                                 IS_BF16)
+        elif USE_ASM:
             sa, za = _mma_scales(s_rows, z_rows, g0, n_groups, shape, HAS_ZERO, EVEN_K, USE_ASM)
             sb, zb = sa, za
             sc, zc = sa, za

@@ -65,6 +65,11 @@ MMA_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, num_stages=2)   # 4 ro
 MMA_XPERM = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, XPERM=True)
 MMA_XPERM_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2, num_stages=2, XPERM=True,
                        OUT16=True)
+# word loads through the software pipeliner (PIPE) or with L1 evict-first / L2-only hints, and
+# the asm-only options (FS, SV: the interpreter runs the plain-Triton product with them set)
+MMA_PIPE = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, PIPE=3, QE="evict_first")
+MMA_FS_SV = dict(MMA=True, BN=32, SPLIT_K=2, num_warps=2, FS=2, SV=2, QC=".cg", OUT16=True)
+GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_first")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -89,6 +94,7 @@ MMA_XPERM_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=1, num_warps=2, num_stages=2, XP
     (1, 40, 384, 128, GEMV_PERSIST_STORE),  # no split: each item's rows stored once
     (2, 72, 320, 32, GEMV_PERSIST_STORE),
     (1, 72, 512, 128, GEMV_PERSIST_SM),    # programs = PERSIST x SMs, more than the items
+    (2, 24, 576, 32, GEMV_PIPE),    # pipelined word loads, K not a multiple of 128
     (1, 40, 256, 32, BIG_TILE),     # a 256-token tile asked for one token
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
@@ -115,6 +121,8 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     (5, 40, MMA_XPERM, True),    # permuted activations: one token tile, padded K and tokens
     (13, 72, MMA_XPERM_ROWS4, False),   # permuted, two token tiles, 4 rows per thread
     (21, 24, MMA_XPERM, False),  # permuted, two 16-token blocks
+    (7, 72, MMA_PIPE, True),     # pipelined word loads, evict-first hint, K tail
+    (13, 40, MMA_FS_SV, False),  # float32 scales and 2-chunk scale loads requested
 ])
 def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     k = 448 if k_tail and group < 128 else 384
@@ -146,6 +154,40 @@ def test_mma_asm_xperm_loads_16_bytes():
         assert text.count("ld.global.nc.v4.b32") == 4 * n_tiles
         assert "ld.global.nc.v2" not in text and "setp" not in text
         assert text.count("mma.sync") == 8 * 2 * n_tiles
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("fold", [False, True])
+def test_mma_fs_asm_text(bf16, zero, fold):
+    """FS: only the codes reach the MMAs (no packed FMA per weight pair), the sums of x come from
+    one all-ones MMA per plane and token tile where needed, fp16 odd planes need no shift, and
+    FS 2 drops the packed subtract too."""
+    from modelopt_lite.kernels.w4a16 import mma_fs_asm
+
+    for rows, n_tiles in ((2, 1), (4, 2)):
+        text = mma_fs_asm(bf16, zero, n_tiles, True, rows=rows, fold=fold)
+        sums = zero or fold
+        assert text.count("mma.sync") == 8 * (rows // 2) * n_tiles + (8 * n_tiles if sums else 0)
+        assert "fma.rn.f16x2" not in text and "fma.rn.bf16x2" not in text
+        assert ("shr.u32 p" in text) == bf16          # plane shifts (bf16 only)
+        assert ("sub.rn." in text) == (not fold)
+        ffma_per = 1 + (1 if sums else 0) + (1 if fold and not bf16 else 0)
+        assert text.count("fma.rn.f32") == 4 * (rows // 2) * n_tiles * ffma_per
+
+
+def test_scale_vector_falls_back_where_it_cannot_apply():
+    from modelopt_lite.kernels.ops import _scale_vector
+
+    codes = torch.randint(0, 16, (40, 1024), dtype=torch.uint8)
+    p = pack_weight(codes, torch.rand(40, 8) + 0.1, None, 128)
+    assert _scale_vector(dict(SV=4), p, 2, True) == 4      # 8 chunks per K slice
+    assert _scale_vector(dict(SV=4), p, 4, True) == 1      # 2 chunks per K slice
+    assert _scale_vector(dict(SV=2), p, 4, True) == 2
+    assert _scale_vector(dict(SV=4), p, 2, False) == 1     # no asm (interpreter)
+    p64 = pack_weight(torch.randint(0, 16, (40, 1024), dtype=torch.uint8), torch.rand(40, 16) + 0.1,
+                      None, 64)
+    assert _scale_vector(dict(SV=2), p64, 2, True) == 1    # block 64: two groups per chunk
 
 
 def test_mma_path_rejects_a_tile_it_cannot_map():
@@ -242,7 +284,14 @@ def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
                                  dict(MMA=True, BN=128, SPLIT_K=2, num_warps=4),
                                  dict(MMA=True, BN=128, SPLIT_K=4, num_warps=4, XPERM=True),
                                  dict(MMA=True, BN=64, SPLIT_K=3, num_warps=4, XPERM=True,
-                                      PREFETCH=True, OUT16=True)])
+                                      PREFETCH=True, OUT16=True),
+                                 # scales of 4 / 2 chunks per load, evict-first words, float32
+                                 # scales (block 128; other blocks fall back)
+                                 dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, SV=4,
+                                      QE="evict_first", OUT16=True),
+                                 dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, SV=2, XPERM=True,
+                                      FS=2),
+                                 dict(MMA=True, BN=128, SPLIT_K=4, num_warps=8, FS=1, PIPE=3)])
 def test_gpu_mma_path(dtype, zero, group, m, cfg):
     k = 2048 + 64 if group < 128 else 2048   # K not a multiple of 128 where the block allows
     x, p, b = _problem(m, 1000, k, group, zero, dtype)
