@@ -8,6 +8,9 @@ call on NaN activations (poisons reused output memory); prints each case over to
 worst error per config and dtype, and the count.
 
     python benchmarks/kernels/check_pipe.py [--fs [--sv] | --table]
+    python benchmarks/kernels/check_pipe.py --table --keys 14336x4096,4096x14336 \
+        --before old_h100.json --part 0/4    # rows that differ from old_h100.json, at each
+                                             # key's own K (v11); part i/n: configs i::n
 """
 import sys
 from pathlib import Path
@@ -52,7 +55,7 @@ def main(cfgs=CFGS, ms=MS, groups_for=lambda ci: (32, 64, 128), k_for=None):
                         torch.manual_seed(1000 * ci + 10 * m + group)
                         n, k = 1000, (2048 + 64 if group < 128 else 2048)
                         if k_for:
-                            k = k_for(group)
+                            k = k_for(ci, group)
                         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
                         scale = torch.rand(n, k // group, device="cuda") * 0.02 + 0.002
                         zp = torch.rand(n, k // group, device="cuda") * 15 if zero else None
@@ -79,19 +82,35 @@ def main(cfgs=CFGS, ms=MS, groups_for=lambda ci: (32, 64, 128), k_for=None):
     return bad
 
 
-def table_cfgs(shapes=("28672x8192", "8192x28672"), max_ms=(1, 4, 16)):
-    """The H100 table's configs for these N x K keys and rows."""
+def table_cfgs(shapes=("28672x8192", "8192x28672"), max_ms=(1, 4, 16), before=None):
+    """The H100 table's configs for these N x K keys and rows, as (config, K of the key); with
+    ``before`` (an older table) only the rows whose config differs from it."""
     import json
 
     table = json.loads((Path(mk.__file__).parent / "configs" / "h100.json").read_text())
-    return [dict(r["config"]) for key in shapes for r in table[key] if r["max_m"] in max_ms]
+    old = json.loads(Path(before).read_text()) if before else None
+    out = []
+    for key in shapes:
+        for i, r in enumerate(table[key]):
+            if r["max_m"] in max_ms and (old is None or old[key][i]["config"] != r["config"]):
+                out.append((dict(r["config"]), int(key.split("x")[1])))
+    return out
+
+
+def _arg(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 if __name__ == "__main__":
-    if "--table" in sys.argv:  # the shipped small-M configs, K = 8192 so that SV applies
-        cfgs = table_cfgs()
-        print(cfgs)
-        sys.exit(1 if main(cfgs, (1, 3, 9, 16), lambda ci: (128,), lambda g: 8192) else 0)
+    if "--table" in sys.argv:  # the shipped small-M configs (default: K = 8192 so SV applies)
+        keys = _arg("--keys", "")
+        pairs = table_cfgs(*((keys.split(","),) if keys else ()), before=_arg("--before", None))
+        part, nparts = map(int, _arg("--part", "0/1").split("/"))
+        pairs = pairs[part::nparts]
+        print(pairs)
+        cfgs = [c for c, _ in pairs]
+        k_for = ((lambda ci, g: pairs[ci][1]) if keys else (lambda ci, g: 8192))
+        sys.exit(1 if main(cfgs, (1, 3, 9, 16), lambda ci: (128,), k_for) else 0)
     if "--fs" in sys.argv:
         sys.exit(1 if main(FS_CFGS[5:] if "--sv" in sys.argv else FS_CFGS, (1, 5, 16, 37),
                            lambda ci: (128, 256) if ci == 0 else (128,)) else 0)
