@@ -50,8 +50,13 @@ class Group:
 
 @dataclass(frozen=True)
 class Arch:
+    """``post_norms``: ``(block, norm)`` pairs for architectures that normalize a block's output
+    per token before adding it to the residual stream (Gemma 2/3's sandwich norms); a search
+    scoring that block measures its error after the norm, as the residual stream receives it."""
+
     layers: str
     groups: tuple[Group, ...]
+    post_norms: tuple[tuple[str, str], ...] = ()
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -67,7 +72,10 @@ _GEMMA2 = Arch("model.layers", (
     _V_O,
     Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-))
+), post_norms=(("self_attn", "post_attention_layernorm"),
+               ("self_attn.o_proj", "post_attention_layernorm"),
+               ("mlp", "post_feedforward_layernorm"),
+               ("mlp.down_proj", "post_feedforward_layernorm")))
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
@@ -139,6 +147,14 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
                        model_type(model) or type(model).__name__)
         return [Group(None, (n,), n) for n, m in layer.named_modules() if _is_linear(m)]
     return [g for g in arch.groups if _group_ok(layer, g, kv_tied)]
+
+
+def block_post_norm(model: nn.Module, layer: nn.Module, block: str | None) -> nn.Module | None:
+    """The norm that ``block``'s output passes through before the residual add, when the
+    architecture table names one (see ``Arch.post_norms``) and the layer has it; else None."""
+    arch = get_arch(model)
+    names = dict(arch.post_norms) if arch is not None else {}
+    return _get(layer, names.get(block))
 
 
 def _get(layer: nn.Module, name: str | None):

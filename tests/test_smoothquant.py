@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import modelopt_lite as mtl
-from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig, smoothing_scales
+from modelopt_lite.algorithms.smoothquant import (ROTATED_CLIP_GRID, SmoothQuantConfig,
+                                                  output_error, smoothing_scales)
 from modelopt_lite.calib.runner import make_forward_loop
 from modelopt_lite.config import ConfigError, QuantConfig
 from modelopt_lite.layers import quant_modules
-from modelopt_lite.models import find_decoder_layers
+from modelopt_lite.models import block_post_norm, find_decoder_layers
 from tiny_models import random_tokens, tiny_gemma3, tiny_llama
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -139,6 +140,68 @@ def test_searched_activation_clip_scales_the_calibrated_range():
         got = layer_c.get_submodule(n).input_quantizer.amax
         want = layer_p.get_submodule(n).input_quantizer.amax * report[key]["clip"]
         assert torch.allclose(got, want, rtol=1e-5)
+
+
+def test_post_norm_is_named_for_sandwich_norm_blocks_only():
+    gemma, llama = tiny_gemma3(), tiny_llama()
+    g0, l0 = find_decoder_layers(gemma)[1][0], find_decoder_layers(llama)[1][0]
+    assert block_post_norm(gemma, g0, "mlp.down_proj") is g0.post_feedforward_layernorm
+    assert block_post_norm(gemma, g0, "self_attn.o_proj") is g0.post_attention_layernorm
+    assert block_post_norm(gemma, g0, "self_attn") is g0.post_attention_layernorm
+    assert block_post_norm(llama, l0, "mlp.down_proj") is None
+
+
+def test_output_error_after_a_post_norm_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    refs = [torch.randn(2, 5, 64, generator=g) * torch.rand(2, 5, 1, generator=g) * 10
+            for _ in range(3)]
+    outs = [r + 0.05 * torch.randn(r.shape, generator=g) for r in refs]
+    norm = find_decoder_layers(tiny_gemma3())[1][0].post_feedforward_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        num = sum((norm(o).double() - norm(r).double()).pow(2).sum() for o, r in zip(outs, refs))
+        den = sum(norm(r).double().pow(2).sum() for r in refs)
+        assert output_error(outs, refs, norm) == pytest.approx((num / den).item(), rel=1e-6)
+    # without the norm each token counts by its size; after it, by its relative error
+    assert output_error(outs, refs) != pytest.approx(output_error(outs, refs, norm), rel=0.05)
+
+
+def test_rotated_linears_clip_their_range_after_the_post_norm():
+    """Gemma 3 (sandwich norms): each rotated linear's static range is the calibrated one times
+    the rotate_clip_grid ratio with the smallest error after the post-norm; the norm-fed groups
+    keep theirs. Llama (no post-norm) keeps every calibrated range."""
+    tokens = random_tokens(4, 32, seed=5)
+    cfg = sq_config(batches=4)
+    gemma = tiny_gemma3(seed=2)
+    clipped = quantized(gemma, cfg, tokens)
+    plain = quantized(gemma, cfg.replace(algorithm=dataclasses.replace(
+        cfg.algorithm, rotate_clip_grid=(1.0,))), tokens)
+    report = clipped._smoothquant_report
+    rotated = {k: r for k, r in report.items() if "rotation" in r}
+    assert len(rotated) == 2 * len(find_decoder_layers(gemma)[1])  # o_proj, down_proj
+    for r in rotated.values():
+        assert r["clip"] in ROTATED_CLIP_GRID
+        assert r["clip_errors"][r["clip"]] == min(r["clip_errors"].values())
+    assert any(r["clip"] < 1.0 for r in rotated.values())
+    assert all(r["clip"] == 1.0 for k, r in report.items() if k not in rotated)
+    assert all(r["clip"] == 1.0 for r in plain._smoothquant_report.values())
+    prefix = find_decoder_layers(gemma)[0] + ".0."
+    layer_c, layer_p = find_decoder_layers(clipped)[1][0], find_decoder_layers(plain)[1][0]
+    checked = [k for k in rotated if k.startswith(prefix)  # o_proj: nothing before it differs
+               and plain._smoothquant_report[k]["alpha"] == report[k]["alpha"]]
+    assert checked
+    for key in checked:
+        n = key[len(prefix):]
+        want = layer_p.get_submodule(n).input_quantizer.amax * report[key]["clip"]
+        assert torch.allclose(layer_c.get_submodule(n).input_quantizer.amax, want, rtol=1e-5)
+    llama = quantized(tiny_llama(seed=2), cfg, tokens)._smoothquant_report
+    assert any("rotation" in r for r in llama.values())
+    assert all(r["clip"] == 1.0 for r in llama.values())
+
+
+def test_rotate_clip_grid_is_checked():
+    with pytest.raises(ConfigError, match="rotate_clip_grid"):
+        SmoothQuantConfig(rotate_clip_grid=(1.0, 1.2))
 
 
 def test_planted_outlier_is_tamed():
