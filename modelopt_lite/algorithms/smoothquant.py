@@ -11,9 +11,10 @@ With ``alpha=None`` each group's alpha is picked from ``alpha_grid`` by minimisi
 fake-quantized (weights and activations) output error of the group's block (``self_attn`` for
 q/k/v, ``mlp`` for gate/up, ``down_proj`` for up -> down) on calibration data, layer by layer:
 layer i is searched on the outputs of the already quantized layers < i. Static activation
-ranges are calibrated afterwards, on the smoothed activations; then the layer's INT8 weights
-are rounded onto their per-channel grid with GPTQ (:mod:`modelopt_lite.algorithms.gptq`) on the
-Hessian of the quantized inputs they see.
+ranges are calibrated afterwards, on the smoothed activations (those of rotated linears, see
+``rotate``, clipped where a post-norm follows them, see ``rotate_clip_grid``); then the layer's
+INT8 weights are rounded onto their per-channel grid with GPTQ
+(:mod:`modelopt_lite.algorithms.gptq`) on the Hessian of the quantized inputs they see.
 
 Example::
 
@@ -100,7 +101,8 @@ class SmoothQuantConfig:
     the ratio of this grid with the smallest error after that norm (each token's error relative
     to its own output, which a per-tensor grid weighs against the small tokens). After the
     rotation the input is close to Gaussian and its calibrated maximum lies in the rare tail;
-    Gemma-3-270M's down_proj picks 0.65-0.85. Where no post-norm follows, the calibrated range
+    Gemma-3-270M's down_proj picks 0.65-0.85 (searched alpha with GPTQ: 12.878 -> 12.844
+    perplexity). Where no post-norm follows, the calibrated range
     is kept (scored on the raw output the picks were 0.85-0.95 and test perplexity did not
     move). ``(1.0,)`` turns it off. Clip candidates of every group are scored after the
     block's post-norm where the architecture has one."""
