@@ -67,7 +67,9 @@ class SmoothQuantConfig:
     group. ``refine``: after the grid, this many bisection rounds try the two points halfway
     between the best alpha and its grid neighbours (each round halves the step: 0.1 -> 0.05
     -> 0.025 on the default grid), keeping any that scores lower. ``search_batches``: how many
-    calibration batches score each candidate (all batches feed the statistics).
+    calibration batches score each candidate (all batches feed the statistics); 16 by default
+    (8 -> 16: Gemma-3-270M 12.844 -> 12.802, SmolLM2-135M 12.963 -> 12.998 perplexity, for
+    about 1.6x the calibration time).
     ``smooth_unfoldable``: also smooth quantized linears of a decoder layer that no table
     group covers (e.g. ``o_proj`` under grouped-query attention), keeping their scale as an
     explicit multiply. ``clip_grid``: with a searched alpha and static activations, the
@@ -111,7 +113,7 @@ class SmoothQuantConfig:
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
     refine: int = 2
     clip_grid: tuple[float, ...] = (1.0,)
-    search_batches: int = 8
+    search_batches: int = 16
     smooth_unfoldable: bool = True
     gptq: bool = True
     gptq_damp: float = 0.01
