@@ -5,9 +5,10 @@ import functools
 import os
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
+from .packing import PackedInt4, pair_scales
 from .tuning import _num_sms, pick_config
-from .packing import PackedInt4
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -117,13 +118,33 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
         bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
         grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
+        pairs = bool(cfg.get("PAIRS", False))
+        if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads)
+            args = args[:2] + (_pairs(p),) + args[3:]
         w4a16_kernel[grid](
             *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-            FUSE_K=cfg.get("FUSE_K", False), **common)
+            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **common)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)
+
+
+_PAIR_CACHE = WeakIdKeyDictionary()
+
+
+def _pairs(p: PackedInt4) -> torch.Tensor:
+    """:func:`pair_scales` of ``p``, built once per scale tensor and kept while it lives.
+
+    Rebuilt when the scale or zero term changed in place (their version counters) or when the
+    zero term is another tensor; costs 4 bytes per row and block (1/16 of the packed words).
+    """
+    zterm = p.zterm
+    tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
+    hit = _PAIR_CACHE.get(p.scale)
+    if hit is None or hit[0] != tag:
+        hit = _PAIR_CACHE[p.scale] = (tag, pair_scales(p))
+    return hit[1]
 
 
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:

@@ -91,6 +91,18 @@ def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> Pac
                       int(group_size), int(k))
 
 
+def pair_scales(p: PackedInt4) -> torch.Tensor:
+    """int32 [N, K/B]: each block's scale bits in the low half, its zero term's in the high half.
+
+    The large-M kernel reads one 4-byte word per row and block instead of two 2-byte values,
+    which lets the compiler stream it with the weights. Symmetric weights get a zero high half.
+    """
+    lo = p.scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    if p.zterm is None:
+        return lo.contiguous()
+    return (lo | (p.zterm.contiguous().view(torch.int16).to(torch.int32) << 16)).contiguous()
+
+
 def dequantize(p: PackedInt4, dtype=torch.float32) -> torch.Tensor:
     """W_hat [N, K] = u * s + zterm (or (u - 8) * s when symmetric), in ``dtype``."""
     u = unpack_int4(p.qweight, p.in_features).to(torch.float32)

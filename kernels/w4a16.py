@@ -167,6 +167,34 @@ def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.con
 
 
 @triton.jit
+def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
+                     GROUP: tl.constexpr, EVEN_K: tl.constexpr, IS_BF16: tl.constexpr,
+                     USE_ASM: tl.constexpr):
+    """Scale and zero term ([BN, 1]) from one 32-bit word per row and group (``pair_scales``).
+
+    One 4-byte load per row instead of two 2-byte ones: the software pipeliner streams loads
+    of 4 bytes or more with asynchronous copies, so the pair arrives with the words.
+    """
+    if GROUP < 128:
+        g = kt * GPC + (b * 32) // GROUP
+    else:
+        g = (kt * 128) // GROUP
+    if not EVEN_K:
+        g = tl.minimum(g, n_groups - 1)
+    v = tl.load(sz_rows + g)[:, None]
+    if IS_BF16 and not USE_ASM:  # a bfloat16's bits are the top half of the float32 it equals
+        s = (v << 16).to(tl.float32, bitcast=True)
+        z = (v & -65536).to(tl.float32, bitcast=True)
+    elif IS_BF16:
+        s = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        z = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        s = v.to(tl.int16).to(tl.float16, bitcast=True)
+        z = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return s, z
+
+
+@triton.jit
 def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
                   IS_BF16: tl.constexpr):
     """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized."""
@@ -198,7 +226,7 @@ def w4a16_kernel(
     GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False,
+    DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -233,8 +261,12 @@ def w4a16_kernel(
         q = tl.load(q_ptrs + kt * 16)
         for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
             if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
-                s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
-                                         HAS_ZERO)
+                if PAIRS:
+                    s, z = _pair_scale_zero(s_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
+                                            IS_BF16, USE_ASM)
+                else:
+                    s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP,
+                                             EVEN_K, HAS_ZERO)
             lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
             if FUSE_K:  # collect the planes into one [BN, 128] operand, one product per chunk
                 if b == 0:

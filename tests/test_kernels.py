@@ -49,6 +49,7 @@ GEMV_PF2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH
 DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
 # the H100 table's M <= 256 tile: the token tile shrinks to the tokens' power of two (>= 16)
 BIG_TILE = dict(BM=256, BN=32, SPLIT_K=2, num_warps=8, num_stages=3, FUSE_K=True)
+PAIRS = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -96,6 +97,9 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (1, 72, 512, 128, GEMV_PERSIST_SM),    # programs = PERSIST x SMs, more than the items
     (2, 24, 576, 32, GEMV_PIPE),    # pipelined word loads, K not a multiple of 128
     (1, 40, 256, 32, BIG_TILE),     # a 256-token tile asked for one token
+    (7, 40, 320, 32, PAIRS),        # scale and zero term as one word per row and block
+    (19, 40, 448, 64, PAIRS),       # block 64, K not a multiple of 128, two token tiles
+    (5, 72, 384, 128, PAIRS),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
@@ -131,6 +135,27 @@ def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+def test_pair_scales_bits_and_cache():
+    from modelopt_lite.kernels.ops import _pairs
+    from modelopt_lite.kernels.packing import pair_scales
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for zero in (True, False):
+            _, p, _ = _problem(1, 24, 256, 64, zero, dtype)
+            sz = pair_scales(p)
+            assert sz.dtype == torch.int32 and sz.shape == p.scale.shape
+            low = (sz & 0xFFFF).to(torch.int16).view(dtype)
+            assert torch.equal(low, p.scale)
+            high = (sz >> 16).to(torch.int16).view(dtype)
+            assert torch.equal(high, p.zterm if zero else torch.zeros_like(p.scale))
+    first = _pairs(p)
+    assert _pairs(p) is first                      # built once per scale tensor
+    p.scale.mul_(2)                                # an in-place change rebuilds it
+    again = _pairs(p)
+    assert again is not first
+    assert torch.equal((again & 0xFFFF).to(torch.int16).view(p.scale.dtype), p.scale)
 
 
 def test_permute_x_layout():
@@ -262,7 +287,11 @@ def test_default_config_fills_the_gpu_for_decode():
                                  dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=3,
                                       FUSE_K=True),
                                  dict(BM=256, BN=128, SPLIT_K=3, num_warps=8, num_stages=3,
-                                      FUSE_K=True)])
+                                      FUSE_K=True),
+                                 dict(BM=256, BN=128, SPLIT_K=3, num_warps=8, num_stages=3,
+                                      FUSE_K=True, PAIRS=True),
+                                 dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
+                                      FUSE_K=True, PAIRS=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     if cfg and cfg.get("GEMV") and m > 16:
         pytest.skip("the GEMV path is for decode batches")

@@ -7,7 +7,8 @@ config table where it beats both timings of the shipped dispatch by more than --
 
     python benchmarks/kernels/sweep_large.py --shapes 8192x28672,28672x8192 \\
         --out benchmarks/results/kernels_large_sweep_h100.json
-    python benchmarks/kernels/sweep_large.py --only best --from kernels_large_sweep_h100.json
+    python benchmarks/kernels/sweep_large.py --from kernels_large_sweep_h100.json   # re-time winners
+    python benchmarks/kernels/sweep_large.py --shipped-only --twin PAIRS=true   # A/B a setting
 """
 import argparse
 import datetime
@@ -77,7 +78,16 @@ def main():
     ap.add_argument("--write-table", default=None)
     ap.add_argument("--margin", type=float, default=0.03)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--twin", default=None, metavar="KEY=VALUE",
+                    help="also time each fused candidate with this setting (e.g. PAIRS=1)")
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="candidates: the shipped fused config (or, above M = 256, the BM 256 "
+                         "tile) and its --twin")
     a = ap.parse_args()
+    twin = None
+    if a.twin:
+        key, _, val = a.twin.partition("=")
+        twin = {key: json.loads(val)}
     t0 = time.time()
     mk = import_kernels()
     bw = copy_bandwidth()
@@ -98,13 +108,20 @@ def main():
         base = shipped(mk, m, n, k)
         t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
         row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
-        cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
+        if a.shipped_only:
+            cands = [base] if base.get("FUSE_K") else [
+                dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True,
+                     GROUP_N=8)]
+        else:
+            cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
+        if twin:
+            cands = [v for c in cands for v in (c, {**c, **twin}) if v.get("FUSE_K")]
         row["cands"] = []
         for cfg in cands or []:
             if time.time() - t0 > a.budget_s:
                 print("budget spent: skipping the rest", flush=True)
                 break
-            if cfg == base:
+            if cfg == base and not a.shipped_only:
                 continue
             try:
                 t, err = time_cfg(mk, packed, x, nc, ref, cfg, a.reps)
