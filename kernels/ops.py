@@ -91,10 +91,14 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                            n_tiles, k % 128 == 0, rows, xperm)
             cons = mma_constraints(rows)
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
+        sv = _scale_vector(cfg, p, split_k, use_asm)
+        # PAIRS: one 8- / 16-byte load brings the SV chunks' scales and zterms (zero points only)
+        pairs = bool(cfg.get("PAIRS", False)) and sv > 1 and p.zterm is not None
+        if pairs:
+            args = args[:2] + (_pairs(p),) + args[3:]
         w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
                                CONSTRAINTS=cons, ROWS=rows, FS=fs if use_asm else 0,
-                               QC=cfg.get("QC", ""), QE=cfg.get("QE", ""),
-                               SV=_scale_vector(cfg, p, split_k, use_asm),
+                               QC=cfg.get("QC", ""), QE=cfg.get("QE", ""), SV=sv, PAIRS=pairs,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
                                XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common)
     elif gemv:  # one token per program along grid axis 0

@@ -1159,6 +1159,31 @@ def _load_halves(ptrs, SV: tl.constexpr):
 
 
 @triton.jit
+def _load_pairs(ptrs, SV: tl.constexpr, dt: tl.constexpr):
+    """SV (2 or 4) consecutive scale / zterm words (:func:`~.packing.pair_scales`) from each
+    pointer of ``ptrs`` ([BN, 1]) in one 8- or 16-byte inline load: SV scales, then SV zterms
+    (padded to 4 each), as tensors of dtype ``dt``."""
+    if SV == 2:
+        a, b = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l",
+                                         [ptrs.to(tl.int64)], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+        c, d = a, b
+    else:
+        a, b, c, d = tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+            [ptrs.to(tl.int64)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
+    return (_half(a, dt), _half(b, dt), _half(c, dt), _half(d, dt),
+            _half(a >> 16, dt), _half(b >> 16, dt), _half(c >> 16, dt), _half(d >> 16, dt))
+
+
+@triton.jit
+def _half(v, dt: tl.constexpr):
+    """The low 16 bits of int32 ``v`` as a half-precision value of dtype ``dt``."""
+    return v.to(tl.int16).to(dt, bitcast=True)
+
+
+@triton.jit
 def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left, stride_xm, K,
                    BN: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                    ROWS: tl.constexpr, FS: tl.constexpr, XTB: tl.constexpr,
@@ -1221,6 +1246,7 @@ def w4a16_mma_kernel(
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
     XTB: tl.constexpr = 0, PIPE: tl.constexpr = None, FS: tl.constexpr = 0,
     QC: tl.constexpr = "", QE: tl.constexpr = "", SV: tl.constexpr = 1,
+    PAIRS: tl.constexpr = False,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -1241,7 +1267,9 @@ def w4a16_mma_kernel(
     eviction policy (the H100 table uses evict_first: the words pass through L1 once); SV = 2 or
     4 takes SV chunks per step and loads each row's SV scales and zterms with one 4- or 8-byte
     load (block 128 only, checked by the launcher); FS = 1 / 2 applies the scales in float32
-    after the MMAs (:func:`mma_fs_asm`, block >= 128).
+    after the MMAs (:func:`mma_fs_asm`, block >= 128). PAIRS (with SV > 1 and zero points):
+    s_ptr holds :func:`~.packing.pair_scales`, and one 8- or 16-byte load per row brings the SV
+    chunks' scales and zterms together.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -1273,11 +1301,15 @@ def w4a16_mma_kernel(
             if SV == 4:
                 qc = tl.load(q_ptrs + (kt2 + 2) * 16, cache_modifier=QC, eviction_policy=QE)
                 qd = tl.load(q_ptrs + (kt2 + 3) * 16, cache_modifier=QC, eviction_policy=QE)
-            s0, s1, s2, s3 = _load_halves(s_rows + kt2, SV)
-            if HAS_ZERO:
-                z0, z1, z2, z3 = _load_halves(z_rows + kt2, SV)
+            if PAIRS:
+                s0, s1, s2, s3, z0, z1, z2, z3 = _load_pairs(s_rows + kt2, SV,
+                                                             x_ptr.dtype.element_ty)
             else:
-                z0, z1, z2, z3 = s0, s1, s2, s3
+                s0, s1, s2, s3 = _load_halves(s_rows + kt2, SV)
+                if HAS_ZERO:
+                    z0, z1, z2, z3 = _load_halves(z_rows + kt2, SV)
+                else:
+                    z0, z1, z2, z3 = s0, s1, s2, s3
             acc = _mma_asm_chunk(acc, qa, s0, z0, kt2, x_ptr, x_rows, pid_m, kt_total, m_left,
                                  stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB, HAS_ZERO,
                                  IS_BF16)
@@ -1292,79 +1324,80 @@ def w4a16_mma_kernel(
                                      m_left, stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB,
                                      HAS_ZERO, IS_BF16)
         kt1 = kt0   # done: the general loop below runs no iteration
-    if PREFETCH:
-        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
-                         eviction_policy=QE)
-    for kt in tl.range(kt0, kt1, num_stages=PIPE):
+    if not PAIRS:  # (PAIRS comes with SV > 1: the loop above did every chunk)
         if PREFETCH:
-            q = q_next
-            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
-                             cache_modifier=QC, eviction_policy=QE)
-        else:
-            q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
-        g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
-        if USE_ASM and FS > 0:  # one group per chunk; scales applied in float32 (mma_fs_asm)
-            gs = g0
-            if not EVEN_K:
-                gs = tl.minimum(gs, n_groups - 1)
-            s16 = _load_half_raw(s_rows + gs, USE_ASM)
-            z16 = s16
-            if HAS_ZERO:
-                z16 = _load_half_raw(z_rows + gs, USE_ASM)
-            acc = _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left,
-                                 stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB, HAS_ZERO,
-                                 IS_BF16)
-        elif USE_ASM:
-            sa, za = _mma_scales(s_rows, z_rows, g0, n_groups, shape, HAS_ZERO, EVEN_K, USE_ASM)
-            sb, zb = sa, za
-            sc, zc = sa, za
-            sd, zd = sa, za
-            if GPC >= 2:
-                sb, zb = _mma_scales(s_rows, z_rows, g0 + 1, n_groups, shape, HAS_ZERO, EVEN_K,
-                                     USE_ASM)
-            if GPC == 4:
-                sc, zc = _mma_scales(s_rows, z_rows, g0 + 2, n_groups, shape, HAS_ZERO, EVEN_K,
-                                     USE_ASM)
-                sd, zd = _mma_scales(s_rows, z_rows, g0 + 3, n_groups, shape, HAS_ZERO, EVEN_K,
-                                     USE_ASM)
-            if XTB > 0:
-                xa = tl.zeros(shape, tl.int64) + (
-                    x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
+            q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
+                             eviction_policy=QE)
+        for kt in tl.range(kt0, kt1, num_stages=PIPE):
+            if PREFETCH:
+                q = q_next
+                q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
+                                 cache_modifier=QC, eviction_policy=QE)
             else:
-                xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
-            mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
-            stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
-            krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
-            acc = tl.inline_asm_elementwise(
-                ASM, CONSTRAINTS,
-                [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
-                dtype=tl.float32, is_pure=True, pack=4 * ROWS)
-        else:
-            if XTB > 0:  # k 16 i + 4 t + e of load j = i // 2 at [j, token, t, i % 2, e]
-                tmask = (tok < XTB)[None, :]
-                x_ptrs = (x_ptr + (pid_m * kt_total + kt) * (128 * XTB) + tok[None, :] * 32
-                          + (rj // 4)[:, None] * 8 + (rj % 4)[:, None])
+                q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
+            g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
+            if USE_ASM and FS > 0:  # one group per chunk; scales applied in float32 (mma_fs_asm)
+                gs = g0
+                if not EVEN_K:
+                    gs = tl.minimum(gs, n_groups - 1)
+                s16 = _load_half_raw(s_rows + gs, USE_ASM)
+                z16 = s16
+                if HAS_ZERO:
+                    z16 = _load_half_raw(z_rows + gs, USE_ASM)
+                acc = _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left,
+                                     stride_xm, K, BN, ASM, CONSTRAINTS, ROWS, FS, XTB, HAS_ZERO,
+                                     IS_BF16)
+            elif USE_ASM:
+                sa, za = _mma_scales(s_rows, z_rows, g0, n_groups, shape, HAS_ZERO, EVEN_K, USE_ASM)
+                sb, zb = sa, za
+                sc, zc = sa, za
+                sd, zd = sa, za
+                if GPC >= 2:
+                    sb, zb = _mma_scales(s_rows, z_rows, g0 + 1, n_groups, shape, HAS_ZERO, EVEN_K,
+                                         USE_ASM)
+                if GPC == 4:
+                    sc, zc = _mma_scales(s_rows, z_rows, g0 + 2, n_groups, shape, HAS_ZERO, EVEN_K,
+                                         USE_ASM)
+                    sd, zd = _mma_scales(s_rows, z_rows, g0 + 3, n_groups, shape, HAS_ZERO, EVEN_K,
+                                         USE_ASM)
+                if XTB > 0:
+                    xa = tl.zeros(shape, tl.int64) + (
+                        x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
+                else:
+                    xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
+                mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
+                stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
+                krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
+                acc = tl.inline_asm_elementwise(
+                    ASM, CONSTRAINTS,
+                    [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
+                    dtype=tl.float32, is_pure=True, pack=4 * ROWS)
             else:
-                x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]  # [16 k, 16 tokens]
-                tmask = (tok < m_left)[None, :]
-            for b in tl.static_range(4):
-                if (b * 32) % (128 // GPC) == 0:
-                    s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
-                                             z_ptr + rn_safe * n_groups, kt, b, n_groups, GPC,
-                                             GROUP, EVEN_K, HAS_ZERO)
-                lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
-                for h in tl.static_range(2):
-                    kk = kt * 128 + 32 * b + 16 * h
-                    if XTB > 0:
-                        xt = tl.load(x_ptrs + (b * 32 * XTB + 4 * h), mask=tmask, other=0.0)
-                    else:
-                        xt = tl.load(x_ptrs + kk, mask=tmask & ((kk + rj) < K)[:, None],
-                                     other=0.0)
-                    w = lo if h == 0 else hi
-                    if DOT_F32:
-                        acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-                    else:
-                        acc = tl.dot(w, xt, acc)
+                if XTB > 0:  # k 16 i + 4 t + e of load j = i // 2 at [j, token, t, i % 2, e]
+                    tmask = (tok < XTB)[None, :]
+                    x_ptrs = (x_ptr + (pid_m * kt_total + kt) * (128 * XTB) + tok[None, :] * 32
+                              + (rj // 4)[:, None] * 8 + (rj % 4)[:, None])
+                else:
+                    x_ptrs = x_rows + tok[None, :] * stride_xm + rj[:, None]  # [16 k, 16 tokens]
+                    tmask = (tok < m_left)[None, :]
+                for b in tl.static_range(4):
+                    if (b * 32) % (128 // GPC) == 0:
+                        s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
+                                                 z_ptr + rn_safe * n_groups, kt, b, n_groups, GPC,
+                                                 GROUP, EVEN_K, HAS_ZERO)
+                    lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
+                    for h in tl.static_range(2):
+                        kk = kt * 128 + 32 * b + 16 * h
+                        if XTB > 0:
+                            xt = tl.load(x_ptrs + (b * 32 * XTB + 4 * h), mask=tmask, other=0.0)
+                        else:
+                            xt = tl.load(x_ptrs + kk, mask=tmask & ((kk + rj) < K)[:, None],
+                                         other=0.0)
+                        w = lo if h == 0 else hi
+                        if DOT_F32:
+                            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+                        else:
+                            acc = tl.dot(w, xt, acc)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None] * (pid_k == 0).to(tl.float32)

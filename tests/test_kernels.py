@@ -320,7 +320,12 @@ def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
                                       QE="evict_first", OUT16=True),
                                  dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, SV=2, XPERM=True,
                                       FS=2),
-                                 dict(MMA=True, BN=128, SPLIT_K=4, num_warps=8, FS=1, PIPE=3)])
+                                 dict(MMA=True, BN=128, SPLIT_K=4, num_warps=8, FS=1, PIPE=3),
+                                 # scales and zterms of 4 / 2 chunks in one 16- / 8-byte load
+                                 dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, SV=4,
+                                      QE="evict_first", OUT16=True, PAIRS=True),
+                                 dict(MMA=True, BN=128, SPLIT_K=8, num_warps=8, SV=2,
+                                      XPERM=True, PAIRS=True)])
 def test_gpu_mma_path(dtype, zero, group, m, cfg):
     k = 2048 + 64 if group < 128 else 2048   # K not a multiple of 128 where the block allows
     x, p, b = _problem(m, 1000, k, group, zero, dtype)

@@ -81,8 +81,8 @@ def main():
     ap.add_argument("--twin", default=None, metavar="KEY=VALUE",
                     help="also time each fused candidate with this setting (e.g. PAIRS=1)")
     ap.add_argument("--shipped-only", action="store_true",
-                    help="candidates: the shipped fused config (or, above M = 256, the BM 256 "
-                         "tile) and its --twin")
+                    help="candidates: the shipped config (the BM 256 fused tile where that "
+                         "is dequant + cuBLAS) and its --twin; any M")
     a = ap.parse_args()
     twin = None
     if a.twin:
@@ -109,13 +109,13 @@ def main():
         t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
         row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
         if a.shipped_only:
-            cands = [base] if base.get("FUSE_K") else [
+            cands = [base] if not base.get("DEQUANT") else [
                 dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True,
                      GROUP_N=8)]
         else:
             cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
         if twin:
-            cands = [v for c in cands for v in (c, {**c, **twin}) if v.get("FUSE_K")]
+            cands = [v for c in cands for v in (c, {**c, **twin}) if not v.get("DEQUANT")]
         row["cands"] = []
         for cfg in cands or []:
             if time.time() - t0 > a.budget_s:
