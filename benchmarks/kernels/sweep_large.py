@@ -58,6 +58,25 @@ def candidates(m, n, k):
     return seen
 
 
+def pair_candidates(m, n, k):
+    """v12: fused tiles with PAIRS on, each at several K splits (wave fill vs atomics)."""
+    if m <= 64:
+        tiles = [(64, 128, 8, 3), (64, 128, 8, 4), (64, 128, 8, 5), (64, 256, 8, 3),
+                 (64, 256, 8, 4), (64, 64, 4, 4), (64, 64, 4, 5)]
+        splits = (1, 2, 4, 8)
+    elif m <= 256:
+        tiles = [(256, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4),
+                 (256, 64, 4, 3)]
+        splits = (1, 2, 3, 4)
+    else:
+        tiles = [(256, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4)]
+        splits = (1, 2)
+    k_tiles = -(-k // 128)
+    return [dict(BM=bm, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=st, FUSE_K=True,
+                 GROUP_N=8, PAIRS=True)
+            for bm, bn, nw, st in tiles for sk in splits if sk <= max(1, k_tiles // 8)]
+
+
 def time_cfg(mk, packed, x, nc, ref, cfg, reps):
     fns = ours_fns(mk, packed, x, nc, cfg)
     err = peers.check(fns[0](), ref)
@@ -83,6 +102,8 @@ def main():
     ap.add_argument("--shipped-only", action="store_true",
                     help="candidates: the shipped config (the BM 256 fused tile where that "
                          "is dequant + cuBLAS) and its --twin; any M")
+    ap.add_argument("--pair-tiles", action="store_true",
+                    help="candidates: v12's PAIRS tiles at several K splits")
     a = ap.parse_args()
     twin = None
     if a.twin:
@@ -113,7 +134,8 @@ def main():
                 dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True,
                      GROUP_N=8)]
         else:
-            cands = prev.get((k, n, m)) if a.prev else candidates(m, n, k)
+            cands = (prev.get((k, n, m)) if a.prev else
+                     pair_candidates(m, n, k) if a.pair_tiles else candidates(m, n, k))
         if twin:
             cands = [v for c in cands for v in (c, {**c, **twin}) if not v.get("DEQUANT")]
         row["cands"] = []
