@@ -3,7 +3,8 @@ on one card: for each shape and M, the shipped dispatch, candidate configs of th
 (``w4a16_kernel``: token tiles BM up to 256, row tiles BN 64..256, 4 or 8 warps, 2..5 pipeline
 stages, split-K), cuBLAS fp16, Humming, and the shipped dispatch again. Every candidate is
 checked against the fp32 product before it is timed. --write-table puts a candidate into a
-config table where it beats both timings of the shipped dispatch by more than --margin.
+config table where it beats both timings of the shipped dispatch by more than --margin (with
+--from: in this run and in the earlier one).
 
     python benchmarks/kernels/sweep_large.py --shapes 8192x28672,28672x8192 \\
         --out benchmarks/results/kernels_large_sweep_h100.json
@@ -115,11 +116,14 @@ def main():
     gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     print(f"{gpu}: copy {bw / 1e12:.3f} TB/s", flush=True)
-    prev = {}
+    prev, wins = {}, {}
     if a.prev:
         for r in json.loads(Path(a.prev).read_text())["rows"]:
             if r.get("best_cfg"):
                 prev[(r["K"], r["N"], r["M"])] = [r["best_cfg"]]
+                # the earlier run's own margin, so that a row is adopted only if it won twice
+                wins[(r["K"], r["N"], r["M"])] = (
+                    r["best_us"] < (1 - a.margin) * min(r["shipped_us"], r["shipped_us_2"]))
     rows = []
     shapes = parse_shapes(a.shapes)
     for k, n, m, w16, packed, nc, n16, x, ref in problems(
@@ -172,7 +176,8 @@ def main():
         Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows},
                                           indent=1))
     if a.write_table:
-        write_table(a.write_table, rows, a.margin)
+        write_table(a.write_table, [r for r in rows if wins.get((r["K"], r["N"], r["M"]), True)],
+                    a.margin)
     print(f"{'K':>6} {'N':>6} {'M':>5} {'shipped':>8} {'again':>8} {'best':>8} {'cublas':>8} "
           f"{'humming':>8}  best cfg")
     for r in rows:
