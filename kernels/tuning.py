@@ -83,5 +83,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     if rows:
         for row in rows:
             if m <= row["max_m"]:
+                if row["config"].get("DEFAULT"):  # this M range keeps the shape heuristic
+                    break
                 return dict(row["config"])
     return default_config(m, n, k, _num_sms(device))

@@ -260,6 +260,22 @@ def test_default_config_fills_the_gpu_for_decode():
     assert default_config(256, 28672, 8192)["SPLIT_K"] == 1
     assert default_config(1024, 28672, 8192)["DEQUANT"]
     assert pick_config(2, 8192, 28672, 128, None)["MMA"]
+    assert default_config(256, 28672, 8192)["PAIRS"]          # K >= 8192: one word per block
+    assert "PAIRS" not in default_config(256, 4096, 4096)
+
+
+def test_pick_config_table_rows_and_default_rows(monkeypatch):
+    from modelopt_lite.kernels import tuning
+
+    fused = dict(BM=64, BN=128, SPLIT_K=2, num_warps=8, FUSE_K=True)
+    table = {"512x256": [dict(max_m=8, config={"DEFAULT": True}),
+                         dict(max_m=64, config=fused),
+                         dict(max_m=1 << 30, config={"DEFAULT": True})]}
+    monkeypatch.setattr(tuning, "_table", lambda key: table)
+    assert pick_config(40, 512, 256, 128, None) == fused
+    assert pick_config(3, 512, 256, 128, None) == default_config(3, 512, 256)
+    assert pick_config(1000, 512, 256, 128, None) == default_config(1000, 512, 256)
+    assert pick_config(3, 1024, 256, 128, None) == default_config(3, 1024, 256)  # no such key
 
 
 @pytest.mark.gpu

@@ -103,6 +103,10 @@ def main():
     ap.add_argument("--shipped-only", action="store_true",
                     help="candidates: the shipped config (the BM 256 fused tile where that "
                          "is dequant + cuBLAS) and its --twin; any M")
+    ap.add_argument("--cands-table", default=None, metavar="JSON",
+                    help="candidates: the row of this config table (e.g. another GPU's) for "
+                         "each shape and M; with --write-table to a file that does not exist, "
+                         "that file starts as this table with every row DEFAULT (heuristic)")
     ap.add_argument("--pair-tiles", action="store_true",
                     help="candidates: v12's PAIRS tiles at several K splits")
     a = ap.parse_args()
@@ -133,7 +137,9 @@ def main():
         base = shipped(mk, m, n, k)
         t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
         row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
-        if a.shipped_only:
+        if a.cands_table:
+            cands = [c for c in [table_config(a.cands_table, m, n, k)] if c]
+        elif a.shipped_only:
             cands = [base] if not base.get("DEQUANT") else [
                 dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True,
                      GROUP_N=8)]
@@ -176,6 +182,12 @@ def main():
         Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows},
                                           indent=1))
     if a.write_table:
+        if a.cands_table and not Path(a.write_table).exists():
+            start = json.loads(Path(a.cands_table).read_text())
+            for key_rows in start.values():
+                for row in key_rows:
+                    row["config"], row["us"] = {"DEFAULT": True}, None
+            Path(a.write_table).write_text(json.dumps(start, indent=1))
         write_table(a.write_table, [r for r in rows if wins.get((r["K"], r["N"], r["M"]), True)],
                     a.margin)
     print(f"{'K':>6} {'N':>6} {'M':>5} {'shipped':>8} {'again':>8} {'best':>8} {'cublas':>8} "
@@ -187,6 +199,14 @@ def main():
               f"{r.get('cublas_us') or 0:8.1f} {r.get('humming_us') or 0:8.1f}  "
               f"BM{c.get('BM')} BN{c.get('BN')} w{c.get('num_warps')} st{c.get('num_stages')} "
               f"sk{c.get('SPLIT_K')}")
+
+
+def table_config(path, m, n, k):
+    """The config a table file gives for (M, N, K), or None (no row, or a DEFAULT row)."""
+    for row in json.loads(Path(path).read_text()).get(f"{n}x{k}", []):
+        if m <= row["max_m"]:
+            return None if row["config"].get("DEFAULT") else dict(row["config"])
+    return None
 
 
 def write_table(path, rows, margin):
