@@ -242,6 +242,8 @@ def w4a16_kernel(
     kt_per = tl.cdiv(kt_total, SPLIT_K)
     kt0 = pid_k * kt_per
     kt1 = tl.minimum(kt0 + kt_per, kt_total)
+    if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
+        return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
 
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)

@@ -1,0 +1,85 @@
+"""What the fused large-M kernel compiles to for Hopper (sm_90a), checked off the GPU.
+
+Triton compiles for a named GPU target without one, and its NVIDIA backend ships ``ptxas``;
+``ptxas -v`` reports (C7515) when it serializes the ``wgmma`` pipeline, which turns every
+asynchronous tensor-core product into a synchronous one. The zero-trip path of the K loop
+(a zeroed accumulator merging with the loop's) triggered it before the kernel returned early
+for empty K slices: 892 -> 812 us at M = 1024 on 8192x28672 (benchmarks/kernels/NOTES.md, v13).
+"""
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
+
+
+def _ptxas():
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not path.exists():
+        pytest.skip("triton's NVIDIA backend has no ptxas here")
+    return path
+
+
+_SCRIPT = r"""
+import inspect, json, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modelopt_lite.kernels.w4a16 import w4a16_kernel
+
+ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+reports = []
+for i, (bm, bn, warps, stages, pairs, bf16) in enumerate(cases):
+    act = "*bf16" if bf16 else "*fp16"
+    sig = {"x_ptr": act, "q_ptr": "*i32", "s_ptr": "*i32" if pairs else act, "z_ptr": act,
+           "bias_ptr": act, "out_ptr": act, "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
+    const = dict(GROUP=128, BN=bn, BM=bm, GROUP_N=8, HAS_ZERO=True, HAS_BIAS=False,
+                 IS_BF16=bf16, USE_ASM=True, EVEN_K=True, ATOMIC=False, DOT_F32=False,
+                 FUSE_K=True, PAIRS=pairs)
+    params = list(inspect.signature(w4a16_kernel.fn).parameters)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(w4a16_kernel, sig,
+                    constexprs={(params.index(k),): v for k, v in const.items()},
+                    attrs={(j,): [["tt.divisibility", 16]] for j in (0, 1, 2, 3, 4, 5, 8, 9, 10)})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    ptx = f"{work}/k{i}.ptx"
+    open(ptx, "w").write(k.asm["ptx"])
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/k{i}.cubin"],
+                         capture_output=True, text=True)
+    reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
+                        wgmma="wgmma.mma_async" in k.asm["ptx"]))
+print(json.dumps(reports))
+"""
+
+CASES = [
+    (256, 128, 8, 3, True, False),    # the H100 table's M = 256 / 1024 tile
+    (256, 128, 8, 3, False, True),
+    (64, 128, 8, 4, True, False),     # M = 64
+    (64, 256, 8, 4, True, False),
+]
+
+
+def test_fused_kernel_wgmma_pipeline_not_serialized(tmp_path):
+    import json
+    import sys
+
+    ptxas = _ptxas()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(ptxas), str(tmp_path),
+                          json.dumps(CASES)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for case, rep in zip(CASES, json.loads(out.stdout.strip().splitlines()[-1])):
+        assert rep["wgmma"], case                   # the Hopper tensor-core path was taken
+        assert rep["rc"] == 0, (case, rep["report"])
+        assert "C7515" not in rep["report"], (case, rep["report"])   # wgmma serialized
+        assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
