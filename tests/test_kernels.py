@@ -50,6 +50,7 @@ DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
 # the H100 table's M <= 256 tile: the token tile shrinks to the tokens' power of two (>= 16)
 BIG_TILE = dict(BM=256, BN=32, SPLIT_K=2, num_warps=8, num_stages=3, FUSE_K=True)
 PAIRS = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=True)
+EMPTY_SPLIT = dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -98,6 +99,7 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (2, 24, 576, 32, GEMV_PIPE),    # pipelined word loads, K not a multiple of 128
     (1, 40, 256, 32, BIG_TILE),     # a 256-token tile asked for one token
     (7, 40, 320, 32, PAIRS),        # scale and zero term as one word per row and block
+    (5, 40, 640, 128, EMPTY_SPLIT),  # 5 chunks over 4 splits of 2: the last split is empty
     (19, 40, 448, 64, PAIRS),       # block 64, K not a multiple of 128, two token tiles
     (5, 72, 384, 128, PAIRS),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
@@ -307,6 +309,9 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
                                  dict(BM=256, BN=128, SPLIT_K=3, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True),
                                  dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
+                                      FUSE_K=True, PAIRS=True),
+                                 # 16 chunks over 5 splits of 4: the last split is empty
+                                 dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True)])
 def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     if cfg and cfg.get("GEMV") and m > 16:
