@@ -40,13 +40,40 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> dict:
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(device):
+    """Shared memory one block may use on ``device`` (opt-in limit), or None off CUDA."""
+    import torch
+
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def fused_smem_bytes(cfg: dict) -> int:
+    """Shared memory of a fused-kernel config: its pipeline stages of activation tile
+    ([BM, 128] half), words ([BN, 16] int32) and, with PAIRS, one word per row."""
+    stage = cfg["BM"] * 128 * 2 + cfg["BN"] * 64 + (cfg["BN"] * 4 if cfg.get("PAIRS") else 0)
+    return cfg.get("num_stages", 3) * stage
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
+                   smem_bytes: int | None = None) -> dict:
     """Shape-only heuristic: one token takes the GEMV path; 2..16 tokens the small-M tensor-core
-    GEMV (MMA), K split until ~16 programs per SM; M >= 512 dequantizes once and calls cuBLAS;
-    in between, big tensor-core tiles (K split until ~2 programs per SM), with each block's
-    scale and zero term read as one word (PAIRS) where K >= 8192."""
-    if m >= 512:  # H100 and H200: faster than the fused kernel at M = 1024, even at 512
-        return dict(DEQUANT=True, DQ_BN=32, DQ_CHUNKS=4, DQ_WARPS=4)
+    GEMV (MMA), K split until ~16 programs per SM; more than 256 tokens the fused kernel's
+    256-token tile (dequantize + cuBLAS where the GPU's shared memory is too small for it); in
+    between, big tensor-core tiles (K split until ~2 programs per SM). Each block's scale and
+    zero term is read as one word (PAIRS) where K >= 8192. With ``smem_bytes`` (the GPU's
+    per-block limit), fused tiles drop pipeline stages until they fit."""
+    if m > 256:  # H100 (NOTES.md, v13): ties or beats dequant + cuBLAS at M = 1024 on the five
+        # Llama shapes (808-821 vs 930-977 us on the two large ones), with no fp16 weight copy
+        cfg = dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, GROUP_N=8)
+        if k >= 8192:
+            cfg.update(PAIRS=True)
+        if smem_bytes is not None and fused_smem_bytes(cfg) > smem_bytes:
+            return dict(DEQUANT=True, DQ_BN=32, DQ_CHUNKS=4, DQ_WARPS=4)
+        return cfg
     if 2 <= m <= 16:  # H100: beat the fused kernel on all five Llama shapes (NOTES.md)
         cfg = (dict(MMA=True, BN=64, num_warps=4, PREFETCH=False, OUT16=True) if m <= 8 else
                dict(MMA=True, BN=256, num_warps=8, PREFETCH=True, OUT16=True))
@@ -74,6 +101,9 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT) -> d
     cfg.update(SPLIT_K=split, GROUP_N=8)
     if "FUSE_K" in cfg and k >= 8192:  # H100: 4-14 % faster at K >= 8192, slower at 4096
         cfg.update(PAIRS=True)
+    if "FUSE_K" in cfg and smem_bytes is not None:
+        while cfg["num_stages"] > 2 and fused_smem_bytes(cfg) > smem_bytes:
+            cfg["num_stages"] -= 1
     return cfg
 
 
@@ -86,4 +116,4 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
                 if row["config"].get("DEFAULT"):  # this M range keeps the shape heuristic
                     break
                 return dict(row["config"])
-    return default_config(m, n, k, _num_sms(device))
+    return default_config(m, n, k, _num_sms(device), _smem_bytes(device))

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
 
 from modelopt_lite.kernels import pack_weight, w4a16_matmul, w4a16_reference  # noqa: E402
-from modelopt_lite.kernels.tuning import default_config, pick_config  # noqa: E402
+from modelopt_lite.kernels.tuning import (default_config, fused_smem_bytes,  # noqa: E402
+                                          pick_config)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -260,7 +261,14 @@ def test_default_config_fills_the_gpu_for_decode():
     assert default_config(2, 64, 256)["SPLIT_K"] == 1
     assert default_config(32, 4096, 4096)["FUSE_K"]
     assert default_config(256, 28672, 8192)["SPLIT_K"] == 1
-    assert default_config(1024, 28672, 8192)["DEQUANT"]
+    big = default_config(1024, 28672, 8192)      # the fused 256-token tile, no fp16 copy
+    assert big["FUSE_K"] and big["BM"] == 256 and big["PAIRS"]
+    assert "PAIRS" not in default_config(300, 4096, 4096)
+    # a GPU whose blocks get less shared memory: fewer stages, or dequantize + cuBLAS
+    assert default_config(1024, 28672, 8192, smem_bytes=160 * 1024)["DEQUANT"]
+    mid = default_config(128, 28672, 8192, smem_bytes=100 * 1024)
+    assert mid["num_stages"] == 2 and fused_smem_bytes(mid) <= 100 * 1024
+    assert default_config(128, 28672, 8192, smem_bytes=227 * 1024)["num_stages"] == 4
     assert pick_config(2, 8192, 28672, 128, None)["MMA"]
     assert default_config(256, 28672, 8192)["PAIRS"]          # K >= 8192: one word per block
     assert "PAIRS" not in default_config(256, 4096, 4096)
