@@ -860,6 +860,50 @@ def w4a16_dequant_kernel(
                 tl.store(w_ptrs + k_lo + 16, hi, mask=rmask & ((k_lo + 16 + rj) < K)[None, :])
 
 
+_FRAG_SRC = ((0, 0), (1, 0), (0, 2), (1, 2))   # (slot, first word) of A fragments a0..a3
+
+
+def _x_address_ptx(xperm: bool, n_tiles: int, xaddr: str, mm1: str, stride: str) -> list[str]:
+    """PTX: lane, g, tt and each token tile's activation address xa0 / xa1 (see mma_asm)."""
+    lines = ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
+    if xperm:  # lane (g, t): byte 64 g + 16 t of each load's block; tile 1 is 8 tokens on
+        return lines + ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
+                        "add.s64 xa1, xa0, 512;"]
+    lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
+              f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
+              "add.s64 xa0, xa0, off;"]
+    if n_tiles == 2:
+        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
+                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
+                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
+    return lines
+
+
+def _prmt_ptx(b: int, rows: int, q: list[str]) -> list[str]:
+    """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}."""
+    sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
+    return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w]}, "
+            f"{q[4 * (2 * pr + slot) + w + 1]}, {sel};"
+            for pr in range(rows // 2) for f, (slot, w) in enumerate(_FRAG_SRC)]
+
+
+def _x_load_ptx(i: int, tile: int, n_tiles: int, xperm: bool, even_k: bool,
+                krem: str) -> list[str]:
+    """PTX: the B fragment (x{tile}_0, x{tile}_1) of nibble plane i for one token tile."""
+    xb = f"x{tile}_0, x{tile}_1"
+    if xperm:  # one 16-byte load per plane pair: (plane 2b: r0, r1; 2b+1: r2, r3)
+        if i % 2 == 0:
+            return [f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
+                    f"[xa{tile}+{(i // 2) * 64 * 8 * n_tiles}];"]
+        return [f"mov.b32 x{tile}_0, y{tile}_0;", f"mov.b32 x{tile}_1, y{tile}_1;"]
+    if even_k:
+        return [f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+    # planes past K read zeros (their padding codes are not zero weights)
+    return [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
+            f"setp.lt.s32 pk, {16 * i}, {krem};",
+            f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+
+
 def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
             rows: int = 2, xperm: bool = False) -> str:
     """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
@@ -903,46 +947,17 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     xaddr, mm1, stride, krem = (f"${abase + n * (1 + i)}" for i in range(4))
     lines = [f"mov.b32 m, {magic};", f"mov.b32 o, {offset};"]
     lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
-    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
-    if xperm:  # lane (g, t): byte 64 g + 16 t of each load's block; tile 1 is 8 tokens on
-        lines += ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
-                  "add.s64 xa1, xa0, 512;"]
-    else:
-        lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
-                  f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
-                  "add.s64 xa0, xa0, off;"]
-    if n_tiles == 2 and not xperm:
-        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
-                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
-                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
-    # A fragment sources per row pair p: (slot, first word) for a0 (row g, k 2t..),
+    lines += _x_address_ptx(xperm, n_tiles, xaddr, mm1, stride)
+    # A fragment sources per row pair p (_FRAG_SRC): (slot, first word) for a0 (row g, k 2t..),
     # a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
-    frag_src = ((0, 0), (1, 0), (0, 2), (1, 2))
     for b in range(4):
-        sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
-        for pr in range(rows // 2):
-            for f, (slot, w) in enumerate(frag_src):
-                sl = 2 * pr + slot
-                lines.append(f"prmt.b32 p{pr}_{f}, {q[4 * sl + w]}, {q[4 * sl + w + 1]}, {sel};")
+        lines += _prmt_ptx(b, rows, q)
         for i in (2 * b, 2 * b + 1):
             grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
             for tile in range(n_tiles):
-                xb = f"x{tile}_0, x{tile}_1"
-                if xperm:  # one 16-byte load per plane pair: (plane 2b: r0, r1; 2b+1: r2, r3)
-                    if i % 2 == 0:
-                        lines.append(f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
-                                     f"[xa{tile}+{b * 64 * 8 * n_tiles}];")
-                    else:
-                        lines += [f"mov.b32 x{tile}_0, y{tile}_0;",
-                                  f"mov.b32 x{tile}_1, y{tile}_1;"]
-                elif even_k:
-                    lines.append(f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];")
-                else:  # planes past K read zeros (their padding codes are not zero weights)
-                    lines += [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
-                              f"setp.lt.s32 pk, {16 * i}, {krem};",
-                              f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+                lines += _x_load_ptx(i, tile, n_tiles, xperm, even_k, krem)
             for pr in range(rows // 2):
-                for f, (slot, _) in enumerate(frag_src):
+                for f, (slot, _) in enumerate(_FRAG_SRC):
                     sl = 2 * pr + slot
                     src = f"p{pr}_{f}"
                     if i % 2:
@@ -1013,44 +1028,16 @@ def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2
              "mov.b32 o16, 0x64806480;", "mov.b32 d16, 0x2C002C00;",
              "mov.b32 one, " + ("0x3F803F80;" if bf16 else "0x3C003C00;"), "mov.b32 zf, 0;"]
     lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
-    lines += ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
-    if xperm:
-        lines += ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
-                  "add.s64 xa1, xa0, 512;"]
-    else:
-        lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
-                  f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
-                  "add.s64 xa0, xa0, off;"]
-    if n_tiles == 2 and not xperm:
-        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
-                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
-                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
-    frag_src = ((0, 0), (1, 0), (0, 2), (1, 2))
+    lines += _x_address_ptx(xperm, n_tiles, xaddr, mm1, stride)
     zq = "{zf, zf, zf, zf}"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     for b in range(4):
-        sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
-        for pr in range(rows // 2):
-            for f, (slot, w) in enumerate(frag_src):
-                sl = 2 * pr + slot
-                lines.append(f"prmt.b32 p{pr}_{f}, {q[4 * sl + w]}, {q[4 * sl + w + 1]}, {sel};")
+        lines += _prmt_ptx(b, rows, q)
         for i in (2 * b, 2 * b + 1):
             odd16 = i % 2 == 1 and not bf16     # fp16 odd plane read in place (16 u)
             for tile in range(n_tiles):
                 xb = f"x{tile}_0, x{tile}_1"
-                if xperm:
-                    if i % 2 == 0:
-                        lines.append(f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
-                                     f"[xa{tile}+{b * 64 * 8 * n_tiles}];")
-                    else:
-                        lines += [f"mov.b32 x{tile}_0, y{tile}_0;",
-                                  f"mov.b32 x{tile}_1, y{tile}_1;"]
-                elif even_k:
-                    lines.append(f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];")
-                else:
-                    lines += [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
-                              f"setp.lt.s32 pk, {16 * i}, {krem};",
-                              f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
+                lines += _x_load_ptx(i, tile, n_tiles, xperm, even_k, krem)
                 if sums:  # S += ones x: the sums of x per token (all rows alike)
                     h = "o" if split_s and i % 2 else "e"
                     sq = ", ".join(f"s{h}{tile}_{e}" for e in range(4))
