@@ -61,19 +61,13 @@ def fused_smem_bytes(cfg: dict) -> int:
 def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
                    smem_bytes: int | None = None) -> dict:
     """Shape-only heuristic: one token takes the GEMV path; 2..16 tokens the small-M tensor-core
-    GEMV (MMA), K split until ~16 programs per SM; more than 256 tokens the fused kernel's
-    256-token tile (dequantize + cuBLAS where the GPU's shared memory is too small for it); in
-    between, big tensor-core tiles (K split until ~2 programs per SM). Each block's scale and
-    zero term is read as one word (PAIRS) where K >= 8192. With ``smem_bytes`` (the GPU's
-    per-block limit), fused tiles drop pipeline stages until they fit."""
-    if m > 256:  # H100 (NOTES.md, v13): ties or beats dequant + cuBLAS at M = 1024 on the five
-        # Llama shapes (808-821 vs 930-977 us on the two large ones), with no fp16 weight copy
-        cfg = dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, GROUP_N=8)
-        if k >= 8192:
-            cfg.update(PAIRS=True)
-        if smem_bytes is not None and fused_smem_bytes(cfg) > smem_bytes:
-            return dict(DEQUANT=True, DQ_BN=32, DQ_CHUNKS=4, DQ_WARPS=4)
-        return cfg
+    GEMV (MMA), K split until ~16 programs per SM; M >= 512 dequantizes once and calls cuBLAS;
+    in between, big tensor-core tiles (K split until ~2 programs per SM), with each block's
+    scale and zero term read as one word (PAIRS) where K >= 8192. With ``smem_bytes`` (the
+    GPU's per-block shared memory), those tiles drop pipeline stages until they fit."""
+    if m >= 512:  # H100 (NOTES.md, v13): the fused 256-token tile only ties on shapes outside
+        # the table (4096x11008, 11008x4096, 5120x13824) and loses 2-3x at N = 1024 (16 tiles)
+        return dict(DEQUANT=True, DQ_BN=32, DQ_CHUNKS=4, DQ_WARPS=4)
     if 2 <= m <= 16:  # H100: beat the fused kernel on all five Llama shapes (NOTES.md)
         cfg = (dict(MMA=True, BN=64, num_warps=4, PREFETCH=False, OUT16=True) if m <= 8 else
                dict(MMA=True, BN=256, num_warps=8, PREFETCH=True, OUT16=True))

@@ -147,7 +147,7 @@ def main():
             cands = (prev.get((k, n, m)) if a.prev else
                      pair_candidates(m, n, k) if a.pair_tiles else candidates(m, n, k))
         if twin:
-            cands = [v for c in cands for v in (c, {**c, **twin}) if not v.get("DEQUANT")]
+            cands = [v for c in cands if not c.get("DEQUANT") for v in (c, {**c, **twin})]
         row["cands"] = []
         for cfg in cands or []:
             if time.time() - t0 > a.budget_s:
