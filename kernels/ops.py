@@ -32,7 +32,18 @@ def _check(x: torch.Tensor, p: PackedInt4):
 
 def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
-    """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N]."""
+    """y = x @ W_hat^T (+ bias) with the Triton kernel; x [..., K] fp16/bf16 -> [..., N].
+
+    ``config`` overrides the per-GPU table / heuristic (:func:`~.tuning.pick_config`). Configs
+    with ``PAIRS`` (the H100 table's large-M rows, the heuristic's at K >= 8192) read a copy of
+    the scales and zero terms packed one word per block (:func:`~.packing.pair_scales`), built
+    on the first such call and kept while ``p.scale`` lives: 4 bytes per row and block, 1/16 of
+    the packed weight. ``DEQUANT`` configs allocate an fp16 copy of the weight per call.
+
+        >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
+        >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,
+        ...                  num_stages=4, FUSE_K=True, PAIRS=True))  # doctest: +SKIP
+    """
     from .w4a16 import (mma_constraints, mma_fs_constraints, w4a16_gemv_kernel, w4a16_kernel,
                         w4a16_mma_kernel)
 
