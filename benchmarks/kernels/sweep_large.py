@@ -107,6 +107,8 @@ def main():
                     help="candidates: the row of this config table (e.g. another GPU's) for "
                          "each shape and M; with --write-table to a file that does not exist, "
                          "that file starts as this table with every row DEFAULT (heuristic)")
+    ap.add_argument("--cands", default=None, metavar="JSON",
+                    help="candidates: this JSON list of configs (every shape and M)")
     ap.add_argument("--pair-tiles", action="store_true",
                     help="candidates: v12's PAIRS tiles at several K splits")
     a = ap.parse_args()
@@ -137,7 +139,9 @@ def main():
         base = shipped(mk, m, n, k)
         t, err = time_cfg(mk, packed, x, nc, ref, base, 25)
         row.update(shipped_cfg=base, shipped_us=round(t, 2), shipped_err=err)
-        if a.cands_table:
+        if a.cands:
+            cands = [dict(c) for c in json.loads(a.cands)]
+        elif a.cands_table:
             cands = [c for c in [table_config(a.cands_table, m, n, k)] if c]
         elif a.shipped_only:
             cands = [base] if not base.get("DEQUANT") else [
