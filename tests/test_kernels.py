@@ -103,6 +103,7 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (5, 40, 640, 128, EMPTY_SPLIT),  # 5 chunks over 4 splits of 2: the last split is empty
     (19, 40, 448, 64, PAIRS),       # block 64, K not a multiple of 128, two token tiles
     (5, 72, 384, 128, PAIRS),
+    (3, 40, 320, 64, dict(SMALL, PAIRS=True)),   # the per-16-k product path reads pairs too
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
