@@ -1173,13 +1173,10 @@ def _half(v, dt: tl.constexpr):
 
 
 @triton.jit
-def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left, stride_xm, K,
-                   BN: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                   ROWS: tl.constexpr, FS: tl.constexpr, XTB: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
-    """One chunk of the MMA path's asm (one group per chunk): s16 / z16 are the rows' scale
-    and zterm ([BN, 1], activation dtype; z16 unused without zero points)."""
-    shape: tl.constexpr = (BN, 16)
+def _mma_x_operands(x_ptr, x_rows, pid_m, kt, kt_total, m_left, stride_xm, K,
+                    shape: tl.constexpr, XTB: tl.constexpr):
+    """The asm's activation operands for chunk kt, broadcast to ``shape``: the chunk's x
+    address (its permuted block when XTB > 0), M - 1, the x row stride in bytes, the K left."""
     if XTB > 0:
         xa = tl.zeros(shape, tl.int64) + (
             x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
@@ -1188,6 +1185,19 @@ def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left,
     mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
     stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
     krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
+    return xa, mm1, stride_b, krem
+
+
+@triton.jit
+def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left, stride_xm, K,
+                   BN: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                   ROWS: tl.constexpr, FS: tl.constexpr, XTB: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """One chunk of the MMA path's asm (one group per chunk): s16 / z16 are the rows' scale
+    and zterm ([BN, 1], activation dtype; z16 unused without zero points)."""
+    shape: tl.constexpr = (BN, 16)
+    xa, mm1, stride_b, krem = _mma_x_operands(x_ptr, x_rows, pid_m, kt, kt_total, m_left,
+                                              stride_xm, K, shape, XTB)
     if FS > 0:
         s32 = s16.to(tl.float32)
         if HAS_ZERO:
@@ -1349,14 +1359,8 @@ def w4a16_mma_kernel(
                                          USE_ASM)
                     sd, zd = _mma_scales(s_rows, z_rows, g0 + 3, n_groups, shape, HAS_ZERO, EVEN_K,
                                          USE_ASM)
-                if XTB > 0:
-                    xa = tl.zeros(shape, tl.int64) + (
-                        x_ptr + (pid_m * kt_total + kt) * (128 * XTB)).to(tl.int64)
-                else:
-                    xa = tl.zeros(shape, tl.int64) + (x_rows + kt * 128).to(tl.int64)
-                mm1 = tl.zeros(shape, tl.int32) + (m_left - 1)
-                stride_b = tl.zeros(shape, tl.int32) + stride_xm * 2
-                krem = tl.zeros(shape, tl.int32) + (K - kt * 128)
+                xa, mm1, stride_b, krem = _mma_x_operands(x_ptr, x_rows, pid_m, kt, kt_total,
+                                                          m_left, stride_xm, K, shape, XTB)
                 acc = tl.inline_asm_elementwise(
                     ASM, CONSTRAINTS,
                     [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
