@@ -23,8 +23,9 @@ Three more kernels serve the rest of the M range (``ops.py`` picks by config):
 ``w4a16_gemv_kernel`` (one token: CUDA cores, packed half-precision dot products, no
 tensor-core tile to fill), ``w4a16_mma_kernel`` (2..16 tokens: each word dequantized once
 into ``mma.sync`` register fragments for all tokens, no shared memory) and
-``w4a16_dequant_kernel`` (large M: W_hat written once in fp16, then one cuBLAS GEMM, which
-beats the fused kernel from M ~ 512 up on H100).
+``w4a16_dequant_kernel`` (large M: W_hat written once in fp16, then one cuBLAS GEMM; since
+v13 the fused kernel wins on the H100 table's shapes at M = 1024, and the GPUs and shapes
+without a table keep this path from M = 512).
 """
 import triton
 import triton.language as tl
@@ -53,22 +54,9 @@ sub.rn.{ty} t, t, o;
 """
 
 
-ASM_F16_ZERO_0 = tl.constexpr(_asm(False, True, 0))
-ASM_F16_ZERO_1 = tl.constexpr(_asm(False, True, 1))
-ASM_F16_ZERO_2 = tl.constexpr(_asm(False, True, 2))
-ASM_F16_ZERO_3 = tl.constexpr(_asm(False, True, 3))
-ASM_F16_SYM_0 = tl.constexpr(_asm(False, False, 0))
-ASM_F16_SYM_1 = tl.constexpr(_asm(False, False, 1))
-ASM_F16_SYM_2 = tl.constexpr(_asm(False, False, 2))
-ASM_F16_SYM_3 = tl.constexpr(_asm(False, False, 3))
-ASM_BF16_ZERO_0 = tl.constexpr(_asm(True, True, 0))
-ASM_BF16_ZERO_1 = tl.constexpr(_asm(True, True, 1))
-ASM_BF16_ZERO_2 = tl.constexpr(_asm(True, True, 2))
-ASM_BF16_ZERO_3 = tl.constexpr(_asm(True, True, 3))
-ASM_BF16_SYM_0 = tl.constexpr(_asm(True, False, 0))
-ASM_BF16_SYM_1 = tl.constexpr(_asm(True, False, 1))
-ASM_BF16_SYM_2 = tl.constexpr(_asm(True, False, 2))
-ASM_BF16_SYM_3 = tl.constexpr(_asm(True, False, 3))
+# the asm of byte b for (dtype, zero points): index 8 bf16 + 4 zero + b
+_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b) for bf16 in (False, True)
+                                  for zero in (False, True) for b in range(4)))
 
 
 @triton.jit
@@ -86,44 +74,11 @@ def _asm_bf16(q, s, z, asm: tl.constexpr):
 @triton.jit
 def _dequant_byte_asm(q, s, z, b: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
     """Nibble planes 2b and 2b+1 of q as two [BN, 16] half-precision tiles."""
+    asm: tl.constexpr = _DEQUANT_ASM[8 * IS_BF16 + 4 * HAS_ZERO + b]
     if IS_BF16:
-        if HAS_ZERO:
-            if b == 0:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_0)
-            elif b == 1:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_1)
-            elif b == 2:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_2)
-            else:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_ZERO_3)
-        else:
-            if b == 0:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_0)
-            elif b == 1:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_1)
-            elif b == 2:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_2)
-            else:
-                lo, hi = _asm_bf16(q, s, z, ASM_BF16_SYM_3)
+        lo, hi = _asm_bf16(q, s, z, asm)
     else:
-        if HAS_ZERO:
-            if b == 0:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_0)
-            elif b == 1:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_1)
-            elif b == 2:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_2)
-            else:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_ZERO_3)
-        else:
-            if b == 0:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_0)
-            elif b == 1:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_1)
-            elif b == 2:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_2)
-            else:
-                lo, hi = _asm_f16(q, s, z, ASM_F16_SYM_3)
+        lo, hi = _asm_f16(q, s, z, asm)
     return lo, hi
 
 
