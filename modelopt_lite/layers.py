@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,12 @@ class LayerPlan:
         return {"name": self.name, "type": type(self.module).__name__,
                 "weight_shape": list(_weight_2d_shape(self.module)),
                 "weight": spec(self.weight_spec), "input": spec(self.input_spec),
-                "skipped": self.skipped, "note": self.note}
+                "skipped": self.skipped, "note": self.note,
+                "weight_sqnr_db": _finite(getattr(self.module, "_weight_sqnr_db", None))}
+
+
+def _finite(value):
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _weight_2d_shape(module: nn.Module) -> tuple[int, int]:

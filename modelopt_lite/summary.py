@@ -11,7 +11,12 @@ from .layers import quant_modules
 
 
 def weight_sqnr_db(module) -> float:
-    """Signal-to-quantization-noise ratio of a fake-quant layer's weight, in dB."""
+    """Signal-to-quantization-noise ratio of a fake-quant layer's weight, in dB. A weight that
+    GPTQ already moved onto the quantization grid reports the error it recorded against the
+    float weight it started from (re-quantizing it would read no error)."""
+    recorded = getattr(module, "_weight_sqnr_db", None)
+    if recorded is not None:
+        return recorded
     with torch.no_grad():
         w = module.weight_2d().float()
         err = module.weight_quantizer(module.weight_2d()).float() - w
@@ -34,8 +39,14 @@ def summary_rows(model: nn.Module) -> list[dict]:
             fmt = f"W {w.spec.describe()}" if w.enabled else "W fp"
             if a.enabled:
                 fmt += f" / A {a.spec.describe()}"
-            sqnr = weight_sqnr_db(module) if w.enabled else None
-            row.update(status="quantized", format=fmt, sqnr_db=sqnr, reason=rec.get("note") or "")
+            note = rec.get("note") or ""
+            sqnr = rec.get("weight_sqnr_db")
+            if sqnr is None and w.enabled:
+                sqnr = weight_sqnr_db(module)
+                if math.isinf(sqnr):  # on the grid with no recorded error (e.g. loaded GPTQ weights)
+                    sqnr = None
+                    note = note or "weight already on the quantization grid"
+            row.update(status="quantized", format=fmt, sqnr_db=sqnr, reason=note)
         rows.append(row)
     return rows
 

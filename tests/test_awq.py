@@ -250,3 +250,28 @@ def test_config_validation_and_presets():
         assert mtl.QuantConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(Exception, match="calibration data"):
         mtl.quantize(ALL["llama"](), "int4_awq", progress=False)
+
+
+def test_summary_reports_gptq_weight_error_against_the_float_weight(tmp_path):
+    from modelopt_lite.summary import format_summary, summary_rows
+
+    model = ALL["llama"]()
+    calib = random_tokens(4, 32)
+    awq = mtl.quantize(copy.deepcopy(model), awq_cfg(gptq=False), calib=calib, progress=False)
+    gptq = mtl.quantize(copy.deepcopy(model), awq_cfg(), calib=calib, progress=False)
+    rows = {r["name"]: r for r in summary_rows(gptq)}
+    quantized = [r for r in rows.values() if r["status"] == "quantized"]
+    assert quantized and all(r["sqnr_db"] is not None and 5 < r["sqnr_db"] < 60
+                             for r in quantized)
+    # the first layer's q_proj sees the same inputs in both runs, so GPTQ started from the
+    # AWQ-scaled float weight the AWQ-only model holds: float64 SQNR against that weight
+    name = next(n for n in rows if n.endswith("layers.0.self_attn.q_proj"))
+    float_w = awq.get_submodule(name).weight_2d().double()
+    err = gptq.get_submodule(name).weight_2d().double() - float_w
+    want = 10 * torch.log10(float_w.pow(2).sum() / err.pow(2).sum()).item()
+    assert rows[name]["sqnr_db"] == pytest.approx(want, abs=0.05)
+    assert "inf" not in format_summary(gptq)
+    mtl.save(gptq, tmp_path / "ckpt")                       # kept in the checkpoint's records
+    loaded = mtl.load(copy.deepcopy(model), tmp_path / "ckpt")
+    again = {r["name"]: r["sqnr_db"] for r in summary_rows(loaded)}
+    assert again[name] == pytest.approx(rows[name]["sqnr_db"])

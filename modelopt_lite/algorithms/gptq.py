@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import QuantizerSpec
@@ -111,8 +113,19 @@ def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01) -> None
     amax = torch.cat([m.weight_quantizer.amax for m in members])
     amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
     w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=percdamp, mask=_stacked_mask(members))
-    for m, part in zip(members, w_q.split([m.weight_2d().shape[0] for m in members])):
+    rows = [m.weight_2d().shape[0] for m in members]
+    for m, part, orig in zip(members, w_q.split(rows), w.split(rows)):
         m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))
+        # the weight now lies on the quantization grid: keep its error against the float weight
+        # GPTQ started from, for the end-of-run report (quantizing it again would read 0)
+        m._weight_sqnr_db = sqnr_db(orig, part)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |approx - ref|^2) in float64; inf when they are equal."""
+    ref64 = ref.double()
+    noise = (approx.double() - ref64).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(ref64.pow(2).sum().item() / noise)
 
 
 def _stacked_mask(members) -> torch.Tensor | None:
