@@ -120,6 +120,7 @@ def insert_quantizers(plans: list[LayerPlan]) -> None:
         if plan.skipped:
             continue
         module = wrap_module(plan.module, plan.weight_spec, plan.input_spec, plan.name)
+        module.__dict__.pop("_weight_sqnr_db", None)  # a GPTQ record of an earlier quantize()
         if plan.weight_spec is not None:
             module.weight_quantizer.init_from_weight(module.weight_2d())
 

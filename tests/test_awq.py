@@ -275,3 +275,14 @@ def test_summary_reports_gptq_weight_error_against_the_float_weight(tmp_path):
     loaded = mtl.load(copy.deepcopy(model), tmp_path / "ckpt")
     again = {r["name"]: r["sqnr_db"] for r in summary_rows(loaded)}
     assert again[name] == pytest.approx(rows[name]["sqnr_db"])
+    mtl.unquantize(gptq)                     # quantized again without GPTQ: no stale record
+    rtn = mtl.quantize(gptq, awq_cfg().replace(algorithm=MaxCalibConfig()), progress=False)
+    fresh = {r["name"]: r for r in summary_rows(rtn)}[name]
+    w = rtn.get_submodule(name).weight_2d().detach()
+    noise = (rtn.get_submodule(name).weight_quantizer(w).double() - w.double()).pow(2).sum()
+    if noise == 0:   # the GPTQ weight still sits on the new grid: said so, no number
+        assert fresh["sqnr_db"] is None and "grid" in fresh["reason"]
+    else:
+        want = 10 * torch.log10(w.double().pow(2).sum() / noise).item()
+        assert fresh["sqnr_db"] == pytest.approx(want, abs=1e-3)
+    assert fresh["sqnr_db"] != rows[name]["sqnr_db"]
