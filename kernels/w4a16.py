@@ -104,15 +104,29 @@ def _dequant_plane(q, s, z, i: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl
 
 
 @triton.jit
-def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
-                      GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Scale and zero ([BN, 1]) of the group that byte ``b`` of chunk ``kt`` starts."""
+def _half(v, dt: tl.constexpr):
+    """The low 16 bits of int32 ``v`` as a half-precision value of dtype ``dt``."""
+    return v.to(tl.int16).to(dt, bitcast=True)
+
+
+@triton.jit
+def _chunk_group(kt, b: tl.constexpr, n_groups, GPC: tl.constexpr, GROUP: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """Index of the group that byte ``b`` of chunk ``kt`` starts."""
     if GROUP < 128:
         g = kt * GPC + (b * 32) // GROUP
     else:
         g = (kt * 128) // GROUP
     if not EVEN_K:  # the padded tail of the last chunk has no group of its own
         g = tl.minimum(g, n_groups - 1)
+    return g
+
+
+@triton.jit
+def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
+                      GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Scale and zero ([BN, 1]) of the group that byte ``b`` of chunk ``kt`` starts."""
+    g = _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K)
     s = tl.load(s_rows + g)[:, None]
     if HAS_ZERO:
         z = tl.load(z_rows + g)[:, None]
@@ -130,22 +144,14 @@ def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
     One 4-byte load per row instead of two 2-byte ones: the software pipeliner streams loads
     of 4 bytes or more with asynchronous copies, so the pair arrives with the words.
     """
-    if GROUP < 128:
-        g = kt * GPC + (b * 32) // GROUP
-    else:
-        g = (kt * 128) // GROUP
-    if not EVEN_K:
-        g = tl.minimum(g, n_groups - 1)
-    v = tl.load(sz_rows + g)[:, None]
+    v = tl.load(sz_rows + _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K))[:, None]
     if IS_BF16 and not USE_ASM:  # a bfloat16's bits are the top half of the float32 it equals
         s = (v << 16).to(tl.float32, bitcast=True)
         z = (v & -65536).to(tl.float32, bitcast=True)
-    elif IS_BF16:
-        s = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        z = (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        s = v.to(tl.int16).to(tl.float16, bitcast=True)
-        z = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        dt: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+        s = _half(v, dt)
+        z = _half(v >> 16, dt)
     return s, z
 
 
@@ -1090,16 +1096,13 @@ def _load_halves(ptrs, SV: tl.constexpr):
     if SV == 2:
         v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs.to(tl.int64)],
                                       dtype=tl.int32, is_pure=True, pack=1)
-        a = (v & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
-        b = (v >> 16).to(tl.int16).to(dt, bitcast=True)
+        a = _half(v, dt)
+        b = _half(v >> 16, dt)
         return a, b, a, b
     v, w = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l",
                                      [ptrs.to(tl.int64)], dtype=(tl.int32, tl.int32),
                                      is_pure=True, pack=1)
-    return ((v & 0xFFFF).to(tl.int16).to(dt, bitcast=True),
-            (v >> 16).to(tl.int16).to(dt, bitcast=True),
-            (w & 0xFFFF).to(tl.int16).to(dt, bitcast=True),
-            (w >> 16).to(tl.int16).to(dt, bitcast=True))
+    return _half(v, dt), _half(v >> 16, dt), _half(w, dt), _half(w >> 16, dt)
 
 
 @triton.jit
@@ -1119,12 +1122,6 @@ def _load_pairs(ptrs, SV: tl.constexpr, dt: tl.constexpr):
             is_pure=True, pack=1)
     return (_half(a, dt), _half(b, dt), _half(c, dt), _half(d, dt),
             _half(a >> 16, dt), _half(b >> 16, dt), _half(c >> 16, dt), _half(d >> 16, dt))
-
-
-@triton.jit
-def _half(v, dt: tl.constexpr):
-    """The low 16 bits of int32 ``v`` as a half-precision value of dtype ``dt``."""
-    return v.to(tl.int16).to(dt, bitcast=True)
 
 
 @triton.jit
