@@ -10,18 +10,20 @@ from torch import nn
 from .layers import quant_modules
 
 
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|ref|^2 / |approx - ref|^2) in dB, in
+    float64; inf when they are equal."""
+    ref64 = ref.double()
+    noise = (approx.double() - ref64).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(ref64.pow(2).sum().item() / noise)
+
+
 def weight_sqnr_db(module) -> float:
-    """Signal-to-quantization-noise ratio of a fake-quant layer's weight, in dB. A weight that
-    GPTQ already moved onto the quantization grid reports the error it recorded against the
-    float weight it started from (re-quantizing it would read no error)."""
-    recorded = getattr(module, "_weight_sqnr_db", None)
-    if recorded is not None:
-        return recorded
+    """SQNR of a fake-quant layer's weight against its quantized value, in dB (inf for a weight
+    already on the grid, e.g. after GPTQ, whose error the layer records keep instead)."""
     with torch.no_grad():
-        w = module.weight_2d().float()
-        err = module.weight_quantizer(module.weight_2d()).float() - w
-        noise = err.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(w.pow(2).sum().item() / noise)
+        w = module.weight_2d()
+        return sqnr_db(w, module.weight_quantizer(w))
 
 
 def summary_rows(model: nn.Module) -> list[dict]:

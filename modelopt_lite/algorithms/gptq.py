@@ -22,13 +22,12 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import QuantizerSpec
 from ..nn import functional as F
 from ..sparsity.sparsegpt import _few_threads, _inverse_cholesky_upper
+from ..summary import sqnr_db
 from .awq_search import block_width
 
 
@@ -119,13 +118,6 @@ def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01) -> None
         # the weight now lies on the quantization grid: keep its error against the float weight
         # GPTQ started from, for the end-of-run report (quantizing it again would read 0)
         m._weight_sqnr_db = sqnr_db(orig, part)
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |approx - ref|^2) in float64; inf when they are equal."""
-    ref64 = ref.double()
-    noise = (approx.double() - ref64).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref64.pow(2).sum().item() / noise)
 
 
 def _stacked_mask(members) -> torch.Tensor | None:
