@@ -1,6 +1,7 @@
 """Timing helpers shared by the W4A16 benchmarks: CUDA-graph replays over rotating copies."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -76,3 +77,25 @@ def copy_bandwidth() -> float:
 def int4_floor_us(m, n, k, group, bw) -> float:
     nbytes = n * k // 2 + 2 * 2 * n * (k // group) + 2 * m * k + 2 * m * n
     return nbytes / bw * 1e6
+
+
+def time_humming(row: dict, w16, x, n_copies: int, group: int = 128) -> None:
+    """row["humming_us"]: the Humming peer on the same problem; when it fails (an optional
+    peer: the sweep goes on) row["humming_fail"] and a printed line instead."""
+    import peers
+
+    try:
+        row["humming_us"] = round(graph_time_us(peers.humming(w16, group, x, n_copies)), 2)
+    except Exception as e:  # noqa: BLE001
+        row["humming_fail"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print("humming fail", row["humming_fail"], flush=True)
+
+
+def save_row(rows: list, row: dict, out, bw: float, hide=()) -> None:
+    """Append ``row``, print it (less the ``hide`` keys) and rewrite ``out`` with every row
+    so far and the copy bandwidth, so a sweep cut short keeps what it measured."""
+    torch.cuda.empty_cache()
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k not in hide}), flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))

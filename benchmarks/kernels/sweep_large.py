@@ -8,7 +8,7 @@ config table where it beats both timings of the shipped dispatch by more than --
 
     python benchmarks/kernels/sweep_large.py --shapes 8192x28672,28672x8192 \\
         --out benchmarks/results/kernels_large_sweep_h100.json
-    python benchmarks/kernels/sweep_large.py --from kernels_large_sweep_h100.json   # re-time winners
+    python benchmarks/kernels/sweep_large.py --from kernels_large_sweep_h100.json  # re-time winners
     python benchmarks/kernels/sweep_large.py --shipped-only --twin PAIRS=true   # A/B a setting
 """
 import argparse
@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import SHAPES, ours_fns, parse_shapes, problems  # noqa: E402
-from common import copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth, graph_time_us, import_kernels, int4_floor_us, save_row, time_humming)
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -173,18 +174,10 @@ def main():
             row.update(best_cfg=best["cfg"], best_us=round(t, 2), best_err=err)
         if not a.no_peers:
             row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
-            try:
-                row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-            except Exception as e:  # noqa: BLE001
-                row["humming_fail"] = f"{type(e).__name__}: {str(e)[:200]}"
+            time_humming(row, w16, x, nc)
         t, _ = time_cfg(mk, packed, x, nc, ref, base, 25)
         row["shipped_us_2"] = round(t, 2)
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps({key: v for key, v in row.items() if key != "cands"}), flush=True)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows},
-                                          indent=1))
+        save_row(rows, row, a.out, bw, hide=("cands",))
     if a.write_table:
         if a.cands_table and not Path(a.write_table).exists():
             start = json.loads(Path(a.cands_table).read_text())

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import make_problem, ours_fns  # noqa: E402
-from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from common import (  # noqa: E402
+    copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us, time_humming)
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -82,10 +83,7 @@ def main():
         best = min(ok, key=lambda c: c["us"]) if ok else None
         if best is not None:  # the winner with the shipped protocol (25 replays)
             best["us_25"] = round(timed(mk, packed, x, nc, ref, best["cfg"], reps=25)[0], 2)
-        try:
-            row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-        except Exception as e:  # noqa: BLE001
-            print("humming fail", str(e)[:200], flush=True)
+        time_humming(row, w16, x, nc)
         row["shipped_us_2"] = round(timed(mk, packed, x, nc, ref, base, reps=25)[0], 2)
         if best is not None:
             row["persist_us_2"] = round(timed(mk, packed, x, nc, ref, best["cfg"], reps=25)[0], 2)

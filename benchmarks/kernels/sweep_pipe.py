@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import ours_fns, parse_shapes, problems  # noqa: E402
-from common import copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth, graph_time_us, import_kernels, int4_floor_us, save_row, time_humming)
 from sweep_v5 import best_of, shipped  # noqa: E402
 import peers  # noqa: E402
 
@@ -129,14 +130,8 @@ def main():
         row["shipped_again_us"] = round(graph_time_us(fns), 2)
         del fns
         if "humming" in a.peers:
-            try:
-                row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-            except Exception as e:  # noqa: BLE001
-                print("humming fail", str(e)[:200], flush=True)
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
+            time_humming(row, w16, x, nc)
+        save_row(rows, row, a.out, bw)
     if a.compile_only:
         return
     if a.write_table:

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import SHAPES, make_problem, ours_fns  # noqa: E402
-from common import copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us  # noqa: E402
+from common import (  # noqa: E402
+    copies_for, copy_bandwidth, graph_time_us, import_kernels, int4_floor_us, save_row,
+    time_humming)
 import peers  # noqa: E402
 
 
@@ -125,14 +127,8 @@ def main():
             if "cublas" in a.peers:
                 row["cublas_us"] = round(graph_time_us(peers.cublas(w16, x, n16)), 2)
             if "humming" in a.peers and m in (1, 4, 16):
-                try:
-                    row["humming_us"] = round(graph_time_us(peers.humming(w16, 128, x, nc)), 2)
-                except Exception as e:  # noqa: BLE001
-                    print("humming fail", str(e)[:200], flush=True)
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            Path(a.out).write_text(json.dumps({"copy_bw_TBps": bw / 1e12, "rows": rows}, indent=1))
+                time_humming(row, w16, x, nc)
+            save_row(rows, row, a.out, bw)
     if a.write_table:
         table = json.loads(Path(a.write_table).read_text())
         for r in rows:
