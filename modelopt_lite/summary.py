@@ -45,7 +45,7 @@ def summary_rows(model: nn.Module) -> list[dict]:
             sqnr = rec.get("weight_sqnr_db")
             if sqnr is None and w.enabled:
                 sqnr = weight_sqnr_db(module)
-                if math.isinf(sqnr):  # on the grid with no recorded error (e.g. loaded GPTQ weights)
+                if math.isinf(sqnr):  # on the grid, no recorded error (e.g. loaded GPTQ weights)
                     sqnr = None
                     note = note or "weight already on the quantization grid"
             row.update(status="quantized", format=fmt, sqnr_db=sqnr, reason=note)
