@@ -64,21 +64,12 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     atomic = split_k > 1
     gemv = cfg.get("GEMV", False)
     mma = cfg.get("MMA", False)
-    # split-K partials: on the fused and MMA paths (WS, the default) float32 atomics into a
-    # self-cleaning workspace, the last program of a tile storing the output (one kernel, no
-    # zero fill, no conversion); else float32 atomics into a zeroed buffer converted after,
-    # or (OUT16, GEMV/MMA and fp16 only) half-precision atomics straight into the output
-    tiles = 0
-    if atomic and not gemv and cfg.get("WS", True):
-        tiles = (triton_cdiv(m, 16) * triton_cdiv(n, cfg["BN"]) if mma else
-                 triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, _fused_bm(cfg, m)))
-    ws = _split_k_workspace(x.device, m * n, tiles) if tiles else None
+    # split-K partials are added with float32 atomics, or (OUT16, GEMV/MMA and fp16 only)
+    # straight into the half-precision output, which saves the float32 buffer's conversion pass
     out16 = (atomic and (gemv or mma) and cfg.get("OUT16", False)
              and x.dtype == torch.float16)
-    acc_dtype = torch.float32 if atomic and not out16 and ws is None else x.dtype
-    zeroed = atomic and ws is None
-    out = (torch.zeros if zeroed else torch.empty)((m, n), device=x.device, dtype=acc_dtype)
-    ws_args = dict(ws_ptr=ws[0], cnt_ptr=ws[1], WS=True) if ws is not None else {}
+    acc_dtype = torch.float32 if atomic and not out16 else x.dtype
+    out = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=acc_dtype)
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
             m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
@@ -120,8 +111,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                CONSTRAINTS=cons, ROWS=rows, FS=fs if use_asm else 0,
                                QC=cfg.get("QC", ""), QE=cfg.get("QE", ""), SV=sv, PAIRS=pairs,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-                               XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **ws_args,
-                               **common)
+                               XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common)
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
         persist = int(cfg.get("PERSIST", 0))
@@ -138,59 +128,30 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                 PIPE=_pipe(cfg), QC=cfg.get("QC", ""), QE=cfg.get("QE", ""),
                                 **common, **_maxnreg(cfg))
     else:
-        bm = _fused_bm(cfg, m)
+        # the token tile is at most the tokens rounded up to a power of two (>= 16): a half-empty
+        # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
+        # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
+        bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
         grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
-        pairs = bool(cfg.get("PAIRS", False))
-        if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads)
-            args = args[:2] + (_pairs(p),) + args[3:]
+        pairs = int(cfg.get("PAIRS", 0))
+        if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads);
+            # PAIRS 2: those words transposed, [K/B, N] (coalesced across the row tile)
+            args = args[:2] + (_pairs(p, transposed=pairs == 2),) + args[3:]
         w4a16_kernel[grid](
             *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **ws_args, **common)
+            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **common)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)
 
 
-def _fused_bm(cfg: dict, m: int) -> int:
-    # the token tile is at most the tokens rounded up to a power of two (>= 16): a half-empty
-    # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
-    # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
-    return min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
-
-
-# (device, stream) -> [float32 workspace, int32 tile counters, buffers outgrown]
-_WORKSPACES: dict = {}
-
-
-def _split_k_workspace(device: torch.device, elems: int, tiles: int):
-    """The split-K workspace of ``device``'s current stream: float32 sums and int32 arrival
-    counters, zero between calls (each call's last program per tile zeroes what it used).
-
-    Grown (doubling) when a call needs more; an outgrown buffer is kept, not freed, because a
-    CUDA graph captured earlier may still address it. Calls on one stream run in order, so
-    they share it; another stream gets its own.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    entry = _WORKSPACES.get(key)
-    if entry is None:
-        entry = _WORKSPACES[key] = [None, None, []]
-    for i, (need, dtype) in enumerate(((elems, torch.float32), (tiles, torch.int32))):
-        buf = entry[i]
-        if buf is None or buf.numel() < need:
-            if buf is not None:
-                entry[2].append(buf)
-            size = max(need, 2 * buf.numel() if buf is not None else 0, 1024)
-            entry[i] = torch.zeros(size, device=device, dtype=dtype)
-    return entry[0], entry[1]
-
-
 _PAIR_CACHE = WeakIdKeyDictionary()
 
 
-def _pairs(p: PackedInt4) -> torch.Tensor:
-    """:func:`pair_scales` of ``p``, built once per scale tensor and kept while it lives.
+def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
+    """:func:`pair_scales` of ``p`` ([N, K/B], or [K/B, N] ``transposed``), built once per
+    scale tensor and layout and kept while the scales live.
 
     Rebuilt when the scale or zero term changed in place (their version counters) or when the
     zero term is another tensor; costs 4 bytes per row and block (1/16 of the packed words).
@@ -199,8 +160,11 @@ def _pairs(p: PackedInt4) -> torch.Tensor:
     tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
     hit = _PAIR_CACHE.get(p.scale)
     if hit is None or hit[0] != tag:
-        hit = _PAIR_CACHE[p.scale] = (tag, pair_scales(p))
-    return hit[1]
+        hit = _PAIR_CACHE[p.scale] = (tag, {})
+    if transposed not in hit[1]:
+        sz = pair_scales(p)
+        hit[1][transposed] = sz.t().contiguous() if transposed else sz
+    return hit[1][transposed]
 
 
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:

@@ -138,13 +138,14 @@ def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.con
 @triton.jit
 def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
                      GROUP: tl.constexpr, EVEN_K: tl.constexpr, IS_BF16: tl.constexpr,
-                     USE_ASM: tl.constexpr):
-    """Scale and zero term ([BN, 1]) from one 32-bit word per row and group (``pair_scales``).
+                     USE_ASM: tl.constexpr, g_stride=1):
+    """Scale and zero term ([BN, 1]) from one 32-bit word per row and group (``pair_scales``;
+    ``g_stride`` words from one group to the next: 1 in its [N, K/B] layout, N transposed).
 
     One 4-byte load per row instead of two 2-byte ones: the software pipeliner streams loads
     of 4 bytes or more with asynchronous copies, so the pair arrives with the words.
     """
-    v = tl.load(sz_rows + _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K))[:, None]
+    v = tl.load(sz_rows + _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K) * g_stride)[:, None]
     if IS_BF16 and not USE_ASM:  # a bfloat16's bits are the top half of the float32 it equals
         s = (v << 16).to(tl.float32, bitcast=True)
         z = (v & -65536).to(tl.float32, bitcast=True)
@@ -181,27 +182,6 @@ def _mma(acc, w, x_ptrs, xk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _split_k_store(acc, out_ptrs, ws_ptrs, omask, cnt_ptr, n_live):
-    """Split-K epilogue without a zeroed output or a conversion pass (``WS``).
-
-    Every program adds its float32 partial into the self-cleaning workspace tile (``ws_ptrs``,
-    zero between calls), then bumps the tile's arrival counter (release after a CTA barrier, the
-    CUTLASS semaphore pattern). The program that arrives last (``n_live`` programs add to the
-    tile) reads the sum back while zeroing it with atomic exchanges (at L2: no stale L1 line),
-    stores it in the output's dtype and resets the counter, so the next call starts clean.
-    """
-    tl.atomic_add(ws_ptrs, acc, mask=omask, sem="relaxed")
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_live - 1:
-        bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros_like(acc).to(
-            tl.int32), mask=omask, sem="relaxed")   # as 32-bit words (the interpreter's too)
-        total = bits.to(tl.float32, bitcast=True)
-        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=omask)
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
-
-
-@triton.jit
 def w4a16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
@@ -209,7 +189,6 @@ def w4a16_kernel(
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
-    ws_ptr=None, cnt_ptr=None, WS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -237,6 +216,10 @@ def w4a16_kernel(
     x_ptrs = x_ptr + rm_safe[None, :] * stride_xm + rj[:, None]
     s_rows = s_ptr + rn_safe * n_groups
     z_rows = z_ptr + rn_safe * n_groups
+    g_stride = 1
+    if PAIRS == 2:  # pairs transposed, [K/B, N]: a group's words of BN rows are contiguous
+        s_rows = s_ptr + rn_safe
+        g_stride = N
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1   # groups per chunk
 
     acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -248,7 +231,7 @@ def w4a16_kernel(
             if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
                 if PAIRS:
                     s, z = _pair_scale_zero(s_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
-                                            IS_BF16, USE_ASM)
+                                            IS_BF16, USE_ASM, g_stride)
                 else:
                     s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP,
                                              EVEN_K, HAS_ZERO)
@@ -283,10 +266,7 @@ def w4a16_kernel(
         acc += bias[:, None] * (pid_k == 0).to(tl.float32)
     out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (rm[None, :] < M)
-    if ATOMIC and WS:  # programs with a non-empty K slice add to the tile
-        _split_k_store(acc, out_ptrs, ws_ptr + rm[None, :] * stride_om + rn[:, None], omask,
-                       cnt_ptr + pid, tl.cdiv(kt_total, kt_per))
-    elif ATOMIC:
+    if ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
@@ -1222,7 +1202,7 @@ def w4a16_mma_kernel(
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
     XTB: tl.constexpr = 0, PIPE: tl.constexpr = None, FS: tl.constexpr = 0,
     QC: tl.constexpr = "", QE: tl.constexpr = "", SV: tl.constexpr = 1,
-    PAIRS: tl.constexpr = False, ws_ptr=None, cnt_ptr=None, WS: tl.constexpr = False,
+    PAIRS: tl.constexpr = False,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -1256,9 +1236,6 @@ def w4a16_mma_kernel(
     kt_per = tl.cdiv(kt_total, SPLIT_K)
     kt0 = pid_k * kt_per
     kt1 = tl.minimum(kt0 + kt_per, kt_total)
-    if WS:
-        if kt0 >= kt1:  # an empty K slice adds nothing (and is not counted by the tile)
-            return
 
     rn = pid_n * BN + tl.arange(0, BN)
     rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
@@ -1376,11 +1353,7 @@ def w4a16_mma_kernel(
         acc += tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None] * (pid_k == 0).to(tl.float32)
     out_ptrs = out_ptr + (m0 + tok)[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (tok < m_left)[None, :]
-    if ATOMIC and WS:
-        _split_k_store(acc, out_ptrs, ws_ptr + (m0 + tok)[None, :] * stride_om + rn[:, None],
-                       omask, cnt_ptr + pid_m * tl.num_programs(2) + pid_n,
-                       tl.cdiv(kt_total, kt_per))
-    elif ATOMIC:
+    if ATOMIC:
         tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)

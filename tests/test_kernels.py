@@ -40,8 +40,7 @@ def _ref32(x, p, b):
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 SMALL = dict(BM=16, BN=32, SPLIT_K=1, num_warps=4, num_stages=2)
-# WS=False: split-K partials added into a zeroed float32 output, converted after
-SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, WS=False)
+SPLIT = dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2)
 FUSED = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True)
 GEMV = dict(GEMV=True, BN=16, SPLIT_K=1, num_warps=4, num_stages=2)
 GEMV_SPLIT = dict(GEMV=True, BN=32, SPLIT_K=3, num_warps=4, num_stages=2, PREFETCH=True)
@@ -52,6 +51,8 @@ DEQUANT = dict(DEQUANT=True, DQ_BN=16, DQ_CHUNKS=2)
 # the H100 table's M <= 256 tile: the token tile shrinks to the tokens' power of two (>= 16)
 BIG_TILE = dict(BM=256, BN=32, SPLIT_K=2, num_warps=8, num_stages=3, FUSE_K=True)
 PAIRS = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=True)
+# the pairs transposed, [K/B, N]
+PAIRS_T = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=2)
 EMPTY_SPLIT = dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
@@ -63,7 +64,7 @@ GEMV_PERSIST_SM = dict(GEMV=True, BN=32, SPLIT_K=2, num_warps=2, PERSIST=8, PREF
 # small-M tensor-core GEMV: BN = 16 * num_warps (2 rows per thread)
 MMA = dict(MMA=True, BN=16, SPLIT_K=1, num_warps=1, num_stages=2)
 MMA_SPLIT = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, PREFETCH=True)
-MMA_OUT16 = dict(MMA=True, BN=16, SPLIT_K=2, num_warps=1, num_stages=2, OUT16=True, WS=False)
+MMA_OUT16 = dict(MMA=True, BN=16, SPLIT_K=2, num_warps=1, num_stages=2, OUT16=True)
 MMA_ROWS4 = dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, num_stages=2)   # 4 rows per thread
 # activations permuted once per call for 16-byte fragment loads
 MMA_XPERM = dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, num_stages=2, XPERM=True)
@@ -105,6 +106,9 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (19, 40, 448, 64, PAIRS),       # block 64, K not a multiple of 128, two token tiles
     (5, 72, 384, 128, PAIRS),
     (3, 40, 320, 64, dict(SMALL, PAIRS=True)),   # the per-16-k product path reads pairs too
+    (7, 40, 320, 32, PAIRS_T),      # the pairs transposed: one group's words of a row tile
+    (19, 40, 448, 64, PAIRS_T),     # contiguous; N not a multiple of BN, K tail
+    (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
@@ -142,46 +146,6 @@ def test_mma_path_matches_reference(dtype, zero, group, m, n, cfg, k_tail):
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
 
 
-def _workspace(device):
-    from modelopt_lite.kernels import ops
-
-    dev = torch.device(device)
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    return ops._WORKSPACES[(dev.type, dev.index, stream)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,cfg", [
-    # 5 chunks over 4 slices of 2: the last slice is empty and must not be waited for
-    (5, 40, 640, dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)),
-    (19, 24, 384, dict(BM=16, BN=16, SPLIT_K=3, num_warps=4, num_stages=2, PAIRS=True,
-                       FUSE_K=True)),
-    (5, 40, 640, dict(MMA=True, BN=16, SPLIT_K=4, num_warps=1, num_stages=2)),
-    (21, 72, 384, dict(MMA=True, BN=32, SPLIT_K=3, num_warps=2, XPERM=True)),
-])
-def test_split_k_workspace_self_cleans(dtype, m, n, k, cfg):
-    """WS split-K: the last program of each tile writes the output; the workspace and the tile
-    counters are zero again after every call, so repeated and growing calls stay exact."""
-    x, p, b = _problem(m, n, k, 128, True, dtype)
-    ref = _ref32(x, p, b)
-    old = w4a16_matmul(x, p, b, dict(cfg, WS=False))
-    for _ in range(3):
-        y = w4a16_matmul(x, p, b, cfg)
-        assert y.dtype == dtype and _rel_err(y, ref) < TOL[dtype]
-        # same sums as the zeroed-buffer path, up to the order of the float32 additions
-        assert (y.float() - old.float()).abs().max() <= 2 * ref.abs().max() * TOL[dtype]
-        ws, counters, _ = _workspace(DEVICE)
-        assert not ws.any() and not counters.any()
-    # a call needing more room grows the workspace and keeps the outgrown buffer alive
-    x2, p2, b2 = _problem(3 * m, 5 * n, k, 128, False, dtype)
-    before = _workspace(DEVICE)[0]
-    y2 = w4a16_matmul(x2, p2, b2, cfg)
-    ws, counters, kept = _workspace(DEVICE)
-    assert _rel_err(y2, _ref32(x2, p2, b2)) < TOL[dtype]
-    assert not ws.any() and not counters.any()
-    assert ws.numel() >= 15 * m * n and (ws is before or any(t is before for t in kept))
-
-
 def test_pair_scales_bits_and_cache():
     from modelopt_lite.kernels.ops import _pairs
     from modelopt_lite.kernels.packing import pair_scales
@@ -197,6 +161,8 @@ def test_pair_scales_bits_and_cache():
             assert torch.equal(high, p.zterm if zero else torch.zeros_like(p.scale))
     first = _pairs(p)
     assert _pairs(p) is first                      # built once per scale tensor
+    assert torch.equal(_pairs(p, transposed=True), first.t())   # and layout
+    assert _pairs(p) is first
     p.scale.mul_(2)                                # an in-place change rebuilds it
     again = _pairs(p)
     assert again is not first
@@ -358,6 +324,8 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
                                       FUSE_K=True, PAIRS=True),
                                  dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=True),
+                                 dict(BM=64, BN=256, SPLIT_K=2, num_warps=8, num_stages=4,
+                                      FUSE_K=True, PAIRS=2),
                                  # 16 chunks over 5 splits of 4: the last split is empty
                                  dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True)])
@@ -401,23 +369,3 @@ def test_gpu_mma_path(dtype, zero, group, m, cfg):
     y = w4a16_matmul(x, p, b, cfg)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m,cfg", [
-    (64, dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4, FUSE_K=True, PAIRS=True)),
-    (200, dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=True)),
-    (1, dict(MMA=True, BN=128, SPLIT_K=28, num_warps=8, SV=4, QE="evict_first")),
-    (16, dict(MMA=True, BN=64, SPLIT_K=16, num_warps=4, SV=2, XPERM=True, PAIRS=True)),
-])
-def test_gpu_split_k_workspace_under_load(m, cfg):
-    """Many back-to-back WS split-K calls on a full GPU (thousands of programs racing for the
-    tile counters): every result matches the reference and the workspace ends clean."""
-    x, p, b = _problem(m, 4096, 7168, 128, True, torch.float16)
-    ref = _ref32(x, p, b)
-    ys = [w4a16_matmul(x, p, b, cfg) for _ in range(40)]
-    torch.cuda.synchronize()
-    for y in ys:
-        assert _rel_err(y, ref) < TOL[torch.float16]
-    ws, counters, _ = _workspace(DEVICE)
-    assert not ws.any() and not counters.any()

@@ -60,8 +60,9 @@ def candidates(m, n, k):
     return seen
 
 
-def pair_candidates(m, n, k):
-    """v12: fused tiles with PAIRS on, each at several K splits (wave fill vs atomics)."""
+def pair_candidates(m, n, k, pairs=True):
+    """v12: fused tiles with PAIRS on (v14: ``pairs`` = 2, transposed), each at several K splits
+    (wave fill vs atomics)."""
     if m <= 64:
         tiles = [(64, 128, 8, 3), (64, 128, 8, 4), (64, 128, 8, 5), (64, 256, 8, 3),
                  (64, 256, 8, 4), (64, 64, 4, 4), (64, 64, 4, 5)]
@@ -75,7 +76,7 @@ def pair_candidates(m, n, k):
         splits = (1, 2)
     k_tiles = -(-k // 128)
     return [dict(BM=bm, BN=bn, SPLIT_K=sk, num_warps=nw, num_stages=st, FUSE_K=True,
-                 GROUP_N=8, PAIRS=True)
+                 GROUP_N=8, PAIRS=pairs)
             for bm, bn, nw, st in tiles for sk in splits if sk <= max(1, k_tiles // 8)]
 
 
@@ -110,8 +111,9 @@ def main():
                          "that file starts as this table with every row DEFAULT (heuristic)")
     ap.add_argument("--cands", default=None, metavar="JSON",
                     help="candidates: this JSON list of configs (every shape and M)")
-    ap.add_argument("--pair-tiles", action="store_true",
-                    help="candidates: v12's PAIRS tiles at several K splits")
+    ap.add_argument("--pair-tiles", nargs="?", const=1, type=int, default=0, metavar="PAIRS",
+                    help="candidates: v12's PAIRS tiles at several K splits (PAIRS 2: the "
+                         "transposed words)")
     a = ap.parse_args()
     twin = None
     if a.twin:
@@ -150,7 +152,8 @@ def main():
                      GROUP_N=8)]
         else:
             cands = (prev.get((k, n, m)) if a.prev else
-                     pair_candidates(m, n, k) if a.pair_tiles else candidates(m, n, k))
+                     pair_candidates(m, n, k, True if a.pair_tiles == 1 else a.pair_tiles)
+                     if a.pair_tiles else candidates(m, n, k))
         if twin:
             cands = [v for c in cands if not c.get("DEQUANT") for v in (c, {**c, **twin})]
         row["cands"] = []

@@ -1,7 +1,8 @@
 #!/bin/bash
 # v14 (NOTES.md): split-K through the self-cleaning workspace (WS, one kernel per call) against
 # the zeroed-buffer path (WS=false: a fill kernel before, for float32 a conversion after), the
-# shipped configs of each (shape, M) in one process, with cuBLAS and Humming.
+# shipped configs of each (shape, M) in one process, with cuBLAS and Humming. WS lost on every
+# row and was removed: run this at commit ea7cb92, which has it.
 #   OUT=/tmp/v14 SHAPES=8192x28672,28672x8192 MS=1,4,16,64,256 bash benchmarks/kernels/v14_ws.sh
 set -u
 O=${OUT:-/tmp/v14}; mkdir -p "$O"
