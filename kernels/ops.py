@@ -69,7 +69,12 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     out16 = (atomic and (gemv or mma) and cfg.get("OUT16", False)
              and x.dtype == torch.float16)
     acc_dtype = torch.float32 if atomic and not out16 else x.dtype
-    out = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=acc_dtype)
+    out = torch.empty((m, n), device=x.device, dtype=acc_dtype)
+    # the split-K output starts at zero: filled here, or by the MMA path's XPERM prep kernel
+    out_fill = out if atomic else None
+    if atomic and not (mma and cfg.get("XPERM", False)):
+        out.zero_()
+        out_fill = None
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
             m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
@@ -87,8 +92,14 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         use_asm = common["USE_ASM"]
         n_tiles = 1 if m <= 8 else 2
         xperm = bool(cfg.get("XPERM", False))
-        if xperm:  # activations re-laid out once per call for 16-byte fragment loads
-            args = (permute_x(x2, 8 * n_tiles),) + args[1:]
+        if xperm:  # activations re-laid out once per call for 16-byte fragment loads, and the
+            # split-K buffer zeroed, in one kernel (PREP; else torch ops, one or two kernels)
+            if cfg.get("PREP", True):
+                args = (_xperm_prep(x2, 8 * n_tiles, out_fill),) + args[1:]
+            else:
+                if out_fill is not None:
+                    out_fill.zero_()
+                args = (permute_x(x2, 8 * n_tiles),) + args[1:]
         # FS: scales applied in float32 after the products (one group per chunk: block >= 128)
         fs = int(cfg.get("FS", 0)) if p.group_size >= 128 else 0
         if not use_asm:
@@ -186,6 +197,21 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
         IS_BF16=dtype == torch.bfloat16, USE_ASM=not _interpreting(), EVEN_K=k % 128 == 0,
         num_warps=cfg.get("DQ_WARPS", 4), num_stages=2)
     return w
+
+
+def _xperm_prep(x2: torch.Tensor, tb: int, out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`permute_x` of ``x2`` by one Triton kernel, which also zeroes ``out`` (if given)."""
+    from .w4a16 import xperm_prep_kernel
+
+    m, k = x2.shape
+    mb, kt = triton_cdiv(m, tb), triton_cdiv(k, 128)
+    xp = torch.empty((mb, kt, 4, tb, 4, 2, 4), device=x2.device, dtype=x2.dtype)
+    block = 1024
+    n_out = out.numel() if out is not None else 0
+    per_prog = triton_cdiv(triton_cdiv(n_out, mb * kt), block) * block
+    xperm_prep_kernel[(mb, kt)](x2, xp, out if out is not None else xp, m, k, x2.stride(0),
+                                n_out, per_prog, TB=tb, BLOCK=block, num_warps=4)
+    return xp
 
 
 def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:

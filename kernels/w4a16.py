@@ -182,6 +182,37 @@ def _mma(acc, w, x_ptrs, xk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def xperm_prep_kernel(x_ptr, xp_ptr, out_ptr, M, K, stride_xm, n_out, zero_per_prog,
+                      TB: tl.constexpr, BLOCK: tl.constexpr):
+    """One launch before the MMA path's split-K kernel: x [M, K] re-laid out as
+    :func:`~.ops.permute_x` (token block ``TB``, zero padding) and, with ``n_out`` > 0, the
+    split-K output zeroed (``zero_per_prog`` elements per program, a multiple of BLOCK).
+
+    Program (mb, kt) writes the 128 TB contiguous halves of token block mb and chunk kt:
+    element d = ((j TB + r) 4 + t) 8 + 4 h + e comes from token mb TB + r, column
+    128 kt + 32 j + 16 h + 4 t + e.
+    """
+    mb = tl.program_id(0)
+    kt = tl.program_id(1)
+    d = tl.arange(0, 128 * TB)
+    e = d % 4
+    h = (d // 4) % 2
+    t = (d // 8) % 4
+    r = (d // 32) % TB
+    j = d // (32 * TB)
+    row = mb * TB + r
+    col = kt * 128 + 32 * j + 16 * h + 4 * t + e
+    v = tl.load(x_ptr + row * stride_xm + col, mask=(row < M) & (col < K), other=0.0)
+    tl.store(xp_ptr + (mb * tl.num_programs(1) + kt) * (128 * TB) + d, v)
+    if n_out > 0:
+        pid = mb * tl.num_programs(1) + kt
+        z = tl.zeros([BLOCK], out_ptr.dtype.element_ty)
+        for start in range(pid * zero_per_prog, (pid + 1) * zero_per_prog, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + offs, z, mask=offs < n_out)
+
+
+@triton.jit
 def w4a16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,

@@ -134,6 +134,7 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     (5, 40, MMA_XPERM, True),    # permuted activations: one token tile, padded K and tokens
     (13, 72, MMA_XPERM_ROWS4, False),   # permuted, two token tiles, 4 rows per thread
     (21, 24, MMA_XPERM, False),  # permuted, two 16-token blocks
+    (13, 40, dict(MMA_XPERM, PREP=False), True),   # permuted and zeroed by torch ops
     (7, 72, MMA_PIPE, True),     # pipelined word loads, evict-first hint, K tail
     (13, 40, MMA_FS_SV, False),  # float32 scales and 2-chunk scale loads requested
 ])
@@ -369,3 +370,17 @@ def test_gpu_mma_path(dtype, zero, group, m, cfg):
     y = w4a16_matmul(x, p, b, cfg)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,tb", [(11, 320, 16), (16, 256, 16), (3, 384, 8), (21, 200, 16)])
+def test_xperm_prep_kernel_matches_permute_x(dtype, m, k, tb):
+    """The one-launch prep (permute + zero fill) writes exactly permute_x's layout, padding
+    included, and zeroes the whole split-K buffer."""
+    from modelopt_lite.kernels.ops import _xperm_prep, permute_x
+
+    x = torch.randn(m, k + 24, device=DEVICE).to(dtype)[:, :k]   # rows k + 24 apart
+    out = torch.full((m, 37), 3.0, device=DEVICE)
+    assert torch.equal(_xperm_prep(x, tb, out), permute_x(x, tb))
+    assert not out.any()
+    assert torch.equal(_xperm_prep(x, tb, None), permute_x(x, tb))

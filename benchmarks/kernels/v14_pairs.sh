@@ -9,7 +9,8 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 K=benchmarks/kernels
 T=${TAG:-run1}
-timeout ${T1:-150} python3 $K/sweep_large.py --shapes 8192x28672,28672x8192 --ms ${MS:-64,256,1024} \
+timeout ${T1:-150} python3 $K/sweep_large.py --shapes 8192x28672,28672x8192 \
+  --ms ${MS:-64,256,1024} \
   --shipped-only --twin PAIRS=2 --out "$O/kernels_v14_pairs2_large_${T}_h100.json" 2>&1 \
   | grep -v Warning | tail -7
 timeout ${T2:-150} python3 $K/sweep_large.py --shapes 4096x4096,4096x14336,14336x4096 \

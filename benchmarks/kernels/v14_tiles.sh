@@ -10,7 +10,8 @@ export PYTHONUNBUFFERED=1
 K=benchmarks/kernels
 S=${SHAPES:-8192x28672,28672x8192}
 cp kernels/configs/h100.json "$O/h100.json"
-timeout ${T1:-380} python3 $K/sweep_large.py --shapes $S --ms ${MS:-64,256} --no-peers --pair-tiles 2 \
+timeout ${T1:-380} python3 $K/sweep_large.py --shapes $S --ms ${MS:-64,256} --no-peers \
+  --pair-tiles 2 \
   --budget-s ${B1:-350} --out "$O/kernels_v14_tiles_run1_h100.json" 2>&1 | grep -v Warning | tail -6
 timeout ${T2:-150} python3 $K/sweep_large.py --shapes $S --ms ${MS:-64,256} \
   --from "$O/kernels_v14_tiles_run1_h100.json" --write-table "$O/h100.json" \

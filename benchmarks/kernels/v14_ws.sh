@@ -9,6 +9,7 @@ O=${OUT:-/tmp/v14}; mkdir -p "$O"
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 S=${SHAPES:-8192x28672,28672x8192}
-timeout ${T:-540} python3 benchmarks/kernels/sweep_large.py --shapes "$S" --ms ${MS:-1,4,16,64,256} \
+timeout ${T:-540} python3 benchmarks/kernels/sweep_large.py --shapes "$S" \
+  --ms ${MS:-1,4,16,64,256} \
   --shipped-only --twin WS=false --out "$O/${TAG:-kernels_v14_ws_ab_h100}.json" 2>&1 \
   | grep -v Warning | tail -${TAIL:-16}
