@@ -38,7 +38,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     with ``PAIRS`` (the H100 table's large-M rows, the heuristic's at K >= 8192) read a copy of
     the scales and zero terms packed one word per block (:func:`~.packing.pair_scales`), built
     on the first such call and kept while ``p.scale`` lives: 4 bytes per row and block, 1/16 of
-    the packed weight. ``DEQUANT`` configs allocate an fp16 copy of the weight per call.
+    the packed weight (``PAIRS: 2``, fused kernel: the same words transposed, [K/B, N], in a
+    second cached copy). ``XPERM`` (small-M path) permutes x per call, by default in one kernel
+    that also zeroes the split-K buffer (``PREP``). ``DEQUANT`` configs allocate an fp16 copy
+    of the weight per call.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
         >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,
