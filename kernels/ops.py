@@ -47,8 +47,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,
         ...                  num_stages=4, FUSE_K=True, PAIRS=True))  # doctest: +SKIP
     """
-    from .w4a16 import (mma_constraints, mma_fs_constraints, w4a16_gemv_kernel, w4a16_kernel,
-                        w4a16_mma_kernel)
+    from .gemv import w4a16_gemv_kernel
+    from .mma import mma_constraints, mma_fs_constraints, w4a16_mma_kernel
+    from .w4a16 import w4a16_kernel
 
     _check(x, p)
     n, k = p.shape
@@ -184,7 +185,7 @@ def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:
     """W_hat [N, K] in fp16/bf16 with the Triton dequantization kernel (same arithmetic as the
     GEMM's: u * s + zterm rounded once per weight)."""
-    from .w4a16 import w4a16_dequant_kernel
+    from .dequant import w4a16_dequant_kernel
 
     if p.scale.dtype != dtype:
         raise TypeError(f"scale dtype {p.scale.dtype} differs from {dtype}")
@@ -204,7 +205,7 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
 
 def _xperm_prep(x2: torch.Tensor, tb: int, out: torch.Tensor | None) -> torch.Tensor:
     """:func:`permute_x` of ``x2`` by one Triton kernel, which also zeroes ``out`` (if given)."""
-    from .w4a16 import xperm_prep_kernel
+    from .mma import xperm_prep_kernel
 
     m, k = x2.shape
     mb, kt = triton_cdiv(m, tb), triton_cdiv(k, 128)
@@ -237,7 +238,7 @@ def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int,
              xperm: bool = False) -> str:
-    from .w4a16 import mma_asm
+    from .mma import mma_asm
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
                    xperm)
@@ -246,7 +247,7 @@ def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, row
 @functools.lru_cache(maxsize=None)
 def _mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int,
                 xperm: bool = False, fold: bool = False) -> str:
-    from .w4a16 import mma_fs_asm
+    from .mma import mma_fs_asm
 
     return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold)
 

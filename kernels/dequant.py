@@ -1,0 +1,189 @@
+"""INT4 -> fp16 / bf16 dequantization shared by the W4A16 kernels, and the kernel that writes
+W_hat once in the activation dtype (``w4a16_dequant_kernel``, the large-M fallback that hands
+the product to cuBLAS).
+
+Two adjacent packed words go through one PRMT that puts byte b of each into the two 16-bit
+halves of a register; one LOP3 with 0x000F000F | 0x6400 (fp16) or 0x4300 (bf16) turns two
+nibbles into the half-precision numbers magic + u with no int-to-float conversion; one packed
+subtract and one packed FMA with (scale, -zero*scale) finish: about two instructions per
+weight. Byte b of a word holds nibble planes 2b and 2b + 1 (``packing.py``). The interpreter
+runs the same arithmetic in plain Triton.
+"""
+import triton
+import triton.language as tl
+
+
+def _asm(bf16: bool, zero: bool, byte: int) -> str:
+    ty = "bf16x2" if bf16 else "f16x2"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
+    sel = hex(byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12)
+    finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero else f"mul.rn.{ty} $OUT, t, $4;")
+    return f"""
+{{
+.reg .b32 p, t, m, o;
+mov.b32 m, {magic};
+mov.b32 o, {offset};
+prmt.b32 p, $2, $3, {sel};
+lop3.b32 t, p, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, o;
+{finish.replace("$OUT", "$0")}
+shr.u32 p, p, 4;
+lop3.b32 t, p, 0x000F000F, m, 0xEA;
+sub.rn.{ty} t, t, o;
+{finish.replace("$OUT", "$1")}
+}}
+"""
+
+
+# the asm of byte b for (dtype, zero points): index 8 bf16 + 4 zero + b
+_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b) for bf16 in (False, True)
+                                  for zero in (False, True) for b in range(4)))
+
+
+@triton.jit
+def _asm_f16(q, s, z, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
+@triton.jit
+def _asm_bf16(q, s, z, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+
+
+@triton.jit
+def _dequant_byte_asm(q, s, z, b: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """Nibble planes 2b and 2b+1 of q as two [BN, 16] half-precision tiles."""
+    asm: tl.constexpr = _DEQUANT_ASM[8 * IS_BF16 + 4 * HAS_ZERO + b]
+    if IS_BF16:
+        lo, hi = _asm_bf16(q, s, z, asm)
+    else:
+        lo, hi = _asm_f16(q, s, z, asm)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_plane(q, s, z, i: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
+    """Nibble plane i of q as a [BN, 16] tile, in plain Triton (interpreter and fallback)."""
+    u = (q >> (4 * i)) & 0xF
+    if IS_BF16:  # float32 magic 2^23 + u: the interpreter has no bfloat16 bit casts
+        v = (u | 0x4B000000).to(tl.float32, bitcast=True)
+        magic = 8388608.0
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
+    else:
+        v = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        magic = 1024.0
+    if HAS_ZERO:
+        w = (v - tl.full((1, 1), magic, v.dtype)) * s + z
+    else:
+        w = (v - tl.full((1, 1), magic + 8.0, v.dtype)) * s
+    if IS_BF16:
+        return w.to(tl.bfloat16)
+    return w.to(tl.float16)
+
+
+@triton.jit
+def _half(v, dt: tl.constexpr):
+    """The low 16 bits of int32 ``v`` as a half-precision value of dtype ``dt``."""
+    return v.to(tl.int16).to(dt, bitcast=True)
+
+
+@triton.jit
+def _chunk_group(kt, b: tl.constexpr, n_groups, GPC: tl.constexpr, GROUP: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """Index of the group that byte ``b`` of chunk ``kt`` starts."""
+    if GROUP < 128:
+        g = kt * GPC + (b * 32) // GROUP
+    else:
+        g = (kt * 128) // GROUP
+    if not EVEN_K:  # the padded tail of the last chunk has no group of its own
+        g = tl.minimum(g, n_groups - 1)
+    return g
+
+
+@triton.jit
+def _chunk_scale_zero(s_rows, z_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
+                      GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Scale and zero ([BN, 1]) of the group that byte ``b`` of chunk ``kt`` starts."""
+    g = _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K)
+    s = tl.load(s_rows + g)[:, None]
+    if HAS_ZERO:
+        z = tl.load(z_rows + g)[:, None]
+    else:
+        z = s
+    return s, z
+
+
+@triton.jit
+def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
+                     GROUP: tl.constexpr, EVEN_K: tl.constexpr, IS_BF16: tl.constexpr,
+                     USE_ASM: tl.constexpr, g_stride=1):
+    """Scale and zero term ([BN, 1]) from one 32-bit word per row and group (``pair_scales``;
+    ``g_stride`` words from one group to the next: 1 in its [N, K/B] layout, N transposed).
+
+    One 4-byte load per row instead of two 2-byte ones: the software pipeliner streams loads
+    of 4 bytes or more with asynchronous copies, so the pair arrives with the words.
+    """
+    v = tl.load(sz_rows + _chunk_group(kt, b, n_groups, GPC, GROUP, EVEN_K) * g_stride)[:, None]
+    if IS_BF16 and not USE_ASM:  # a bfloat16's bits are the top half of the float32 it equals
+        s = (v << 16).to(tl.float32, bitcast=True)
+        z = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        dt: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+        s = _half(v, dt)
+        z = _half(v >> 16, dt)
+    return s, z
+
+
+@triton.jit
+def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  IS_BF16: tl.constexpr):
+    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized."""
+    if USE_ASM:
+        lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape), tl.broadcast_to(z, q.shape),
+                                   b, HAS_ZERO, IS_BF16)
+    else:
+        lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
+        hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
+    return lo, hi
+
+
+@triton.jit
+def w4a16_dequant_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, N, K, n_groups, CHUNKS,
+    GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr,
+    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """W_hat [N, K] in the activation dtype, CHUNKS 128-chunks of BN rows per program (for
+    large M, where one dequantization feeds a cuBLAS GEMM)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    kt_total = tl.cdiv(K, 128)
+    kt0 = pid_k * CHUNKS
+    kt1 = tl.minimum(kt0 + CHUNKS, kt_total)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    rj = tl.arange(0, 16)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rj[None, :]
+    s_rows = s_ptr + rn_safe * n_groups
+    z_rows = z_ptr + rn_safe * n_groups
+    rmask = (rn < N)[:, None]
+    GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    for kt in range(kt0, kt1):
+        q = tl.load(q_ptrs + kt * 16)
+        for b in tl.static_range(4):
+            if (b * 32) % (128 // GPC) == 0:
+                s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
+                                         HAS_ZERO)
+            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
+            k_lo = kt * 128 + 32 * b
+            if EVEN_K:
+                tl.store(w_ptrs + k_lo, lo, mask=rmask)
+                tl.store(w_ptrs + k_lo + 16, hi, mask=rmask)
+            else:
+                tl.store(w_ptrs + k_lo, lo, mask=rmask & ((k_lo + rj) < K)[None, :])
+                tl.store(w_ptrs + k_lo + 16, hi, mask=rmask & ((k_lo + 16 + rj) < K)[None, :])
