@@ -9,113 +9,17 @@ H100 table's shapes.
 import triton
 import triton.language as tl
 
-
-def _gemv_asm(bf16: bool, groups_per_chunk: int) -> str:
-    """One packed word dotted with its 8 activations: (u - 8) * x summed in half precision.
-
-    Inputs (after the 2 or 4 outputs): the word, then four f16x2 (bf16x2) pairs
-    xp_b = (x[16b + j], x[16(b+4) + j]), b = 0..3. The mask 0x000F000F OR-ed with the
-    half-precision 1024 (bf16: 128) gives (1024 + u_b, 1024 + u_b+4); subtracting 1032 (136)
-    leaves (u - 8) exactly, centred so the half-precision products stay small. fp16 reads
-    planes 1 and 3 in place (mask 0x00F000F0: 1024 + 16 u, minus 1152 = 16 (u - 8), against
-    activations pre-divided by 16; exact), so one shift per word serves all eight planes;
-    bf16 (7 mantissa bits) shifts per plane pair.
-    Outputs, float32: one sum per group of the chunk: planes 0-3 and 4-7 (1 or 2 groups per
-    chunk), or planes 0-1, 2-3, 4-5, 6-7 (block 32).
-    """
-    ty = "bf16x2" if bf16 else "f16x2"
-    cvt = "cvt.f32.bf16" if bf16 else "cvt.f32.f16"
-    n_out = 4 if groups_per_chunk == 4 else 2
-    q = f"${n_out}"
-    lines = ["mov.b32 m, " + ("0x43004300;" if bf16 else "0x64006400;"),
-             "mov.b32 o, " + ("0x43084308;" if bf16 else "0x64086408;")]
-    if not bf16:
-        lines.append("mov.b32 o16, 0x64806480;")
-    for b in range(4):
-        acc = "a" if (n_out == 2 or b < 2) else "c"
-        xp = f"${n_out + 1 + b}"
-        if bf16:
-            src = q if b == 0 else "w"
-            if b:
-                lines.append(f"shr.u32 w, {q}, {4 * b};")
-            lines.append(f"lop3.b32 t, {src}, 0x000F000F, m, 0xEA;")
-            lines.append(f"sub.rn.{ty} t, t, o;")
-        else:
-            src = q if b < 2 else "w"
-            if b == 2:
-                lines.append(f"shr.u32 w, {q}, 8;")
-            mask, off = ("0x000F000F", "o") if b % 2 == 0 else ("0x00F000F0", "o16")
-            lines.append(f"lop3.b32 t, {src}, {mask}, m, 0xEA;")
-            lines.append(f"sub.rn.{ty} t, t, {off};")
-        first = b == 0 or (n_out == 4 and b == 2)
-        lines.append(f"mul.rn.{ty} {acc}, t, {xp};" if first else
-                     f"fma.rn.{ty} {acc}, t, {xp}, {acc};")
-    lines += ["mov.b32 {lo, hi}, a;", f"{cvt} $0, lo;"]
-    if n_out == 2:
-        lines.append(f"{cvt} $1, hi;")
-    else:  # a: planes (0,1 | 4,5), c: planes (2,3 | 6,7)
-        lines += [f"{cvt} $2, hi;", "mov.b32 {lo, hi}, c;", f"{cvt} $1, lo;", f"{cvt} $3, hi;"]
-    body = "\n".join(lines)
-    return f"""
-{{
-.reg .b32 m, o, o16, t, w, a, c;
-.reg .b16 lo, hi;
-{body}
-}}
-"""
+from .ptx import gemv_asm, xprep_asm
 
 
-def _xprep_asm(bf16: bool, groups_per_chunk: int) -> str:
-    """Eight activations x[16i + j], i = 0..7 (as 16-bit integers $n_out..), into the four
-    pairs the GEMV asm reads (fp16: pairs 1 and 3 divided by 16, exact) and the float32 sum
-    of x per group of the chunk (same order as :func:`_gemv_asm`'s outputs)."""
-    ty = "bf16x2" if bf16 else "f16x2"
-    n_s = 4 if groups_per_chunk == 4 else 2
-    x = [f"${4 + n_s + i}" for i in range(8)]
-    lines = []
-    for b in range(4):
-        if bf16 or b % 2 == 0:
-            lines.append(f"mov.b32 ${b}, {{{x[b]}, {x[b + 4]}}};")
-        else:
-            lines.append(f"mov.b32 p{b}, {{{x[b]}, {x[b + 4]}}};")
-            lines.append(f"mul.rn.{ty} ${b}, p{b}, d;")
-    if bf16:  # bf16 sums in float32 (bf16 -> f32 is exact)
-        lines += [f"cvt.f32.bf16 f{i}, {x[i]};" for i in range(8)]
-        if n_s == 2:
-            lines += ["add.f32 f0, f0, f1;", "add.f32 f2, f2, f3;", "add.f32 $4, f0, f2;",
-                      "add.f32 f4, f4, f5;", "add.f32 f6, f6, f7;", "add.f32 $5, f4, f6;"]
-        else:
-            lines += ["add.f32 $4, f0, f1;", "add.f32 $5, f2, f3;", "add.f32 $6, f4, f5;",
-                      "add.f32 $7, f6, f7;"]
-    else:  # fp16 sums of 2 or 4 values in f16x2, then float32
-        lines += [f"mov.b32 p0, {{{x[0]}, {x[4]}}};", f"mov.b32 p2, {{{x[2]}, {x[6]}}};",
-                  "add.rn.f16x2 s, p0, p1;", "add.rn.f16x2 r, p2, p3;"]
-        if n_s == 2:
-            lines += ["add.rn.f16x2 s, s, r;", "mov.b32 {lo, hi}, s;", "cvt.f32.f16 $4, lo;",
-                      "cvt.f32.f16 $5, hi;"]
-        else:
-            lines += ["mov.b32 {lo, hi}, s;", "cvt.f32.f16 $4, lo;", "cvt.f32.f16 $6, hi;",
-                      "mov.b32 {lo, hi}, r;", "cvt.f32.f16 $5, lo;", "cvt.f32.f16 $7, hi;"]
-    body = "\n".join(lines)
-    return f"""
-{{
-.reg .b32 p0, p1, p2, p3, s, r, d;
-.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;
-.reg .b16 lo, hi;
-mov.b32 d, 0x2C002C00;
-{body}
-}}
-"""
-
-
-ASM_GEMV_F16_2 = tl.constexpr(_gemv_asm(False, 2))
-ASM_GEMV_F16_4 = tl.constexpr(_gemv_asm(False, 4))
-ASM_GEMV_BF16_2 = tl.constexpr(_gemv_asm(True, 2))
-ASM_GEMV_BF16_4 = tl.constexpr(_gemv_asm(True, 4))
-ASM_XPREP_F16_2 = tl.constexpr(_xprep_asm(False, 2))
-ASM_XPREP_F16_4 = tl.constexpr(_xprep_asm(False, 4))
-ASM_XPREP_BF16_2 = tl.constexpr(_xprep_asm(True, 2))
-ASM_XPREP_BF16_4 = tl.constexpr(_xprep_asm(True, 4))
+ASM_GEMV_F16_2 = tl.constexpr(gemv_asm(False, 2))
+ASM_GEMV_F16_4 = tl.constexpr(gemv_asm(False, 4))
+ASM_GEMV_BF16_2 = tl.constexpr(gemv_asm(True, 2))
+ASM_GEMV_BF16_4 = tl.constexpr(gemv_asm(True, 4))
+ASM_XPREP_F16_2 = tl.constexpr(xprep_asm(False, 2))
+ASM_XPREP_F16_4 = tl.constexpr(xprep_asm(False, 4))
+ASM_XPREP_BF16_2 = tl.constexpr(xprep_asm(True, 2))
+ASM_XPREP_BF16_4 = tl.constexpr(xprep_asm(True, 4))
 
 
 @triton.jit
@@ -437,9 +341,9 @@ def w4a16_gemv_kernel(
     Each program owns BN output rows and a K range. A chunk's 16 words per row are loaded as a
     [BN, 16] tile (16 bytes per thread: 4 consecutive words of one row, so a thread meets the
     same 4 activation columns in every row it owns). Per chunk, each thread turns its 32
-    activations into the 4 half-precision pairs and per-group sums once (:func:`_xprep_asm`),
+    activations into the 4 half-precision pairs and per-group sums once (:func:`~.ptx.xprep_asm`),
     then every word of every row it owns is dotted with them in packed half precision
-    (:func:`_gemv_asm`: about 2 instructions per weight); scale and zero apply once per
+    (:func:`~.ptx.gemv_asm`: about 2 instructions per weight); scale and zero apply once per
     (row, group, thread) in float32: acc += s * sum (u - 8) x + (zterm + 8 s) * sum x.
     Without USE_ASM (the interpreter) the same sums run in float32.
 

@@ -1,7 +1,8 @@
 """Small-M path (2..16 tokens per program): ``w4a16_mma_kernel`` dequantizes every packed
-word once into ``mma.sync`` m16n8k16 register fragments (inline PTX built by :func:`mma_asm`
-/ :func:`mma_fs_asm`) and multiplies it with all the tokens, no shared memory and no barrier;
-``xperm_prep_kernel`` lays the activations out for its 16-byte fragment loads (``XPERM``).
+word once into ``mma.sync`` m16n8k16 register fragments (inline PTX built as text by
+:func:`~.ptx.mma_asm` / :func:`~.ptx.mma_fs_asm`) and multiplies it with all the tokens, no
+shared memory and no barrier; ``xperm_prep_kernel`` lays the activations out for its 16-byte
+fragment loads (``XPERM``).
 """
 import triton
 import triton.language as tl
@@ -38,249 +39,6 @@ def xperm_prep_kernel(x_ptr, xp_ptr, out_ptr, M, K, stride_xm, n_out, zero_per_p
         for start in range(pid * zero_per_prog, (pid + 1) * zero_per_prog, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             tl.store(out_ptr + offs, z, mask=offs < n_out)
-
-
-_FRAG_SRC = ((0, 0), (1, 0), (0, 2), (1, 2))   # (slot, first word) of A fragments a0..a3
-
-
-def _x_address_ptx(xperm: bool, n_tiles: int, xaddr: str, mm1: str, stride: str) -> list[str]:
-    """PTX: lane, g, tt and each token tile's activation address xa0 / xa1 (see mma_asm)."""
-    lines = ["mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 tt, lane, 3;"]
-    if xperm:  # lane (g, t): byte 64 g + 16 t of each load's block; tile 1 is 8 tokens on
-        return lines + ["mul.wide.u32 off, lane, 16;", f"add.s64 xa0, {xaddr}, off;",
-                        "add.s64 xa1, xa0, 512;"]
-    lines += [f"min.u32 tok, g, {mm1};", f"mul.wide.u32 off, tok, {stride};",
-              f"add.s64 xa0, {xaddr}, off;", "mul.wide.u32 off, tt, 8;",
-              "add.s64 xa0, xa0, off;"]
-    if n_tiles == 2:
-        lines += ["add.u32 tok, g, 8;", f"min.u32 tok, tok, {mm1};",
-                  f"mul.wide.u32 off, tok, {stride};", f"add.s64 xa1, {xaddr}, off;",
-                  "mul.wide.u32 off, tt, 8;", "add.s64 xa1, xa1, off;"]
-    return lines
-
-
-def _prmt_ptx(b: int, rows: int, q: list[str]) -> list[str]:
-    """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}."""
-    sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
-    return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w]}, "
-            f"{q[4 * (2 * pr + slot) + w + 1]}, {sel};"
-            for pr in range(rows // 2) for f, (slot, w) in enumerate(_FRAG_SRC)]
-
-
-def _x_load_ptx(i: int, tile: int, n_tiles: int, xperm: bool, even_k: bool,
-                krem: str) -> list[str]:
-    """PTX: the B fragment (x{tile}_0, x{tile}_1) of nibble plane i for one token tile."""
-    xb = f"x{tile}_0, x{tile}_1"
-    if xperm:  # one 16-byte load per plane pair: (plane 2b: r0, r1; 2b+1: r2, r3)
-        if i % 2 == 0:
-            return [f"ld.global.nc.v4.b32 {{{xb}, y{tile}_0, y{tile}_1}}, "
-                    f"[xa{tile}+{(i // 2) * 64 * 8 * n_tiles}];"]
-        return [f"mov.b32 x{tile}_0, y{tile}_0;", f"mov.b32 x{tile}_1, y{tile}_1;"]
-    if even_k:
-        return [f"ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
-    # planes past K read zeros (their padding codes are not zero weights)
-    return [f"mov.b32 x{tile}_0, 0;", f"mov.b32 x{tile}_1, 0;",
-            f"setp.lt.s32 pk, {16 * i}, {krem};",
-            f"@pk ld.global.nc.v2.b32 {{{xb}}}, [xa{tile}+{32 * i}];"]
-
-
-def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
-            rows: int = 2, xperm: bool = False) -> str:
-    """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
-
-    Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
-    per thread, 8 x 4 threads per warp, BN = 8 rows num_warps): lane = 4 g + t holds words
-    4t .. 4t+3 of its rows (slots 0 .. rows-1). That is the A-fragment layout of
-    ``mma.m16n8k16`` with mma rows (g, g + 8) = slots (2p, 2p + 1) and, for nibble plane i,
-    mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3): K is a
-    sum, so any fixed permutation of it works when the activations follow it. One PRMT per
-    word pair and byte puts byte b of both words in the two halves of a register; LOP3 with
-    the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as f16x2; a
-    packed subtract and FMA with (scale, zterm) finish the weight, exactly as in :func:`_asm`.
-    The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte load per
-    token tile (tokens g and g + 8, clamped to M - 1), addressed from %laneid and shared by
-    the thread's row pairs. Each word is dequantized once and used by every token.
-
-    Operands (pack 4 rows): the accumulators out, 4 per slot: (tile 0 c0, c1, tile 1 c0, c1)
-    for slot 2p, (tile 0 c2, c3, tile 1 c2, c3) for slot 2p + 1, i.e. column c = 4t + j holds
-    token 2t + (j & 1) + 8 (j >> 1); then the words, 4 scale and 4 zterm tensors (groups of
-    the chunk; two half-precision values per register), the accumulators in, the chunk's x
-    address (b64), M - 1, the x row stride in bytes and the K left in this chunk.
-
-    With ``xperm`` the activations come pre-permuted once per call (:func:`permute_x`): per
-    chunk and load j = 0..3 a [8 n_tiles tokens, 4 t, planes 2j and 2j + 1, 4 halves] block,
-    so a lane fetches both planes' B fragments with one 16-byte load and a warp's load reads
-    512 contiguous bytes per token tile (4 lines instead of 8 lines for 8 bytes a lane).
-    Tokens and K are zero-padded there, so no clamp and no K predicate; the address operand
-    is the chunk's block, and M - 1, the stride and the K left are unused.
-    """
-    n = 4 * rows                        # elements per thread
-    ty = "bf16x2" if bf16 else "f16x2"
-    ab = "bf16" if bf16 else "f16"
-    magic = "0x43004300" if bf16 else "0x64006400"
-    offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
-    q = [f"${n + i}" for i in range(n)]
-    sbase, zbase, abase = 2 * n, 2 * n + 2 * n, 2 * n + 4 * n
-    sreg = [[f"${sbase + (n // 2) * j + 2 * r}" for r in range(rows)] for j in range(4)]
-    zreg = [[f"${zbase + (n // 2) * j + 2 * r}" for r in range(rows)] for j in range(4)]
-    acc_in = [f"${abase + i}" for i in range(n)]
-    xaddr, mm1, stride, krem = (f"${abase + n * (1 + i)}" for i in range(4))
-    lines = [f"mov.b32 m, {magic};", f"mov.b32 o, {offset};"]
-    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
-    lines += _x_address_ptx(xperm, n_tiles, xaddr, mm1, stride)
-    # A fragment sources per row pair p (_FRAG_SRC): (slot, first word) for a0 (row g, k 2t..),
-    # a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
-    for b in range(4):
-        lines += _prmt_ptx(b, rows, q)
-        for i in (2 * b, 2 * b + 1):
-            grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
-            for tile in range(n_tiles):
-                lines += _x_load_ptx(i, tile, n_tiles, xperm, even_k, krem)
-            for pr in range(rows // 2):
-                for f, (slot, _) in enumerate(_FRAG_SRC):
-                    sl = 2 * pr + slot
-                    src = f"p{pr}_{f}"
-                    if i % 2:
-                        lines.append(f"shr.u32 {src}, {src}, 4;")
-                    lines.append(f"lop3.b32 a{f}, {src}, 0x000F000F, m, 0xEA;")
-                    lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
-                    if zero:
-                        lines.append(f"fma.rn.{ty} a{f}, a{f}, {sreg[grp][sl]}, "
-                                     f"{zreg[grp][sl]};")
-                    else:
-                        lines.append(f"mul.rn.{ty} a{f}, a{f}, {sreg[grp][sl]};")
-                for tile in range(n_tiles):
-                    o0, o1 = 8 * pr, 8 * pr + 4      # slots 2p and 2p + 1
-                    d = ((o0, o0 + 1, o1, o1 + 1) if tile == 0 else
-                         (o0 + 2, o0 + 3, o1 + 2, o1 + 3))
-                    dl = ", ".join(f"${v}" for v in d)
-                    lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{{dl}}}, "
-                                 f"{{a0, a1, a2, a3}}, {{x{tile}_0, x{tile}_1}}, {{{dl}}};")
-    body = "\n".join(lines)
-    pregs = ", ".join(f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4))
-    return f"""
-{{
-.reg .b32 m, o, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1, y0_0, y0_1, y1_0, y1_1;
-.reg .b32 lane, g, tt, tok;
-.reg .b64 off, xa0, xa1;
-.reg .pred pk;
-{body}
-}}
-"""
-
-
-def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2,
-               xperm: bool = False, fold: bool = False) -> str:
-    """:func:`mma_asm` with the scale applied in float32 after the products (``FS``; one group
-    per chunk, i.e. block >= 128).
-
-    Only the code goes to the tensor cores. FS 1 (``fold`` off): PRMT + LOP3 + one packed
-    subtract give (u - 8) exactly (fp16 odd planes: the mask 0x00F000F0 reads 16 (u - 8) in
-    place, against activations divided by 16, exact), so no shift and no packed FMA per weight
-    pair. FS 2 (``fold``): not even the subtract: the A operand is the magic number plus the
-    code as LOP3 leaves it (fp16: 1024 + u, odd planes 1024 + 16 u against x / 16; bf16:
-    128 + u), exact in half precision, and the offsets come off in float32 with the sums of x.
-    The eight planes of a chunk accumulate into a fresh float32 tile T per row pair and token
-    tile, then acc += s T + c_e S_e + c_o S_o, with S_e, S_o the chunk's sums of x per token
-    over the even and odd planes (one extra MMA per plane and token tile with an all-ones A,
-    shared by all rows) and per row (float32, made by the caller from s and zterm):
-    FS 1: c_e = c_o = zterm + 8 s (no S without zero points);
-    FS 2, fp16: c_e = zterm - 1024 s, c_o = zterm - 64 s; bf16: c_e = c_o = zterm - 128 s
-    (zterm = -8 s without zero points). The weights are never rounded to half precision.
-
-    Operands (pack 4 rows, all 32-bit): the accumulators out (as :func:`mma_asm`), the words,
-    s, c_e and c_o per element (element 4 r + w: slot r), the accumulators in, the x address
-    (b64), M - 1, the x row stride in bytes and the K left.
-    """
-    n = 4 * rows
-    ty = "bf16x2" if bf16 else "f16x2"
-    ab = "bf16" if bf16 else "f16"
-    q = [f"${n + i}" for i in range(n)]
-    sreg = [f"${2 * n + 4 * r}" for r in range(rows)]
-    ereg = [f"${3 * n + 4 * r}" for r in range(rows)]
-    oreg = [f"${4 * n + 4 * r}" for r in range(rows)]
-    acc_in = [f"${5 * n + i}" for i in range(n)]
-    xaddr, mm1, stride, krem = (f"${6 * n + n * i}" for i in range(4))
-    sums = zero or fold                  # S needed
-    split_s = fold and not bf16          # separate S_e / S_o
-    lines = ["mov.b32 m, " + ("0x43004300;" if bf16 else "0x64006400;"),
-             "mov.b32 o, " + ("0x43084308;" if bf16 else "0x64086408;"),
-             "mov.b32 o16, 0x64806480;", "mov.b32 d16, 0x2C002C00;",
-             "mov.b32 one, " + ("0x3F803F80;" if bf16 else "0x3C003C00;"), "mov.b32 zf, 0;"]
-    lines += [f"mov.b32 ${i}, {acc_in[i]};" for i in range(n)]
-    lines += _x_address_ptx(xperm, n_tiles, xaddr, mm1, stride)
-    zq = "{zf, zf, zf, zf}"
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
-    for b in range(4):
-        lines += _prmt_ptx(b, rows, q)
-        for i in (2 * b, 2 * b + 1):
-            odd16 = i % 2 == 1 and not bf16     # fp16 odd plane read in place (16 u)
-            for tile in range(n_tiles):
-                xb = f"x{tile}_0, x{tile}_1"
-                lines += _x_load_ptx(i, tile, n_tiles, xperm, even_k, krem)
-                if sums:  # S += ones x: the sums of x per token (all rows alike)
-                    h = "o" if split_s and i % 2 else "e"
-                    sq = ", ".join(f"s{h}{tile}_{e}" for e in range(4))
-                    cin = zq if i < (2 if split_s else 1) else f"{{{sq}}}"
-                    lines.append(f"{mma} {{{sq}}}, {{one, one, one, one}}, {{{xb}}}, {cin};")
-                if odd16:
-                    lines += [f"mul.rn.f16x2 x{tile}_0, x{tile}_0, d16;",
-                              f"mul.rn.f16x2 x{tile}_1, x{tile}_1, d16;"]
-            for pr in range(rows // 2):
-                for f in range(4):
-                    src = f"p{pr}_{f}"
-                    if odd16:
-                        lines.append(f"lop3.b32 a{f}, {src}, 0x00F000F0, m, 0xEA;")
-                        if not fold:
-                            lines.append(f"sub.rn.{ty} a{f}, a{f}, o16;")
-                    else:
-                        if i % 2:
-                            lines.append(f"shr.u32 {src}, {src}, 4;")
-                        lines.append(f"lop3.b32 a{f}, {src}, 0x000F000F, m, 0xEA;")
-                        if not fold:
-                            lines.append(f"sub.rn.{ty} a{f}, a{f}, o;")
-                for tile in range(n_tiles):
-                    t = ", ".join(f"t{pr}_{tile}_{e}" for e in range(4))
-                    cin = zq if i == 0 else f"{{{t}}}"
-                    lines.append(f"{mma} {{{t}}}, {{a0, a1, a2, a3}}, {{x{tile}_0, x{tile}_1}}, "
-                                 f"{cin};")
-    for pr in range(rows // 2):   # acc += c_e S_e + c_o S_o + s T
-        for tile in range(n_tiles):
-            o0, o1 = 8 * pr, 8 * pr + 4
-            d = ((o0, o0 + 1, o1, o1 + 1) if tile == 0 else (o0 + 2, o0 + 3, o1 + 2, o1 + 3))
-            for e in range(4):
-                sl = 2 * pr + (e // 2)
-                if sums:
-                    lines.append(f"fma.rn.f32 ${d[e]}, se{tile}_{e % 2}, {ereg[sl]}, ${d[e]};")
-                if split_s:
-                    lines.append(f"fma.rn.f32 ${d[e]}, so{tile}_{e % 2}, {oreg[sl]}, ${d[e]};")
-                lines.append(f"fma.rn.f32 ${d[e]}, t{pr}_{tile}_{e}, {sreg[sl]}, ${d[e]};")
-    body = "\n".join(lines)
-    pregs = ", ".join(f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4))
-    fregs = [f"t{pr}_{tile}_{e}" for pr in range(rows // 2) for tile in range(n_tiles)
-             for e in range(4)]
-    fregs += [f"s{h}{tile}_{e}" for h in "eo" for tile in range(2) for e in range(4)]
-    return f"""
-{{
-.reg .b32 m, o, o16, d16, one, zf, {pregs}, a0, a1, a2, a3, x0_0, x0_1, x1_0, x1_1;
-.reg .b32 y0_0, y0_1, y1_0, y1_1, lane, g, tt, tok;
-.reg .f32 {", ".join(fregs)};
-.reg .b64 off, xa0, xa1;
-.reg .pred pk;
-{body}
-}}
-"""
-
-
-def mma_fs_constraints(rows: int = 2) -> str:
-    n = 4 * rows
-    return ",".join(["=r"] * n + ["r"] * (5 * n) + ["l"] * n + ["r"] * (3 * n))
-
-
-def mma_constraints(rows: int = 2) -> str:
-    n = 4 * rows
-    return ",".join(["=r"] * n + ["r"] * n + ["r"] * (2 * n) + ["r"] * (2 * n) + ["r"] * n
-                    + ["l"] * n + ["r"] * (3 * n))
 
 
 @triton.jit
@@ -402,7 +160,8 @@ def _mma_asm_chunk(acc, q, s16, z16, kt, x_ptr, x_rows, pid_m, kt_total, m_left,
 
 @triton.jit
 def _mma_token(c):
-    """Token of accumulator column c (see :func:`mma_asm`): 2 (c // 4) + c % 2 + 8 (c // 2 % 2)."""
+    """Token of accumulator column c (see :func:`~.ptx.mma_asm`):
+    2 (c // 4) + c % 2 + 8 (c // 2 % 2)."""
     return 2 * (c // 4) + (c % 2) + 8 * ((c // 2) % 2)
 
 
@@ -420,7 +179,7 @@ def w4a16_mma_kernel(
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
-    :func:`mma_asm`), with the dequantized weights and the activations going straight from
+    :func:`~.ptx.mma_asm`), with the dequantized weights and the activations going straight from
     global memory into the MMA's register fragments: no shared memory, no barrier.
 
     Grid (token blocks of 16, SPLIT_K, row blocks of BN = 8 ROWS num_warps: ROWS = 2 or 4 rows
@@ -437,7 +196,7 @@ def w4a16_mma_kernel(
     eviction policy (the H100 table uses evict_first: the words pass through L1 once); SV = 2 or
     4 takes SV chunks per step and loads each row's SV scales and zterms with one 4- or 8-byte
     load (block 128 only, checked by the launcher); FS = 1 / 2 applies the scales in float32
-    after the MMAs (:func:`mma_fs_asm`, block >= 128). PAIRS (with SV > 1 and zero points):
+    after the MMAs (:func:`~.ptx.mma_fs_asm`, block >= 128). PAIRS (with SV > 1 and zero points):
     s_ptr holds :func:`~.packing.pair_scales`, and one 8- or 16-byte load per row brings the SV
     chunks' scales and zterms together.
     """

@@ -48,7 +48,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         ...                  num_stages=4, FUSE_K=True, PAIRS=True))  # doctest: +SKIP
     """
     from .gemv import w4a16_gemv_kernel
-    from .mma import mma_constraints, mma_fs_constraints, w4a16_mma_kernel
+    from .mma import w4a16_mma_kernel
+    from .ptx import mma_constraints, mma_fs_constraints
     from .w4a16 import w4a16_kernel
 
     _check(x, p)
@@ -238,7 +239,7 @@ def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int,
              xperm: bool = False) -> str:
-    from .mma import mma_asm
+    from .ptx import mma_asm
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
                    xperm)
@@ -247,7 +248,7 @@ def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, row
 @functools.lru_cache(maxsize=None)
 def _mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int,
                 xperm: bool = False, fold: bool = False) -> str:
-    from .mma import mma_fs_asm
+    from .ptx import mma_fs_asm
 
     return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold)
 

@@ -184,7 +184,7 @@ def test_permute_x_layout():
 
 
 def test_mma_asm_xperm_loads_16_bytes():
-    from modelopt_lite.kernels.mma import mma_asm
+    from modelopt_lite.kernels.ptx import mma_asm
 
     for n_tiles in (1, 2):
         text = mma_asm(False, True, 1, n_tiles, False, rows=4, xperm=True)
@@ -200,7 +200,7 @@ def test_mma_fs_asm_text(bf16, zero, fold):
     """FS: only the codes reach the MMAs (no packed FMA per weight pair), the sums of x come from
     one all-ones MMA per plane and token tile where needed, fp16 odd planes need no shift, and
     FS 2 drops the packed subtract too."""
-    from modelopt_lite.kernels.mma import mma_fs_asm
+    from modelopt_lite.kernels.ptx import mma_fs_asm
 
     for rows, n_tiles in ((2, 1), (4, 2)):
         text = mma_fs_asm(bf16, zero, n_tiles, True, rows=rows, fold=fold)
