@@ -23,6 +23,7 @@ def xperm_prep_kernel(x_ptr, xp_ptr, out_ptr, M, K, stride_xm, n_out, zero_per_p
     """
     mb = tl.program_id(0)
     kt = tl.program_id(1)
+    pid = mb * tl.num_programs(1) + kt
     d = tl.arange(0, 128 * TB)
     e = d % 4
     h = (d // 4) % 2
@@ -32,9 +33,8 @@ def xperm_prep_kernel(x_ptr, xp_ptr, out_ptr, M, K, stride_xm, n_out, zero_per_p
     row = mb * TB + r
     col = kt * 128 + 32 * j + 16 * h + 4 * t + e
     v = tl.load(x_ptr + row * stride_xm + col, mask=(row < M) & (col < K), other=0.0)
-    tl.store(xp_ptr + (mb * tl.num_programs(1) + kt) * (128 * TB) + d, v)
+    tl.store(xp_ptr + pid * (128 * TB) + d, v)
     if n_out > 0:
-        pid = mb * tl.num_programs(1) + kt
         z = tl.zeros([BLOCK], out_ptr.dtype.element_ty)
         for start in range(pid * zero_per_prog, (pid + 1) * zero_per_prog, BLOCK):
             offs = start + tl.arange(0, BLOCK)

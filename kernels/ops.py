@@ -75,11 +75,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
              and x.dtype == torch.float16)
     acc_dtype = torch.float32 if atomic and not out16 else x.dtype
     out = torch.empty((m, n), device=x.device, dtype=acc_dtype)
-    # the split-K output starts at zero: filled here, or by the MMA path's XPERM prep kernel
-    out_fill = out if atomic else None
-    if atomic and not (mma and cfg.get("XPERM", False)):
+    # XPERM with PREP: one kernel permutes x and zeroes the split-K output; else zeroed here
+    prep = mma and cfg.get("XPERM", False) and cfg.get("PREP", True)
+    if atomic and not prep:
         out.zero_()
-        out_fill = None
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
             m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
@@ -97,14 +96,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         use_asm = common["USE_ASM"]
         n_tiles = 1 if m <= 8 else 2
         xperm = bool(cfg.get("XPERM", False))
-        if xperm:  # activations re-laid out once per call for 16-byte fragment loads, and the
-            # split-K buffer zeroed, in one kernel (PREP; else torch ops, one or two kernels)
-            if cfg.get("PREP", True):
-                args = (_xperm_prep(x2, 8 * n_tiles, out_fill),) + args[1:]
-            else:
-                if out_fill is not None:
-                    out_fill.zero_()
-                args = (permute_x(x2, 8 * n_tiles),) + args[1:]
+        if xperm:  # activations re-laid out once per call for 16-byte fragment loads
+            xp = (_xperm_prep(x2, 8 * n_tiles, out if atomic else None) if prep
+                  else permute_x(x2, 8 * n_tiles))
+            args = (xp,) + args[1:]
         # FS: scales applied in float32 after the products (one group per chunk: block >= 128)
         fs = int(cfg.get("FS", 0)) if p.group_size >= 128 else 0
         if not use_asm:

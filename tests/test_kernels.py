@@ -371,7 +371,6 @@ def test_gpu_mma_path(dtype, zero, group, m, cfg):
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,tb", [(11, 320, 16), (16, 256, 16), (3, 384, 8), (21, 200, 16)])
 def test_xperm_prep_kernel_matches_permute_x(dtype, m, k, tb):
