@@ -36,6 +36,31 @@ sub.rn.{ty} t, t, o;
 """
 
 
+@triton.jit
+def _words_first(q_ptrs, kt0, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr, QE: tl.constexpr):
+    """The word loop's prologue: with PREFETCH, chunk kt0's [BN, 16] words start loading
+    (masked off for an empty K slice); without, nothing is in flight (a placeholder)."""
+    q_next = 0
+    if PREFETCH:
+        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
+                         eviction_policy=QE)
+    return q_next
+
+
+@triton.jit
+def _words_next(q_ptrs, q_next, kt, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr,
+                QE: tl.constexpr):
+    """Chunk kt's words and what stays in flight: with PREFETCH the words loaded one step
+    earlier, while chunk kt + 1's load is issued; without, chunk kt's words loaded now."""
+    if PREFETCH:
+        q = q_next
+        q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0, cache_modifier=QC,
+                         eviction_policy=QE)
+    else:
+        q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
+    return q, q_next
+
+
 # the asm of byte b for (dtype, zero points): index 8 bf16 + 4 zero + b
 _DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b) for bf16 in (False, True)
                                   for zero in (False, True) for b in range(4)))

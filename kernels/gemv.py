@@ -9,6 +9,7 @@ H100 table's shapes.
 import triton
 import triton.language as tl
 
+from .dequant import _words_first, _words_next
 from .ptx import gemv_asm, xprep_asm
 
 
@@ -224,6 +225,19 @@ def _gemv_fetch(q_ptr, s_ptr, z_ptr, rb, kt, ok, N, kt_total, n_groups, GROUP: t
 
 
 @triton.jit
+def _cursor_next(c, it, rb, kt0, kt_per, P, SPLIT_K):
+    """Advance the persistent GEMV's load cursor one chunk: chunk c of item it (row block rb,
+    K slice from chunk kt0); past the item's last chunk, on to the program's next item."""
+    c += 1
+    if c == kt_per:
+        c = c * 0
+        it += P
+        rb = it // SPLIT_K
+        kt0 = (it - rb * SPLIT_K) * kt_per
+    return c, it, rb, kt0
+
+
+@triton.jit
 def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, stride_xm,
                      stride_om, n_groups, SPLIT_K, GROUP: tl.constexpr, BN: tl.constexpr,
                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -257,24 +271,14 @@ def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, str
     l_c = zero
     q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt0, (l_it < items) & (l_kt0 < kt_total),
                              N, kt_total, n_groups, GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
-    l_c += 1
-    if l_c == kt_per:
-        l_c = zero
-        l_it += P
-        l_rb = l_it // SPLIT_K
-        l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+    l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
     q2, s2, z2 = q1, s1, z1
     if AHEAD == 2:
         l_kt = l_kt0 + l_c
         q2, s2, z2 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
                                  (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
                                  GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
-        l_c += 1
-        if l_c == kt_per:
-            l_c = zero
-            l_it += P
-            l_rb = l_it // SPLIT_K
-            l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+        l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
 
     # compute cursor
     c_rb = p // SPLIT_K
@@ -294,12 +298,7 @@ def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, str
             q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
                                      (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
                                      GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
-        l_c += 1
-        if l_c == kt_per:
-            l_c = zero
-            l_it += P
-            l_rb = l_it // SPLIT_K
-            l_kt0 = (l_it - l_rb * SPLIT_K) * kt_per
+        l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
 
         kt = c_pk * kt_per + c_c
         if kt < kt_total:  # the last K slice can be short
@@ -395,20 +394,13 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     # PREFETCH 1: the next chunk's words load during this chunk; 2: its scales too (block 128)
     SPF: tl.constexpr = PREFETCH == 2 and GPC == 1
-    if PREFETCH:
-        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
-                         eviction_policy=QE)
+    q_next = _words_first(q_ptrs, kt0, kt1, PREFETCH, QC, QE)
     if SPF:
         g_first = (tl.minimum(kt0, kt_total - 1) * 128) // GROUP
         s_next, z_next = _gemv_scales(s_rows, z_rows, g_first, n_groups, HAS_ZERO, EVEN_K,
                                       USE_ASM)
     for kt in tl.range(kt0, kt1, num_stages=PIPE):
-        if PREFETCH:
-            q = q_next
-            q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
-                             cache_modifier=QC, eviction_policy=QE)
-        else:
-            q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
+        q, q_next = _words_next(q_ptrs, q_next, kt, kt1, PREFETCH, QC, QE)
         g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
         if SPF:
             sa, za = s_next, z_next

@@ -7,7 +7,7 @@ fragment loads (``XPERM``).
 import triton
 import triton.language as tl
 
-from .dequant import _chunk_scale_zero, _dequant_byte, _half
+from .dequant import _chunk_scale_zero, _dequant_byte, _half, _words_first, _words_next
 
 
 @triton.jit
@@ -254,16 +254,9 @@ def w4a16_mma_kernel(
                                      HAS_ZERO, IS_BF16)
         kt1 = kt0   # done: the general loop below runs no iteration
     if not PAIRS:  # (PAIRS comes with SV > 1: the loop above did every chunk)
-        if PREFETCH:
-            q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
-                             eviction_policy=QE)
+        q_next = _words_first(q_ptrs, kt0, kt1, PREFETCH, QC, QE)
         for kt in tl.range(kt0, kt1, num_stages=PIPE):
-            if PREFETCH:
-                q = q_next
-                q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0,
-                                 cache_modifier=QC, eviction_policy=QE)
-            else:
-                q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
+            q, q_next = _words_next(q_ptrs, q_next, kt, kt1, PREFETCH, QC, QE)
             g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
             if USE_ASM and FS > 0:  # one group per chunk; scales applied in float32 (mma_fs_asm)
                 gs = g0

@@ -65,14 +65,14 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
         w = dequantize_fp(p, x.dtype, cfg)
         return torch.nn.functional.linear(x2, w, bias).reshape(out_shape)
-    split_k = max(1, min(int(cfg["SPLIT_K"]), triton_cdiv(k, 128)))
-    atomic = split_k > 1
+    split_k = max(1, min(int(cfg.get("SPLIT_K", 1)), triton_cdiv(k, 128)))
     gemv = cfg.get("GEMV", False)
     mma = cfg.get("MMA", False)
-    # split-K partials are added with float32 atomics, or (OUT16, GEMV/MMA and fp16 only)
-    # straight into the half-precision output, which saves the float32 buffer's conversion pass
-    out16 = (atomic and (gemv or mma) and cfg.get("OUT16", False)
-             and x.dtype == torch.float16)
+    stream = 0 if gemv or mma else int(cfg.get("STREAM", 0) or 0)   # fused kernel, stream-K
+    atomic = split_k > 1 or stream > 0
+    # split-K partials are added with float32 atomics, or (OUT16, fp16 only) straight into the
+    # half-precision output, which saves the float32 buffer's conversion pass
+    out16 = atomic and cfg.get("OUT16", False) and x.dtype == torch.float16
     acc_dtype = torch.float32 if atomic and not out16 else x.dtype
     out = torch.empty((m, n), device=x.device, dtype=acc_dtype)
     # XPERM with PREP: one kernel permutes x and zeroes the split-K output; else zeroed here
@@ -143,7 +143,12 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
         # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
         bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
-        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
+        tiles = triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm)
+        if stream:  # STREAM programs per SM (or PROGRAMS in all) share the tiles' chunks
+            programs = int(cfg.get("PROGRAMS", 0)) or stream * _num_sms(x.device)
+            grid = (max(1, min(programs, tiles * triton_cdiv(k, 128))), 1)
+        else:
+            grid = (tiles, split_k)
         pairs = int(cfg.get("PAIRS", 0))
         if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads);
             # PAIRS 2: those words transposed, [K/B, N] (coalesced across the row tile)
@@ -151,7 +156,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         w4a16_kernel[grid](
             *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **common)
+            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, STREAM=stream > 0, **common)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)

@@ -54,6 +54,9 @@ PAIRS = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PA
 # the pairs transposed, [K/B, N]
 PAIRS_T = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=2)
 EMPTY_SPLIT = dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)
+# stream-K: PROGRAMS programs split the tiles' chunks into equal runs that cross tile borders
+STREAM = dict(BM=16, BN=32, STREAM=1, PROGRAMS=3, num_warps=4, num_stages=2, FUSE_K=True)
+STREAM_PAIRS_T = dict(STREAM, PAIRS=2, PROGRAMS=7, OUT16=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -110,6 +113,11 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (19, 40, 448, 64, PAIRS_T),     # contiguous; N not a multiple of BN, K tail
     (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
+    (7, 40, 640, 128, STREAM),      # 2 row tiles x 5 chunks over 3 runs of 4: runs cross
+    (19, 40, 448, 64, STREAM),      # tiles; two token tiles, K tail, N tail
+    (1, 24, 128, 32, dict(STREAM, PROGRAMS=4)),   # more programs than chunks: empty runs
+    (7, 72, 640, 128, STREAM_PAIRS_T),   # transposed pairs, fp16 atomics (OUT16)
+    (19, 40, 448, 64, STREAM_PAIRS_T),
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
 ])
@@ -327,6 +335,11 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
                                       FUSE_K=True, PAIRS=True),
                                  dict(BM=64, BN=256, SPLIT_K=2, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=2),
+                                 # stream-K over the SMs' programs (fp32 / fp16 atomics)
+                                 dict(BM=64, BN=256, STREAM=1, num_warps=8, num_stages=4,
+                                      FUSE_K=True, PAIRS=2),
+                                 dict(BM=64, BN=128, STREAM=2, num_warps=8, num_stages=4,
+                                      FUSE_K=True, PAIRS=2, OUT16=True),
                                  # 16 chunks over 5 splits of 4: the last split is empty
                                  dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True)])
@@ -383,3 +396,27 @@ def test_xperm_prep_kernel_matches_permute_x(dtype, m, k, tb):
     assert torch.equal(_xperm_prep(x, tb, out), permute_x(x, tb))
     assert not out.any()
     assert torch.equal(_xperm_prep(x, tb, None), permute_x(x, tb))
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_shipped_config_tables_are_well_formed_and_run(gpu):
+    """Every row of a shipped per-GPU table: M ranges ascending and closed, and each distinct
+    config computes the reference product (a small problem through the interpreter or GPU)."""
+    from modelopt_lite.kernels import tuning
+
+    table = tuning._table(gpu)
+    assert table, f"kernels/configs/{gpu}.json is missing or empty"
+    seen = []
+    for key, rows in table.items():
+        n, k = map(int, key.split("x"))
+        max_ms = [r["max_m"] for r in rows]
+        assert max_ms == sorted(max_ms) and max_ms[-1] >= 1 << 30, key
+        for r in rows:
+            cfg = r["config"]
+            if not cfg.get("DEFAULT") and cfg not in seen:
+                seen.append(cfg)
+    torch.manual_seed(0)
+    for cfg in seen:
+        x, p, b = _problem(3, 72, 512, 128, True, torch.float16)
+        y = w4a16_matmul(x, p, b, cfg)
+        assert _rel_err(y, _ref32(x, p, b)) < TOL[torch.float16], cfg

@@ -100,8 +100,9 @@ def main():
     ap.add_argument("--write-table", default=None)
     ap.add_argument("--margin", type=float, default=0.03)
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--twin", default=None, metavar="KEY=VALUE",
-                    help="also time each fused candidate with this setting (e.g. PAIRS=1)")
+    ap.add_argument("--twin", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also time each fused candidate with these settings (e.g. PAIRS=1); "
+                         "repeat for several twins")
     ap.add_argument("--shipped-only", action="store_true",
                     help="candidates: the shipped config (the BM 256 fused tile where that "
                          "is dequant + cuBLAS) and its --twin; any M")
@@ -115,10 +116,8 @@ def main():
                     help="candidates: v12's PAIRS tiles at several K splits (PAIRS 2: the "
                          "transposed words)")
     a = ap.parse_args()
-    twin = None
-    if a.twin:
-        key, _, val = a.twin.partition("=")
-        twin = {key: json.loads(val)}
+    twins = [dict((kv.partition("=")[0], json.loads(kv.partition("=")[2]))
+                  for kv in t.split(",")) for t in a.twin or []]
     t0 = time.time()
     mk = import_kernels()
     bw = copy_bandwidth()
@@ -154,8 +153,9 @@ def main():
             cands = (prev.get((k, n, m)) if a.prev else
                      pair_candidates(m, n, k, True if a.pair_tiles == 1 else a.pair_tiles)
                      if a.pair_tiles else candidates(m, n, k))
-        if twin:
-            cands = [v for c in cands if not c.get("DEQUANT") for v in (c, {**c, **twin})]
+        if twins:
+            cands = [v for c in cands if not c.get("DEQUANT")
+                     for v in [c] + [{**c, **t} for t in twins]]
         row["cands"] = []
         for cfg in cands or []:
             if time.time() - t0 > a.budget_s:
