@@ -40,8 +40,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     on the first such call and kept while ``p.scale`` lives: 4 bytes per row and block, 1/16 of
     the packed weight (``PAIRS: 2``, fused kernel: the same words transposed, [K/B, N], in a
     second cached copy). ``XPERM`` (small-M path) permutes x per call, by default in one kernel
-    that also zeroes the split-K buffer (``PREP``). ``DEQUANT`` configs allocate an fp16 copy
-    of the weight per call.
+    that also zeroes the split-K buffer (``PREP``). ``OUT16`` (fp16 activations, any path): the
+    split-K partial sums are added with fp16 atomics straight into the output, instead of a
+    float32 buffer and a conversion pass. ``DEQUANT`` configs allocate an fp16 copy of the
+    weight per call.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
         >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,
@@ -68,8 +70,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     split_k = max(1, min(int(cfg.get("SPLIT_K", 1)), triton_cdiv(k, 128)))
     gemv = cfg.get("GEMV", False)
     mma = cfg.get("MMA", False)
-    stream = 0 if gemv or mma else int(cfg.get("STREAM", 0) or 0)   # fused kernel, stream-K
-    atomic = split_k > 1 or stream > 0
+    atomic = split_k > 1
     # split-K partials are added with float32 atomics, or (OUT16, fp16 only) straight into the
     # half-precision output, which saves the float32 buffer's conversion pass
     out16 = atomic and cfg.get("OUT16", False) and x.dtype == torch.float16
@@ -143,12 +144,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
         # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
         bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
-        tiles = triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm)
-        if stream:  # STREAM programs per SM (or PROGRAMS in all) share the tiles' chunks
-            programs = int(cfg.get("PROGRAMS", 0)) or stream * _num_sms(x.device)
-            grid = (max(1, min(programs, tiles * triton_cdiv(k, 128))), 1)
-        else:
-            grid = (tiles, split_k)
+        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
         pairs = int(cfg.get("PAIRS", 0))
         if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads);
             # PAIRS 2: those words transposed, [K/B, N] (coalesced across the row tile)
@@ -156,7 +152,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         w4a16_kernel[grid](
             *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, STREAM=stream > 0, **common)
+            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **common)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)

@@ -62,8 +62,9 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
                    smem_bytes: int | None = None) -> dict:
     """Shape-only heuristic: one token takes the GEMV path; 2..16 tokens the small-M tensor-core
     GEMV (MMA), K split until ~16 programs per SM; M >= 512 dequantizes once and calls cuBLAS;
-    in between, big tensor-core tiles (K split until ~2 programs per SM), with each block's
-    scale and zero term read as one word (PAIRS) where K >= 8192. With ``smem_bytes`` (the
+    in between, big tensor-core tiles (K split until ~2 programs per SM, the partial sums added
+    into the fp16 output: OUT16), with each block's scale and zero term read as one word (PAIRS)
+    where K >= 8192. With ``smem_bytes`` (the
     GPU's per-block shared memory), those tiles drop pipeline stages until they fit."""
     if m >= 512:  # H100 (NOTES.md, v13): the fused 256-token tile only ties on shapes outside
         # the table (4096x11008, 11008x4096, 5120x13824) and loses 2-3x at N = 1024 (16 tiles)
@@ -95,6 +96,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
     cfg.update(SPLIT_K=split, GROUP_N=8)
     if "FUSE_K" in cfg and k >= 8192:  # H100: 4-14 % faster at K >= 8192, slower at 4096
         cfg.update(PAIRS=True)
+    if "FUSE_K" in cfg and split > 1:  # fp16 atomics into the output: faster on every fused
+        cfg.update(OUT16=True)         # split-K row of the H100 / H200 tables (NOTES.md, v15)
     if "FUSE_K" in cfg and smem_bytes is not None:
         while cfg["num_stages"] > 2 and fused_smem_bytes(cfg) > smem_bytes:
             cfg["num_stages"] -= 1

@@ -41,23 +41,31 @@ def _mma(acc, w, x_ptrs, xk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(tile, num_pn, num_pm, GROUP_N: tl.constexpr):
-    """(row tile, token tile) of output tile ``tile``: GROUP_N row tiles walk all token tiles
-    before the next GROUP_N, so a wave shares its weight rows in L2."""
+def w4a16_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
+    GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pn = tl.cdiv(N, BN)
+    num_pm = tl.cdiv(M, BM)
     width = GROUP_N * num_pm
-    first_n = (tile // width) * GROUP_N
+    first_n = (pid // width) * GROUP_N
     gsize = tl.minimum(num_pn - first_n, GROUP_N)
-    return first_n + (tile % width) % gsize, (tile % width) // gsize
+    pid_n = first_n + (pid % width) % gsize
+    pid_m = (pid % width) // gsize
 
-
-@triton.jit
-def _tile_acc(x_ptr, q_ptr, s_ptr, z_ptr, pid_n, pid_m, kt0, kt1, M, N, K, stride_xm, n_groups,
-              GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, HAS_ZERO: tl.constexpr,
-              IS_BF16: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-              DOT_F32: tl.constexpr, FUSE_K: tl.constexpr, PAIRS: tl.constexpr):
-    """The [BN, BM] float32 product of row tile pid_n and token tile pid_m over chunks
-    kt0 .. kt1 - 1 (kt1 > kt0: callers exclude empty slices, see the kernel)."""
     kt_total = tl.cdiv(K, 128)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt0 = pid_k * kt_per
+    kt1 = tl.minimum(kt0 + kt_per, kt_total)
+    if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
+        return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
+
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
@@ -111,76 +119,13 @@ def _tile_acc(x_ptr, q_ptr, s_ptr, z_ptr, pid_n, pid_m, kt0, kt1, M, N, K, strid
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
             else:
                 acc = tl.dot(w, xt, acc)
-    return acc
 
-
-@triton.jit
-def _tile_out(acc, bias_ptr, out_ptr, pid_n, pid_m, with_bias, M, N, stride_om,
-              BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-    """Store (or, ATOMIC, add) the [BN, BM] tile transposed into out [M, N]; the bias where
-    ``with_bias`` (the tile's first K slice)."""
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn % N).to(tl.float32)
-        acc += bias[:, None] * with_bias.to(tl.float32)
+        bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
+        acc += bias[:, None] * (pid_k == 0).to(tl.float32)
     out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask, sem="relaxed")
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def w4a16_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, n_groups, SPLIT_K,
-    GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_N: tl.constexpr,
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
-    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
-):
-    """Grid (output tiles, SPLIT_K): program (t, s) computes tile t over K slice s. STREAM
-    (stream-K): a 1-D grid of P programs splits the tiles' chunks, tile after tile, into P
-    equal runs; each program adds the partial tile of every tile its run touches (ATOMIC), so
-    every SM streams the same number of chunks whatever the tile count."""
-    num_pn = tl.cdiv(N, BN)
-    num_pm = tl.cdiv(M, BM)
-    kt_total = tl.cdiv(K, 128)
-    if STREAM:
-        total = num_pn * num_pm * kt_total
-        per = tl.cdiv(total, tl.num_programs(0))
-        it = tl.program_id(0) * per
-        end = tl.minimum(it + per, total)
-        for _ in range(0, tl.cdiv(per, kt_total) + 1):   # the tiles this run touches
-            if it < end:
-                tile = it // kt_total
-                kt0 = it - tile * kt_total
-                kt1 = tl.minimum(kt_total, kt0 + end - it)
-                pid_n, pid_m = _tile_ids(tile, num_pn, num_pm, GROUP_N)
-                acc = _tile_acc(x_ptr, q_ptr, s_ptr, z_ptr, pid_n, pid_m, kt0, kt1, M, N, K,
-                                stride_xm, n_groups, GROUP, BN, BM, HAS_ZERO, IS_BF16,
-                                USE_ASM, EVEN_K, DOT_F32, FUSE_K, PAIRS)
-                _tile_out(acc, bias_ptr, out_ptr, pid_n, pid_m, kt0 == 0, M, N, stride_om,
-                          BN, BM, HAS_BIAS, True)
-                # the epilogue's layout conversion goes through shared memory that the next
-                # tile's pipeline buffers reuse: without this barrier, a warp could start that
-                # tile's async copies while another still reads (seen on the H100: wrong sums
-                # now and then with 2 CTAs per SM; NOTES.md, v15)
-                tl.debug_barrier()
-                it += kt1 - kt0
-    else:
-        pid_n, pid_m = _tile_ids(tl.program_id(0), num_pn, num_pm, GROUP_N)
-        pid_k = tl.program_id(1)
-        kt_per = tl.cdiv(kt_total, SPLIT_K)
-        kt0 = pid_k * kt_per
-        kt1 = tl.minimum(kt0 + kt_per, kt_total)
-        if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
-            return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
-        acc = _tile_acc(x_ptr, q_ptr, s_ptr, z_ptr, pid_n, pid_m, kt0, kt1, M, N, K, stride_xm,
-                        n_groups, GROUP, BN, BM, HAS_ZERO, IS_BF16, USE_ASM, EVEN_K, DOT_F32,
-                        FUSE_K, PAIRS)
-        _tile_out(acc, bias_ptr, out_ptr, pid_n, pid_m, pid_k == 0, M, N, stride_om, BN, BM,
-                  HAS_BIAS, ATOMIC)

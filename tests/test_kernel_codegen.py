@@ -35,15 +35,14 @@ from modelopt_lite.kernels.w4a16 import w4a16_kernel
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (bm, bn, warps, stages, pairs, bf16, stream) in enumerate(cases):
+for i, (bm, bn, warps, stages, pairs, bf16) in enumerate(cases):
     act = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": act, "q_ptr": "*i32", "s_ptr": "*i32" if pairs else act, "z_ptr": act,
-           "bias_ptr": act, "out_ptr": "*fp32" if stream else act, "M": "i32", "N": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_om": "i32", "n_groups": "i32",
-           "SPLIT_K": "i32"}
-    const = dict(GROUP=128, BN=bn, BM=bm, GROUP_N=8, HAS_ZERO=True, HAS_BIAS=stream,
-                 IS_BF16=bf16, USE_ASM=True, EVEN_K=True, ATOMIC=stream, DOT_F32=False,
-                 FUSE_K=True, PAIRS=pairs, STREAM=stream)
+           "bias_ptr": act, "out_ptr": act, "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
+    const = dict(GROUP=128, BN=bn, BM=bm, GROUP_N=8, HAS_ZERO=True, HAS_BIAS=False,
+                 IS_BF16=bf16, USE_ASM=True, EVEN_K=True, ATOMIC=False, DOT_F32=False,
+                 FUSE_K=True, PAIRS=pairs)
     params = list(inspect.signature(w4a16_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     src = ASTSource(w4a16_kernel, sig,
@@ -61,13 +60,12 @@ print(json.dumps(reports))
 """
 
 CASES = [
-    (256, 128, 8, 3, True, False, False),    # the H100 table's M = 256 / 1024 tile
-    (256, 128, 8, 3, False, True, False),
-    (64, 128, 8, 4, True, False, False),     # M = 64
-    (64, 256, 8, 4, True, False, False),
-    (64, 128, 8, 4, 2, False, False),        # pairs transposed
-    (256, 128, 8, 3, 2, False, False),
-    (64, 256, 8, 4, 2, False, True),         # stream-K: a K loop per tile of the program's run
+    (256, 128, 8, 3, True, False),    # the H100 table's M = 256 / 1024 tile
+    (256, 128, 8, 3, False, True),
+    (64, 128, 8, 4, True, False),     # M = 64
+    (64, 256, 8, 4, True, False),
+    (64, 128, 8, 4, 2, False),        # pairs transposed
+    (256, 128, 8, 3, 2, False),
 ]
 
 

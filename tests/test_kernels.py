@@ -54,9 +54,8 @@ PAIRS = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PA
 # the pairs transposed, [K/B, N]
 PAIRS_T = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, PAIRS=2)
 EMPTY_SPLIT = dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)
-# stream-K: PROGRAMS programs split the tiles' chunks into equal runs that cross tile borders
-STREAM = dict(BM=16, BN=32, STREAM=1, PROGRAMS=3, num_warps=4, num_stages=2, FUSE_K=True)
-STREAM_PAIRS_T = dict(STREAM, PAIRS=2, PROGRAMS=7, OUT16=True)
+# split-K partials added straight into the fp16 output (fp16 atomics; bf16: float32 buffer)
+FUSED_OUT16 = dict(FUSED, SPLIT_K=3, OUT16=True)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -113,11 +112,8 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (19, 40, 448, 64, PAIRS_T),     # contiguous; N not a multiple of BN, K tail
     (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
-    (7, 40, 640, 128, STREAM),      # 2 row tiles x 5 chunks over 3 runs of 4: runs cross
-    (19, 40, 448, 64, STREAM),      # tiles; two token tiles, K tail, N tail
-    (1, 24, 128, 32, dict(STREAM, PROGRAMS=4)),   # more programs than chunks: empty runs
-    (7, 72, 640, 128, STREAM_PAIRS_T),   # transposed pairs, fp16 atomics (OUT16)
-    (19, 40, 448, 64, STREAM_PAIRS_T),
+    (7, 72, 640, 128, FUSED_OUT16),   # fused split-K into the output dtype, short last split
+    (19, 40, 448, 64, dict(PAIRS_T, OUT16=True)),   # ... with transposed pairs, two token tiles
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
 ])
@@ -286,6 +282,9 @@ def test_default_config_fills_the_gpu_for_decode():
     assert default_config(128, 28672, 8192, smem_bytes=227 * 1024)["num_stages"] == 4
     assert pick_config(2, 8192, 28672, 128, None)["MMA"]
     assert default_config(256, 28672, 8192)["PAIRS"]          # K >= 8192: one word per block
+    split = default_config(64, 4096, 4096)                    # fused split-K: fp16 atomics
+    assert split["SPLIT_K"] > 1 and split["OUT16"] and split.get("FUSE_K")
+    assert "OUT16" not in default_config(256, 28672, 8192)   # no split (224 tiles)
     assert "PAIRS" not in default_config(256, 4096, 4096)
 
 
@@ -335,11 +334,11 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
                                       FUSE_K=True, PAIRS=True),
                                  dict(BM=64, BN=256, SPLIT_K=2, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=2),
-                                 # stream-K over the SMs' programs (fp32 / fp16 atomics)
-                                 dict(BM=64, BN=256, STREAM=1, num_warps=8, num_stages=4,
-                                      FUSE_K=True, PAIRS=2),
-                                 dict(BM=64, BN=128, STREAM=2, num_warps=8, num_stages=4,
+                                 # split-K added into the fp16 output (fp16 atomics)
+                                 dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=2, OUT16=True),
+                                 dict(BM=256, BN=128, SPLIT_K=4, num_warps=8, num_stages=3,
+                                      FUSE_K=True, PAIRS=True, OUT16=True),
                                  # 16 chunks over 5 splits of 4: the last split is empty
                                  dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True)])
