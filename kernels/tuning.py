@@ -64,8 +64,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
     GEMV (MMA), K split until ~16 programs per SM; M >= 512 dequantizes once and calls cuBLAS;
     in between, big tensor-core tiles (K split until ~2 programs per SM, the partial sums added
     into the fp16 output: OUT16), with each block's scale and zero term read as one word (PAIRS)
-    where K >= 8192. With ``smem_bytes`` (the
-    GPU's per-block shared memory), those tiles drop pipeline stages until they fit."""
+    where K >= 8192. With ``smem_bytes`` (the GPU's per-block shared memory), those tiles drop
+    pipeline stages until they fit."""
     if m >= 512:  # H100 (NOTES.md, v13): the fused 256-token tile only ties on shapes outside
         # the table (4096x11008, 11008x4096, 5120x13824) and loses 2-3x at N = 1024 (16 tiles)
         return dict(DEQUANT=True, DQ_BN=32, DQ_CHUNKS=4, DQ_WARPS=4)
@@ -80,10 +80,6 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
     per_sm = 2
     if m == 1:  # CUDA-core GEMV; ~8 programs per SM hide the memory latency
         cfg, per_sm = dict(GEMV=True, BN=64, num_warps=4, num_stages=3, PREFETCH=True), 8
-    elif m <= 4:
-        cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3)
-    elif m <= 16:
-        cfg = dict(BM=16, BN=128, num_warps=4, num_stages=3, FUSE_K=True)
     elif m <= 64:
         cfg = dict(BM=64, BN=64, num_warps=4, num_stages=3, FUSE_K=True)
     else:
