@@ -66,6 +66,8 @@ CASES = [
     (64, 256, 8, 4, True, False),
     (64, 128, 8, 4, 2, False),        # pairs transposed
     (256, 128, 8, 3, 2, False),
+    (128, 256, 16, 3, 2, False),      # 4 warpgroups of 64 rows: 128 registers, 1 CTA per SM
+    (64, 256, 16, 4, 2, False),
 ]
 
 

@@ -113,6 +113,8 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (7, 72, 640, 128, FUSED_OUT16),   # fused split-K into the output dtype, short last split
+    (33, 300, 256, 128, dict(BM=128, BN=256, SPLIT_K=1, num_warps=16, num_stages=3, FUSE_K=True,
+                             PAIRS=2)),   # 16 warps (4 warpgroups), N not a multiple of BN
     (19, 40, 448, 64, dict(PAIRS_T, OUT16=True)),   # ... with transposed pairs, two token tiles
     (5, 40, 320, 64, DEQUANT),      # large-M path: dequantize, then torch matmul
     (4, 24, 384, 128, DEQUANT),
@@ -334,6 +336,11 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
                                       FUSE_K=True, PAIRS=True),
                                  dict(BM=64, BN=256, SPLIT_K=2, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=2),
+                                 # 16 warps: 4 warpgroups of 64 rows
+                                 dict(BM=128, BN=256, SPLIT_K=1, num_warps=16, num_stages=3,
+                                      FUSE_K=True, PAIRS=2),
+                                 dict(BM=64, BN=256, SPLIT_K=2, num_warps=16, num_stages=4,
+                                      FUSE_K=True, PAIRS=2, OUT16=True),
                                  # split-K added into the fp16 output (fp16 atomics)
                                  dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
                                       FUSE_K=True, PAIRS=2, OUT16=True),
