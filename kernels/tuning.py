@@ -2,15 +2,23 @@
 
 A table maps "NxK" (or "*") to a list of {"max_m": int, "config": {...}} rows sorted by max_m;
 the first row whose max_m >= M wins. Unknown GPUs and shapes fall back to :func:`default_config`.
+
+A table of your own (say, tuned on a GPU without a shipped one by
+``benchmarks/kernels/bench_w4a16.py --tune my_gpu.json --tune-only --shapes KxN,...``) takes
+precedence when the environment variable ``MODELOPT_LITE_KERNEL_CONFIGS`` names its file:
+
+    MODELOPT_LITE_KERNEL_CONFIGS=my_gpu.json python serve.py
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 _DIR = Path(__file__).parent / "configs"
 _NUM_SMS_DEFAULT = 132
+ENV_TABLE = "MODELOPT_LITE_KERNEL_CONFIGS"
 
 
 def _gpu_key(device) -> str:
@@ -29,6 +37,33 @@ def _gpu_key(device) -> str:
 def _table(key: str) -> dict:
     path = _DIR / f"{key}.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _user_table(path: str) -> dict:
+    """The table named by ``MODELOPT_LITE_KERNEL_CONFIGS``, checked once per path."""
+    fix = (f"{ENV_TABLE} must name a JSON file mapping \"NxK\" (or \"*\") to rows "
+           "[{\"max_m\": int, \"config\": {...}}, ...] in ascending max_m")
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ENV_TABLE}={path}: no such file; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ENV_TABLE}={path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{ENV_TABLE}={path}: the top level is not an object; {fix}")
+    for key, rows in table.items():
+        ok = isinstance(rows, list) and all(
+            isinstance(r, dict) and isinstance(r.get("max_m"), int)
+            and isinstance(r.get("config"), dict) for r in rows)
+        if not ok or [r["max_m"] for r in rows] != sorted(r["max_m"] for r in rows):
+            raise ValueError(f"{ENV_TABLE}={path}: entry {key!r} is not a list of rows in "
+                             f"ascending max_m; {fix}")
+    return table
+
+
+def _rows(table: dict, n: int, k: int):
+    return table.get(f"{n}x{k}") or table.get("*")
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,8 +136,12 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
-    table = _table(_gpu_key(device))
-    rows = table.get(f"{n}x{k}") or table.get("*")
+    """The launch config for an [M, K] x [K, N] product: the ``MODELOPT_LITE_KERNEL_CONFIGS``
+    table's row for the shape if there is one, else the GPU's shipped table's, else
+    :func:`default_config` (also where a row says ``{"DEFAULT": true}``)."""
+    user = os.environ.get(ENV_TABLE)
+    rows = (_rows(_user_table(user), n, k) if user else None) or _rows(_table(_gpu_key(device)),
+                                                                       n, k)
     if rows:
         for row in rows:
             if m <= row["max_m"]:

@@ -304,6 +304,33 @@ def test_pick_config_table_rows_and_default_rows(monkeypatch):
     assert pick_config(3, 1024, 256, 128, None) == default_config(3, 1024, 256)  # no such key
 
 
+def test_user_config_table_from_the_environment(monkeypatch, tmp_path):
+    import json
+
+    from modelopt_lite.kernels import tuning
+
+    mine = dict(BM=16, BN=32, SPLIT_K=3, num_warps=4, num_stages=2, FUSE_K=True)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"72x384": [dict(max_m=8, config=mine),
+                                           dict(max_m=1 << 30, config={"DEFAULT": True})]}))
+    monkeypatch.setenv(tuning.ENV_TABLE, str(path))
+    assert pick_config(5, 72, 384, 128, None) == mine
+    assert pick_config(9, 72, 384, 128, None) == default_config(9, 72, 384)
+    assert pick_config(5, 40, 384, 128, None) == default_config(5, 40, 384)   # other shape
+    x, p, b = _problem(5, 72, 384, 128, True, torch.float16)   # the kernel runs it
+    assert _rel_err(w4a16_matmul(x, p, b), _ref32(x, p, b)) < TOL[torch.float16]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"72x384": [dict(max_m=64, config=mine),
+                                          dict(max_m=8, config=mine)]}))
+    monkeypatch.setenv(tuning.ENV_TABLE, str(bad))
+    with pytest.raises(ValueError, match="ascending max_m"):
+        pick_config(5, 72, 384, 128, None)
+    monkeypatch.setenv(tuning.ENV_TABLE, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        pick_config(5, 72, 384, 128, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
