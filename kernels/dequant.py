@@ -37,6 +37,26 @@ sub.rn.{ty} t, t, o;
 
 
 @triton.jit
+def _k_slice(K, pid_k, SPLIT_K):
+    """The 128-wide chunks along K (kt_total) and program pid_k's share kt0 .. kt1 - 1 of them
+    when they are split SPLIT_K ways (empty for a split-K tail)."""
+    kt_total = tl.cdiv(K, 128)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt0 = pid_k * kt_per
+    return kt_total, kt0, tl.minimum(kt0 + kt_per, kt_total)
+
+
+@triton.jit
+def _row_words(q_ptr, pid_n, N, kt_total, BN: tl.constexpr):
+    """Row tile pid_n: its rows rn, the same wrapped into [0, N) for loads (rn_safe), and the
+    [BN, 16] pointers to their chunk-0 packed words (chunk kt: + 16 kt)."""
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + tl.arange(0, 16)[None, :]
+    return rn, rn_safe, q_ptrs
+
+
+@triton.jit
 def _words_first(q_ptrs, kt0, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr, QE: tl.constexpr):
     """The word loop's prologue: with PREFETCH, chunk kt0's [BN, 16] words start loading
     (masked off for an empty K slice); without, nothing is in flight (a placeholder)."""
@@ -189,10 +209,8 @@ def w4a16_dequant_kernel(
     kt_total = tl.cdiv(K, 128)
     kt0 = pid_k * CHUNKS
     kt1 = tl.minimum(kt0 + CHUNKS, kt_total)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
     rj = tl.arange(0, 16)
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rj[None, :]
     s_rows = s_ptr + rn_safe * n_groups
     z_rows = z_ptr + rn_safe * n_groups

@@ -9,7 +9,7 @@ H100 table's shapes.
 import triton
 import triton.language as tl
 
-from .dequant import _words_first, _words_next
+from .dequant import _k_slice, _row_words, _words_first, _words_next
 from .ptx import gemv_asm, xprep_asm
 
 
@@ -377,15 +377,9 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     else:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-    kt_total = tl.cdiv(K, 128)
-    kt_per = tl.cdiv(kt_total, SPLIT_K)
-    kt0 = pid_k * kt_per
-    kt1 = tl.minimum(kt0 + kt_per, kt_total)
-
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
+    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
     rj = tl.arange(0, 16)[None, :]                                     # word in chunk
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj
     x_ptrs = x_ptr + m * stride_xm + rj
     s_rows = s_ptr + rn_safe[:, None] * n_groups
     z_rows = z_ptr + rn_safe[:, None] * n_groups

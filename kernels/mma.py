@@ -7,7 +7,8 @@ fragment loads (``XPERM``).
 import triton
 import triton.language as tl
 
-from .dequant import _chunk_scale_zero, _dequant_byte, _half, _words_first, _words_next
+from .dequant import (_chunk_scale_zero, _dequant_byte, _half, _k_slice, _row_words,
+                      _words_first, _words_next)
 
 
 @triton.jit
@@ -205,15 +206,9 @@ def w4a16_mma_kernel(
     pid_n = tl.program_id(2)
     m0 = pid_m * 16
     m_left = tl.minimum(M - m0, 16)
-    kt_total = tl.cdiv(K, 128)
-    kt_per = tl.cdiv(kt_total, SPLIT_K)
-    kt0 = pid_k * kt_per
-    kt1 = tl.minimum(kt0 + kt_per, kt_total)
-
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
+    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
     rj = tl.arange(0, 16)
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
     s_rows = s_ptr + rn_safe[:, None] * n_groups
     z_rows = z_ptr + rn_safe[:, None] * n_groups
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1

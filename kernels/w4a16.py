@@ -25,7 +25,7 @@ shapes without a table keep this path from M = 512).
 import triton
 import triton.language as tl
 
-from .dequant import _chunk_scale_zero, _dequant_byte, _pair_scale_zero
+from .dequant import _chunk_scale_zero, _dequant_byte, _k_slice, _pair_scale_zero, _row_words
 
 
 @triton.jit
@@ -59,19 +59,14 @@ def w4a16_kernel(
     pid_n = first_n + (pid % width) % gsize
     pid_m = (pid % width) // gsize
 
-    kt_total = tl.cdiv(K, 128)
-    kt_per = tl.cdiv(kt_total, SPLIT_K)
-    kt0 = pid_k * kt_per
-    kt1 = tl.minimum(kt0 + kt_per, kt_total)
+    kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
     if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
         return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
 
-    rn = pid_n * BN + tl.arange(0, BN)
+    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
     rm = pid_m * BM + tl.arange(0, BM)
-    rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
     rm_safe = rm % M
     rj = tl.arange(0, 16)
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + rj[None, :]
     x_ptrs = x_ptr + rm_safe[None, :] * stride_xm + rj[:, None]
     s_rows = s_ptr + rn_safe * n_groups
     z_rows = z_ptr + rn_safe * n_groups
