@@ -42,10 +42,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     second cached copy). ``XPERM`` (small-M path) permutes x per call, by default in one kernel
     that also zeroes the split-K buffer (``PREP``). ``OUT16`` (fp16 activations, any path): the
     split-K partial sums are added with fp16 atomics straight into the output, instead of a
-    float32 buffer and a conversion pass. ``TAIL`` (fused kernel, with ``SPLIT_K`` > 1): only the
-    tiles of the last, partial wave are split (:func:`_full_wave_tiles`); the full waves run
-    whole tiles. ``PERSIST`` (fused kernel): PERSIST programs per SM walk the tiles, no split
-    (``FLATTEN``: one software-pipelined loop over tiles and chunks). ``DEQUANT`` configs allocate an fp16 copy of the
+    float32 buffer and a conversion pass. ``DEQUANT`` configs allocate an fp16 copy of the
     weight per call.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
@@ -73,22 +70,6 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     split_k = max(1, min(int(cfg.get("SPLIT_K", 1)), triton_cdiv(k, 128)))
     gemv = cfg.get("GEMV", False)
     mma = cfg.get("MMA", False)
-    fused = not (gemv or mma)
-    if fused:
-        # the token tile is at most the tokens rounded up to a power of two (>= 16): a
-        # half-empty tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for
-        # M == 1 (an integer argument of 1 is specialized as a constant) with block 32 (NaN;
-        # NOTES.md)
-        bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
-        tiles = triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm)
-        n_full = 0
-        persist = int(cfg.get("PERSIST", 0))
-        if persist:  # PERSIST programs per SM (or PROGRAMS in all) walk the tiles, no split
-            split_k = 1
-        if split_k > 1 and cfg.get("TAIL", False):
-            n_full = _full_wave_tiles(tiles, cfg, x.device)
-            if n_full == tiles:  # whole waves: nothing to split
-                split_k = 1
     atomic = split_k > 1
     # split-K partials are added with float32 atomics, or (OUT16, fp16 only) straight into the
     # half-precision output, which saves the float32 buffer's conversion pass
@@ -98,10 +79,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     # XPERM with PREP: one kernel permutes x and zeroes the split-K output; else zeroed here
     prep = mma and cfg.get("XPERM", False) and cfg.get("PREP", True)
     if atomic and not prep:
-        if fused and n_full and triton_cdiv(m, bm) == 1:
-            out[:, n_full * cfg["BN"]:].zero_()   # one token tile: tile t is rows t BN ..
-        else:
-            out.zero_()
+        out.zero_()
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
             m, n, k, x2.stride(0), out.stride(0), k // p.group_size, split_k)
@@ -162,25 +140,19 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                 PIPE=_pipe(cfg), QC=cfg.get("QC", ""), QE=cfg.get("QE", ""),
                                 **common, **_maxnreg(cfg))
     else:
-        # TAIL: n_full whole tiles, then split_k pieces of each other tile, on a 1-D grid
-        grid = (n_full + (tiles - n_full) * split_k, 1) if n_full else (tiles, split_k)
-        if persist:
-            programs = int(cfg.get("PROGRAMS", 0)) or persist * _num_sms(x.device)
-            grid = (max(1, min(tiles, programs)), 1)
+        # the token tile is at most the tokens rounded up to a power of two (>= 16): a half-empty
+        # tile only costs, and Triton 3.6 miscompiles the BM = 256, 3-stage tile for M == 1
+        # (an integer argument of 1 is specialized as a constant) with block 32 (NaN; NOTES.md)
+        bm = min(cfg["BM"], max(16, 1 << (m - 1).bit_length()))
+        grid = (triton_cdiv(n, cfg["BN"]) * triton_cdiv(m, bm), split_k)
         pairs = int(cfg.get("PAIRS", 0))
         if pairs:  # scale and zero term of a block as one 32-bit word (4-byte, streamed loads);
             # PAIRS 2: those words transposed, [K/B, N] (coalesced across the row tile)
             args = args[:2] + (_pairs(p, transposed=pairs == 2),) + args[3:]
-        tma = None
-        if cfg.get("TMA", False) and cfg.get("FUSE_K", False) and _tma_ok(x2):
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            tma = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 128])
         w4a16_kernel[grid](
-            *args, BM=bm, x_desc=tma if tma is not None else x2, TMA=tma is not None, GROUP_N=cfg.get("GROUP_N", 8),
+            *args, BM=bm, GROUP_N=cfg.get("GROUP_N", 8),
             DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, TAIL=n_full > 0, n_full=n_full,
-            PERSIST=bool(persist), FLATTEN=bool(cfg.get("FLATTEN", False)), **common)
+            FUSE_K=cfg.get("FUSE_K", False), PAIRS=pairs, **common)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)
@@ -292,23 +264,6 @@ def _scale_vector(cfg: dict, p: PackedInt4, split_k: int, use_asm: bool) -> int:
             or any(t.data_ptr() % (2 * sv) or t.stride(0) != kt_total for t in tensors)):
         return 1
     return sv
-
-
-def _full_wave_tiles(tiles: int, cfg: dict, device) -> int:
-    """``TAIL``: how many of the fused kernel's ``tiles`` run whole, the full waves of
-    ``WAVE`` (default 1) resident programs per SM (or ``PROGRAMS`` in all); the rest, the last
-    partial wave, is split ``SPLIT_K`` ways. 0 when there is no full wave."""
-    per_wave = int(cfg.get("PROGRAMS", 0)) or int(cfg.get("WAVE", 1)) * _num_sms(device)
-    return tiles // per_wave * per_wave
-
-
-def _tma_ok(x2: torch.Tensor) -> bool:
-    """Whether x [M, K] can be read by bulk tensor copies (``TMA``): a GPU of compute
-    capability 9 or later (or the interpreter), 16-byte aligned base and row stride."""
-    if not _interpreting() and (x2.device.type != "cuda"
-                                or torch.cuda.get_device_capability(x2.device)[0] < 9):
-        return False
-    return x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
 
 
 def _pipe(cfg: dict):

@@ -11,8 +11,7 @@ multiplied by its own [16, BM] activation slice (eight K=16 products per chunk; 
 M <= 4), or, with FUSE_K, the eight planes are joined into one [BN, 128] operand and one
 K=128 product reads a single activation tile (fewer barriers; best from M = 16 up).
 When the grid is too short to fill the GPU, K is split over SPLIT_K programs that add their
-partial tiles into a float32 buffer (or, OUT16, the fp16 output) with atomics; with TAIL only
-the tiles of the last, partial wave are split. The dequantization (about two instructions
+partial tiles into a float32 buffer with atomics. The dequantization (about two instructions
 per weight, no int-to-float conversion) is in ``dequant.py``.
 
 Three more kernels serve the rest of the M range (``ops.py`` picks by config):
@@ -49,75 +48,21 @@ def w4a16_kernel(
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
-    TAIL: tl.constexpr = False, n_full=0, PERSIST: tl.constexpr = False,
-    FLATTEN: tl.constexpr = False, x_desc=None, TMA: tl.constexpr = False,
 ):
-    """Grid (tiles, SPLIT_K): program (t, pid_k) takes K slice pid_k of output tile t.
-
-    TAIL (1-D grid, split-K tiles only): the first ``n_full`` tiles (whole waves of the GPU) run
-    over all of K and store their tile; each of the remaining tiles is split SPLIT_K ways, and
-    its pieces add into the zeroed output with atomics. The last, partial wave then runs short
-    pieces on every SM instead of whole tiles on some of them.
-
-    PERSIST (1-D grid of P programs, no split): program p takes tiles p, p + P, p + 2P, ...;
-    with FLATTEN the tile and chunk loops are one loop for the software pipeliner, so the next
-    tile's first chunks load while this tile's last ones are multiplied and stored.
-
-    TMA (FUSE_K): the activation tiles come through ``x_desc``, a tensor descriptor of x with
-    [BM, 128] blocks (bulk tensor copies and barriers in shared memory instead of per-thread
-    asynchronous copies).
-    """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    split = SPLIT_K
-    if TAIL:
-        if pid < n_full:
-            split = split * 0 + 1
-        else:
-            j = pid - n_full
-            pid = n_full + j // SPLIT_K
-            pid_k = j % SPLIT_K
     num_pn = tl.cdiv(N, BN)
     num_pm = tl.cdiv(M, BM)
-    if PERSIST:  # whole tiles t = p, p + P, ... (the launcher keeps SPLIT_K at 1)
-        kt_total = tl.cdiv(K, 128)
-        for t in tl.range(pid, num_pn * num_pm, tl.num_programs(0), flatten=FLATTEN):
-            pid_n, pid_m = _tile_of(t, num_pn, num_pm, GROUP_N)
-            _fused_tile(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
-                        stride_om, n_groups, pid_n, pid_m, pid * 0, 1, kt_total, 0, kt_total,
-                        GROUP, BN, BM, HAS_ZERO, HAS_BIAS, IS_BF16, USE_ASM, EVEN_K, False,
-                        DOT_F32, FUSE_K, PAIRS, False, x_desc, TMA)
-    else:
-        pid_n, pid_m = _tile_of(pid, num_pn, num_pm, GROUP_N)
-        kt_total, kt0, kt1 = _k_slice(K, pid_k, split)
-        if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas
-            return      # from serializing the wgmma pipeline (the zero-trip path's zeroed
-            #             accumulator)
-        _fused_tile(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
-                    stride_om, n_groups, pid_n, pid_m, pid_k, split, kt_total, kt0, kt1,
-                    GROUP, BN, BM, HAS_ZERO, HAS_BIAS, IS_BF16, USE_ASM, EVEN_K, ATOMIC,
-                    DOT_F32, FUSE_K, PAIRS, TAIL, x_desc, TMA)
-
-
-@triton.jit
-def _tile_of(t, num_pn, num_pm, GROUP_N: tl.constexpr):
-    """Output tile t as (row tile, token tile), GROUP_N row tiles at a time over all token
-    tiles, so that the programs running together share their words and activations in L2."""
     width = GROUP_N * num_pm
-    first_n = (t // width) * GROUP_N
+    first_n = (pid // width) * GROUP_N
     gsize = tl.minimum(num_pn - first_n, GROUP_N)
-    return first_n + (t % width) % gsize, (t % width) // gsize
+    pid_n = first_n + (pid % width) % gsize
+    pid_m = (pid % width) // gsize
 
+    kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
+    if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
+        return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
 
-@triton.jit
-def _fused_tile(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                n_groups, pid_n, pid_m, pid_k, split, kt_total, kt0, kt1, GROUP: tl.constexpr,
-                BN: tl.constexpr, BM: tl.constexpr, HAS_ZERO: tl.constexpr,
-                HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-                FUSE_K: tl.constexpr, PAIRS: tl.constexpr, TAIL: tl.constexpr, x_desc,
-                TMA: tl.constexpr):
-    """Chunks kt0 .. kt1 - 1 of output tile (pid_n, pid_m), stored (or added, ATOMIC)."""
     rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rm_safe = rm % M
@@ -160,10 +105,7 @@ def _fused_tile(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_x
         if FUSE_K:
             w = tl.join(tl.join(p0, p1), tl.join(p2, p3))     # [BN, 16, h, b0, b1]
             w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 128))
-            if TMA:  # the [BM, 128] activation tile by one bulk tensor copy (zero-filled
-                #     past M and K)
-                xt = tl.trans(x_desc.load([pid_m * BM, kt * 128]))
-            elif EVEN_K:
+            if EVEN_K:
                 xt = tl.trans(tl.load(xf_ptrs + kt * 128))
             else:
                 xt = tl.trans(tl.load(xf_ptrs + kt * 128, mask=((kt * 128 + rk) < K)[None, :],
@@ -179,12 +121,6 @@ def _fused_tile(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_x
     out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (rm[None, :] < M)
     if ATOMIC:
-        if TAIL:
-            if split == 1:  # a whole tile of the full waves: nobody else adds to it
-                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-            else:
-                tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)

@@ -56,8 +56,6 @@ PAIRS_T = dict(BM=16, BN=32, SPLIT_K=2, num_warps=4, num_stages=2, FUSE_K=True, 
 EMPTY_SPLIT = dict(BM=16, BN=32, SPLIT_K=4, num_warps=4, num_stages=2, FUSE_K=True)
 # split-K partials added straight into the fp16 output (fp16 atomics; bf16: float32 buffer)
 FUSED_OUT16 = dict(FUSED, SPLIT_K=3, OUT16=True)
-# only the tiles past the full waves of PROGRAMS programs are split (3 tiles: 2 whole, 1 split)
-FUSED_TAIL = dict(FUSED_OUT16, TAIL=True, PROGRAMS=2)
 # persistent GEMV: PROGRAMS programs walk (row block, K slice) items, words loaded AHEAD steps
 GEMV_PERSIST = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4)
 GEMV_PERSIST_A2 = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PERSIST=1, PROGRAMS=4, AHEAD=2,
@@ -115,16 +113,6 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (7, 72, 640, 128, FUSED_OUT16),   # fused split-K into the output dtype, short last split
-    (7, 72, 640, 128, FUSED_TAIL),    # split only past the full waves; one token tile
-    (19, 40, 448, 64, dict(PAIRS_T, TAIL=True, PROGRAMS=3)),   # 4 tiles: 3 whole, 1 split
-    (7, 72, 640, 128, dict(FUSED_TAIL, PROGRAMS=3)),   # whole waves only: no split at all
-    # activation tiles by tensor descriptor (zero fill past M and K)
-    (7, 72, 640, 128, dict(FUSED, TMA=True)),
-    (19, 40, 448, 64, dict(PAIRS_T, TMA=True)),
-    (33, 24, 384, 32, dict(BIG_TILE, TMA=True, OUT16=True)),
-    # persistent: PROGRAMS programs walk the tiles (4 tiles over 3; 3 over 2, one loop)
-    (19, 40, 448, 64, dict(PAIRS_T, PERSIST=1, PROGRAMS=3)),
-    (7, 72, 640, 128, dict(FUSED_OUT16, PERSIST=1, PROGRAMS=2, FLATTEN=True)),
     (33, 300, 256, 128, dict(BM=128, BN=256, SPLIT_K=1, num_warps=16, num_stages=3, FUSE_K=True,
                              PAIRS=2)),   # 16 warps (4 warpgroups), N not a multiple of BN
     (19, 40, 448, 64, dict(PAIRS_T, OUT16=True)),   # ... with transposed pairs, two token tiles
@@ -385,23 +373,6 @@ def test_user_config_table_from_the_environment(monkeypatch, tmp_path):
                                       FUSE_K=True, PAIRS=2, OUT16=True),
                                  dict(BM=256, BN=128, SPLIT_K=4, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True, OUT16=True),
-                                 # split past the full waves only (TAIL; 32 tiles at
-                                 # M = 513, 8 at M = 130: whole waves of 24 / 5 programs)
-                                 dict(BM=64, BN=128, SPLIT_K=4, num_warps=8, num_stages=4,
-                                      FUSE_K=True, PAIRS=2, OUT16=True, TAIL=True,
-                                      PROGRAMS=24),
-                                 dict(BM=256, BN=128, SPLIT_K=3, num_warps=8, num_stages=3,
-                                      FUSE_K=True, PAIRS=True, TAIL=True, PROGRAMS=5),
-                                 # activation tiles by tensor descriptor (TMA)
-                                 dict(BM=256, BN=128, SPLIT_K=1, num_warps=8, num_stages=3,
-                                      FUSE_K=True, PAIRS=True, TMA=True),
-                                 dict(BM=64, BN=256, SPLIT_K=2, num_warps=8, num_stages=4,
-                                      FUSE_K=True, PAIRS=2, OUT16=True, TMA=True),
-                                 # persistent (5 programs over 8 / 32 tiles; one loop)
-                                 dict(BM=256, BN=128, num_warps=8, num_stages=3, FUSE_K=True,
-                                      PAIRS=True, PERSIST=1, PROGRAMS=5),
-                                 dict(BM=64, BN=128, num_warps=8, num_stages=4, FUSE_K=True,
-                                      PAIRS=2, PERSIST=1, PROGRAMS=5, FLATTEN=True),
                                  # 16 chunks over 5 splits of 4: the last split is empty
                                  dict(BM=256, BN=128, SPLIT_K=5, num_warps=8, num_stages=3,
                                       FUSE_K=True, PAIRS=True)])

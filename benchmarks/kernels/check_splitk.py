@@ -3,7 +3,6 @@ tile, K split, float32 buffer or fp16 atomics (`OUT16`)) against the float32 pro
 dequantized weight, several calls each (a race shows as a call that differs from the others).
 
     python benchmarks/kernels/check_splitk.py --reps 6
-    python benchmarks/kernels/check_splitk.py --tail --ms 256,1024 --splits 2,3,4   # TAIL split
 """
 import argparse
 import itertools
@@ -25,8 +24,6 @@ def main():
     ap.add_argument("--reps", type=int, default=4, help="calls per (shape, M, config)")
     ap.add_argument("--ms", type=lambda v: [int(t) for t in v.split(",")], default=[64, 256])
     ap.add_argument("--splits", type=lambda v: [int(t) for t in v.split(",")], default=[2, 4])
-    ap.add_argument("--tail", action="store_true",
-                    help="TAIL configs: split only the tiles past the full waves of the GPU")
     a = ap.parse_args()
     torch.manual_seed(0)
     bad = 0
@@ -40,14 +37,14 @@ def main():
                         torch.float16)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.float() @ dequantize(p).float().t()
-        cfg = dict(BASE, **tile, SPLIT_K=split, OUT16=out16, TAIL=a.tail)
+        cfg = dict(BASE, **tile, SPLIT_K=split, OUT16=out16)
         errs = []
         for _ in range(a.reps):
             y = w4a16_matmul(x, p, None, cfg).float()
             errs.append(((y - ref).norm() / ref.norm()).item())
         ok = max(errs) < 3e-3
         bad += not ok
-        print(f"K{k} N{n} M{m} {tile} SPLIT_K {split} OUT16 {out16} TAIL {a.tail}: "
+        print(f"K{k} N{n} M{m} {tile} SPLIT_K {split} OUT16 {out16}: "
               f"{'ok' if ok else 'WRONG'} {[f'{e:.2e}' for e in errs]}", flush=True)
     print("bad", bad)
     sys.exit(1 if bad else 0)

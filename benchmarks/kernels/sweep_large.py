@@ -198,7 +198,7 @@ def main():
               f"{r['shipped_us_2']:8.1f} {r.get('best_us') or 0:8.1f} "
               f"{r.get('cublas_us') or 0:8.1f} {r.get('humming_us') or 0:8.1f}  "
               f"BM{c.get('BM')} BN{c.get('BN')} w{c.get('num_warps')} st{c.get('num_stages')} "
-              f"sk{c.get('SPLIT_K')}{' tail' if c.get('TAIL') else ''}")
+              f"sk{c.get('SPLIT_K')}")
 
 
 def table_config(path, m, n, k):

@@ -1,5 +1,6 @@
 #!/bin/bash
-# v16 (NOTES.md; prepared, not yet run): fused tiles with 16 warps (4 warpgroups of 64 rows),
+# v16 (NOTES.md; run 2026-11-27 on an H100: slower on 15 of 15 rows, nothing adopted): fused
+# tiles with 16 warps (4 warpgroups of 64 rows),
 # which compile for sm_90a with no spills and no wgmma serialization (test_kernel_codegen.py):
 # BN 256 x BM 128 (128 registers) halves the activation tile's L2 re-reads per weight byte
 # against the shipped BM 256 x BN 128 tile at M >= 256; BN 256 x BM 64 (112 registers, vs 183
