@@ -43,7 +43,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     that also zeroes the split-K buffer (``PREP``). ``OUT16`` (fp16 activations, any path): the
     split-K partial sums are added with fp16 atomics straight into the output, instead of a
     float32 buffer and a conversion pass. ``DEQUANT`` configs allocate an fp16 copy of the
-    weight per call.
+    weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
+    (:mod:`~.ws`; ``BM``, ``STAGES``, ``GROUP_N``); where it cannot run (another GPU, the
+    interpreter, block 32 / 64, K not a multiple of 128) the fused kernel takes the same config.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
         >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,
@@ -64,6 +66,12 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if m == 0:
         return x.new_empty(out_shape)
     cfg = dict(config) if config else pick_config(m, n, k, p.group_size, x.device)
+    if cfg.get("WS", False) and not _interpreting():
+        from .ws import w4a16_ws, ws_supported
+
+        if ws_supported(x2, p):  # else the fused kernel below, with the same tile config
+            y = w4a16_ws(x2, p, _pairs(p, transposed=True), bias, cfg)
+            return y.reshape(out_shape)
     if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
         w = dequantize_fp(p, x.dtype, cfg)
         return torch.nn.functional.linear(x2, w, bias).reshape(out_shape)

@@ -87,3 +87,70 @@ def test_fused_kernel_wgmma_pipeline_not_serialized(tmp_path):
         assert rep["rc"] == 0, (case, rep["report"])
         assert "C7515" not in rep["report"], (case, rep["report"])   # wgmma serialized
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
+
+
+_WS_SCRIPT = r"""
+import inspect, json, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from modelopt_lite.kernels import ws
+
+ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+reports = []
+for i, (bm, stages, bf16, zero, bias) in enumerate(cases):
+    dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
+    x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
+    q_l = gl.NVMMASharedLayout.get_default_for([ws.ROWS, 16], gl.int32)
+    s_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    sig = {"x_desc": f"tensordesc<{ds}[{bm}, 64],{x_l!r}>",
+           "q_desc": f"tensordesc<i32[{ws.ROWS}, 16],{q_l!r}>",
+           "sz_desc": f"tensordesc<i32[1, {ws.ROWS}],{s_l!r}>", "out_ptr": "*" + ds,
+           "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32"}
+    a = ws._dequant_asm(bf16, zero)
+    const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, A0=a[0], A1=a[1], A2=a[2],
+                 A3=a[3])
+    params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
+    sig.update({k: "constexpr" for k in const})
+    src = GluonASTSource(ws.w4a16_ws_kernel, sig,
+                         constexprs={(params.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = f"{work}/ws{i}.ptx"
+    open(ptx, "w").write(k.asm["ptx"])
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/ws{i}.cubin"],
+                         capture_output=True, text=True)
+    reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
+                        shared=k.metadata.shared, wgmma=k.asm["ptx"].count("wgmma.mma_async"),
+                        tma=k.asm["ptx"].count("cp.async.bulk.tensor")))
+print(json.dumps(reports))
+"""
+
+WS_CASES = [
+    (256, 3, False, True, False),   # the M >= 256 tile: 3 stages of 72 KB
+    (128, 4, True, False, True),    # bf16, no zero points, bias
+    (16, 4, False, True, True),     # the smallest token tile
+]
+
+
+def test_ws_kernel_compiles_for_hopper(tmp_path):
+    """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two consumer partitions
+    of eight register-operand wgmma each, four bulk tensor copies in the producer, no spills,
+    no serialized wgmma, and its ring within the 227 KB of shared memory."""
+    import json
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    ptxas = _ptxas()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-c", _WS_SCRIPT, str(ptxas), str(tmp_path),
+                          json.dumps(WS_CASES)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for case, rep in zip(WS_CASES, json.loads(out.stdout.strip().splitlines()[-1])):
+        assert rep["rc"] == 0, (case, rep["report"])
+        assert rep["wgmma"] == 16 and rep["tma"] == 4, (case, rep)
+        assert "C7515" not in rep["report"], (case, rep["report"])
+        assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
+        assert rep["shared"] <= 232448, case

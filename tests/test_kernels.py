@@ -113,6 +113,8 @@ GEMV_PIPE = dict(GEMV=True, BN=16, SPLIT_K=3, num_warps=4, PIPE=4, QE="evict_fir
     (3, 40, 320, 64, dict(SMALL, PAIRS=2)),
     (33, 24, 384, 32, BIG_TILE),    # ... for 33 tokens (a 64-token tile), split-K
     (7, 72, 640, 128, FUSED_OUT16),   # fused split-K into the output dtype, short last split
+    # a warp-specialized (WS, Gluon, Hopper) config where it cannot run: the fused kernel
+    (33, 40, 384, 128, dict(BIG_TILE, SPLIT_K=1, WS=True, STAGES=3)),
     (33, 300, 256, 128, dict(BM=128, BN=256, SPLIT_K=1, num_warps=16, num_stages=3, FUSE_K=True,
                              PAIRS=2)),   # 16 warps (4 warpgroups), N not a multiple of BN
     (19, 40, 448, 64, dict(PAIRS_T, OUT16=True)),   # ... with transposed pairs, two token tiles
@@ -382,6 +384,48 @@ def test_gpu_kernel_large_shapes(dtype, zero, m, group, cfg):
     x, p, b = _problem(m, 1000, 2048, group, zero, dtype)
     y = w4a16_matmul(x, p, b, cfg)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=True, WS=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m", [1, 7, 64, 130, 513])
+@pytest.mark.parametrize("n", [1000, 4096])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3), dict(WS_TILE, BM=128, STAGES=4),
+                                 dict(WS_TILE, BM=64, STAGES=4, GROUP_N=4)])
+def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
+    """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
+    past the tile are zero-filled by the copies and masked at the store), bias, bf16."""
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(m, n, 2048, 128, zero, dtype, bias)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    y = w4a16_matmul(x, p, b, cfg)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("group,n,row", [(32, 1000, 2048), (64, 1000, 2048), (128, 1002, 2048),
+                                         (128, 1000, 2052)])
+def test_gpu_ws_config_falls_back(group, n, row):
+    """A WS config the warp-specialized kernel cannot take (block 32 / 64, N not a multiple of
+    4, an activation row stride that is not a multiple of 16 bytes) runs the fused kernel with
+    the same tile."""
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(37, n, 2048, group, True, torch.float16)
+    x = torch.nn.functional.pad(x, (0, row - 2048))[:, :2048]   # row stride `row` elements
+    assert not ws_supported(x, p)
+    y = w4a16_matmul(x, p, b, dict(WS_TILE, BM=256, STAGES=3))
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[torch.float16]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,214 @@
+"""Large-M W4A16 on Hopper, warp-specialized (``WS`` configs): ``w4a16_ws_kernel`` in Gluon.
+
+One program per output tile of the transposed product, [128 rows, BM tokens], in three
+partitions that meet only at shared-memory barriers:
+
+- a producer warp streams each 128-deep K chunk into a STAGES-deep ring with bulk tensor
+  copies (TMA): the activations as two [BM, 64] boxes, the rows' [128, 16] packed words and the
+  chunk's 128 scale / zero-term words (:func:`~.packing.pair_scales`, transposed), all counted on
+  the stage's ``ready`` barrier;
+- two consumer warpgroups (64 rows each, one partition each) wait on ``ready``, load their
+  words from shared memory straight into the wgmma A-operand layout (two adjacent words per
+  thread, the pair the dequantization's PRMT joins), dequantize the eight nibble planes in
+  registers (``dequant.py``'s asm: about two instructions per weight) and issue eight
+  m64nBMk16 wgmma from registers against the plane's [16, BM] slice of the activation tile;
+  after the wgmma retire they release the stage on ``empty`` (two arrivals).
+
+Against the single-partition fused kernel (``w4a16.py``), no warp waits at a CTA barrier
+every chunk and no thread issues activation copies: while one warpgroup dequantizes, the
+other's products run (``benchmarks/kernels/NOTES.md``, v18). Needs sm_90 (wgmma), block 128,
+K a multiple of 128, N a multiple of 4 and 16-byte aligned rows; :func:`ws_supported` checks,
+and ``ops.w4a16_matmul`` runs the fused kernel with the same config otherwise. Gluon kernels
+do not run in the interpreter.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # an older Triton: the fused kernel serves WS configs
+    HAVE_GLUON = False
+
+from .dequant import _asm
+
+ROWS = 128   # rows per program: two consumer warpgroups of 64
+
+
+if HAVE_GLUON:
+    _ROWS = gl.constexpr(ROWS)
+
+    @gluon.jit
+    def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
+                  k_chunks, STAGES: gl.constexpr):
+        nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
+                                + sz_desc.block_type.nbytes)
+        for kt in range(k_chunks):
+            s = kt % STAGES
+            # a fresh barrier counts its phase before the first as complete: the first pass
+            # through the ring does not wait
+            mbarrier.wait(empty.index(s), ((kt // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(x_desc, [off_m, kt * 128], bar, xlo.index(s))
+            tma.async_copy_global_to_shared(x_desc, [off_m, kt * 128 + 64], bar, xhi.index(s))
+            tma.async_copy_global_to_shared(q_desc, [off_n, kt * 16], bar, qb.index(s))
+            tma.async_copy_global_to_shared(sz_desc, [kt, off_n], bar, szb.index(s))
+
+    @gluon.jit
+    def _planes(q, s, z, asm: gl.constexpr):
+        """Nibble planes 2b and 2b + 1 of the words q (the asm of byte b), dequantized into
+        the dtype of the scales s."""
+        return gl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r", [q, s, z],
+                                         dtype=(s.dtype, s.dtype), is_pure=True, pack=2)
+
+    @gluon.jit
+    def _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                  off_m, k_chunks, WG: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
+                  A2: gl.constexpr, A3: gl.constexpr):
+        dt: gl.constexpr = xlo.dtype
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BM, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        acc = gl.zeros([64, BM], gl.float32, mma)
+        for kt in range(k_chunks):
+            s = kt % STAGES
+            mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
+            q = qb.index(s).slice(64 * WG, 64).load(a_l)                        # [64, 16] words
+            sz = szb.index(s).reshape([_ROWS]).slice(64 * WG, 64).load(gl.SliceLayout(1, a_l))
+            sv = gl.expand_dims(sz, 1)
+            sc = gl.broadcast(sv, q)[0].to(gl.int16).to(dt, bitcast=True)        # low half
+            zt = gl.broadcast(sv >> 16, q)[0].to(gl.int16).to(dt, bitcast=True)  # high half
+            lo0, hi0 = _planes(q, sc, zt, A0)
+            lo1, hi1 = _planes(q, sc, zt, A1)
+            lo2, hi2 = _planes(q, sc, zt, A2)
+            lo3, hi3 = _planes(q, sc, zt, A3)
+            xl = xlo.index(s)
+            xh = xhi.index(s)
+            # plane i is k = 16 i .. 16 i + 15 of the chunk: planes 0-3 in the low box
+            acc = warpgroup_mma(lo0, xl.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi0, xl.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(lo1, xl.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi1, xl.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(lo2, xh.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi2, xh.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(lo3, xh.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi3, xh.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(s))
+        rn = off_n + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(bias_ptr + rn, mask=rn < N).to(gl.float32), 1)
+        ptrs = out_ptr + gl.expand_dims(rm, 0) * stride_om + gl.expand_dims(rn, 1)
+        mask = (gl.expand_dims(rn, 1) < N) & (gl.expand_dims(rm, 0) < M)
+        gl.store(ptrs, acc.to(dt), mask=mask)
+
+    @gluon.jit
+    def _consumer0(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                   off_m, k_chunks, BM: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
+                   A2: gl.constexpr, A3: gl.constexpr):
+        _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                  off_m, k_chunks, 0, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)
+
+    @gluon.jit
+    def _consumer1(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                   off_m, k_chunks, BM: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
+                   A2: gl.constexpr, A3: gl.constexpr):
+        _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                  off_m, k_chunks, 1, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)
+
+    @gluon.jit
+    def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
+                        BM: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
+                        A2: gl.constexpr, A3: gl.constexpr):
+        """Output tile (row tile, token tile) of program p in GROUP_N row tiles at a time
+        over all token tiles (as the fused kernel); see the module docstring."""
+        pid = gl.program_id(0)
+        num_pn = gl.cdiv(N, _ROWS)
+        num_pm = gl.cdiv(M, BM)
+        width = GROUP_N * num_pm
+        first_n = (pid // width) * GROUP_N
+        gsize = gl.minimum(num_pn - first_n, GROUP_N)
+        off_n = (first_n + (pid % width) % gsize) * _ROWS
+        off_m = ((pid % width) // gsize) * BM
+        k_chunks = gl.cdiv(K, 128)
+
+        dt: gl.constexpr = x_desc.dtype
+        xlo = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
+        xhi = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
+        qb = gl.allocate_shared_memory(gl.int32, [STAGES, _ROWS, 16], q_desc.layout)
+        szb = gl.allocate_shared_memory(gl.int32, [STAGES, 1, _ROWS], sz_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+
+        gl.warp_specialize([
+            (_consumer0, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                          off_n, off_m, k_chunks, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+            (_consumer1, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                          off_n, off_m, k_chunks, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+            (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
+                         off_m, k_chunks, STAGES)),
+        ], [4, 1], [232, 40])
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_asm(bf16: bool, zero: bool):
+    return tuple(gl.constexpr(_asm(bf16, zero, b)) for b in range(4))
+
+
+def ws_supported(x2: torch.Tensor, p) -> bool:
+    """Whether ``w4a16_ws_kernel`` can run ``x2 [M, K] @ p``: Gluon present, a GPU of compute
+    capability 9.0 (wgmma), block 128, K a multiple of 128, N a multiple of 4 (the transposed
+    pairs' rows), and 16-byte aligned bases and rows for the tensor copies."""
+    if not HAVE_GLUON or x2.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(x2.device) != (9, 0):
+        return False
+    n, k = p.shape
+    q = p.qweight
+    return (p.group_size == 128 and k % 128 == 0 and n % 4 == 0 and x2.stride(-1) == 1
+            and x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
+            and q.is_contiguous() and q.data_ptr() % 16 == 0)
+
+
+def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | None,
+             cfg: dict) -> torch.Tensor:
+    """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
+    :func:`~.packing.pair_scales` of ``p`` transposed, [K/128, N]. Config keys: BM (token tile,
+    clipped to the tokens' power of two, >= 16), STAGES (ring depth, default 3; 256-token
+    tiles fit 3 in shared memory), GROUP_N (default 8). Call :func:`ws_supported` first."""
+    m, k = x2.shape
+    n = p.shape[0]
+    bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
+    stages = int(cfg.get("STAGES", 3))
+    dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
+                              gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
+    q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [ROWS, 16],
+                              gl.NVMMASharedLayout.get_default_for([ROWS, 16], gl.int32))
+    sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, ROWS],
+                               gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
+                                                    rank=2))
+    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
+    grid = (-(-n // ROWS) * -(-m // bm), )
+    w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
+                          m, n, k, out.stride(0), BM=bm, STAGES=stages,
+                          GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
+                          A0=a0, A1=a1, A2=a2, A3=a3, num_warps=4)
+    return out
