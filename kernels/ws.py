@@ -113,22 +113,6 @@ if HAVE_GLUON:
         gl.store(ptrs, acc.to(dt), mask=mask)
 
     @gluon.jit
-    def _consumer0(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                   off_m, k_chunks, BM: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
-                   A2: gl.constexpr, A3: gl.constexpr):
-        _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                  off_m, k_chunks, 0, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)
-
-    @gluon.jit
-    def _consumer1(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                   off_m, k_chunks, BM: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
-                   A2: gl.constexpr, A3: gl.constexpr):
-        _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                  off_m, k_chunks, 1, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)
-
-    @gluon.jit
     def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
                         BM: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
                         HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
@@ -157,10 +141,10 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)
 
         gl.warp_specialize([
-            (_consumer0, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                          off_n, off_m, k_chunks, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
-            (_consumer1, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                          off_n, off_m, k_chunks, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+            (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                         off_n, off_m, k_chunks, 0, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+            (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                         off_n, off_m, k_chunks, 1, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
                          off_m, k_chunks, STAGES)),
         ], [4, 1], [232, 40])
