@@ -19,7 +19,9 @@ every chunk and no thread issues activation copies: while one warpgroup dequanti
 other's products run (``benchmarks/kernels/NOTES.md``, v18). Needs sm_90 (wgmma), block 128,
 K a multiple of 128, N a multiple of 4 and 16-byte aligned rows; :func:`ws_supported` checks,
 and ``ops.w4a16_matmul`` runs the fused kernel with the same config otherwise. Gluon kernels
-do not run in the interpreter.
+do not run in the interpreter. SPLIT_K > 1 adds K slices with atomics; it compiles (ptxas:
+the 256-token tile then spills about 1 KB in the atomic epilogue, the 128-token tile does not)
+and has GPU tests, not yet run on a GPU; no shipped config uses it (NOTES.md, v19).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ if HAVE_GLUON:
     _ROWS = gl.constexpr(ROWS)
 
     @gluon.jit
-    def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
+    def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, kt0,
                   k_chunks, STAGES: gl.constexpr):
         nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
                                 + sz_desc.block_type.nbytes)
@@ -57,10 +59,11 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(s), ((kt // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(x_desc, [off_m, kt * 128], bar, xlo.index(s))
-            tma.async_copy_global_to_shared(x_desc, [off_m, kt * 128 + 64], bar, xhi.index(s))
-            tma.async_copy_global_to_shared(q_desc, [off_n, kt * 16], bar, qb.index(s))
-            tma.async_copy_global_to_shared(sz_desc, [kt, off_n], bar, szb.index(s))
+            c = kt0 + kt   # the chunk along K
+            tma.async_copy_global_to_shared(x_desc, [off_m, c * 128], bar, xlo.index(s))
+            tma.async_copy_global_to_shared(x_desc, [off_m, c * 128 + 64], bar, xhi.index(s))
+            tma.async_copy_global_to_shared(q_desc, [off_n, c * 16], bar, qb.index(s))
+            tma.async_copy_global_to_shared(sz_desc, [c, off_n], bar, szb.index(s))
 
     @gluon.jit
     def _planes(q, s, z, asm: gl.constexpr):
@@ -71,8 +74,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                  off_m, k_chunks, WG: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
+                  off_m, pid_k, k_chunks, WG: gl.constexpr, BM: gl.constexpr,
+                  STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+                  A0: gl.constexpr, A1: gl.constexpr,
                   A2: gl.constexpr, A3: gl.constexpr):
         dt: gl.constexpr = xlo.dtype
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -107,19 +111,28 @@ if HAVE_GLUON:
         rn = off_n + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
         rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
-            acc += gl.expand_dims(gl.load(bias_ptr + rn, mask=rn < N).to(gl.float32), 1)
+            bias = gl.load(bias_ptr + rn, mask=rn < N).to(gl.float32)
+            if ATOMIC:   # the first K slice adds it
+                bias = bias * (pid_k == 0).to(gl.float32)
+            acc += gl.expand_dims(bias, 1)
         ptrs = out_ptr + gl.expand_dims(rm, 0) * stride_om + gl.expand_dims(rn, 1)
         mask = (gl.expand_dims(rn, 1) < N) & (gl.expand_dims(rm, 0) < M)
-        gl.store(ptrs, acc.to(dt), mask=mask)
+        if ATOMIC:   # split-K: into the zeroed output (fp16) or a float32 buffer
+            gl.atomic_add(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+        else:
+            gl.store(ptrs, acc.to(dt), mask=mask)
 
     @gluon.jit
     def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
-                        BM: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, A0: gl.constexpr, A1: gl.constexpr,
-                        A2: gl.constexpr, A3: gl.constexpr):
-        """Output tile (row tile, token tile) of program p in GROUP_N row tiles at a time
-        over all token tiles (as the fused kernel); see the module docstring."""
+                        SPLIT_K, BM: gl.constexpr, STAGES: gl.constexpr,
+                        GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+                        A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
+                        A3: gl.constexpr):
+        """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
+        at a time over all token tiles (as the fused kernel); see the module docstring. With
+        ATOMIC (SPLIT_K > 1) the slices add into the output with atomics."""
         pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
         num_pn = gl.cdiv(N, _ROWS)
         num_pm = gl.cdiv(M, BM)
         width = GROUP_N * num_pm
@@ -127,7 +140,12 @@ if HAVE_GLUON:
         gsize = gl.minimum(num_pn - first_n, GROUP_N)
         off_n = (first_n + (pid % width) % gsize) * _ROWS
         off_m = ((pid % width) // gsize) * BM
-        k_chunks = gl.cdiv(K, 128)
+        kt_total = gl.cdiv(K, 128)
+        kt_per = gl.cdiv(kt_total, SPLIT_K)
+        kt0 = pid_k * kt_per
+        k_chunks = gl.minimum(kt0 + kt_per, kt_total) - kt0
+        if k_chunks <= 0:   # an empty last slice
+            return
 
         dt: gl.constexpr = x_desc.dtype
         xlo = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
@@ -142,11 +160,13 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, k_chunks, 0, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+                         off_n, off_m, pid_k, k_chunks, 0, BM, STAGES, HAS_BIAS, ATOMIC, A0,
+                         A1, A2, A3)),
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, k_chunks, 1, BM, STAGES, HAS_BIAS, A0, A1, A2, A3)),
+                         off_n, off_m, pid_k, k_chunks, 1, BM, STAGES, HAS_BIAS, ATOMIC, A0,
+                         A1, A2, A3)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
-                         off_m, k_chunks, STAGES)),
+                         off_m, kt0, k_chunks, STAGES)),
         ], [4, 1], [232, 40])
 
 
@@ -175,11 +195,14 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
     :func:`~.packing.pair_scales` of ``p`` transposed, [K/128, N]. Config keys: BM (token tile,
     clipped to the tokens' power of two, >= 16), STAGES (ring depth, default 3; 256-token
-    tiles fit 3 in shared memory), GROUP_N (default 8). Call :func:`ws_supported` first."""
+    tiles fit 3 in shared memory), GROUP_N (default 8), SPLIT_K (default 1: K slices added with
+    atomics into a float32 buffer, or with OUT16 and fp16 activations straight into the
+    output). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
+    split = max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
@@ -188,11 +211,16 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, ROWS],
                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
                                                     rank=2))
-    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if split > 1:
+        out16 = cfg.get("OUT16", False) and x2.dtype == torch.float16
+        out = torch.zeros((m, n), device=x2.device,
+                          dtype=torch.float16 if out16 else torch.float32)
+    else:
+        out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    grid = (-(-n // ROWS) * -(-m // bm), )
+    grid = (-(-n // ROWS) * -(-m // bm), split)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
-                          m, n, k, out.stride(0), BM=bm, STAGES=stages,
+                          m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
-                          A0=a0, A1=a1, A2=a2, A3=a3, num_warps=4)
-    return out
+                          ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, num_warps=4)
+    return out if out.dtype == x2.dtype else out.to(x2.dtype)

@@ -397,10 +397,14 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
 @pytest.mark.parametrize("m", [1, 7, 64, 130, 513])
 @pytest.mark.parametrize("n", [1000, 4096])
 @pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3), dict(WS_TILE, BM=128, STAGES=4),
-                                 dict(WS_TILE, BM=64, STAGES=4, GROUP_N=4)])
+                                 dict(WS_TILE, BM=64, STAGES=4, GROUP_N=4),
+                                 # K split 3 (16 chunks: 6 / 6 / 4) into the fp16 output (bf16:
+                                 # a float32 buffer); 5 ways: 4 / 4 / 4 / 4 / 0, an empty slice
+                                 dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3, OUT16=True),
+                                 dict(WS_TILE, BM=256, STAGES=3, SPLIT_K=5)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
-    past the tile are zero-filled by the copies and masked at the store), bias, bf16."""
+    past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
     from modelopt_lite.kernels.ws import ws_supported
 
     x, p, b = _problem(m, n, 2048, 128, zero, dtype, bias)
