@@ -140,12 +140,16 @@ if HAVE_GLUON:
         gsize = gl.minimum(num_pn - first_n, GROUP_N)
         off_n = (first_n + (pid % width) % gsize) * _ROWS
         off_m = ((pid % width) // gsize) * BM
-        kt_total = gl.cdiv(K, 128)
-        kt_per = gl.cdiv(kt_total, SPLIT_K)
-        kt0 = pid_k * kt_per
-        k_chunks = gl.minimum(kt0 + kt_per, kt_total) - kt0
-        if k_chunks <= 0:   # an empty last slice
-            return
+        if ATOMIC:   # K slice pid_k of SPLIT_K
+            kt_total = gl.cdiv(K, 128)
+            kt_per = gl.cdiv(kt_total, SPLIT_K)
+            kt0 = pid_k * kt_per
+            k_chunks = gl.minimum(kt0 + kt_per, kt_total) - kt0
+            if k_chunks <= 0:   # an empty last slice
+                return
+        else:
+            kt0 = 0
+            k_chunks = gl.cdiv(K, 128)
 
         dt: gl.constexpr = x_desc.dtype
         xlo = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
