@@ -21,7 +21,8 @@ K a multiple of 128, N a multiple of 4 and 16-byte aligned rows; :func:`ws_suppo
 and ``ops.w4a16_matmul`` runs the fused kernel with the same config otherwise. Gluon kernels
 do not run in the interpreter. SPLIT_K > 1 adds K slices with atomics; it compiles (ptxas:
 the 256-token tile then spills about 1 KB in the atomic epilogue, the 128-token tile does not)
-and has GPU tests, not yet run on a GPU; no shipped config uses it (NOTES.md, v19).
+and has GPU tests, not yet run on a GPU; the same holds for PERSIST (one ring walked through
+several tiles per program); no shipped config uses either (NOTES.md, v19).
 """
 from __future__ import annotations
 
@@ -49,14 +50,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, kt0,
-                  k_chunks, STAGES: gl.constexpr):
+                  k_chunks, it0, STAGES: gl.constexpr):
+        """Chunks kt0 .. kt0 + k_chunks - 1 of one tile into the ring, from ring position it0
+        (the chunks the program filled before)."""
         nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
                                 + sz_desc.block_type.nbytes)
         for kt in range(k_chunks):
-            s = kt % STAGES
+            it = it0 + kt
+            s = it % STAGES
             # a fresh barrier counts its phase before the first as complete: the first pass
             # through the ring does not wait
-            mbarrier.wait(empty.index(s), ((kt // STAGES) & 1) ^ 1)
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             c = kt0 + kt   # the chunk along K
@@ -74,18 +78,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                  off_m, pid_k, k_chunks, WG: gl.constexpr, BM: gl.constexpr,
+                  off_m, pid_k, k_chunks, it0, WG: gl.constexpr, BM: gl.constexpr,
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
                   A2: gl.constexpr, A3: gl.constexpr):
+        """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
+        then its store (or, ATOMIC, its addition)."""
         dt: gl.constexpr = xlo.dtype
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BM, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         acc = gl.zeros([64, BM], gl.float32, mma)
         for kt in range(k_chunks):
-            s = kt % STAGES
-            mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
+            it = it0 + kt
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             q = qb.index(s).slice(64 * WG, 64).load(a_l)                        # [64, 16] words
             sz = szb.index(s).reshape([_ROWS]).slice(64 * WG, 64).load(gl.SliceLayout(1, a_l))
             sv = gl.expand_dims(sz, 1)
@@ -123,23 +130,57 @@ if HAVE_GLUON:
             gl.store(ptrs, acc.to(dt), mask=mask)
 
     @gluon.jit
+    def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr):
+        """(first row, first token) of output tile t, GROUP_N row tiles at a time over all
+        token tiles (as the fused kernel)."""
+        width = GROUP_N * num_pm
+        first_n = (t // width) * GROUP_N
+        gsize = gl.minimum(num_pn - first_n, GROUP_N)
+        return (first_n + (t % width) % gsize) * _ROWS, ((t % width) // gsize) * BM
+
+    @gluon.jit
+    def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
+                        num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
+                        STAGES: gl.constexpr):
+        """PERSIST: the program's tiles p, p + P, ... one after another through one ring, so
+        the next tile's first chunks load while the consumers finish and store this one."""
+        it0 = 0
+        for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
+            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM)
+            _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, 0,
+                      k_chunks, it0, STAGES)
+            it0 += k_chunks
+
+    @gluon.jit
+    def _consumer_tiles(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                        num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
+                        BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
+                        A3: gl.constexpr):
+        """PERSIST: :func:`_consumer` for each of the program's tiles, in the producer's order."""
+        it0 = 0
+        for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
+            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM)
+            _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
+                      off_m, 0, k_chunks, it0, WG, BM, STAGES, HAS_BIAS, False, A0, A1, A2, A3)
+            it0 += k_chunks
+
+    @gluon.jit
     def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
                         SPLIT_K, BM: gl.constexpr, STAGES: gl.constexpr,
                         GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
-                        A3: gl.constexpr):
+                        A3: gl.constexpr, PERSIST: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
-        ATOMIC (SPLIT_K > 1) the slices add into the output with atomics."""
+        ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
+        of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
+        ring (:func:`_producer_tiles`)."""
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         num_pn = gl.cdiv(N, _ROWS)
         num_pm = gl.cdiv(M, BM)
-        width = GROUP_N * num_pm
-        first_n = (pid // width) * GROUP_N
-        gsize = gl.minimum(num_pn - first_n, GROUP_N)
-        off_n = (first_n + (pid % width) % gsize) * _ROWS
-        off_m = ((pid % width) // gsize) * BM
+        off_n, off_m = _tile(pid, num_pn, num_pm, GROUP_N, BM)
         if ATOMIC:   # K slice pid_k of SPLIT_K
             kt_total = gl.cdiv(K, 128)
             kt_per = gl.cdiv(kt_total, SPLIT_K)
@@ -162,15 +203,27 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
 
+        if PERSIST:
+            gl.warp_specialize([
+                (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
+                                   M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM, STAGES,
+                                   HAS_BIAS, A0, A1, A2, A3)),
+                (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
+                                   M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
+                                   HAS_BIAS, A0, A1, A2, A3)),
+                (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
+                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES)),
+            ], [4, 1], [232, 40])
+            return
         gl.warp_specialize([
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, pid_k, k_chunks, 0, BM, STAGES, HAS_BIAS, ATOMIC, A0,
-                         A1, A2, A3)),
+                         off_n, off_m, pid_k, k_chunks, 0, 0, BM, STAGES, HAS_BIAS, ATOMIC,
+                         A0, A1, A2, A3)),
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, pid_k, k_chunks, 1, BM, STAGES, HAS_BIAS, ATOMIC, A0,
-                         A1, A2, A3)),
+                         off_n, off_m, pid_k, k_chunks, 0, 1, BM, STAGES, HAS_BIAS, ATOMIC,
+                         A0, A1, A2, A3)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
-                         off_m, kt0, k_chunks, STAGES)),
+                         off_m, kt0, k_chunks, 0, STAGES)),
         ], [4, 1], [232, 40])
 
 
@@ -201,12 +254,14 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     clipped to the tokens' power of two, >= 16), STAGES (ring depth, default 3; 256-token
     tiles fit 3 in shared memory), GROUP_N (default 8), SPLIT_K (default 1: K slices added with
     atomics into a float32 buffer, or with OUT16 and fp16 activations straight into the
-    output). Call :func:`ws_supported` first."""
+    output), PERSIST (programs per SM walking the tiles; no split). Call :func:`ws_supported`
+    first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
-    split = max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
+    persist = int(cfg.get("PERSIST", 0))
+    split = 1 if persist else max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
@@ -222,9 +277,14 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    grid = (-(-n // ROWS) * -(-m // bm), split)
+    tiles = -(-n // ROWS) * -(-m // bm)
+    grid = (tiles, split)
+    if persist:   # PERSIST programs per SM, each walking its tiles
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        grid = (min(tiles, persist * sms), 1)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
-                          ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, num_warps=4)
+                          ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
+                          num_warps=4)
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

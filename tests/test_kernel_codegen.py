@@ -99,7 +99,7 @@ from modelopt_lite.kernels import ws
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (bm, stages, bf16, zero, bias, atomic) in enumerate(cases):
+for i, (bm, stages, bf16, zero, bias, atomic, persist) in enumerate(cases):
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
     q_l = gl.NVMMASharedLayout.get_default_for([ws.ROWS, 16], gl.int32)
@@ -110,8 +110,8 @@ for i, (bm, stages, bf16, zero, bias, atomic) in enumerate(cases):
            "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
            "SPLIT_K": "i32"}
     a = ws._dequant_asm(bf16, zero)
-    const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic, A0=a[0],
-                 A1=a[1], A2=a[2], A3=a[3])
+    const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
+                 PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3])
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(ws.w4a16_ws_kernel, sig,
@@ -128,10 +128,11 @@ print(json.dumps(reports))
 """
 
 WS_CASES = [
-    (256, 3, False, True, False, False),   # the M >= 256 tile: 3 stages of 72 KB
-    (128, 4, True, False, True, False),    # bf16, no zero points, bias
-    (16, 4, False, True, True, False),     # the smallest token tile
-    (128, 4, False, True, True, True),     # split-K: atomics into the fp16 output
+    (256, 3, False, True, False, False, False),   # the M >= 256 tile: 3 stages of 72 KB
+    (128, 4, True, False, True, False, False),    # bf16, no zero points, bias
+    (16, 4, False, True, True, False, False),     # the smallest token tile
+    (128, 4, False, True, True, True, False),     # split-K: atomics into the fp16 output
+    (256, 3, False, True, True, False, True),     # persistent: tiles through one ring
 ]
 
 

@@ -1,10 +1,12 @@
 #!/bin/bash
-# v19 (NOTES.md; prepared, not yet run): split-K for the warp-specialized kernel (`WS` with
-# SPLIT_K > 1: K slices added with atomics, fp16 straight into the output with OUT16), for the
-# short grids where v18's WS lost (M = 64 / 256 on the 4096- and 8192-row shapes). (1) the WS
-# GPU tests (split 3 and 5 among them); (2) run 1: every M = 64 / 256 row's shipped config
-# against WS twins with BM 128 or 64 and split 2 / 4, one process; (3) run 2 (a new process):
-# each row's winner again; > 3 % in both runs goes into $OUT/$GPU.json. On an H100 (GPU=h200
+# v19 (NOTES.md; prepared, not yet run): the warp-specialized kernel (`WS`) with a K split
+# (SPLIT_K > 1: K slices added with atomics, fp16 straight into the output with OUT16) for the
+# short grids where v18's WS lost (M = 64 / 256 on the 4096- and 8192-row shapes), and
+# persistent (PERSIST: programs walk several tiles through one ring) at M = 256 / 1024.
+# (1) the WS GPU tests (split 3 and 5, persistent among them); (2) split: run 1, every M = 64 /
+# 256 row's shipped config against WS twins with BM 128 or 64 and split 2 / 4, one process;
+# run 2 (a new process), each row's winner again; > 3 % in both runs goes into $OUT/$GPU.json;
+# (3) the same for PERSIST 1 / 2 at M = 256 / 1024, on top of (2)'s table. On an H100 (GPU=h200
 # on an H200):
 #   OUT=/tmp/v19 bash benchmarks/kernels/v19_ws_split.sh && cp /tmp/v19/h100.json kernels/configs/
 set -u
@@ -13,16 +15,23 @@ G=${GPU:-h100}
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 K=benchmarks/kernels
-MS=${MS:-64,256}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 timeout ${T0:-200} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
   tests/test_kernels.py -k "ws" 2>&1 | tail -3
 cp kernels/configs/$G.json "$O/$G.json"
 W="WS=true,STAGES=4,OUT16=true"
-timeout ${T1:-250} python3 $K/sweep_large.py --ms $MS --shipped-only \
+timeout ${T1:-250} python3 $K/sweep_large.py --ms ${MS:-64,256} --shipped-only \
   --twin $W,BM=128,SPLIT_K=2 --twin $W,BM=128,SPLIT_K=4 --twin $W,BM=64,SPLIT_K=2 \
   --twin $W,BM=64,SPLIT_K=4 --no-peers --out "$O/kernels_v19_ws_split_run1_$G.json" 2>&1 \
   | grep -v Warning | tail -12
-timeout ${T2:-150} python3 $K/sweep_large.py --ms $MS --from "$O/kernels_v19_ws_split_run1_$G.json" \
-  --write-table "$O/$G.json" --no-peers --out "$O/kernels_v19_ws_split_run2_$G.json" 2>&1 \
-  | grep -v Warning | tail -12
+timeout ${T2:-150} python3 $K/sweep_large.py --ms ${MS:-64,256} \
+  --from "$O/kernels_v19_ws_split_run1_$G.json" --write-table "$O/$G.json" --no-peers \
+  --out "$O/kernels_v19_ws_split_run2_$G.json" 2>&1 | grep -v Warning | tail -12
+export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"   # (3) starts from (2)'s table
+timeout ${T3:-250} python3 $K/sweep_large.py --ms ${MS3:-256,1024} --shipped-only \
+  --twin WS=true,BM=256,STAGES=3,SPLIT_K=1,PERSIST=1 \
+  --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,PERSIST=2 --no-peers \
+  --out "$O/kernels_v19_ws_persist_run1_$G.json" 2>&1 | grep -v Warning | tail -12
+timeout ${T4:-150} python3 $K/sweep_large.py --ms ${MS3:-256,1024} \
+  --from "$O/kernels_v19_ws_persist_run1_$G.json" --write-table "$O/$G.json" --no-peers \
+  --out "$O/kernels_v19_ws_persist_run2_$G.json" 2>&1 | grep -v Warning | tail -12
