@@ -71,18 +71,23 @@ CASES = [
 ]
 
 
-def test_fused_kernel_wgmma_pipeline_not_serialized(tmp_path):
+def _compile_reports(script: str, cases: list, tmp_path) -> list:
+    """Run a compile script (argv: ptxas, work dir, JSON cases) in a fresh process with the
+    real JIT (no interpreter) and a private cache; its last stdout line, parsed."""
     import json
     import sys
 
-    ptxas = _ptxas()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(ptxas), str(tmp_path),
-                          json.dumps(CASES)], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", script, str(_ptxas()), str(tmp_path),
+                          json.dumps(cases)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for case, rep in zip(CASES, json.loads(out.stdout.strip().splitlines()[-1])):
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fused_kernel_wgmma_pipeline_not_serialized(tmp_path):
+    for case, rep in zip(CASES, _compile_reports(_SCRIPT, CASES, tmp_path)):
         assert rep["wgmma"], case                   # the Hopper tensor-core path was taken
         assert rep["rc"] == 0, (case, rep["report"])
         assert "C7515" not in rep["report"], (case, rep["report"])   # wgmma serialized
@@ -140,18 +145,8 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
     """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two consumer partitions
     of eight register-operand wgmma each, four bulk tensor copies in the producer, no spills,
     no serialized wgmma, and its ring within the 227 KB of shared memory."""
-    import json
-    import sys
-
     pytest.importorskip("triton.experimental.gluon")
-    ptxas = _ptxas()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    out = subprocess.run([sys.executable, "-c", _WS_SCRIPT, str(ptxas), str(tmp_path),
-                          json.dumps(WS_CASES)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for case, rep in zip(WS_CASES, json.loads(out.stdout.strip().splitlines()[-1])):
+    for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):
         assert rep["rc"] == 0, (case, rep["report"])
         assert rep["wgmma"] == 16 and rep["tma"] == 4, (case, rep)
         assert "C7515" not in rep["report"], (case, rep["report"])
