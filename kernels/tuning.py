@@ -135,10 +135,27 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
     return cfg
 
 
+def ws_default(m: int, n: int, k: int, group_size: int, capability,
+               num_sms: int = _NUM_SMS_DEFAULT) -> dict | None:
+    """The warp-specialized kernel (``WS``, :mod:`~.ws`) for shapes without a table row, where
+    the heuristic would dequantize and call cuBLAS: M >= 512 on a GPU of compute capability 9.0,
+    block 128, K a multiple of 128, N of 4, and at least half a wave of 128 x 256 tiles. At
+    M = 1024 it beat or tied the fused kernel on every table shape of both cards, and the
+    fused kernel beat dequantize + cuBLAS there (NOTES.md, v13 / v18). None otherwise. Where the
+    kernel cannot run after all (unaligned rows), the fused kernel takes the same tile."""
+    if m < 512 or tuple(capability) != (9, 0) or group_size != 128 or k % 128 or n % 4:
+        return None
+    if 2 * -(-n // 128) * -(-m // 256) < num_sms:   # a short grid: dequantize + cuBLAS
+        return None
+    return dict(WS=True, BM=256, STAGES=3, GROUP_N=8, SPLIT_K=1, BN=128, num_warps=8,
+                num_stages=3, FUSE_K=True, PAIRS=True)
+
+
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     """The launch config for an [M, K] x [K, N] product: the ``MODELOPT_LITE_KERNEL_CONFIGS``
     table's row for the shape if there is one, else the GPU's shipped table's, else
-    :func:`default_config` (also where a row says ``{"DEFAULT": true}``)."""
+    :func:`default_config` (also where a row says ``{"DEFAULT": true}``), or on Hopper at large
+    M :func:`ws_default`."""
     user = os.environ.get(ENV_TABLE)
     rows = (_rows(_user_table(user), n, k) if user else None) or _rows(_table(_gpu_key(device)),
                                                                        n, k)
@@ -148,4 +165,11 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
                 if row["config"].get("DEFAULT"):  # this M range keeps the shape heuristic
                     break
                 return dict(row["config"])
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        ws = ws_default(m, n, k, group_size, torch.cuda.get_device_capability(device),
+                        _num_sms(device))
+        if ws:
+            return ws
     return default_config(m, n, k, _num_sms(device), _smem_bytes(device))

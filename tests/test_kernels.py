@@ -292,6 +292,22 @@ def test_default_config_fills_the_gpu_for_decode():
     assert "PAIRS" not in default_config(256, 4096, 4096)
 
 
+def test_ws_default_for_large_m_on_hopper():
+    from modelopt_lite.kernels.tuning import ws_default
+
+    cfg = ws_default(1024, 11008, 4096, 128, (9, 0))           # a shape outside the tables
+    assert cfg["WS"] and cfg["BM"] == 256 and cfg["SPLIT_K"] == 1
+    assert cfg["FUSE_K"] and cfg["BN"] == 128                  # the fallback is a fused tile
+    assert ws_default(512, 11008, 4096, 128, (9, 0))           # 86 x 2 tiles
+    assert ws_default(512, 4096, 4096, 128, (9, 0)) is None    # 64 tiles: dequantize + cuBLAS
+    assert ws_default(256, 11008, 4096, 128, (9, 0)) is None   # M < 512: the fused heuristic
+    assert ws_default(1024, 11008, 4096, 128, (8, 0)) is None  # no wgmma
+    assert ws_default(1024, 11008, 4096, 128, (10, 0)) is None
+    assert ws_default(1024, 11008, 4096, 64, (9, 0)) is None   # block 64
+    assert ws_default(1024, 11006, 4096, 128, (9, 0)) is None  # N not a multiple of 4
+    assert pick_config(1024, 11008, 4096, 128, None)["DEQUANT"]   # no GPU: unchanged
+
+
 def test_pick_config_table_rows_and_default_rows(monkeypatch):
     from modelopt_lite.kernels import tuning
 

@@ -6,7 +6,8 @@
 # (1) the WS GPU tests (split 3 and 5, persistent among them); (2) split: run 1, every M = 64 /
 # 256 row's shipped config against WS twins with BM 128 or 64 and split 2 / 4, one process;
 # run 2 (a new process), each row's winner again; > 3 % in both runs goes into $OUT/$GPU.json;
-# (3) the same for PERSIST 1 / 2 at M = 256 / 1024, on top of (2)'s table. On an H100 (GPU=h200
+# (3) the same for PERSIST 1 / 2 at M = 256 / 1024, on top of (2)'s table; (4) the WS default
+# (tuning.ws_default) on shapes outside the tables against dequantize + cuBLAS. On an H100 (GPU=h200
 # on an H200):
 #   OUT=/tmp/v19 bash benchmarks/kernels/v19_ws_split.sh && cp /tmp/v19/h100.json kernels/configs/
 set -u
@@ -35,3 +36,11 @@ timeout ${T3:-250} python3 $K/sweep_large.py --ms ${MS3:-256,1024} --shipped-onl
 timeout ${T4:-150} python3 $K/sweep_large.py --ms ${MS3:-256,1024} \
   --from "$O/kernels_v19_ws_persist_run1_$G.json" --write-table "$O/$G.json" --no-peers \
   --out "$O/kernels_v19_ws_persist_run2_$G.json" 2>&1 | grep -v Warning | tail -12
+unset MODELOPT_LITE_KERNEL_CONFIGS
+# (4) shapes outside the tables, where pick_config now gives WS at M >= 512 on Hopper
+# (tuning.ws_default): that default against dequantize + cuBLAS (the heuristic before) and the
+# fused 256 x 128 tile, one process
+timeout ${T5:-200} python3 $K/sweep_large.py --shapes 4096x11008,11008x4096,5120x13824,8192x8192 \
+  --ms 512,1024,4096 --budget-s 180 --no-peers --out "$O/kernels_v19_ws_default_$G.json" \
+  --cands '[{"DEQUANT": true, "DQ_BN": 32, "DQ_CHUNKS": 4, "DQ_WARPS": 4}, {"BM": 256, "BN": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "FUSE_K": true, "GROUP_N": 8, "PAIRS": true}]' \
+  2>&1 | grep -v Warning | tail -14
