@@ -42,12 +42,10 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
 
 from .dequant import _asm
 
-ROWS = 128   # rows per program: two consumer warpgroups of 64
+ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
 
 
 if HAVE_GLUON:
-    _ROWS = gl.constexpr(ROWS)
-
     @gluon.jit
     def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, kt0,
                   k_chunks, it0, STAGES: gl.constexpr):
@@ -85,16 +83,18 @@ if HAVE_GLUON:
         """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
         then its store (or, ATOMIC, its addition)."""
         dt: gl.constexpr = xlo.dtype
+        HALF: gl.constexpr = qb.shape[1] // 2   # this warpgroup's rows: ROWS / 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BM, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        acc = gl.zeros([64, BM], gl.float32, mma)
+        acc = gl.zeros([HALF, BM], gl.float32, mma)
         for kt in range(k_chunks):
             it = it0 + kt
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            q = qb.index(s).slice(64 * WG, 64).load(a_l)                        # [64, 16] words
-            sz = szb.index(s).reshape([_ROWS]).slice(64 * WG, 64).load(gl.SliceLayout(1, a_l))
+            q = qb.index(s).slice(HALF * WG, HALF).load(a_l)               # [HALF, 16] words
+            sz = (szb.index(s).reshape([2 * HALF]).slice(HALF * WG, HALF)
+                  .load(gl.SliceLayout(1, a_l)))
             sv = gl.expand_dims(sz, 1)
             sc = gl.broadcast(sv, q)[0].to(gl.int16).to(dt, bitcast=True)        # low half
             zt = gl.broadcast(sv >> 16, q)[0].to(gl.int16).to(dt, bitcast=True)  # high half
@@ -115,7 +115,7 @@ if HAVE_GLUON:
             acc = warpgroup_mma(hi3, xh.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(s))
-        rn = off_n + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        rn = off_n + HALF * WG + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
         rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
             bias = gl.load(bias_ptr + rn, mask=rn < N).to(gl.float32)
@@ -130,13 +130,14 @@ if HAVE_GLUON:
             gl.store(ptrs, acc.to(dt), mask=mask)
 
     @gluon.jit
-    def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr):
+    def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr,
+              ROWS: gl.constexpr):
         """(first row, first token) of output tile t, GROUP_N row tiles at a time over all
         token tiles (as the fused kernel)."""
         width = GROUP_N * num_pm
         first_n = (t // width) * GROUP_N
         gsize = gl.minimum(num_pn - first_n, GROUP_N)
-        return (first_n + (t % width) % gsize) * _ROWS, ((t % width) // gsize) * BM
+        return (first_n + (t % width) % gsize) * ROWS, ((t % width) // gsize) * BM
 
     @gluon.jit
     def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
@@ -146,7 +147,7 @@ if HAVE_GLUON:
         the next tile's first chunks load while the consumers finish and store this one."""
         it0 = 0
         for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
-            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM)
+            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, 0,
                       k_chunks, it0, STAGES)
             it0 += k_chunks
@@ -160,7 +161,7 @@ if HAVE_GLUON:
         """PERSIST: :func:`_consumer` for each of the program's tiles, in the producer's order."""
         it0 = 0
         for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
-            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM)
+            off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
                       off_m, 0, k_chunks, it0, WG, BM, STAGES, HAS_BIAS, False, A0, A1, A2, A3)
             it0 += k_chunks
@@ -178,9 +179,10 @@ if HAVE_GLUON:
         ring (:func:`_producer_tiles`)."""
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
-        num_pn = gl.cdiv(N, _ROWS)
+        ROWS: gl.constexpr = q_desc.block_type.shape[0]
+        num_pn = gl.cdiv(N, ROWS)
         num_pm = gl.cdiv(M, BM)
-        off_n, off_m = _tile(pid, num_pn, num_pm, GROUP_N, BM)
+        off_n, off_m = _tile(pid, num_pn, num_pm, GROUP_N, BM, ROWS)
         if ATOMIC:   # K slice pid_k of SPLIT_K
             kt_total = gl.cdiv(K, 128)
             kt_per = gl.cdiv(kt_total, SPLIT_K)
@@ -195,8 +197,8 @@ if HAVE_GLUON:
         dt: gl.constexpr = x_desc.dtype
         xlo = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
         xhi = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
-        qb = gl.allocate_shared_memory(gl.int32, [STAGES, _ROWS, 16], q_desc.layout)
-        szb = gl.allocate_shared_memory(gl.int32, [STAGES, 1, _ROWS], sz_desc.layout)
+        qb = gl.allocate_shared_memory(gl.int32, [STAGES, ROWS, 16], q_desc.layout)
+        szb = gl.allocate_shared_memory(gl.int32, [STAGES, 1, ROWS], sz_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -251,8 +253,9 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
              cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
     :func:`~.packing.pair_scales` of ``p`` transposed, [K/128, N]. Config keys: BM (token tile,
-    clipped to the tokens' power of two, >= 16), STAGES (ring depth, default 3; 256-token
-    tiles fit 3 in shared memory), GROUP_N (default 8), SPLIT_K (default 1: K slices added with
+    clipped to the tokens' power of two, >= 16), BN (rows per program: 128, or 256 with BM <=
+    128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
+    (default 8), SPLIT_K (default 1: K slices added with
     atomics into a float32 buffer, or with OUT16 and fp16 activations straight into the
     output), PERSIST (programs per SM walking the tiles; no split). Call :func:`ws_supported`
     first."""
@@ -265,9 +268,10 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
-    q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [ROWS, 16],
-                              gl.NVMMASharedLayout.get_default_for([ROWS, 16], gl.int32))
-    sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, ROWS],
+    rows = 256 if cfg.get("BN") == 256 else ROWS
+    q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16],
+                              gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32))
+    sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
                                                     rank=2))
     if split > 1:
@@ -277,7 +281,7 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    tiles = -(-n // ROWS) * -(-m // bm)
+    tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
     if persist:   # PERSIST programs per SM, each walking its tiles
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count

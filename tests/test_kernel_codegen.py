@@ -104,14 +104,14 @@ from modelopt_lite.kernels import ws
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (bm, stages, bf16, zero, bias, atomic, persist) in enumerate(cases):
+for i, (bm, stages, bf16, zero, bias, atomic, persist, rows) in enumerate(cases):
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
-    q_l = gl.NVMMASharedLayout.get_default_for([ws.ROWS, 16], gl.int32)
+    q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
     s_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     sig = {"x_desc": f"tensordesc<{ds}[{bm}, 64],{x_l!r}>",
-           "q_desc": f"tensordesc<i32[{ws.ROWS}, 16],{q_l!r}>",
-           "sz_desc": f"tensordesc<i32[1, {ws.ROWS}],{s_l!r}>", "out_ptr": "*" + ds,
+           "q_desc": f"tensordesc<i32[{rows}, 16],{q_l!r}>",
+           "sz_desc": f"tensordesc<i32[1, {rows}],{s_l!r}>", "out_ptr": "*" + ds,
            "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
            "SPLIT_K": "i32"}
     a = ws._dequant_asm(bf16, zero)
@@ -132,23 +132,24 @@ for i, (bm, stages, bf16, zero, bias, atomic, persist) in enumerate(cases):
 print(json.dumps(reports))
 """
 
-WS_CASES = [
-    (256, 3, False, True, False, False, False),   # the M >= 256 tile: 3 stages of 72 KB
-    (128, 4, True, False, True, False, False),    # bf16, no zero points, bias
-    (16, 4, False, True, True, False, False),     # the smallest token tile
-    (128, 4, False, True, True, True, False),     # split-K: atomics into the fp16 output
-    (256, 3, False, True, True, False, True),     # persistent: tiles through one ring
+WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows per program
+    (256, 3, False, True, False, False, False, 128),   # the M >= 256 tile: 3 stages of 72 KB
+    (128, 4, True, False, True, False, False, 128),    # bf16, no zero points, bias
+    (16, 4, False, True, True, False, False, 128),     # the smallest token tile
+    (128, 4, False, True, True, True, False, 128),     # split-K: atomics into the fp16 output
+    (256, 3, False, True, True, False, True, 128),     # persistent: tiles through one ring
+    (128, 4, False, True, True, False, False, 256),    # 256 rows: 128 per warpgroup
 ]
 
 
 def test_ws_kernel_compiles_for_hopper(tmp_path):
     """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two consumer partitions
-    of eight register-operand wgmma each, four bulk tensor copies in the producer, no spills,
+    of eight register-operand wgmma of 64 rows each per 64 rows of the partition, four bulk tensor copies in the producer, no spills,
     no serialized wgmma, and its ring within the 227 KB of shared memory."""
     pytest.importorskip("triton.experimental.gluon")
     for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):
         assert rep["rc"] == 0, (case, rep["report"])
-        assert rep["wgmma"] == 16 and rep["tma"] == 4, (case, rep)
+        assert rep["wgmma"] == 16 * case[-1] // 128 and rep["tma"] == 4, (case, rep)
         assert "C7515" not in rep["report"], (case, rep["report"])
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
         assert rep["shared"] <= 232448, case

@@ -6,7 +6,8 @@
 # (1) the WS GPU tests (split 3 and 5, persistent among them); (2) split: run 1, every M = 64 /
 # 256 row's shipped config against WS twins with BM 128 or 64 and split 2 / 4, one process;
 # run 2 (a new process), each row's winner again; > 3 % in both runs goes into $OUT/$GPU.json;
-# (3) the same for PERSIST 1 / 2 at M = 256 / 1024, on top of (2)'s table; (4) the WS default
+# (3) the same for PERSIST 1 / 2 and for 256 rows per program (BN 256, BM 128) at M = 256 /
+# 1024, on top of (2)'s table; (4) the WS default
 # (tuning.ws_default) on shapes outside the tables against dequantize + cuBLAS. On an H100 (GPU=h200
 # on an H200):
 #   OUT=/tmp/v19 bash benchmarks/kernels/v19_ws_split.sh && cp /tmp/v19/h100.json kernels/configs/
@@ -31,7 +32,8 @@ timeout ${T2:-150} python3 $K/sweep_large.py --ms ${MS:-64,256} \
 export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"   # (3) starts from (2)'s table
 timeout ${T3:-250} python3 $K/sweep_large.py --ms ${MS3:-256,1024} --shipped-only \
   --twin WS=true,BM=256,STAGES=3,SPLIT_K=1,PERSIST=1 \
-  --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,PERSIST=2 --no-peers \
+  --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,PERSIST=2 \
+  --twin WS=true,BN=256,BM=128,STAGES=4,SPLIT_K=1 --no-peers \
   --out "$O/kernels_v19_ws_persist_run1_$G.json" 2>&1 | grep -v Warning | tail -12
 timeout ${T4:-150} python3 $K/sweep_large.py --ms ${MS3:-256,1024} \
   --from "$O/kernels_v19_ws_persist_run1_$G.json" --write-table "$O/$G.json" --no-peers \
