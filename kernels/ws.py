@@ -253,22 +253,23 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
              cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
     :func:`~.packing.pair_scales` of ``p`` transposed, [K/128, N]. Config keys: BM (token tile,
-    clipped to the tokens' power of two, >= 16), BN (rows per program: 128, or 256 with BM <=
-    128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
-    (default 8), SPLIT_K (default 1: K slices added with
-    atomics into a float32 buffer, or with OUT16 and fp16 activations straight into the
-    output), PERSIST (programs per SM walking the tiles; no split). Call :func:`ws_supported`
-    first."""
+    clipped to the tokens' power of two, >= 16), BN (rows per program: 128, or 256, which caps
+    BM at 128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
+    (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
+    OUT16 and fp16 activations straight into the output), PERSIST (programs per SM walking the
+    tiles, or PROGRAMS in all; no split). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
     persist = int(cfg.get("PERSIST", 0))
     split = 1 if persist else max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
+    rows = 256 if cfg.get("BN") == 256 else ROWS
+    if rows == 256:   # a 128-row warpgroup's accumulator: 128 registers at 128 tokens
+        bm = min(bm, 128)
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
-    rows = 256 if cfg.get("BN") == 256 else ROWS
     q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16],
                               gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32))
     sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
@@ -283,9 +284,9 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
     tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
-    if persist:   # PERSIST programs per SM, each walking its tiles
+    if persist:   # PERSIST programs per SM (or PROGRAMS in all), each walking its tiles
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        grid = (min(tiles, persist * sms), 1)
+        grid = (max(1, min(tiles, int(cfg.get("PROGRAMS", 0)) or persist * sms)), 1)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,

@@ -418,8 +418,9 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  # a float32 buffer); 5 ways: 4 / 4 / 4 / 4 / 0, an empty slice
                                  dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3, OUT16=True),
                                  dict(WS_TILE, BM=256, STAGES=3, SPLIT_K=5),
-                                 # persistent: 2 programs per SM (at most 64 tiles here)
-                                 dict(WS_TILE, BM=64, STAGES=4, PERSIST=2),
+                                 # persistent: 5 programs walk up to 72 tiles; 2 per SM
+                                 dict(WS_TILE, BM=64, STAGES=4, PERSIST=1, PROGRAMS=5),
+                                 dict(WS_TILE, BM=256, STAGES=3, PERSIST=2),
                                  # 256 rows per program, 128 per warpgroup
                                  dict(WS_TILE, BN=256, BM=128, STAGES=4)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
