@@ -65,13 +65,18 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
+    rows = _MAX_ELEMENTS // max(n, k)
+    if m > rows:  # the kernels index x and the output with 32-bit offsets: row blocks
+        return torch.cat([w4a16_matmul(x2[i:i + rows], p, bias, config)
+                          for i in range(0, m, rows)]).reshape(out_shape)
     cfg = dict(config) if config else pick_config(m, n, k, p.group_size, x.device)
-    if cfg.get("WS", False) and not _interpreting():
+    if cfg.get("WS", False):
         from .ws import w4a16_ws, ws_supported
 
-        if ws_supported(x2, p):  # else the fused kernel below, with the same tile config
+        if not _interpreting() and ws_supported(x2, p):
             y = w4a16_ws(x2, p, _pairs(p, transposed=True), bias, cfg)
             return y.reshape(out_shape)
+        cfg = _ws_fallback(cfg)  # the fused kernel with the same tile
     if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
         w = dequantize_fp(p, x.dtype, cfg)
         return torch.nn.functional.linear(x2, w, bias).reshape(out_shape)
@@ -164,6 +169,21 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.reshape(out_shape)
+
+
+_MAX_ELEMENTS = 2**31 - 1   # int32 offsets: M x max(N, K) per kernel call
+
+
+def _ws_fallback(cfg: dict) -> dict:
+    """A ``WS`` config for the fused kernel, where the warp-specialized one cannot run: its tile
+    (BM, BN, GROUP_N) with the fused kernel's defaults for what it leaves out, and BM at most
+    128 with BN 256 (as ``ws.w4a16_ws`` caps it; the fused 256 x 256 tile does not fit)."""
+    out = dict(dict(BM=256, BN=128, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=True), **cfg)
+    out["SPLIT_K"] = 1 if out.get("PERSIST") else out.get("SPLIT_K", 1)
+    out.pop("PERSIST", None)   # the fused kernel's PERSIST key means nothing here
+    if out["BN"] == 256:
+        out["BM"] = min(out["BM"], 128)
+    return out
 
 
 _PAIR_CACHE = WeakIdKeyDictionary()

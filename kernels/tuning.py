@@ -143,7 +143,8 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
     M = 1024 it beat or tied the fused kernel on every table shape of both cards, and the
     fused kernel beat dequantize + cuBLAS there (NOTES.md, v13 / v18). None otherwise. Where the
     kernel cannot run after all (unaligned rows), the fused kernel takes the same tile."""
-    if m < 512 or tuple(capability) != (9, 0) or group_size != 128 or k % 128 or n % 4:
+    if (m < 512 or tuple(capability) != (9, 0) or group_size != 128 or k <= 0 or n <= 0
+            or k % 128 or n % 4):
         return None
     if 2 * -(-n // 128) * -(-m // 256) < num_sms:   # a short grid: dequantize + cuBLAS
         return None

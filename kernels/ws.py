@@ -1,28 +1,29 @@
 """Large-M W4A16 on Hopper, warp-specialized (``WS`` configs): ``w4a16_ws_kernel`` in Gluon.
 
-One program per output tile of the transposed product, [128 rows, BM tokens], in three
-partitions that meet only at shared-memory barriers:
+One program per output tile of the transposed product, [128 rows, BM tokens] (or, with
+``BN`` 256, [256 rows, BM <= 128 tokens]), in three partitions that meet only at shared-memory
+barriers:
 
 - a producer warp streams each 128-deep K chunk into a STAGES-deep ring with bulk tensor
-  copies (TMA): the activations as two [BM, 64] boxes, the rows' [128, 16] packed words and the
-  chunk's 128 scale / zero-term words (:func:`~.packing.pair_scales`, transposed), all counted on
-  the stage's ``ready`` barrier;
-- two consumer warpgroups (64 rows each, one partition each) wait on ``ready``, load their
-  words from shared memory straight into the wgmma A-operand layout (two adjacent words per
-  thread, the pair the dequantization's PRMT joins), dequantize the eight nibble planes in
-  registers (``dequant.py``'s asm: about two instructions per weight) and issue eight
-  m64nBMk16 wgmma from registers against the plane's [16, BM] slice of the activation tile;
-  after the wgmma retire they release the stage on ``empty`` (two arrivals).
+  copies (TMA): the activations as two [BM, 64] boxes, the rows' [rows, 16] packed words and
+  the chunk's scale / zero-term word per row (:func:`~.packing.pair_scales`, transposed), all
+  counted on the stage's ``ready`` barrier;
+- two consumer warpgroups (half the rows each, one partition each) wait on ``ready``, load
+  their words from shared memory straight into the wgmma A-operand layout (two adjacent words
+  per thread, the pair the dequantization's PRMT joins), dequantize the eight nibble planes in
+  registers (``dequant.py``'s asm: about two instructions per weight) and issue, per plane and
+  64 rows, one m64nBMk16 wgmma from registers against the plane's [16, BM] slice of the
+  activation tile; after the wgmma retire they release the stage on ``empty`` (two arrivals).
 
 Against the single-partition fused kernel (``w4a16.py``), no warp waits at a CTA barrier
 every chunk and no thread issues activation copies: while one warpgroup dequantizes, the
 other's products run (``benchmarks/kernels/NOTES.md``, v18). Needs sm_90 (wgmma), block 128,
 K a multiple of 128, N a multiple of 4 and 16-byte aligned rows; :func:`ws_supported` checks,
 and ``ops.w4a16_matmul`` runs the fused kernel with the same config otherwise. Gluon kernels
-do not run in the interpreter. SPLIT_K > 1 adds K slices with atomics; it compiles (ptxas:
-the 256-token tile then spills about 1 KB in the atomic epilogue, the 128-token tile does not)
-and has GPU tests, not yet run on a GPU; the same holds for PERSIST (one ring walked through
-several tiles per program); no shipped config uses either (NOTES.md, v19).
+do not run in the interpreter. Not yet run on a GPU (compiled for sm_90a, GPU tests written;
+no shipped config uses them; NOTES.md, v19): SPLIT_K > 1 (K slices added with atomics; the
+256-token tile then spills about 1 KB in the atomic epilogue, the 128-token tile does not),
+PERSIST (one ring walked through several tiles per program) and BN 256.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
 from .dequant import _asm
+from .tuning import _num_sms
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
 
@@ -244,7 +246,8 @@ def ws_supported(x2: torch.Tensor, p) -> bool:
         return False
     n, k = p.shape
     q = p.qweight
-    return (p.group_size == 128 and k % 128 == 0 and n % 4 == 0 and x2.stride(-1) == 1
+    return (p.group_size == 128 and k > 0 and n > 0 and k % 128 == 0 and n % 4 == 0
+            and x2.stride(-1) == 1
             and x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
             and q.is_contiguous() and q.data_ptr() % 16 == 0)
 
@@ -285,7 +288,7 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
     if persist:   # PERSIST programs per SM (or PROGRAMS in all), each walking its tiles
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        sms = _num_sms(x2.device)
         grid = (max(1, min(tiles, int(cfg.get("PROGRAMS", 0)) or persist * sms)), 1)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,

@@ -144,7 +144,7 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
 
 def test_ws_kernel_compiles_for_hopper(tmp_path):
     """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two consumer partitions
-    of eight register-operand wgmma of 64 rows each per 64 rows of the partition, four bulk tensor copies in the producer, no spills,
+    issuing eight register-operand wgmma per chunk and 64 rows, four bulk tensor copies in the producer, no spills,
     no serialized wgmma, and its ring within the 227 KB of shared memory."""
     pytest.importorskip("triton.experimental.gluon")
     for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):

@@ -292,6 +292,25 @@ def test_default_config_fills_the_gpu_for_decode():
     assert "PAIRS" not in default_config(256, 4096, 4096)
 
 
+def test_ws_config_fallback_and_row_blocks(monkeypatch):
+    """A WS config where the warp-specialized kernel cannot run becomes a fused config of the
+    same tile; calls past the kernels' 32-bit offsets run in row blocks."""
+    from modelopt_lite.kernels import ops
+
+    fb = ops._ws_fallback(dict(WS=True, BN=256, BM=256, STAGES=3, PERSIST=1, SPLIT_K=4))
+    assert fb["BM"] == 128 and fb["BN"] == 256 and fb["SPLIT_K"] == 1 and "PERSIST" not in fb
+    assert fb["FUSE_K"] and fb["num_warps"] == 8          # the fused kernel's defaults filled in
+    assert ops._ws_fallback(dict(WS=True, BM=64, BN=128, num_warps=4))["num_warps"] == 4
+    x, p, b = _problem(100, 40, 384, 128, True, torch.float16)
+    want = w4a16_matmul(x, p, b, SMALL)
+    monkeypatch.setattr(ops, "_MAX_ELEMENTS", 40 * 384)    # 40 rows per block: 3 blocks
+    calls = []
+    real = ops.w4a16_matmul
+    monkeypatch.setattr(ops, "w4a16_matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    got = real(x, p, b, SMALL)
+    assert calls == [40, 40, 20] and torch.equal(got, want)
+
+
 def test_ws_default_for_large_m_on_hopper():
     from modelopt_lite.kernels.tuning import ws_default
 
@@ -434,6 +453,21 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
     y = w4a16_matmul(x, p, b, cfg)
     assert y.dtype == dtype and y.shape == (m, n)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [128, 256, 640])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3),   # fewer chunks than stages
+                                 dict(WS_TILE, BN=256, BM=128, STAGES=4, PERSIST=1, PROGRAMS=3),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=4, SPLIT_K=2, OUT16=True)])
+def test_gpu_ws_short_k_and_combinations(k, cfg):
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(300, 1000, k, 128, True, torch.float16)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    assert _rel_err(w4a16_matmul(x, p, b, cfg), _ref32(x, p, b)) < TOL[torch.float16]
 
 
 @pytest.mark.gpu
