@@ -47,6 +47,17 @@ def _k_slice(K, pid_k, SPLIT_K):
 
 
 @triton.jit
+def _tile_of(t, num_pn, num_pm, GROUP_N: tl.constexpr):
+    """Output tile t as (row tile, token tile): GROUP_N row tiles at a time over all token
+    tiles, so that the programs running together share their words and activations in L2
+    (the fused kernel's grid; the warp-specialized kernel calls it from Gluon)."""
+    width = GROUP_N * num_pm
+    first_n = (t // width) * GROUP_N
+    gsize = tl.minimum(num_pn - first_n, GROUP_N)
+    return first_n + (t % width) % gsize, (t % width) // gsize
+
+
+@triton.jit
 def _row_words(q_ptr, pid_n, N, kt_total, BN: tl.constexpr):
     """Row tile pid_n: its rows rn, the same wrapped into [0, N) for loads (rn_safe), and the
     [BN, 16] pointers to their chunk-0 packed words (chunk kt: + 16 kt)."""

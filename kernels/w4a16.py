@@ -25,7 +25,8 @@ shapes without a table keep this path from M = 512).
 import triton
 import triton.language as tl
 
-from .dequant import _chunk_scale_zero, _dequant_byte, _k_slice, _pair_scale_zero, _row_words
+from .dequant import (_chunk_scale_zero, _dequant_byte, _k_slice, _pair_scale_zero,
+                      _row_words, _tile_of)
 
 
 @triton.jit
@@ -53,11 +54,7 @@ def w4a16_kernel(
     pid_k = tl.program_id(1)
     num_pn = tl.cdiv(N, BN)
     num_pm = tl.cdiv(M, BM)
-    width = GROUP_N * num_pm
-    first_n = (pid // width) * GROUP_N
-    gsize = tl.minimum(num_pn - first_n, GROUP_N)
-    pid_n = first_n + (pid % width) % gsize
-    pid_m = (pid % width) // gsize
+    pid_n, pid_m = _tile_of(pid, num_pn, num_pm, GROUP_N)
 
     kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
     if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from

@@ -41,7 +41,7 @@ try:
 except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
-from .dequant import _asm
+from .dequant import _asm, _tile_of
 from .tuning import _num_sms
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
@@ -134,12 +134,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr,
               ROWS: gl.constexpr):
-        """(first row, first token) of output tile t, GROUP_N row tiles at a time over all
-        token tiles (as the fused kernel)."""
-        width = GROUP_N * num_pm
-        first_n = (t // width) * GROUP_N
-        gsize = gl.minimum(num_pn - first_n, GROUP_N)
-        return (first_n + (t % width) % gsize) * ROWS, ((t % width) // gsize) * BM
+        """(first row, first token) of output tile t, in the fused kernel's order
+        (:func:`~.dequant._tile_of`)."""
+        pid_n, pid_m = _tile_of(t, num_pn, num_pm, GROUP_N)
+        return pid_n * ROWS, pid_m * BM
 
     @gluon.jit
     def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
