@@ -8,7 +8,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .packing import PackedInt4, pair_scales
-from .tuning import _num_sms, pick_config
+from .tuning import WS_FUSED_TILE, _num_sms, pick_config
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -178,7 +178,7 @@ def _ws_fallback(cfg: dict) -> dict:
     """A ``WS`` config for the fused kernel, where the warp-specialized one cannot run: its tile
     (BM, BN, GROUP_N) with the fused kernel's defaults for what it leaves out, and BM at most
     128 with BN 256 (as ``ws.w4a16_ws`` caps it; the fused 256 x 256 tile does not fit)."""
-    out = dict(dict(BM=256, BN=128, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=True), **cfg)
+    out = dict(WS_FUSED_TILE, **cfg)
     out["SPLIT_K"] = 1 if out.get("PERSIST") else out.get("SPLIT_K", 1)
     out.pop("PERSIST", None)   # the fused kernel's PERSIST key means nothing here
     if out["BN"] == 256:

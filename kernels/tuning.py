@@ -135,6 +135,17 @@ def default_config(m: int, n: int, k: int, num_sms: int = _NUM_SMS_DEFAULT,
     return cfg
 
 
+# the fused kernel's tile for a WS config, where the warp-specialized kernel cannot run
+WS_FUSED_TILE = dict(BM=256, BN=128, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=True)
+
+
+def ws_shape_ok(n: int, k: int, group_size: int, capability) -> bool:
+    """Whether the warp-specialized kernel takes the shape on a GPU of this compute capability:
+    9.0 (wgmma), block 128, K a positive multiple of 128, N of 4 (the transposed pairs' rows)."""
+    return (tuple(capability) == (9, 0) and group_size == 128 and k > 0 and n > 0
+            and k % 128 == 0 and n % 4 == 0)
+
+
 def ws_default(m: int, n: int, k: int, group_size: int, capability,
                num_sms: int = _NUM_SMS_DEFAULT) -> dict | None:
     """The warp-specialized kernel (``WS``, :mod:`~.ws`) for shapes without a table row, where
@@ -143,13 +154,11 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
     M = 1024 it beat or tied the fused kernel on every table shape of both cards, and the
     fused kernel beat dequantize + cuBLAS there (NOTES.md, v13 / v18). None otherwise. Where the
     kernel cannot run after all (unaligned rows), the fused kernel takes the same tile."""
-    if (m < 512 or tuple(capability) != (9, 0) or group_size != 128 or k <= 0 or n <= 0
-            or k % 128 or n % 4):
+    if m < 512 or not ws_shape_ok(n, k, group_size, capability):
         return None
     if 2 * -(-n // 128) * -(-m // 256) < num_sms:   # a short grid: dequantize + cuBLAS
         return None
-    return dict(WS=True, BM=256, STAGES=3, GROUP_N=8, SPLIT_K=1, BN=128, num_warps=8,
-                num_stages=3, FUSE_K=True, PAIRS=True)
+    return dict(WS_FUSED_TILE, WS=True, STAGES=3, GROUP_N=8, SPLIT_K=1)
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:

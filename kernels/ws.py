@@ -42,7 +42,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
 from .dequant import _asm, _tile_of
-from .tuning import _num_sms
+from .tuning import _num_sms, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
 
@@ -240,11 +240,9 @@ def ws_supported(x2: torch.Tensor, p) -> bool:
     pairs' rows), and 16-byte aligned bases and rows for the tensor copies."""
     if not HAVE_GLUON or x2.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(x2.device) != (9, 0):
-        return False
     n, k = p.shape
     q = p.qweight
-    return (p.group_size == 128 and k > 0 and n > 0 and k % 128 == 0 and n % 4 == 0
+    return (ws_shape_ok(n, k, p.group_size, torch.cuda.get_device_capability(x2.device))
             and x2.stride(-1) == 1
             and x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
             and q.is_contiguous() and q.data_ptr() % 16 == 0)
