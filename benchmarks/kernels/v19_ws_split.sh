@@ -12,15 +12,17 @@
 # on an H200):
 #   OUT=/tmp/v19 bash benchmarks/kernels/v19_ws_split.sh && cp /tmp/v19/h100.json kernels/configs/
 set -u
+S=${STEPS:-1234}   # which of the steps (1)-(4) to run, e.g. STEPS=12 then STEPS=34
 O=${OUT:-/tmp/v19}; mkdir -p "$O"
 G=${GPU:-h100}
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 K=benchmarks/kernels
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-timeout ${T0:-200} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
+[[ $S == *1* ]] && timeout ${T0:-200} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
   tests/test_kernels.py -k "ws" 2>&1 | tail -3
-cp kernels/configs/$G.json "$O/$G.json"
+[[ -f "$O/$G.json" ]] || cp kernels/configs/$G.json "$O/$G.json"
+if [[ $S == *2* ]]; then
 W="WS=true,STAGES=4,OUT16=true"
 timeout ${T1:-250} python3 $K/sweep_large.py --ms ${MS:-64,256} --shipped-only \
   --twin $W,BM=128,SPLIT_K=2 --twin $W,BM=128,SPLIT_K=4 --twin $W,BM=64,SPLIT_K=2 \
@@ -29,6 +31,8 @@ timeout ${T1:-250} python3 $K/sweep_large.py --ms ${MS:-64,256} --shipped-only \
 timeout ${T2:-150} python3 $K/sweep_large.py --ms ${MS:-64,256} \
   --from "$O/kernels_v19_ws_split_run1_$G.json" --write-table "$O/$G.json" --no-peers \
   --out "$O/kernels_v19_ws_split_run2_$G.json" 2>&1 | grep -v Warning | tail -12
+fi
+if [[ $S == *3* ]]; then
 export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"   # (3) starts from (2)'s table
 timeout ${T3:-250} python3 $K/sweep_large.py --ms ${MS3:-256,1024} --shipped-only \
   --twin WS=true,BM=256,STAGES=3,SPLIT_K=1,PERSIST=1 \
@@ -39,6 +43,8 @@ timeout ${T4:-150} python3 $K/sweep_large.py --ms ${MS3:-256,1024} \
   --from "$O/kernels_v19_ws_persist_run1_$G.json" --write-table "$O/$G.json" --no-peers \
   --out "$O/kernels_v19_ws_persist_run2_$G.json" 2>&1 | grep -v Warning | tail -12
 unset MODELOPT_LITE_KERNEL_CONFIGS
+fi
+if [[ $S == *4* ]]; then
 # (4) shapes outside the tables, where pick_config now gives WS at M >= 512 on Hopper
 # (tuning.ws_default): that default against dequantize + cuBLAS (the heuristic before) and the
 # fused 256 x 128 tile, one process
@@ -46,3 +52,4 @@ timeout ${T5:-200} python3 $K/sweep_large.py --shapes 4096x11008,11008x4096,5120
   --ms 512,1024,4096 --budget-s 180 --no-peers --out "$O/kernels_v19_ws_default_$G.json" \
   --cands '[{"DEQUANT": true, "DQ_BN": 32, "DQ_CHUNKS": 4, "DQ_WARPS": 4}, {"BM": 256, "BN": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "FUSE_K": true, "GROUP_N": 8, "PAIRS": true}]' \
   2>&1 | grep -v Warning | tail -14
+fi
