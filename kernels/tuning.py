@@ -150,15 +150,19 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
                num_sms: int = _NUM_SMS_DEFAULT) -> dict | None:
     """The warp-specialized kernel (``WS``, :mod:`~.ws`) for shapes without a table row, where
     the heuristic would dequantize and call cuBLAS: M >= 512 on a GPU of compute capability 9.0,
-    block 128, K a multiple of 128, N of 4, and at least half a wave of 128 x 256 tiles. At
-    M = 1024 it beat or tied the fused kernel on every table shape of both cards, and the
-    fused kernel beat dequantize + cuBLAS there (NOTES.md, v13 / v18). None otherwise. Where the
-    kernel cannot run after all (unaligned rows), the fused kernel takes the same tile."""
+    block 128, K a multiple of 128, N of 4, and at least half a wave of 128 x 256 tiles;
+    persistent (one program per SM walking its tiles). At M = 1024 it beat or tied the fused
+    kernel on every table shape of both cards, and the fused kernel beat dequantize + cuBLAS
+    there (NOTES.md, v13 / v18). On four shapes outside the tables (H100, v19 / v20) it beat
+    dequantize + cuBLAS and the fused tile at M = 512 / 1024, and dequantize + cuBLAS on three of
+    four at M = 4096; persistence gained 1-10 % on all eight M = 1024 / 4096 pairs. None
+    otherwise. Where the kernel cannot run after all (unaligned rows), the fused kernel takes
+    the same tile."""
     if m < 512 or not ws_shape_ok(n, k, group_size, capability):
         return None
     if 2 * -(-n // 128) * -(-m // 256) < num_sms:   # a short grid: dequantize + cuBLAS
         return None
-    return dict(WS_FUSED_TILE, WS=True, STAGES=3, GROUP_N=8, SPLIT_K=1)
+    return dict(WS_FUSED_TILE, WS=True, STAGES=3, GROUP_N=8, SPLIT_K=1, PERSIST=1)
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:

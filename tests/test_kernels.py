@@ -315,7 +315,7 @@ def test_ws_default_for_large_m_on_hopper():
     from modelopt_lite.kernels.tuning import ws_default
 
     cfg = ws_default(1024, 11008, 4096, 128, (9, 0))           # a shape outside the tables
-    assert cfg["WS"] and cfg["BM"] == 256 and cfg["SPLIT_K"] == 1
+    assert cfg["WS"] and cfg["BM"] == 256 and cfg["SPLIT_K"] == 1 and cfg["PERSIST"] == 1
     assert cfg["FUSE_K"] and cfg["BN"] == 128                  # the fallback is a fused tile
     assert ws_default(512, 11008, 4096, 128, (9, 0))           # 86 x 2 tiles
     assert ws_default(512, 4096, 4096, 128, (9, 0)) is None    # 64 tiles: dequantize + cuBLAS
