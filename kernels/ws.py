@@ -45,6 +45,7 @@ from .dequant import _asm, _tile_of
 from .tuning import _num_sms, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
+COAL_SMEM = 220 * 1024   # ring + the coalesced epilogue's scratch, within the 227 KB per block
 
 
 if HAVE_GLUON:
@@ -81,9 +82,13 @@ if HAVE_GLUON:
                   off_m, pid_k, k_chunks, it0, WG: gl.constexpr, BM: gl.constexpr,
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
-                  A2: gl.constexpr, A3: gl.constexpr):
+                  A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False):
         """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
-        then its store (or, ATOMIC, its addition)."""
+        then its store (or, ATOMIC, its addition). COAL: through shared memory into a layout
+        in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that the
+        stores / atomics (fp16: f16x2) are whole 128-byte lines; in the accumulator's layout
+        the 32 lanes of a warp touch 8 tokens' 16-byte pieces, and fp16 atomics go one element
+        at a time."""
         dt: gl.constexpr = xlo.dtype
         HALF: gl.constexpr = qb.shape[1] // 2   # this warpgroup's rows: ROWS / 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -118,18 +123,25 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(s))
         rn = off_n + HALF * WG + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-        rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
             bias = gl.load(bias_ptr + rn, mask=rn < N).to(gl.float32)
             if ATOMIC:   # the first K slice adds it
                 bias = bias * (pid_k == 0).to(gl.float32)
             acc += gl.expand_dims(bias, 1)
+        val = acc.to(out_ptr.dtype.element_ty)   # ATOMIC: the fp16 output or a float32 buffer
+        if COAL:
+            ep: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+            val = gl.convert_layout(val, ep)
+            rn = off_n + HALF * WG + gl.arange(0, HALF, layout=gl.SliceLayout(1, ep))
+            rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ep))
+        else:
+            rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         ptrs = out_ptr + gl.expand_dims(rm, 0) * stride_om + gl.expand_dims(rn, 1)
         mask = (gl.expand_dims(rn, 1) < N) & (gl.expand_dims(rm, 0) < M)
-        if ATOMIC:   # split-K: into the zeroed output (fp16) or a float32 buffer
-            gl.atomic_add(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+        if ATOMIC:   # split-K: add into the zeroed output
+            gl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
         else:
-            gl.store(ptrs, acc.to(dt), mask=mask)
+            gl.store(ptrs, val, mask=mask)
 
     @gluon.jit
     def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr,
@@ -157,13 +169,14 @@ if HAVE_GLUON:
                         num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
-                        A3: gl.constexpr):
+                        A3: gl.constexpr, COAL: gl.constexpr):
         """PERSIST: :func:`_consumer` for each of the program's tiles, in the producer's order."""
         it0 = 0
         for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                      off_m, 0, k_chunks, it0, WG, BM, STAGES, HAS_BIAS, False, A0, A1, A2, A3)
+                      off_m, 0, k_chunks, it0, WG, BM, STAGES, HAS_BIAS, False, A0, A1, A2, A3,
+                      COAL)
             it0 += k_chunks
 
     @gluon.jit
@@ -171,12 +184,13 @@ if HAVE_GLUON:
                         SPLIT_K, BM: gl.constexpr, STAGES: gl.constexpr,
                         GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
-                        A3: gl.constexpr, PERSIST: gl.constexpr = False):
+                        A3: gl.constexpr, PERSIST: gl.constexpr = False,
+                        COAL: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
         of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
-        ring (:func:`_producer_tiles`)."""
+        ring (:func:`_producer_tiles`). COAL: the coalesced epilogue (:func:`_consumer`)."""
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
@@ -209,10 +223,10 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL)),
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL)),
                 (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
                                    num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES)),
             ], [4, 1], [232, 40])
@@ -220,10 +234,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                          off_n, off_m, pid_k, k_chunks, 0, 0, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3)),
+                         A0, A1, A2, A3, COAL)),
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                          off_n, off_m, pid_k, k_chunks, 0, 1, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3)),
+                         A0, A1, A2, A3, COAL)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
                          off_m, kt0, k_chunks, 0, STAGES)),
         ], [4, 1], [232, 40])
@@ -256,7 +270,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     BM at 128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
     (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
     OUT16 and fp16 activations straight into the output), PERSIST (programs per SM walking the
-    tiles, or PROGRAMS in all; no split). Call :func:`ws_supported` first."""
+    tiles, or PROGRAMS in all; no split), COAL (the coalesced epilogue; default on with a
+    split, where shared memory allows). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
@@ -281,6 +296,10 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
+    # COAL (default: with split-K) needs a [rows / 2, BM] scratch per consumer beside the ring
+    ring = stages * (2 * bm * 64 * x2.element_size() + rows * 16 * 4 + rows * 4)
+    coal = (bool(cfg.get("COAL", split > 1))
+            and ring + rows * bm * out.element_size() <= COAL_SMEM)
     tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
     if persist:   # PERSIST programs per SM (or PROGRAMS in all), each walking its tiles
@@ -290,5 +309,5 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          num_warps=4)
+                          COAL=coal, num_warps=4)
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

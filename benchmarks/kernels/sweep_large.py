@@ -198,7 +198,8 @@ def main():
               f"{r['shipped_us_2']:8.1f} {r.get('best_us') or 0:8.1f} "
               f"{r.get('cublas_us') or 0:8.1f} {r.get('humming_us') or 0:8.1f}  "
               f"BM{c.get('BM')} BN{c.get('BN')} w{c.get('num_warps')} st{c.get('num_stages')} "
-              f"sk{c.get('SPLIT_K')}")
+              f"sk{c.get('SPLIT_K')}" + (f" WS st{c.get('STAGES')} p{c.get('PERSIST', 0)}"
+                                        if c.get("WS") else ""))
 
 
 def table_config(path, m, n, k):
