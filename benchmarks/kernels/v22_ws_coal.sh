@@ -33,7 +33,7 @@ export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"
 timeout ${T3:-150} python3 $K/sweep_large.py --ms 256 --shipped-only --budget-s 130 \
   --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,COAL=true \
   --twin WS=true,BM=128,STAGES=4,SPLIT_K=2,OUT16=true \
-  --twin WS=true,BN=256,BM=128,STAGES=4,SPLIT_K=1,COAL=true \
+  --twin WS=true,BN=256,BM=128,STAGES=3,SPLIT_K=1,COAL=true \
   --no-peers --out "$O/kernels_v22_ws_256_run1_$G.json" 2>&1 | grep -v Warning | tail -7
 timeout ${T4:-100} python3 $K/sweep_large.py --ms 256 \
   --from "$O/kernels_v22_ws_256_run1_$G.json" --write-table "$O/$G.json" --no-peers \
