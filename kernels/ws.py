@@ -185,12 +185,14 @@ if HAVE_GLUON:
                         GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
-                        COAL: gl.constexpr = False):
+                        COAL: gl.constexpr = False, REGS: gl.constexpr = 232):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
         of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
-        ring (:func:`_producer_tiles`). COAL: the coalesced epilogue (:func:`_consumer`)."""
+        ring (:func:`_producer_tiles`). COAL: the coalesced epilogue (:func:`_consumer`). REGS:
+        the second consumer warpgroup's registers per thread (the first takes what the launch's
+        maxnreg leaves); below 232 the producer keeps 24."""
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
@@ -229,7 +231,7 @@ if HAVE_GLUON:
                                    HAS_BIAS, A0, A1, A2, A3, COAL)),
                 (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
                                    num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES)),
-            ], [4, 1], [232, 40])
+            ], [4, 1], [REGS, 40 if REGS > 128 else 24])
             return
         gl.warp_specialize([
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
@@ -240,7 +242,13 @@ if HAVE_GLUON:
                          A0, A1, A2, A3, COAL)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
                          off_m, kt0, k_chunks, 0, STAGES)),
-        ], [4, 1], [232, 40])
+        ], [4, 1], [REGS, 40 if REGS > 128 else 24])
+
+
+def _regs(cfg: dict) -> dict:
+    """The launch options for a config's REGS (none: the compiler's defaults)."""
+    regs = int(cfg.get("REGS", 0))
+    return dict(REGS=regs, maxnreg=regs) if regs else {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,7 +279,9 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
     OUT16 and fp16 activations straight into the output), PERSIST (programs per SM walking the
     tiles, or PROGRAMS in all; no split), COAL (the coalesced epilogue; default on with a
-    split, where shared memory allows). Call :func:`ws_supported` first."""
+    split, where shared memory allows), REGS (registers per thread for the whole program, e.g.
+    80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
+    default: all 168 the register file allows one program). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
@@ -309,5 +319,5 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          COAL=coal, num_warps=4)
+                          COAL=coal, num_warps=4, **_regs(cfg))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

@@ -445,7 +445,10 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  # the coalesced epilogue (COAL; on by default with a split)
                                  dict(WS_TILE, BM=64, STAGES=6, COAL=True),
                                  dict(WS_TILE, BM=64, STAGES=4, PERSIST=1, PROGRAMS=5, COAL=True),
-                                 dict(WS_TILE, BM=16, STAGES=10, SPLIT_K=4, OUT16=True)])
+                                 dict(WS_TILE, BM=16, STAGES=10, SPLIT_K=4, OUT16=True),
+                                 # 80 registers per thread: two programs per SM
+                                 dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, REGS=80),
+                                 dict(WS_TILE, BM=16, STAGES=6, REGS=80)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
     past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
