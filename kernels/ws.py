@@ -245,10 +245,13 @@ if HAVE_GLUON:
         ], [4, 1], [REGS, 40 if REGS > 128 else 24])
 
 
-def _regs(cfg: dict) -> dict:
-    """The launch options for a config's REGS (none: the compiler's defaults)."""
+def _regs(cfg: dict, rows: int, bm: int) -> dict:
+    """The launch options for a config's REGS (none: the compiler's defaults). Only for tiles
+    of 128 rows and at most 64 tokens, whose accumulators (32 registers a thread at 64 tokens)
+    leave room; larger tiles keep the whole register file (at 80, a 256-row tile of 64 tokens
+    spills and runs 10-30x slower)."""
     regs = int(cfg.get("REGS", 0))
-    return dict(REGS=regs, maxnreg=regs) if regs else {}
+    return dict(REGS=regs, maxnreg=regs) if regs and rows == ROWS and bm <= 64 else {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,7 +284,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     tiles, or PROGRAMS in all; no split), COAL (the coalesced epilogue; default on with a
     split, where shared memory allows), REGS (registers per thread for the whole program, e.g.
     80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
-    default: all 168 the register file allows one program). Call :func:`ws_supported` first."""
+    default: all 168 the register file allows one program; only for 128-row tiles of at most
+    64 tokens). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
@@ -319,5 +323,5 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          COAL=coal, num_warps=4, **_regs(cfg))
+                          COAL=coal, num_warps=4, **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)
