@@ -1,4 +1,4 @@
-"""Large-M W4A16 on Hopper, warp-specialized (``WS`` configs): ``w4a16_ws_kernel`` in Gluon.
+"""W4A16 on Hopper, warp-specialized (``WS`` configs): ``w4a16_ws_kernel`` in Gluon.
 
 One program per output tile of the transposed product, [128 rows, BM tokens] (or, with
 ``BN`` 256, [256 rows, BM <= 128 tokens]), in three partitions that meet only at shared-memory
@@ -17,13 +17,14 @@ barriers:
 
 Against the single-partition fused kernel (``w4a16.py``), no warp waits at a CTA barrier
 every chunk and no thread issues activation copies: while one warpgroup dequantizes, the
-other's products run (``benchmarks/kernels/NOTES.md``, v18). Needs sm_90 (wgmma), block 128,
-K a multiple of 128, N a multiple of 4 and 16-byte aligned rows; :func:`ws_supported` checks,
-and ``ops.w4a16_matmul`` runs the fused kernel with the same config otherwise. Gluon kernels
-do not run in the interpreter. Not yet run on a GPU (compiled for sm_90a, GPU tests written;
-no shipped config uses them; NOTES.md, v19): SPLIT_K > 1 (K slices added with atomics; the
-256-token tile then spills about 1 KB in the atomic epilogue, the 128-token tile does not),
-PERSIST (one ring walked through several tiles per program) and BN 256.
+other's products run (``benchmarks/kernels/NOTES.md``, v18). Options, all compile-time:
+SPLIT_K > 1 (K slices added with atomics), PERSIST (one ring walked through several tiles per
+program), BN 256, COAL (the epilogue through shared memory into whole-line stores and
+``v8.f16`` atomics; on by default with a split) and REGS (fewer registers per thread, so that
+two programs share an SM at small M); NOTES.md, v19-v26, has what each gained where. Needs
+sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
+:func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
+config otherwise. Gluon kernels do not run in the interpreter.
 """
 from __future__ import annotations
 

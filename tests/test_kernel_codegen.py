@@ -95,7 +95,7 @@ def test_fused_kernel_wgmma_pipeline_not_serialized(tmp_path):
 
 
 _WS_SCRIPT = r"""
-import inspect, json, subprocess, sys
+import inspect, json, re, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
@@ -104,41 +104,58 @@ from modelopt_lite.kernels import ws
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (bm, stages, bf16, zero, bias, atomic, persist, rows) in enumerate(cases):
+for i, (bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs) in enumerate(cases):
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
+    od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
     q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
     s_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     sig = {"x_desc": f"tensordesc<{ds}[{bm}, 64],{x_l!r}>",
            "q_desc": f"tensordesc<i32[{rows}, 16],{q_l!r}>",
-           "sz_desc": f"tensordesc<i32[1, {rows}],{s_l!r}>", "out_ptr": "*" + ds,
+           "sz_desc": f"tensordesc<i32[1, {rows}],{s_l!r}>", "out_ptr": "*" + od,
            "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
            "SPLIT_K": "i32"}
     a = ws._dequant_asm(bf16, zero)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
-                 PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3])
+                 PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
+                 REGS=regs or 232)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
+    # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
     src = GluonASTSource(ws.w4a16_ws_kernel, sig,
-                         constexprs={(params.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+                         constexprs={(params.index(k),): v for k, v in const.items()},
+                         attrs={(params.index(j),): [["tt.divisibility", 16]]
+                                for j in ("out_ptr", "bias_ptr", "N", "K", "stride_om")})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, **(dict(maxnreg=regs) if regs else {})))
     ptx = f"{work}/ws{i}.ptx"
     open(ptx, "w").write(k.asm["ptx"])
     out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/ws{i}.cubin"],
                          capture_output=True, text=True)
+    ptx_text = k.asm["ptx"]
     reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
-                        shared=k.metadata.shared, wgmma=k.asm["ptx"].count("wgmma.mma_async"),
-                        tma=k.asm["ptx"].count("cp.async.bulk.tensor")))
+                        shared=k.metadata.shared, wgmma=ptx_text.count("wgmma.mma_async"),
+                        tma=ptx_text.count("cp.async.bulk.tensor"),
+                        stores=sorted(set(re.findall(r"st\.global[.a-z0-9]*", ptx_text))),
+                        atomics=sorted(set(re.findall(r"atom\.global[.a-z0-9]*", ptx_text))),
+                        threads=int(re.search(r"\.reqntid (\d+)", ptx_text).group(1)),
+                        regs=int(re.search(r"Used (\d+) registers", out.stdout + out.stderr)
+                                 .group(1))))
 print(json.dumps(reports))
 """
 
-WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows per program
-    (256, 3, False, True, False, False, False, 128),   # the M >= 256 tile: 3 stages of 72 KB
-    (128, 4, True, False, True, False, False, 128),    # bf16, no zero points, bias
-    (16, 4, False, True, True, False, False, 128),     # the smallest token tile
-    (128, 4, False, True, True, True, False, 128),     # split-K: atomics into the fp16 output
-    (256, 3, False, True, True, False, True, 128),     # persistent: tiles through one ring
-    (128, 4, False, True, True, False, False, 256),    # 256 rows: 128 per warpgroup
+WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows per program,
+               # coalesced epilogue, registers per thread (0: the default)
+    (256, 3, False, True, False, False, False, 128, False, 0),   # M >= 256: 3 stages of 72 KB
+    (128, 4, True, False, True, False, False, 128, False, 0),    # bf16, no zero points, bias
+    (16, 4, False, True, True, False, False, 128, False, 0),     # the smallest token tile
+    (128, 4, False, True, True, True, False, 128, True, 0),      # split-K into the fp16 output
+    (128, 4, True, True, False, True, False, 128, True, 0),      # bf16: into a float32 buffer
+    (256, 3, False, True, True, False, True, 128, False, 0),     # persistent: one ring
+    (128, 3, False, True, True, False, True, 256, True, 0),      # 256 rows, 128 per warpgroup
+    (64, 6, False, True, False, False, False, 128, True, 0),     # coalesced stores
+    (64, 4, False, True, True, True, False, 128, True, 80),      # two programs per SM
+    (16, 4, True, False, False, False, False, 128, True, 80),
 ]
 
 
@@ -148,8 +165,20 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
     no serialized wgmma, and its ring within the 227 KB of shared memory."""
     pytest.importorskip("triton.experimental.gluon")
     for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):
+        bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case
         assert rep["rc"] == 0, (case, rep["report"])
-        assert rep["wgmma"] == 16 * case[-1] // 128 and rep["tma"] == 4, (case, rep)
+        assert rep["wgmma"] == 16 * rows // 128 and rep["tma"] == 4, (case, rep)
         assert "C7515" not in rep["report"], (case, rep["report"])
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
         assert rep["shared"] <= 232448, case
+        if coal:   # whole lines: 128-bit stores, 8 fp16 (4 float32) per atomic
+            assert rep["stores"] in ([], ["st.global.v4.b32"]), (case, rep["stores"])
+            vec = ".v4.f32" if atomic and bf16 else ".v8.f16"
+            assert all(vec in a for a in rep["atomics"]), (case, rep["atomics"])
+            assert bool(rep["atomics"]) == atomic, (case, rep["atomics"])
+        else:      # the accumulator's layout: one 16-bit element per store
+            assert rep["stores"] == ["st.global.b16"], (case, rep["stores"])
+        # two programs per SM need at most half the register file
+        assert rep["threads"] * rep["regs"] <= (32768 if regs else 65536), (case, rep)
+        if regs:
+            assert rep["regs"] <= regs, (case, rep)
