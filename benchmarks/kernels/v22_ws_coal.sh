@@ -6,36 +6,18 @@
 # coalesced), one process; run 2 (a new process) each row's winner again; > 3 % in both goes
 # into $OUT/$GPU.json; (3) M = 256 the same with 128-token tiles and COAL stores.
 #   OUT=/tmp/v22 bash benchmarks/kernels/v22_ws_coal.sh && cp /tmp/v22/h100.json kernels/configs/
-set -u
-O=${OUT:-/tmp/v22}; mkdir -p "$O"
-G=${GPU:-h100}
-S=${STEPS:-123}
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1
-K=benchmarks/kernels
+source "$(dirname "$0")/steps.sh" v22 123
 W="WS=true,BM=64,OUT16=true"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-[[ -f "$O/$G.json" ]] || cp kernels/configs/$G.json "$O/$G.json"
 [[ $S == *1* ]] && timeout ${T0:-150} python3 -m pytest -m gpu -q -n ${JOBS:-12} \
   -p no:cacheprovider tests/test_kernels.py -k "ws" 2>&1 | tail -3
-if [[ $S == *2* ]]; then
-timeout ${T1:-200} python3 $K/sweep_large.py --ms ${MS:-1,16,64} --shipped-only --budget-s 180 \
+[[ $S == *2* ]] && adopt v22_ws_small ${T1:-200} ${T2:-120} --ms ${MS:-1,16,64} -- \
+  --shipped-only --budget-s 180 \
   --twin $W,STAGES=6,SPLIT_K=2 --twin $W,STAGES=6,SPLIT_K=4 --twin $W,STAGES=6,SPLIT_K=8 \
   --twin $W,BN=256,STAGES=5,SPLIT_K=4 --twin WS=true,BM=16,OUT16=true,STAGES=10,SPLIT_K=4 \
-  --twin WS=true,BM=16,OUT16=true,STAGES=10,SPLIT_K=8 --twin $W,STAGES=6,SPLIT_K=1,COAL=true \
-  --no-peers --out "$O/kernels_v22_ws_small_run1_$G.json" 2>&1 | grep -v Warning | tail -16
-timeout ${T2:-120} python3 $K/sweep_large.py --ms ${MS:-1,16,64} \
-  --from "$O/kernels_v22_ws_small_run1_$G.json" --write-table "$O/$G.json" --no-peers \
-  --out "$O/kernels_v22_ws_small_run2_$G.json" 2>&1 | grep -v Warning | tail -16
-fi
-if [[ $S == *3* ]]; then
+  --twin WS=true,BM=16,OUT16=true,STAGES=10,SPLIT_K=8 --twin $W,STAGES=6,SPLIT_K=1,COAL=true
 export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"
-timeout ${T3:-150} python3 $K/sweep_large.py --ms 256 --shipped-only --budget-s 130 \
-  --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,COAL=true \
+[[ $S == *3* ]] && TAIL=7 adopt v22_ws_256 ${T3:-150} ${T4:-100} --ms 256 -- --shipped-only \
+  --budget-s 130 --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,COAL=true \
   --twin WS=true,BM=128,STAGES=4,SPLIT_K=2,OUT16=true \
-  --twin WS=true,BN=256,BM=128,STAGES=3,SPLIT_K=1,COAL=true \
-  --no-peers --out "$O/kernels_v22_ws_256_run1_$G.json" 2>&1 | grep -v Warning | tail -7
-timeout ${T4:-100} python3 $K/sweep_large.py --ms 256 \
-  --from "$O/kernels_v22_ws_256_run1_$G.json" --write-table "$O/$G.json" --no-peers \
-  --out "$O/kernels_v22_ws_256_run2_$G.json" 2>&1 | grep -v Warning | tail -7
-fi
+  --twin WS=true,BN=256,BM=128,STAGES=3,SPLIT_K=1,COAL=true
+exit 0

@@ -4,21 +4,13 @@
 # file), for M = 1 / 16 / 64, where one program per SM left v21-v23's WS short of the mma and
 # fused kernels. (1) the new GPU test cases; (2) run 1 / run 2 as v22, > 3 % twice into
 # $OUT/$GPU.json.   OUT=/tmp/v25 bash benchmarks/kernels/v25_ws_regs.sh
-set -u
-O=${OUT:-/tmp/v25}; mkdir -p "$O"
-G=${GPU:-h100}
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1
-K=benchmarks/kernels
-[[ -f "$O/$G.json" ]] || cp kernels/configs/$G.json "$O/$G.json"
-timeout ${T0:-90} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
-  tests/test_kernels.py -k "test_gpu_ws_kernel and (cfg11 or cfg12)" 2>&1 | tail -2
+source "$(dirname "$0")/steps.sh" v25 12
+[[ $S == *1* ]] && timeout ${T0:-90} python3 -m pytest -m gpu -q -n ${JOBS:-12} \
+  -p no:cacheprovider tests/test_kernels.py -k "test_gpu_ws_kernel and (cfg11 or cfg12)" \
+  2>&1 | tail -2
 W="WS=true,REGS=80,OUT16=true"
-timeout ${T1:-170} python3 $K/sweep_large.py --ms ${MS:-1,16,64} --shipped-only --budget-s 150 \
-  --twin $W,BM=16,STAGES=6,SPLIT_K=1,COAL=true --twin $W,BM=16,STAGES=6,SPLIT_K=2 \
+[[ $S == *2* ]] && adopt v25 ${T1:-170} ${T2:-100} --ms ${MS:-1,16,64} -- --shipped-only \
+  --budget-s 150 --twin $W,BM=16,STAGES=6,SPLIT_K=1,COAL=true --twin $W,BM=16,STAGES=6,SPLIT_K=2 \
   --twin $W,BM=16,STAGES=6,SPLIT_K=4 --twin $W,BM=64,STAGES=4,SPLIT_K=1,COAL=true \
-  --twin $W,BM=64,STAGES=4,SPLIT_K=2 \
-  --no-peers --out "$O/kernels_v25_run1_$G.json" 2>&1 | grep -v Warning | tail -16
-timeout ${T2:-100} python3 $K/sweep_large.py --ms ${MS:-1,16,64} \
-  --from "$O/kernels_v25_run1_$G.json" --write-table "$O/$G.json" --no-peers \
-  --out "$O/kernels_v25_run2_$G.json" 2>&1 | grep -v Warning | tail -16
+  --twin $W,BM=64,STAGES=4,SPLIT_K=2
+exit 0
