@@ -180,6 +180,10 @@ def _ws_fallback(cfg: dict) -> dict:
     (BM, BN, GROUP_N) with the fused kernel's defaults for what it leaves out, and BM at most
     128 with BN 256 (as ``ws.w4a16_ws`` caps it; the fused 256 x 256 tile does not fit)."""
     out = dict(WS_FUSED_TILE, **cfg)
+    # a table row tuned from a small-M config keeps that path's keys under WS: the fused kernel
+    # takes the tile, with its own warps and stages
+    if bool(out.pop("MMA", False)) | bool(out.pop("GEMV", False)):
+        out.update(num_warps=WS_FUSED_TILE["num_warps"], num_stages=WS_FUSED_TILE["num_stages"])
     out["SPLIT_K"] = 1 if out.get("PERSIST") else out.get("SPLIT_K", 1)
     out.pop("PERSIST", None)   # the fused kernel's PERSIST key means nothing here
     if out["BN"] == 256:

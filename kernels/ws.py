@@ -86,10 +86,10 @@ if HAVE_GLUON:
                   A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False):
         """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
         then its store (or, ATOMIC, its addition). COAL: through shared memory into a layout
-        in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that the
-        stores / atomics (fp16: f16x2) are whole 128-byte lines; in the accumulator's layout
-        the 32 lanes of a warp touch 8 tokens' 16-byte pieces, and fp16 atomics go one element
-        at a time."""
+        in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that a
+        warp's stores / atomics (16 bytes a thread; fp16 atomics as v8.f16) are whole 128-byte
+        lines; in the accumulator's layout the 32 lanes of a warp touch 8 tokens' 16-byte
+        pieces, and fp16 atomics go one element at a time."""
         dt: gl.constexpr = xlo.dtype
         HALF: gl.constexpr = qb.shape[1] // 2   # this warpgroup's rows: ROWS / 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -252,6 +252,9 @@ def _regs(cfg: dict, rows: int, bm: int) -> dict:
     leave room; larger tiles keep the whole register file (at 80, a 256-row tile of 64 tokens
     spills and runs 10-30x slower)."""
     regs = int(cfg.get("REGS", 0))
+    if regs and not 64 <= regs <= 168:
+        raise ValueError(f"WS config REGS={regs}: registers per thread must be 64-168 (80 lets "
+                         "two programs share an SM; leave REGS out for the default, 168)")
     return dict(REGS=regs, maxnreg=regs) if regs and rows == ROWS and bm <= 64 else {}
 
 

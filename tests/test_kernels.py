@@ -301,6 +301,12 @@ def test_ws_config_fallback_and_row_blocks(monkeypatch):
     assert fb["BM"] == 128 and fb["BN"] == 256 and fb["SPLIT_K"] == 1 and "PERSIST" not in fb
     assert fb["FUSE_K"] and fb["num_warps"] == 8          # the fused kernel's defaults filled in
     assert ops._ws_fallback(dict(WS=True, BM=64, BN=128, num_warps=4))["num_warps"] == 4
+    # a row tuned from a small-M (mma) config: the fused kernel, its own warps and stages
+    fb = ops._ws_fallback(dict(MMA=True, BN=256, SPLIT_K=4, num_warps=4, XPERM=True, WS=True,
+                               BM=64, STAGES=5, OUT16=True))
+    assert "MMA" not in fb and fb["num_warps"] == 8 and fb["BN"] == 256 and fb["SPLIT_K"] == 4
+    x, p, b = _problem(9, 72, 512, 128, True, torch.float16)
+    assert _rel_err(w4a16_matmul(x, p, b, fb), _ref32(x, p, b)) < TOL[torch.float16]
     x, p, b = _problem(100, 40, 384, 128, True, torch.float16)
     want = w4a16_matmul(x, p, b, SMALL)
     monkeypatch.setattr(ops, "_MAX_ELEMENTS", 40 * 384)    # 40 rows per block: 3 blocks
@@ -325,6 +331,19 @@ def test_ws_default_for_large_m_on_hopper():
     assert ws_default(1024, 11008, 4096, 64, (9, 0)) is None   # block 64
     assert ws_default(1024, 11006, 4096, 128, (9, 0)) is None  # N not a multiple of 4
     assert pick_config(1024, 11008, 4096, 128, None)["DEQUANT"]   # no GPU: unchanged
+
+
+def test_ws_regs_only_where_the_tile_leaves_room():
+    from modelopt_lite.kernels.ws import _regs
+
+    assert _regs(dict(REGS=80), 128, 16) == dict(REGS=80, maxnreg=80)
+    assert _regs(dict(REGS=80), 128, 64) == dict(REGS=80, maxnreg=80)
+    assert _regs(dict(REGS=80), 128, 128) == {}    # a 128-token accumulator needs more
+    assert _regs(dict(REGS=80), 256, 64) == {}     # 128 rows per warpgroup: it would spill
+    assert _regs({}, 128, 16) == {}
+    for bad in (24, 200):
+        with pytest.raises(ValueError, match="REGS"):
+            _regs(dict(REGS=bad), 128, 16)
 
 
 def test_pick_config_table_rows_and_default_rows(monkeypatch):
