@@ -20,8 +20,8 @@ every chunk and no thread issues activation copies: while one warpgroup dequanti
 other's products run (``benchmarks/kernels/NOTES.md``, v18). Options, all compile-time:
 SPLIT_K > 1 (K slices added with atomics), PERSIST (one ring walked through several tiles per
 program), BN 256, COAL (the epilogue through shared memory into whole-line stores and
-``v8.f16`` atomics; on by default with a split) and REGS (fewer registers per thread, so that
-two programs share an SM at small M); NOTES.md, v19-v26, has what each gained where. Needs
+``v8.f16`` atomics; on by default with a split) and MAXNREG (fewer registers per thread, so
+that two programs share an SM at small M); NOTES.md, v19-v26, has what each gained where. Needs
 sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
 :func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
 config otherwise. Gluon kernels do not run in the interpreter.
@@ -247,14 +247,15 @@ if HAVE_GLUON:
 
 
 def _regs(cfg: dict, rows: int, bm: int) -> dict:
-    """The launch options for a config's REGS (none: the compiler's defaults). Only for tiles
+    """The launch options for a config's MAXNREG (registers per thread, the key the GEMV path
+    uses too; none: the compiler's defaults, 168 for the 384 threads). Only for tiles
     of 128 rows and at most 64 tokens, whose accumulators (32 registers a thread at 64 tokens)
     leave room; larger tiles keep the whole register file (at 80, a 256-row tile of 64 tokens
     spills and runs 10-30x slower)."""
-    regs = int(cfg.get("REGS", 0))
+    regs = int(cfg.get("MAXNREG", 0))
     if regs and not 64 <= regs <= 168:
-        raise ValueError(f"WS config REGS={regs}: registers per thread must be 64-168 (80 lets "
-                         "two programs share an SM; leave REGS out for the default, 168)")
+        raise ValueError(f"WS config MAXNREG={regs}: registers per thread must be 64-168 (80 lets "
+                         "two programs share an SM; leave MAXNREG out for the default, 168)")
     return dict(REGS=regs, maxnreg=regs) if regs and rows == ROWS and bm <= 64 else {}
 
 
@@ -286,7 +287,7 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
     OUT16 and fp16 activations straight into the output), PERSIST (programs per SM walking the
     tiles, or PROGRAMS in all; no split), COAL (the coalesced epilogue; default on with a
-    split, where shared memory allows), REGS (registers per thread for the whole program, e.g.
+    split, where shared memory allows), MAXNREG (registers per thread for the whole program, e.g.
     80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
     default: all 168 the register file allows one program; only for 128-row tiles of at most
     64 tokens). Call :func:`ws_supported` first."""

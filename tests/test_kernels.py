@@ -336,14 +336,14 @@ def test_ws_default_for_large_m_on_hopper():
 def test_ws_regs_only_where_the_tile_leaves_room():
     from modelopt_lite.kernels.ws import _regs
 
-    assert _regs(dict(REGS=80), 128, 16) == dict(REGS=80, maxnreg=80)
-    assert _regs(dict(REGS=80), 128, 64) == dict(REGS=80, maxnreg=80)
-    assert _regs(dict(REGS=80), 128, 128) == {}    # a 128-token accumulator needs more
-    assert _regs(dict(REGS=80), 256, 64) == {}     # 128 rows per warpgroup: it would spill
+    assert _regs(dict(MAXNREG=80), 128, 16) == dict(REGS=80, maxnreg=80)
+    assert _regs(dict(MAXNREG=80), 128, 64) == dict(REGS=80, maxnreg=80)
+    assert _regs(dict(MAXNREG=80), 128, 128) == {}    # a 128-token accumulator needs more
+    assert _regs(dict(MAXNREG=80), 256, 64) == {}     # 128 rows per warpgroup: it would spill
     assert _regs({}, 128, 16) == {}
     for bad in (24, 200):
-        with pytest.raises(ValueError, match="REGS"):
-            _regs(dict(REGS=bad), 128, 16)
+        with pytest.raises(ValueError, match="MAXNREG"):
+            _regs(dict(MAXNREG=bad), 128, 16)
 
 
 def test_pick_config_table_rows_and_default_rows(monkeypatch):
@@ -466,8 +466,8 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BM=64, STAGES=4, PERSIST=1, PROGRAMS=5, COAL=True),
                                  dict(WS_TILE, BM=16, STAGES=10, SPLIT_K=4, OUT16=True),
                                  # 80 registers per thread: two programs per SM
-                                 dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, REGS=80),
-                                 dict(WS_TILE, BM=16, STAGES=6, REGS=80)])
+                                 dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
+                                 dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
     past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
