@@ -42,7 +42,7 @@ try:
 except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
-from .dequant import _asm, _tile_of
+from .dequant import _asm, _k_slice, _tile_of
 from .tuning import _num_sms, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
@@ -201,10 +201,8 @@ if HAVE_GLUON:
         num_pm = gl.cdiv(M, BM)
         off_n, off_m = _tile(pid, num_pn, num_pm, GROUP_N, BM, ROWS)
         if ATOMIC:   # K slice pid_k of SPLIT_K
-            kt_total = gl.cdiv(K, 128)
-            kt_per = gl.cdiv(kt_total, SPLIT_K)
-            kt0 = pid_k * kt_per
-            k_chunks = gl.minimum(kt0 + kt_per, kt_total) - kt0
+            kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
+            k_chunks = kt1 - kt0
             if k_chunks <= 0:   # an empty last slice
                 return
         else:

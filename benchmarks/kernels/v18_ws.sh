@@ -6,20 +6,10 @@
 # winner against the shipped config again; rows that won by > 3 % in both runs go into
 # $OUT/$GPU.json (a copy of the shipped table). On an H100 (GPU=h200 on an H200):
 #   OUT=/tmp/v18 bash benchmarks/kernels/v18_ws.sh && cp /tmp/v18/h100.json kernels/configs/
-set -u
-O=${OUT:-/tmp/v18}; mkdir -p "$O"
-G=${GPU:-h100}
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1
-K=benchmarks/kernels
+source "$(dirname "$0")/steps.sh" v18
 MS=${MS:-64,256,1024}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 timeout ${T0:-150} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
   tests/test_kernels.py -k "ws" 2>&1 | tail -3
-cp kernels/configs/$G.json "$O/$G.json"
-timeout ${T1:-250} python3 $K/sweep_large.py --ms $MS --shipped-only \
-  --twin WS=true,BM=256,STAGES=3 --twin WS=true,BM=128,STAGES=4 --twin WS=true,BM=64,STAGES=4 \
-  --no-peers --out "$O/kernels_v18_ws_run1_$G.json" 2>&1 | grep -v Warning | tail -16
-timeout ${T2:-150} python3 $K/sweep_large.py --ms $MS --from "$O/kernels_v18_ws_run1_$G.json" \
-  --write-table "$O/$G.json" --no-peers --out "$O/kernels_v18_ws_run2_$G.json" 2>&1 \
-  | grep -v Warning | tail -16
+cp kernels/configs/$G.json "$O/$G.json"   # a fresh copy of the shipped table
+adopt v18_ws ${T1:-250} ${T2:-150} --ms $MS -- --shipped-only \
+  --twin WS=true,BM=256,STAGES=3 --twin WS=true,BM=128,STAGES=4 --twin WS=true,BM=64,STAGES=4

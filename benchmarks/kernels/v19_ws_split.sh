@@ -11,37 +11,19 @@
 # (tuning.ws_default) on shapes outside the tables against dequantize + cuBLAS. On an H100 (GPU=h200
 # on an H200):
 #   OUT=/tmp/v19 bash benchmarks/kernels/v19_ws_split.sh && cp /tmp/v19/h100.json kernels/configs/
-set -u
-S=${STEPS:-1234}   # which of the steps (1)-(4) to run, e.g. STEPS=12 then STEPS=34
-O=${OUT:-/tmp/v19}; mkdir -p "$O"
-G=${GPU:-h100}
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1
-K=benchmarks/kernels
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-[[ $S == *1* ]] && timeout ${T0:-200} python3 -m pytest -m gpu -q -n ${JOBS:-12} -p no:cacheprovider \
-  tests/test_kernels.py -k "ws" 2>&1 | tail -3
-[[ -f "$O/$G.json" ]] || cp kernels/configs/$G.json "$O/$G.json"
-if [[ $S == *2* ]]; then
+source "$(dirname "$0")/steps.sh" v19 1234   # STEPS: which of (1)-(4), e.g. 12 then 34
+[[ $S == *1* ]] && timeout ${T0:-200} python3 -m pytest -m gpu -q -n ${JOBS:-12} \
+  -p no:cacheprovider tests/test_kernels.py -k "ws" 2>&1 | tail -3
 W="WS=true,STAGES=4,OUT16=true"
-timeout ${T1:-250} python3 $K/sweep_large.py --ms ${MS:-64,256} --shipped-only \
-  --twin $W,BM=128,SPLIT_K=2 --twin $W,BM=128,SPLIT_K=4 --twin $W,BM=64,SPLIT_K=2 \
-  --twin $W,BM=64,SPLIT_K=4 --no-peers --out "$O/kernels_v19_ws_split_run1_$G.json" 2>&1 \
-  | grep -v Warning | tail -12
-timeout ${T2:-150} python3 $K/sweep_large.py --ms ${MS:-64,256} \
-  --from "$O/kernels_v19_ws_split_run1_$G.json" --write-table "$O/$G.json" --no-peers \
-  --out "$O/kernels_v19_ws_split_run2_$G.json" 2>&1 | grep -v Warning | tail -12
-fi
+[[ $S == *2* ]] && TAIL=12 adopt v19_ws_split ${T1:-250} ${T2:-150} --ms ${MS:-64,256} -- \
+  --shipped-only --twin $W,BM=128,SPLIT_K=2 --twin $W,BM=128,SPLIT_K=4 \
+  --twin $W,BM=64,SPLIT_K=2 --twin $W,BM=64,SPLIT_K=4
 if [[ $S == *3* ]]; then
 export MODELOPT_LITE_KERNEL_CONFIGS="$O/$G.json"   # (3) starts from (2)'s table
-timeout ${T3:-250} python3 $K/sweep_large.py --ms ${MS3:-256,1024} --shipped-only \
+TAIL=12 adopt v19_ws_persist ${T3:-250} ${T4:-150} --ms ${MS3:-256,1024} -- --shipped-only \
   --twin WS=true,BM=256,STAGES=3,SPLIT_K=1,PERSIST=1 \
   --twin WS=true,BM=128,STAGES=4,SPLIT_K=1,PERSIST=2 \
-  --twin WS=true,BN=256,BM=128,STAGES=4,SPLIT_K=1 --no-peers \
-  --out "$O/kernels_v19_ws_persist_run1_$G.json" 2>&1 | grep -v Warning | tail -12
-timeout ${T4:-150} python3 $K/sweep_large.py --ms ${MS3:-256,1024} \
-  --from "$O/kernels_v19_ws_persist_run1_$G.json" --write-table "$O/$G.json" --no-peers \
-  --out "$O/kernels_v19_ws_persist_run2_$G.json" 2>&1 | grep -v Warning | tail -12
+  --twin WS=true,BN=256,BM=128,STAGES=4,SPLIT_K=1
 unset MODELOPT_LITE_KERNEL_CONFIGS
 fi
 if [[ $S == *4* ]]; then
@@ -53,3 +35,4 @@ timeout ${T5:-200} python3 $K/sweep_large.py --shapes 4096x11008,11008x4096,5120
   --cands '[{"DEQUANT": true, "DQ_BN": 32, "DQ_CHUNKS": 4, "DQ_WARPS": 4}, {"BM": 256, "BN": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "FUSE_K": true, "GROUP_N": 8, "PAIRS": true}]' \
   2>&1 | grep -v Warning | tail -14
 fi
+exit 0
