@@ -46,7 +46,7 @@ from .dequant import _asm, _k_slice, _tile_of
 from .tuning import _num_sms, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
-COAL_SMEM = 220 * 1024   # ring + the coalesced epilogue's scratch, within the 227 KB per block
+SMEM = 232448 - 1024   # a block's 227 KB of shared memory, less room for the barriers
 
 
 if HAVE_GLUON:
@@ -276,6 +276,16 @@ def ws_supported(x2: torch.Tensor, p) -> bool:
             and q.is_contiguous() and q.data_ptr() % 16 == 0)
 
 
+def _coal_fits(rows: int, bm: int, stages: int, x_size: int, out_size: int) -> bool:
+    """Whether the coalesced epilogue's layout conversion fits in shared memory beside the
+    ring, with room to spare: Triton converts 16-bit tiles through about 4 KB whatever the
+    tile (sm_90a, Triton 3.6: 3.9-4.3 KB from 16 to 256 tokens), float32 ones through up to a
+    whole [rows, BM] tile (32 KB from 64 tokens up). ``tests/test_kernel_codegen.py``
+    compiles the largest rings this admits."""
+    ring = stages * (2 * bm * 64 * x_size + rows * 16 * 4 + rows * 4)
+    return ring + (8192 if out_size == 2 else rows * bm * 4) <= SMEM
+
+
 def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | None,
              cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
@@ -313,10 +323,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    # COAL (default: with split-K) needs a [rows / 2, BM] scratch per consumer beside the ring
-    ring = stages * (2 * bm * 64 * x2.element_size() + rows * 16 * 4 + rows * 4)
-    coal = (bool(cfg.get("COAL", split > 1))
-            and ring + rows * bm * out.element_size() <= COAL_SMEM)
+    coal = bool(cfg.get("COAL", split > 1)) and _coal_fits(rows, bm, stages,
+                                                             x2.element_size(), out.element_size())
     tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
     if persist:   # PERSIST programs per SM (or PROGRAMS in all), each walking its tiles

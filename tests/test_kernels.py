@@ -346,6 +346,19 @@ def test_ws_regs_only_where_the_tile_leaves_room():
             _regs(dict(MAXNREG=bad), 128, 16)
 
 
+def test_ws_coalesced_epilogue_where_shared_memory_allows():
+    """COAL's layout conversion beside the ring: 16-bit outputs up to the 256-token, 3-stage
+    ring (compiled: 226,880 of 232,448 bytes on sm_90a), float32 split buffers with room for a
+    whole tile only (the 256-token ring would need 255,552)."""
+    from modelopt_lite.kernels.ws import _coal_fits
+
+    assert _coal_fits(128, 256, 3, 2, 2)          # fp16 / bf16 output
+    assert not _coal_fits(128, 256, 3, 2, 4)      # bf16 split: a float32 buffer
+    assert _coal_fits(128, 64, 6, 2, 4)
+    assert _coal_fits(256, 64, 6, 2, 2) and not _coal_fits(256, 64, 7, 2, 2)
+    assert not _coal_fits(128, 256, 4, 2, 2)      # the ring alone is too big
+
+
 def test_pick_config_table_rows_and_default_rows(monkeypatch):
     from modelopt_lite.kernels import tuning
 
@@ -465,6 +478,9 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BM=64, STAGES=6, COAL=True),
                                  dict(WS_TILE, BM=64, STAGES=4, PERSIST=1, PROGRAMS=5, COAL=True),
                                  dict(WS_TILE, BM=16, STAGES=10, SPLIT_K=4, OUT16=True),
+                                 dict(WS_TILE, BM=256, STAGES=3, COAL=True),
+                                 dict(WS_TILE, BM=256, STAGES=3, SPLIT_K=2, OUT16=True),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, COAL=True),
                                  # 80 registers per thread: two programs per SM
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
                                  dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
