@@ -153,32 +153,57 @@ if HAVE_GLUON:
         return pid_n * ROWS, pid_m * BM
 
     @gluon.jit
+    def _work(num_tiles, k_chunks, STREAM: gl.constexpr):
+        """The program's first tile, the tile past its last and its step, and (STREAM) its run
+        [u0, u1) of the tiles' chunks numbered tile after tile."""
+        pid = gl.program_id(0)
+        progs = gl.num_programs(0)
+        if STREAM:   # equal runs of chunks: a tile may be split between neighbouring programs
+            u0 = pid * (num_tiles * k_chunks) // progs
+            u1 = (pid + 1) * (num_tiles * k_chunks) // progs
+            return u0 // k_chunks, gl.cdiv(u1, k_chunks), 1, u0, u1
+        return pid, num_tiles, progs, 0, num_tiles * k_chunks
+
+    @gluon.jit
+    def _chunks(t, u0, u1, k_chunks):
+        """Tile t's chunks in the run [u0, u1): the first and the number."""
+        kt0 = gl.maximum(u0 - t * k_chunks, 0)
+        return kt0, gl.minimum(u1 - t * k_chunks, k_chunks) - kt0
+
+    @gluon.jit
     def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
                         num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
-                        STAGES: gl.constexpr):
+                        STAGES: gl.constexpr, STREAM: gl.constexpr):
         """PERSIST: the program's tiles p, p + P, ... one after another through one ring, so
-        the next tile's first chunks load while the consumers finish and store this one."""
+        the next tile's first chunks load while the consumers finish and store this one.
+        STREAM: the program's run of chunks (:func:`_work`), tile by tile."""
+        t0, t1, step, u0, u1 = _work(num_pn * num_pm, k_chunks, STREAM)
         it0 = 0
-        for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
+        for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
-            _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, 0,
-                      k_chunks, it0, STAGES)
-            it0 += k_chunks
+            kt0, n = _chunks(t, u0, u1, k_chunks)
+            _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
+                      kt0, n, it0, STAGES)
+            it0 += n
 
     @gluon.jit
     def _consumer_tiles(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                         num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
-                        A3: gl.constexpr, COAL: gl.constexpr):
-        """PERSIST: :func:`_consumer` for each of the program's tiles, in the producer's order."""
+                        A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr):
+        """PERSIST / STREAM: :func:`_consumer` for each of the program's tiles (STREAM: its
+        chunks of them, added with atomics; the bias with a tile's first chunk), in the
+        producer's order."""
+        t0, t1, step, u0, u1 = _work(num_pn * num_pm, k_chunks, STREAM)
         it0 = 0
-        for t in range(gl.program_id(0), num_pn * num_pm, gl.num_programs(0)):
+        for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
+            kt0, n = _chunks(t, u0, u1, k_chunks)
             _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                      off_m, 0, k_chunks, it0, WG, BM, STAGES, HAS_BIAS, False, A0, A1, A2, A3,
+                      off_m, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1, A2, A3,
                       COAL)
-            it0 += k_chunks
+            it0 += n
 
     @gluon.jit
     def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
@@ -186,12 +211,15 @@ if HAVE_GLUON:
                         GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
-                        COAL: gl.constexpr = False, REGS: gl.constexpr = 232):
+                        COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
+                        STREAM: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
         of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
-        ring (:func:`_producer_tiles`). COAL: the coalesced epilogue (:func:`_consumer`). REGS:
+        ring (:func:`_producer_tiles`). STREAM (stream-K; with ATOMIC and a 1-D grid): the
+        tiles' chunks in equal runs, one per program, partial tiles added with atomics
+        (:func:`_work`). COAL: the coalesced epilogue (:func:`_consumer`). REGS:
         the second consumer warpgroup's registers per thread (the first takes what the launch's
         maxnreg leaves); below 232 the producer keeps 24."""
         pid = gl.program_id(0)
@@ -200,7 +228,7 @@ if HAVE_GLUON:
         num_pn = gl.cdiv(N, ROWS)
         num_pm = gl.cdiv(M, BM)
         off_n, off_m = _tile(pid, num_pn, num_pm, GROUP_N, BM, ROWS)
-        if ATOMIC:   # K slice pid_k of SPLIT_K
+        if ATOMIC and not STREAM:   # K slice pid_k of SPLIT_K
             kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
             k_chunks = kt1 - kt0
             if k_chunks <= 0:   # an empty last slice
@@ -220,16 +248,16 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
 
-        if PERSIST:
+        if PERSIST or STREAM:
             gl.warp_specialize([
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM)),
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM)),
                 (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
-                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES)),
+                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES, STREAM)),
             ], [4, 1], [REGS, 40 if REGS > 128 else 24])
             return
         gl.warp_specialize([
@@ -294,8 +322,10 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     BM at 128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
     (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
     OUT16 and fp16 activations straight into the output), PERSIST (programs per SM walking the
-    tiles, or PROGRAMS in all; no split), COAL (the coalesced epilogue; default on with a
-    split, where shared memory allows), MAXNREG (registers per thread for the whole program, e.g.
+    tiles, or PROGRAMS in all; no split), STREAM (stream-K: programs per SM, or PROGRAMS in
+    all, each taking an equal run of the tiles' K chunks and adding its partial tiles with
+    atomics into a zeroed output, as SPLIT_K does; instead of PERSIST and SPLIT_K), COAL (the
+    coalesced epilogue; default on with a split or STREAM, where shared memory allows), MAXNREG (registers per thread for the whole program, e.g.
     80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
     default: all 168 the register file allows one program; only for 128-row tiles of at most
     64 tokens). Call :func:`ws_supported` first."""
@@ -303,8 +333,10 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
-    persist = int(cfg.get("PERSIST", 0))
-    split = 1 if persist else max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
+    stream = int(cfg.get("STREAM", 0))
+    persist = 0 if stream else int(cfg.get("PERSIST", 0))
+    split = 1 if persist or stream else max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
+    atomic = split > 1 or stream > 0
     rows = 256 if cfg.get("BN") == 256 else ROWS
     if rows == 256:   # a 128-row warpgroup's accumulator: 128 registers at 128 tokens
         bm = min(bm, 128)
@@ -316,23 +348,24 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
                                                     rank=2))
-    if split > 1:
+    if atomic:
         out16 = cfg.get("OUT16", False) and x2.dtype == torch.float16
         out = torch.zeros((m, n), device=x2.device,
                           dtype=torch.float16 if out16 else torch.float32)
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    coal = bool(cfg.get("COAL", split > 1)) and _coal_fits(rows, bm, stages,
+    coal = bool(cfg.get("COAL", atomic)) and _coal_fits(rows, bm, stages,
                                                              x2.element_size(), out.element_size())
     tiles = -(-n // rows) * -(-m // bm)
     grid = (tiles, split)
-    if persist:   # PERSIST programs per SM (or PROGRAMS in all), each walking its tiles
+    if persist or stream:   # programs per SM (or PROGRAMS in all), each walking its work
         sms = _num_sms(x2.device)
-        grid = (max(1, min(tiles, int(cfg.get("PROGRAMS", 0)) or persist * sms)), 1)
+        units = tiles * (k // 128) if stream else tiles
+        grid = (max(1, min(units, int(cfg.get("PROGRAMS", 0)) or (persist or stream) * sms)), 1)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
-                          ATOMIC=split > 1, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          COAL=coal, num_warps=4, **_regs(cfg, rows, bm))
+                          ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
+                          COAL=coal, STREAM=bool(stream), num_warps=4, **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

@@ -105,7 +105,9 @@ from modelopt_lite.kernels import ws
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs) in enumerate(cases):
+for i, case in enumerate(cases):
+    bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case[:10]
+    stream = len(case) > 10 and case[10]
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -119,7 +121,7 @@ for i, (bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs) in enum
     a = ws._dequant_asm(bf16, zero)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
-                 REGS=regs or 232)
+                 REGS=regs or 232, STREAM=stream)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
@@ -161,6 +163,10 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (256, 3, False, True, True, False, False, 128, True, 0),     # M >= 256 tiles
     (256, 3, False, True, False, True, False, 128, True, 0),     # split into the fp16 output
     (64, 6, False, True, False, False, False, 256, True, 0),     # 256 rows, 6 stages
+    # stream-K (the 11th field): runs of chunks, partial tiles added with atomics
+    (256, 3, False, True, True, True, False, 128, True, 0, True),
+    (128, 3, True, True, False, True, False, 256, True, 0, True),   # bf16: a float32 buffer
+    (16, 4, False, True, False, True, False, 128, True, 80, True),
 ]
 
 
@@ -172,7 +178,7 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
     most half the register file (two programs per SM)."""
     pytest.importorskip("triton.experimental.gluon")
     for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):
-        bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case
+        bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case[:10]
         assert rep["rc"] == 0, (case, rep["report"])
         assert rep["wgmma"] == 16 * rows // 128 and rep["tma"] == 4, (case, rep)
         # wgmma serialized: C7515 (a non-wgmma definition of the accumulator), C7513 (of an

@@ -481,6 +481,11 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BM=256, STAGES=3, COAL=True),
                                  dict(WS_TILE, BM=256, STAGES=3, SPLIT_K=2, OUT16=True),
                                  dict(WS_TILE, BN=256, BM=64, STAGES=6, COAL=True),
+                                 # stream-K: equal runs of chunks across tile boundaries
+                                 dict(WS_TILE, BM=256, STAGES=3, STREAM=1, OUT16=True),
+                                 dict(WS_TILE, BM=64, STAGES=4, STREAM=1, PROGRAMS=7),
+                                 dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
+                                      MAXNREG=80),
                                  # 80 registers per thread: two programs per SM
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
                                  dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
@@ -502,7 +507,9 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
 @pytest.mark.parametrize("k", [128, 256, 640])
 @pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3),   # fewer chunks than stages
                                  dict(WS_TILE, BN=256, BM=128, STAGES=4, PERSIST=1, PROGRAMS=3),
-                                 dict(WS_TILE, BN=256, BM=64, STAGES=4, SPLIT_K=2, OUT16=True)])
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=4, SPLIT_K=2, OUT16=True),
+                                 dict(WS_TILE, BM=128, STAGES=4, STREAM=1, PROGRAMS=5,
+                                      OUT16=True)])
 def test_gpu_ws_short_k_and_combinations(k, cfg):
     from modelopt_lite.kernels.ws import ws_supported
 
