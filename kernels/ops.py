@@ -45,7 +45,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     float32 buffer and a conversion pass. ``DEQUANT`` configs allocate an fp16 copy of the
     weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
-    ``COAL``, ``MAXNREG``); where it cannot run (another GPU, the
+    ``TILED``, ``COAL``, ``MAXNREG``); where it cannot run (another GPU, the
     interpreter, block 32 / 64, K not a multiple of 128) the fused kernel takes the same config.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
@@ -187,6 +187,7 @@ def _ws_fallback(cfg: dict) -> dict:
     out["SPLIT_K"] = 1 if out.get("PERSIST") or out.get("STREAM") else out.get("SPLIT_K", 1)
     out.pop("PERSIST", None)   # the fused kernel's PERSIST / STREAM keys mean nothing here
     out.pop("STREAM", None)
+    out.pop("TILED", None)
     if out["BN"] == 256:
         out["BM"] = min(out["BM"], 128)
     return out

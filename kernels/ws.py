@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     from triton.experimental import gluon
@@ -52,9 +53,11 @@ SMEM = 232448 - 1024   # a block's 227 KB of shared memory, less room for the ba
 if HAVE_GLUON:
     @gluon.jit
     def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, kt0,
-                  k_chunks, it0, STAGES: gl.constexpr):
+                  k_chunks, it0, STAGES: gl.constexpr, TILED: gl.constexpr = False, kc_all=0):
         """Chunks kt0 .. kt0 + k_chunks - 1 of one tile into the ring, from ring position it0
-        (the chunks the program filled before)."""
+        (the chunks the program filled before). TILED: the words are laid out tile by tile
+        (:func:`tiled_words`: row block, then chunk, then [rows, 16]), so that a chunk's box is
+        one contiguous run of memory; kc_all is K / 128."""
         nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
                                 + sz_desc.block_type.nbytes)
         for kt in range(k_chunks):
@@ -68,7 +71,11 @@ if HAVE_GLUON:
             c = kt0 + kt   # the chunk along K
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128], bar, xlo.index(s))
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128 + 64], bar, xhi.index(s))
-            tma.async_copy_global_to_shared(q_desc, [off_n, c * 16], bar, qb.index(s))
+            if TILED:
+                tma.async_copy_global_to_shared(q_desc, [off_n * kc_all + c * qb.shape[1], 0],
+                                                bar, qb.index(s))
+            else:
+                tma.async_copy_global_to_shared(q_desc, [off_n, c * 16], bar, qb.index(s))
             tma.async_copy_global_to_shared(sz_desc, [c, off_n], bar, szb.index(s))
 
     @gluon.jit
@@ -173,7 +180,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
                         num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
-                        STAGES: gl.constexpr, STREAM: gl.constexpr):
+                        STAGES: gl.constexpr, STREAM: gl.constexpr, TILED: gl.constexpr):
         """PERSIST: the program's tiles p, p + P, ... one after another through one ring, so
         the next tile's first chunks load while the consumers finish and store this one.
         STREAM: the program's run of chunks (:func:`_work`), tile by tile."""
@@ -183,7 +190,7 @@ if HAVE_GLUON:
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             kt0, n = _chunks(t, u0, u1, k_chunks)
             _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
-                      kt0, n, it0, STAGES)
+                      kt0, n, it0, STAGES, TILED, k_chunks)
             it0 += n
 
     @gluon.jit
@@ -212,14 +219,15 @@ if HAVE_GLUON:
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
-                        STREAM: gl.constexpr = False):
+                        STREAM: gl.constexpr = False, TILED: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
         of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
         ring (:func:`_producer_tiles`). STREAM (stream-K; with ATOMIC and a 1-D grid): the
         tiles' chunks in equal runs, one per program, partial tiles added with atomics
-        (:func:`_work`). COAL: the coalesced epilogue (:func:`_consumer`). REGS:
+        (:func:`_work`). TILED: q_desc views :func:`tiled_words`. COAL: the coalesced
+        epilogue (:func:`_consumer`). REGS:
         the second consumer warpgroup's registers per thread (the first takes what the launch's
         maxnreg leaves); below 232 the producer keeps 24."""
         pid = gl.program_id(0)
@@ -257,7 +265,8 @@ if HAVE_GLUON:
                                    M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
                                    HAS_BIAS, A0, A1, A2, A3, COAL, STREAM)),
                 (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
-                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES, STREAM)),
+                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES, STREAM,
+                                   TILED)),
             ], [4, 1], [REGS, 40 if REGS > 128 else 24])
             return
         gl.warp_specialize([
@@ -268,8 +277,32 @@ if HAVE_GLUON:
                          off_n, off_m, pid_k, k_chunks, 0, 1, BM, STAGES, HAS_BIAS, ATOMIC,
                          A0, A1, A2, A3, COAL)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
-                         off_m, kt0, k_chunks, 0, STAGES)),
+                         off_m, kt0, k_chunks, 0, STAGES, TILED, gl.cdiv(K, 128))),
         ], [4, 1], [REGS, 40 if REGS > 128 else 24])
+
+
+_TILED = WeakIdKeyDictionary()
+
+
+def tiled_words(qweight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The packed words [N, K/8] laid out tile by tile for the ``TILED`` option: row block
+    (``rows`` rows, the last zero-padded), then 128-deep K chunk, then the chunk's [rows, 16]
+    words, as one [ceil(N / rows) * K/128 * rows, 16] tensor, so that each tensor copy reads
+    ``rows`` x 64 contiguous bytes instead of ``rows`` runs of 64. Built once per weight and
+    row count and kept while the weight lives (a second copy of the words); rebuilt when the
+    words change in place."""
+    hit = _TILED.get(qweight)
+    if hit is None or hit[0] != qweight._version:
+        hit = _TILED[qweight] = (qweight._version, {})
+    if rows not in hit[1]:
+        n, kw = qweight.shape
+        nb = -(-n // rows)
+        q = qweight
+        if nb * rows != n:
+            q = torch.cat([q, q.new_zeros((nb * rows - n, kw))])
+        hit[1][rows] = (q.view(nb, rows, kw // 16, 16).permute(0, 2, 1, 3).contiguous()
+                        .view(-1, 16))
+    return hit[1][rows]
 
 
 def _regs(cfg: dict, rows: int, bm: int) -> dict:
@@ -325,7 +358,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     tiles, or PROGRAMS in all; no split), STREAM (stream-K: programs per SM, or PROGRAMS in
     all, each taking an equal run of the tiles' K chunks and adding its partial tiles with
     atomics into a zeroed output, as SPLIT_K does; instead of PERSIST and SPLIT_K), COAL (the
-    coalesced epilogue; default on with a split or STREAM, where shared memory allows), MAXNREG (registers per thread for the whole program, e.g.
+    coalesced epilogue; default on with a split or STREAM, where shared memory allows), TILED
+    (the words in :func:`tiled_words`' layout, a cached second copy), MAXNREG (registers per thread for the whole program, e.g.
     80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
     default: all 168 the register file allows one program; only for 128-row tiles of at most
     64 tokens). Call :func:`ws_supported` first."""
@@ -343,8 +377,13 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
-    q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16],
-                              gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32))
+    q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
+    tiled = bool(cfg.get("TILED", False))
+    if tiled:
+        qt = tiled_words(p.qweight, rows)
+        q_desc = TensorDescriptor(qt, list(qt.shape), [16, 1], [rows, 16], q_l)
+    else:
+        q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16], q_l)
     sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
                                                     rank=2))
@@ -367,5 +406,6 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          COAL=coal, STREAM=bool(stream), num_warps=4, **_regs(cfg, rows, bm))
+                          COAL=coal, STREAM=bool(stream), TILED=tiled, num_warps=4,
+                          **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

@@ -108,6 +108,7 @@ reports = []
 for i, case in enumerate(cases):
     bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case[:10]
     stream = len(case) > 10 and case[10]
+    tiled = len(case) > 11 and case[11]
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -121,7 +122,7 @@ for i, case in enumerate(cases):
     a = ws._dequant_asm(bf16, zero)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
-                 REGS=regs or 232, STREAM=stream)
+                 REGS=regs or 232, STREAM=stream, TILED=tiled)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
@@ -167,6 +168,9 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (256, 3, False, True, True, True, False, 128, True, 0, True),
     (128, 3, True, True, False, True, False, 256, True, 0, True),   # bf16: a float32 buffer
     (16, 4, False, True, False, True, False, 128, True, 80, True),
+    # the words tile by tile (the 12th field; ws.tiled_words)
+    (16, 4, False, True, False, False, False, 128, True, 80, False, True),
+    (256, 3, False, True, False, False, True, 128, True, 0, False, True),
 ]
 
 

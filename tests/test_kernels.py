@@ -346,6 +346,27 @@ def test_ws_regs_only_where_the_tile_leaves_room():
             _regs(dict(MAXNREG=bad), 128, 16)
 
 
+def test_ws_tiled_words_layout():
+    """tiled_words: word (n, j) of chunk c = j // 16 at row (n // R * K/128 + c) * R + n % R,
+    column j % 16; the last row block zero-padded; cached per weight and R; rebuilt after an
+    in-place change."""
+    from modelopt_lite.kernels.ws import tiled_words
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-2**31, 2**31 - 1, (300, 64), dtype=torch.int32, generator=g)
+    for r in (128, 256):
+        t = tiled_words(q, r)
+        nb = -(-300 // r)
+        assert t.shape == (nb * 4 * r, 16) and t.is_contiguous()
+        n = torch.arange(300).repeat_interleave(64)
+        j = torch.arange(64).repeat(300)
+        rows = (n // r * 4 + j // 16) * r + n % r
+        assert torch.equal(t[rows, j % 16], q.flatten())
+        assert int((t != 0).sum()) <= 300 * 64 and tiled_words(q, r) is t
+    q[0, 0] += 1
+    assert tiled_words(q, 128)[0, 0] == q[0, 0]
+
+
 def test_ws_coalesced_epilogue_where_shared_memory_allows():
     """COAL's layout conversion beside the ring: 16-bit outputs up to the 256-token, 3-stage
     ring (compiled: 226,880 of 232,448 bytes on sm_90a), float32 split buffers with room for a
@@ -486,6 +507,10 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BM=64, STAGES=4, STREAM=1, PROGRAMS=7),
                                  dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
                                       MAXNREG=80),
+                                 # the words tile by tile (N = 1000: a padded last block)
+                                 dict(WS_TILE, BM=16, STAGES=4, TILED=True, MAXNREG=80),
+                                 dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3, TILED=True),
+                                 dict(WS_TILE, BN=256, BM=128, STAGES=3, STREAM=1, TILED=True),
                                  # 80 registers per thread: two programs per SM
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
                                  dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
