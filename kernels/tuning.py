@@ -8,6 +8,11 @@ A table of your own (say, tuned on a GPU without a shipped one by
 precedence when the environment variable ``MODELOPT_LITE_KERNEL_CONFIGS`` names its file:
 
     MODELOPT_LITE_KERNEL_CONFIGS=my_gpu.json python serve.py
+
+Configs with ``TILED`` (the warp-specialized kernel reading a tile-by-tile copy of the packed
+words) keep that copy beside the weight: twice the INT4 weight memory of the layers they serve.
+They take it only after :func:`allow_tiled_copies` (or ``MODELOPT_LITE_TILED=1``); otherwise
+they run the same config on the packed words as they are.
 """
 from __future__ import annotations
 
@@ -19,6 +24,29 @@ from pathlib import Path
 _DIR = Path(__file__).parent / "configs"
 _NUM_SMS_DEFAULT = 132
 ENV_TABLE = "MODELOPT_LITE_KERNEL_CONFIGS"
+ENV_TILED = "MODELOPT_LITE_TILED"
+_TILED_COPIES: bool | None = None   # None: the environment decides
+
+
+def allow_tiled_copies(enabled: bool = True) -> None:
+    """Let configs with ``TILED`` keep a tile-by-tile copy of each packed weight they serve
+    (``kernels.ws.tiled_words``; as large as the packed words, kept while the weight lives) in
+    exchange for faster small-batch calls on the largest shapes (H100: 28672x8192 at M = 1-16
+    52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``, v32). Off by default; the
+    environment variable ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made stay
+    until their weights are freed.
+
+        >>> from modelopt_lite.kernels import allow_tiled_copies
+        >>> allow_tiled_copies()        # before serving: trade weight memory for speed
+    """
+    global _TILED_COPIES
+    _TILED_COPIES = bool(enabled)
+
+
+def tiled_copies_allowed() -> bool:
+    if _TILED_COPIES is not None:
+        return _TILED_COPIES
+    return os.environ.get(ENV_TILED, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _gpu_key(device) -> str:

@@ -44,7 +44,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
 from .dequant import _asm, _k_slice, _tile_of
-from .tuning import _num_sms, ws_shape_ok
+from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
 SMEM = 232448 - 1024   # a block's 227 KB of shared memory, less room for the barriers
@@ -359,7 +359,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     all, each taking an equal run of the tiles' K chunks and adding its partial tiles with
     atomics into a zeroed output, as SPLIT_K does; instead of PERSIST and SPLIT_K), COAL (the
     coalesced epilogue; default on with a split or STREAM, where shared memory allows), TILED
-    (the words in :func:`tiled_words`' layout, a cached second copy), MAXNREG (registers per thread for the whole program, e.g.
+    (the words in :func:`tiled_words`' layout, a cached second copy; only after
+    :func:`~.tuning.allow_tiled_copies`, else ignored), MAXNREG (registers per thread for the whole program, e.g.
     80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
     default: all 168 the register file allows one program; only for 128-row tiles of at most
     64 tokens). Call :func:`ws_supported` first."""
@@ -378,7 +379,7 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
     q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
-    tiled = bool(cfg.get("TILED", False))
+    tiled = bool(cfg.get("TILED", False)) and tiled_copies_allowed()
     if tiled:
         qt = tiled_words(p.qweight, rows)
         q_desc = TensorDescriptor(qt, list(qt.shape), [16, 1], [rows, 16], q_l)

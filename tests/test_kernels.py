@@ -346,6 +346,22 @@ def test_ws_regs_only_where_the_tile_leaves_room():
             _regs(dict(MAXNREG=bad), 128, 16)
 
 
+def test_tiled_copies_opt_in(monkeypatch):
+    """TILED configs keep a second copy of the words: only after allow_tiled_copies() or with
+    MODELOPT_LITE_TILED=1."""
+    from modelopt_lite.kernels import allow_tiled_copies, tuning
+
+    monkeypatch.setattr(tuning, "_TILED_COPIES", None)
+    monkeypatch.delenv(tuning.ENV_TILED, raising=False)
+    assert not tuning.tiled_copies_allowed()
+    monkeypatch.setenv(tuning.ENV_TILED, "1")
+    assert tuning.tiled_copies_allowed()
+    allow_tiled_copies(False)            # the call wins over the environment
+    assert not tuning.tiled_copies_allowed()
+    allow_tiled_copies()
+    assert tuning.tiled_copies_allowed()
+
+
 def test_ws_tiled_words_layout():
     """tiled_words: word (n, j) of chunk c = j // 16 at row (n // R * K/128 + c) * R + n % R,
     column j % 16; the last row block zero-padded; cached per weight and R; rebuilt after an
@@ -514,10 +530,13 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  # 80 registers per thread: two programs per SM
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
                                  dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
-def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg):
+def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
     past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
+    from modelopt_lite.kernels import tuning
     from modelopt_lite.kernels.ws import ws_supported
+
+    monkeypatch.setattr(tuning, "_TILED_COPIES", True)   # TILED configs: the tiled copy
 
     x, p, b = _problem(m, n, 2048, 128, zero, dtype, bias)
     if not ws_supported(x, p):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -15,12 +16,16 @@ L2_BYTES = 50 * 2**20
 
 
 def import_kernels():
-    """modelopt_lite.kernels when installed, else the repo's kernels/ folder."""
+    """modelopt_lite.kernels when installed, else the repo's kernels/ folder. The tables' TILED
+    configs get their tile-by-tile copies of the words (``allow_tiled_copies``) unless the
+    environment says otherwise: ``MODELOPT_LITE_TILED=0`` times them on the words as packed."""
     try:
         import modelopt_lite.kernels as mk
     except ImportError:
         sys.path.insert(0, str(REPO))
         import kernels as mk
+    if "MODELOPT_LITE_TILED" not in os.environ:
+        mk.allow_tiled_copies()
     return mk
 
 
