@@ -19,9 +19,12 @@ Against the single-partition fused kernel (``w4a16.py``), no warp waits at a CTA
 every chunk and no thread issues activation copies: while one warpgroup dequantizes, the
 other's products run (``benchmarks/kernels/NOTES.md``, v18). Options, all compile-time:
 SPLIT_K > 1 (K slices added with atomics), PERSIST (one ring walked through several tiles per
-program), BN 256, COAL (the epilogue through shared memory into whole-line stores and
-``v8.f16`` atomics; on by default with a split) and MAXNREG (fewer registers per thread, so
-that two programs share an SM at small M); NOTES.md, v19-v26, has what each gained where. Needs
+program), STREAM (stream-K: equal runs of the tiles' K chunks per program, partial tiles added
+with atomics), BN 256, COAL (the epilogue through shared memory into whole-line stores and
+``v8.f16`` atomics; on by default with a split or STREAM), MAXNREG (fewer registers per thread,
+so that two programs share an SM at small M) and TILED (the words read from a tile-by-tile copy,
+:func:`tiled_words`; opt-in, see :func:`~.tuning.allow_tiled_copies`); NOTES.md, v19-v34, has
+what each gained where. Needs
 sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
 :func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
 config otherwise. Gluon kernels do not run in the interpreter.
