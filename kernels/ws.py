@@ -350,6 +350,24 @@ def _coal_fits(rows: int, bm: int, stages: int, x_size: int, out_size: int) -> b
     return ring + (8192 if out_size == 2 else rows * bm * 4) <= SMEM
 
 
+def _launch(cfg: dict, tiles: int, chunks: int, sms: int) -> tuple:
+    """(grid, K split, persistent, stream-K) for ``tiles`` output tiles of ``chunks`` K chunks
+    each: SPLIT_K programs per tile; or PERSIST / STREAM programs per SM (PROGRAMS in all, if
+    given), never more than there are tiles (PERSIST) or chunks (STREAM). STREAM numbers the
+    chunks of all tiles in int32 (run bounds up to programs x chunks): beyond that it falls back
+    to PERSIST, which walks the same tiles whole."""
+    stream = int(cfg.get("STREAM", 0))
+    persist = 0 if stream else int(cfg.get("PERSIST", 0))
+    split = 1 if persist or stream else max(1, min(int(cfg.get("SPLIT_K", 1)), chunks))
+    if not (persist or stream):
+        return (tiles, split), split, False, False
+    programs = int(cfg.get("PROGRAMS", 0)) or (persist or stream) * sms
+    if stream and (programs + 1) * tiles * chunks >= 2**31:
+        persist, stream = stream, 0
+    units = tiles * chunks if stream else tiles
+    return (max(1, min(units, programs)), 1), 1, bool(persist), bool(stream)
+
+
 def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | None,
              cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
@@ -371,13 +389,12 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
-    stream = int(cfg.get("STREAM", 0))
-    persist = 0 if stream else int(cfg.get("PERSIST", 0))
-    split = 1 if persist or stream else max(1, min(int(cfg.get("SPLIT_K", 1)), k // 128))
-    atomic = split > 1 or stream > 0
     rows = 256 if cfg.get("BN") == 256 else ROWS
     if rows == 256:   # a 128-row warpgroup's accumulator: 128 registers at 128 tokens
         bm = min(bm, 128)
+    grid, split, persist, stream = _launch(cfg, -(-n // rows) * -(-m // bm), k // 128,
+                                           _num_sms(x2.device))
+    atomic = split > 1 or stream
     dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
@@ -400,16 +417,10 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
     coal = bool(cfg.get("COAL", atomic)) and _coal_fits(rows, bm, stages,
                                                              x2.element_size(), out.element_size())
-    tiles = -(-n // rows) * -(-m // bm)
-    grid = (tiles, split)
-    if persist or stream:   # programs per SM (or PROGRAMS in all), each walking its work
-        sms = _num_sms(x2.device)
-        units = tiles * (k // 128) if stream else tiles
-        grid = (max(1, min(units, int(cfg.get("PROGRAMS", 0)) or (persist or stream) * sms)), 1)
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
-                          ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=bool(persist),
-                          COAL=coal, STREAM=bool(stream), TILED=tiled, num_warps=4,
+                          ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
+                          COAL=coal, STREAM=stream, TILED=tiled, num_warps=4,
                           **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

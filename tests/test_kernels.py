@@ -346,6 +346,64 @@ def test_ws_regs_only_where_the_tile_leaves_room():
             _regs(dict(MAXNREG=bad), 128, 16)
 
 
+def test_ws_launch_grid():
+    """The WS launch: a program per tile and K slice; PERSIST / STREAM programs per SM, capped
+    by tiles / chunks; stream-K past int32 run bounds falls back to the persistent walk."""
+    from modelopt_lite.kernels.ws import _launch
+
+    assert _launch(dict(SPLIT_K=4), 224, 64, 132) == ((224, 4), 4, False, False)
+    assert _launch(dict(SPLIT_K=99), 10, 3, 132) == ((10, 3), 3, False, False)
+    assert _launch(dict(PERSIST=1, SPLIT_K=4), 896, 64, 132) == ((132, 1), 1, True, False)
+    assert _launch(dict(PERSIST=1), 20, 64, 132) == ((20, 1), 1, True, False)
+    assert _launch(dict(STREAM=1, PERSIST=1, SPLIT_K=2), 224, 64, 132) == (
+        (132, 1), 1, False, True)
+    assert _launch(dict(STREAM=2, PROGRAMS=5), 2, 2, 132) == ((4, 1), 1, False, True)
+    big = 2**31 // 64 // 100           # tiles x 64 chunks x 133 programs past int32
+    assert _launch(dict(STREAM=1), big, 64, 132) == ((132, 1), 1, True, False)
+
+
+@pytest.mark.parametrize("cfg, grid, const", [
+    (dict(BM=256, STAGES=3), (8 * 2, 1), dict(ATOMIC=False, PERSIST=False, STREAM=False,
+                                               COAL=False, TILED=False)),
+    (dict(BM=256, STAGES=3, SPLIT_K=2, OUT16=True), (16, 2),
+     dict(ATOMIC=True, COAL=True, STREAM=False)),                  # COAL beside the 256 ring
+    (dict(BM=256, STAGES=3, SPLIT_K=2), (16, 2), dict(ATOMIC=True, COAL=False)),  # float32 buffer
+    (dict(BM=256, STAGES=3, PERSIST=1), (7, 1), dict(ATOMIC=False, PERSIST=True)),
+    (dict(BM=256, STAGES=3, STREAM=1, OUT16=True), (7, 1),
+     dict(ATOMIC=True, STREAM=True, PERSIST=False, COAL=True)),
+    (dict(BM=16, STAGES=4, TILED=True, MAXNREG=80), (8 * 20, 1), dict(TILED=True, REGS=80)),
+])
+def test_ws_host_launch(monkeypatch, cfg, grid, const):
+    """ws.w4a16_ws's launch without a GPU: the kernel replaced by a recorder, 7 SMs; grid,
+    compile-time options and the output buffer (zeroed fp16 / float32 for atomics)."""
+    from modelopt_lite.kernels import ops, tuning, ws
+
+    if not ws.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    seen = {}
+
+    class Kernel:
+        def __getitem__(self, g):
+            def launch(*args, **kw):
+                seen.update(grid=g, args=args, kw=kw)
+            return launch
+
+    monkeypatch.setattr(ws, "w4a16_ws_kernel", Kernel())
+    monkeypatch.setattr(ws, "_num_sms", lambda device: 7)
+    monkeypatch.setattr(tuning, "_TILED_COPIES", True)
+    m = 300 if cfg["BM"] == 256 else 16 * 20 - 3
+    x, p, _ = _problem(m, 1000, 1024, 128, True, torch.float16, False)
+    y = ws.w4a16_ws(x.cpu(), p, ops._pairs(p, transposed=True), None, dict(cfg, BN=128))
+    assert seen["grid"] == grid
+    assert {k: seen["kw"][k] for k in const} == const
+    out = seen["args"][3]
+    assert out.dtype == (torch.float32 if const.get("ATOMIC") and not cfg.get("OUT16")
+                         else torch.float16)
+    assert y.dtype == torch.float16 and y.shape == (m, 1000)
+    if const.get("TILED"):   # the descriptor views the tile-by-tile copy
+        assert seen["args"][1].base.shape == (8 * 8 * 128, 16)
+
+
 def test_tiled_copies_opt_in(monkeypatch):
     """TILED configs keep a second copy of the words: only after allow_tiled_copies() or with
     MODELOPT_LITE_TILED=1."""
