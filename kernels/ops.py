@@ -184,7 +184,8 @@ def _ws_fallback(cfg: dict) -> dict:
     # takes the tile, with its own warps and stages
     if bool(out.pop("MMA", False)) | bool(out.pop("GEMV", False)):
         out.update(num_warps=WS_FUSED_TILE["num_warps"], num_stages=WS_FUSED_TILE["num_stages"])
-    out["SPLIT_K"] = 1 if out.get("PERSIST") or out.get("STREAM") else out.get("SPLIT_K", 1)
+    # a persistent row's SPLIT_K was never tuned with it; a stream-K row keeps the fused split
+    out["SPLIT_K"] = 1 if out.get("PERSIST") and not out.get("STREAM") else out.get("SPLIT_K", 1)
     out.pop("PERSIST", None)   # the fused kernel's PERSIST / STREAM keys mean nothing here
     out.pop("STREAM", None)
     out.pop("TILED", None)

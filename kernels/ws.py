@@ -172,13 +172,16 @@ if HAVE_GLUON:
             u0 = pid * (num_tiles * k_chunks) // progs
             u1 = (pid + 1) * (num_tiles * k_chunks) // progs
             return u0 // k_chunks, gl.cdiv(u1, k_chunks), 1, u0, u1
-        return pid, num_tiles, progs, 0, num_tiles * k_chunks
+        return pid, num_tiles, progs, 0, 0
 
     @gluon.jit
-    def _chunks(t, u0, u1, k_chunks):
-        """Tile t's chunks in the run [u0, u1): the first and the number."""
-        kt0 = gl.maximum(u0 - t * k_chunks, 0)
-        return kt0, gl.minimum(u1 - t * k_chunks, k_chunks) - kt0
+    def _chunks(t, u0, u1, k_chunks, STREAM: gl.constexpr):
+        """Tile t's chunks in the run [u0, u1) (STREAM; else all of them): the first and the
+        number."""
+        if STREAM:
+            kt0 = gl.maximum(u0 - t * k_chunks, 0)
+            return kt0, gl.minimum(u1 - t * k_chunks, k_chunks) - kt0
+        return 0, k_chunks
 
     @gluon.jit
     def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
@@ -191,7 +194,7 @@ if HAVE_GLUON:
         it0 = 0
         for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
-            kt0, n = _chunks(t, u0, u1, k_chunks)
+            kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
                       kt0, n, it0, STAGES, TILED, k_chunks)
             it0 += n
@@ -209,7 +212,7 @@ if HAVE_GLUON:
         it0 = 0
         for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
-            kt0, n = _chunks(t, u0, u1, k_chunks)
+            kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
                       off_m, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1, A2, A3,
                       COAL)
@@ -287,24 +290,34 @@ if HAVE_GLUON:
 _TILED = WeakIdKeyDictionary()
 
 
-def tiled_words(qweight: torch.Tensor, rows: int) -> torch.Tensor:
+def tiled_words(qweight: torch.Tensor, rows: int, build: bool = True) -> torch.Tensor | None:
     """The packed words [N, K/8] laid out tile by tile for the ``TILED`` option: row block
     (``rows`` rows, the last zero-padded), then 128-deep K chunk, then the chunk's [rows, 16]
     words, as one [ceil(N / rows) * K/128 * rows, 16] tensor, so that each tensor copy reads
     ``rows`` x 64 contiguous bytes instead of ``rows`` runs of 64. Built once per weight and
-    row count and kept while the weight lives (a second copy of the words); rebuilt when the
-    words change in place."""
+    row count (a configs table that serves a shape with 128- and 256-row TILED tiles keeps two)
+    and kept while the weight lives; rebuilt when the weight is written through an operation
+    that bumps its version counter (``copy_``, in-place arithmetic) or moves, not after writes
+    that bypass it (``.data`` assignments, raw pointers). ``build=False``: None where no copy
+    is there yet."""
+    tag = (qweight._version, qweight.data_ptr())
     hit = _TILED.get(qweight)
-    if hit is None or hit[0] != qweight._version:
-        hit = _TILED[qweight] = (qweight._version, {})
+    if hit is None or hit[0] != tag:
+        if not build:
+            return None
+        hit = _TILED[qweight] = (tag, {})
     if rows not in hit[1]:
+        if not build:
+            return None
         n, kw = qweight.shape
         nb = -(-n // rows)
-        q = qweight
-        if nb * rows != n:
-            q = torch.cat([q, q.new_zeros((nb * rows - n, kw))])
-        hit[1][rows] = (q.view(nb, rows, kw // 16, 16).permute(0, 2, 1, 3).contiguous()
-                        .view(-1, 16))
+        out = qweight.new_zeros((nb, kw // 16, rows, 16))   # fresh storage: no view of the key
+        full = n // rows   # whole row blocks: [rows, K/8] -> [K/128, rows, 16] each
+        out[:full].copy_(qweight[:full * rows].view(full, rows, kw // 16, 16).permute(0, 2, 1, 3))
+        if full < nb:      # the last, partial block
+            out[full, :, :n - full * rows].copy_(
+                qweight[full * rows:].view(-1, kw // 16, 16).transpose(0, 1))
+        hit[1][rows] = out.view(-1, 16)
     return hit[1][rows]
 
 
@@ -343,9 +356,10 @@ def ws_supported(x2: torch.Tensor, p) -> bool:
 def _coal_fits(rows: int, bm: int, stages: int, x_size: int, out_size: int) -> bool:
     """Whether the coalesced epilogue's layout conversion fits in shared memory beside the
     ring, with room to spare: Triton converts 16-bit tiles through about 4 KB whatever the
-    tile (sm_90a, Triton 3.6: 3.9-4.3 KB from 16 to 256 tokens), float32 ones through up to a
-    whole [rows, BM] tile (32 KB from 64 tokens up). ``tests/test_kernel_codegen.py``
-    compiles the largest rings this admits."""
+    tile (sm_90a, Triton 3.6: 3.9-4.3 KB from 16 to 256 tokens; 8 KB are counted), float32
+    ones through up to 32 KB (a whole [rows, BM] float32 tile is counted).
+    ``tests/test_kernel_codegen.py`` compiles rings at the limit: 256 tokens x 3 stages and 256
+    rows x 64 tokens x 6 stages."""
     ring = stages * (2 * bm * 64 * x_size + rows * 16 * 4 + rows * 4)
     return ring + (8192 if out_size == 2 else rows * bm * 4) <= SMEM
 
@@ -354,8 +368,8 @@ def _launch(cfg: dict, tiles: int, chunks: int, sms: int) -> tuple:
     """(grid, K split, persistent, stream-K) for ``tiles`` output tiles of ``chunks`` K chunks
     each: SPLIT_K programs per tile; or PERSIST / STREAM programs per SM (PROGRAMS in all, if
     given), never more than there are tiles (PERSIST) or chunks (STREAM). STREAM numbers the
-    chunks of all tiles in int32 (run bounds up to programs x chunks): beyond that it falls back
-    to PERSIST, which walks the same tiles whole."""
+    chunks of all tiles in int32 (run bounds up to programs x tiles x chunks): beyond that it
+    falls back to PERSIST, which walks the same tiles whole."""
     stream = int(cfg.get("STREAM", 0))
     persist = 0 if stream else int(cfg.get("PERSIST", 0))
     split = 1 if persist or stream else max(1, min(int(cfg.get("SPLIT_K", 1)), chunks))
@@ -380,9 +394,9 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     all, each taking an equal run of the tiles' K chunks and adding its partial tiles with
     atomics into a zeroed output, as SPLIT_K does; instead of PERSIST and SPLIT_K), COAL (the
     coalesced epilogue; default on with a split or STREAM, where shared memory allows), TILED
-    (the words in :func:`tiled_words`' layout, a cached second copy; only after
-    :func:`~.tuning.allow_tiled_copies`, else ignored), MAXNREG (registers per thread for the whole program, e.g.
-    80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
+    (the words in :func:`tiled_words`' layout, a cached copy per row count; only after
+    :func:`~.tuning.allow_tiled_copies`, else ignored), MAXNREG (registers per thread for the
+    whole program, e.g. 80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
     default: all 168 the register file allows one program; only for 128-row tiles of at most
     64 tokens). Call :func:`ws_supported` first."""
     m, k = x2.shape
@@ -399,9 +413,13 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
     q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
-    tiled = bool(cfg.get("TILED", False)) and tiled_copies_allowed()
+    qt = None
+    if cfg.get("TILED") and tiled_copies_allowed():
+        # under CUDA-graph capture a copy would only be recorded, not made: use one made before
+        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+        qt = tiled_words(p.qweight, rows, build=not capturing)
+    tiled = qt is not None
     if tiled:
-        qt = tiled_words(p.qweight, rows)
         q_desc = TensorDescriptor(qt, list(qt.shape), [16, 1], [rows, 16], q_l)
     else:
         q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16], q_l)
@@ -415,8 +433,8 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
-    coal = bool(cfg.get("COAL", atomic)) and _coal_fits(rows, bm, stages,
-                                                             x2.element_size(), out.element_size())
+    coal = bool(cfg.get("COAL", atomic)) and _coal_fits(
+        rows, bm, stages, x2.element_size(), out.element_size())
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,

@@ -301,6 +301,9 @@ def test_ws_config_fallback_and_row_blocks(monkeypatch):
     assert fb["BM"] == 128 and fb["BN"] == 256 and fb["SPLIT_K"] == 1 and "PERSIST" not in fb
     assert fb["FUSE_K"] and fb["num_warps"] == 8          # the fused kernel's defaults filled in
     assert ops._ws_fallback(dict(WS=True, BM=64, BN=128, num_warps=4))["num_warps"] == 4
+    # stream-K rows keep the split their fused config was tuned with; WS-only keys go
+    fb = ops._ws_fallback(dict(WS=True, BM=128, SPLIT_K=2, STREAM=1, PERSIST=1, TILED=True))
+    assert fb["SPLIT_K"] == 2 and not {"STREAM", "PERSIST", "TILED"} & set(fb)
     # a row tuned from a small-M (mma) config: the fused kernel, its own warps and stages
     fb = ops._ws_fallback(dict(MMA=True, BN=256, SPLIT_K=4, num_warps=4, XPERM=True, WS=True,
                                BM=64, STAGES=5, OUT16=True))
@@ -438,7 +441,21 @@ def test_ws_tiled_words_layout():
         assert torch.equal(t[rows, j % 16], q.flatten())
         assert int((t != 0).sum()) <= 300 * 64 and tiled_words(q, r) is t
     q[0, 0] += 1
+    assert tiled_words(q, 128, build=False) is None          # stale: not handed out
     assert tiled_words(q, 128)[0, 0] == q[0, 0]
+    assert tiled_words(q, 256, build=False) is None          # dropped with the stale entry
+    # K = 128 and whole row blocks: the layout is the words' own, still a copy (a view of
+    # the key would keep the weight alive through the weak cache)
+    import gc
+    import weakref
+
+    q2 = torch.zeros(256, 16, dtype=torch.int32)
+    t2 = tiled_words(q2, 128)
+    assert torch.equal(t2, q2) and t2.data_ptr() != q2.data_ptr()
+    ref = weakref.ref(q2)
+    del q2, t2
+    gc.collect()
+    assert ref() is None
 
 
 def test_ws_coalesced_epilogue_where_shared_memory_allows():
