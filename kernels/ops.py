@@ -7,7 +7,7 @@ import os
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .packing import PackedInt4, pair_scales
+from .packing import PackedInt4, cached_layout, pair_scales
 from .tuning import WS_FUSED_TILE, _num_sms, pick_config
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -206,13 +206,12 @@ def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
     """
     zterm = p.zterm
     tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
-    hit = _PAIR_CACHE.get(p.scale)
-    if hit is None or hit[0] != tag:
-        hit = _PAIR_CACHE[p.scale] = (tag, {})
-    if transposed not in hit[1]:
+
+    def make():
         sz = pair_scales(p)
-        hit[1][transposed] = sz.t().contiguous() if transposed else sz
-    return hit[1][transposed]
+        return sz.t().contiguous() if transposed else sz
+
+    return cached_layout(_PAIR_CACHE, p.scale, tag, transposed, make)
 
 
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:

@@ -91,6 +91,23 @@ def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> Pac
                       int(group_size), int(k))
 
 
+def cached_layout(cache, key: torch.Tensor, tag, variant, make, build: bool = True):
+    """A layout derived from ``key`` (a packed tensor), built by ``make()`` once per
+    ``variant`` and kept in ``cache`` (a ``WeakIdKeyDictionary``) while ``key`` lives. ``tag``
+    says which contents the layouts were built from (version counters, addresses): a
+    different tag drops every variant. ``build=False``: None instead of building."""
+    hit = cache.get(key)
+    if hit is None or hit[0] != tag:
+        if not build:
+            return None
+        hit = cache[key] = (tag, {})
+    if variant not in hit[1]:
+        if not build:
+            return None
+        hit[1][variant] = make()
+    return hit[1][variant]
+
+
 def pair_scales(p: PackedInt4) -> torch.Tensor:
     """int32 [N, K/B]: each block's scale bits in the low half, its zero term's in the high half.
 

@@ -47,6 +47,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
 from .dequant import _asm, _k_slice, _tile_of
+from .packing import cached_layout
 from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
@@ -300,15 +301,8 @@ def tiled_words(qweight: torch.Tensor, rows: int, build: bool = True) -> torch.T
     that bumps its version counter (``copy_``, in-place arithmetic) or moves, not after writes
     that bypass it (``.data`` assignments, raw pointers). ``build=False``: None where no copy
     is there yet."""
-    tag = (qweight._version, qweight.data_ptr())
-    hit = _TILED.get(qweight)
-    if hit is None or hit[0] != tag:
-        if not build:
-            return None
-        hit = _TILED[qweight] = (tag, {})
-    if rows not in hit[1]:
-        if not build:
-            return None
+
+    def make():
         n, kw = qweight.shape
         nb = -(-n // rows)
         out = qweight.new_zeros((nb, kw // 16, rows, 16))   # fresh storage: no view of the key
@@ -317,8 +311,10 @@ def tiled_words(qweight: torch.Tensor, rows: int, build: bool = True) -> torch.T
         if full < nb:      # the last, partial block
             out[full, :, :n - full * rows].copy_(
                 qweight[full * rows:].view(-1, kw // 16, 16).transpose(0, 1))
-        hit[1][rows] = out.view(-1, 16)
-    return hit[1][rows]
+        return out.view(-1, 16)
+
+    return cached_layout(_TILED, qweight, (qweight._version, qweight.data_ptr()), rows, make,
+                         build)
 
 
 def _regs(cfg: dict, rows: int, bm: int) -> dict:
@@ -396,9 +392,9 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     coalesced epilogue; default on with a split or STREAM, where shared memory allows), TILED
     (the words in :func:`tiled_words`' layout, a cached copy per row count; only after
     :func:`~.tuning.allow_tiled_copies`, else ignored), MAXNREG (registers per thread for the
-    whole program, e.g. 80: 384 threads x 80 leave room for a second program per SM where shared memory does too;
-    default: all 168 the register file allows one program; only for 128-row tiles of at most
-    64 tokens). Call :func:`ws_supported` first."""
+    whole program, e.g. 80: 384 threads x 80 leave room for a second program per SM where
+    shared memory does too; default: all 168 the register file allows one program; only for
+    128-row tiles of at most 64 tokens). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))

@@ -24,7 +24,7 @@ def import_kernels():
     except ImportError:
         sys.path.insert(0, str(REPO))
         import kernels as mk
-    if "MODELOPT_LITE_TILED" not in os.environ:
+    if mk.tuning.ENV_TILED not in os.environ:
         mk.allow_tiled_copies()
     return mk
 
