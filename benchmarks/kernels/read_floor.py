@@ -36,9 +36,10 @@ def _read(src, out, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr, CG: tl.co
     base = pid.to(tl.int64) * BLOCK * ITERS
     for i in range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        if CG:
-            acc ^= tl.load(src + offs, mask=offs < n_words, other=0, cache_modifier=".cg",
-                           eviction_policy="evict_first")
+        if CG == 1:
+            acc ^= tl.load(src + offs, mask=offs < n_words, other=0, cache_modifier=".cg")
+        elif CG == 2:
+            acc ^= tl.load(src + offs, mask=offs < n_words, other=0, eviction_policy="evict_first")
         else:
             acc ^= tl.load(src + offs, mask=offs < n_words, other=0)
     tl.store(out + pid, tl.reduce(acc, 0, _xor))
@@ -55,8 +56,8 @@ def xor_all(t: torch.Tensor) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8192x28672,28672x8192", help="KxN,...")
-    ap.add_argument("--blocks", default="1024,2048,4096")
-    ap.add_argument("--iters", default="1,2,4,8")
+    ap.add_argument("--blocks", default="2048,4096,8192")
+    ap.add_argument("--iters", default="1,4,16")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--out", default="read_floor.json")
     args = ap.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
         best = None
         for block, iters, warps, cg in itertools.product(
                 [int(v) for v in args.blocks.split(",")], [int(v) for v in args.iters.split(",")],
-                [int(v) for v in args.warps.split(",")], (0, 1)):
+                [int(v) for v in args.warps.split(",")], (0, 1, 2)):
             grid = triton.cdiv(n_words, block * iters)
             out = torch.empty(grid, dtype=torch.int32, device="cuda")
             fns = [lambda s=s: _read[(grid,)](s, out, n_words, BLOCK=block, ITERS=iters, CG=cg,
@@ -86,7 +87,8 @@ def main() -> None:
             if xor_all(out) != ref:
                 raise RuntimeError(f"read kernel wrong for BLOCK {block} ITERS {iters}")
             t = graph_time_us(fns)
-            cfg = {"BLOCK": block, "ITERS": iters, "warps": warps, "cg": cg, "us": round(t, 2)}
+            cfg = {"BLOCK": block, "ITERS": iters, "warps": warps,
+                   "load": ("", ".cg", "evict_first")[cg], "us": round(t, 2)}
             row.setdefault("configs", []).append(cfg)
             if best is None or t < best["us"]:
                 best = cfg

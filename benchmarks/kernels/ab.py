@@ -1,0 +1,123 @@
+"""Interleaved A/B of kernel configs on one (shape, M), in one process: each config (the shipped
+dispatch, its --twin variants, optionally Humming) is captured once as a CUDA graph over
+rotating weight copies, then the configs take turns for --rounds rounds (each round: a short
+warm replay, then the median of --reps timed replays per config). Sequential sweeps read
+differences of 1-4 % that flip between processes (NOTES.md, v35); alternating the arms
+within one process makes clock and neighbour drift hit every arm alike. Prints, per config,
+the median over rounds and the rounds in which it beat the shipped dispatch.
+
+    python benchmarks/kernels/ab.py --shape 8192x28672 --m 1 \\
+        --twin WS=true,BN=128,BM=16,OUT16=true,COAL=true,TILED=true,STAGES=4,STREAM=2 --humming
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_w4a16 import ours_fns, problems  # noqa: E402
+from sweep_v5 import shipped  # noqa: E402
+import peers  # noqa: E402
+from common import import_kernels  # noqa: E402
+
+
+def capture(fns):
+    """A CUDA graph of ``fns`` after two eager warm-up passes on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    return graph
+
+
+def time_graph(graph, n_calls, reps, warm_ms):
+    t0 = time.perf_counter()
+    while (time.perf_counter() - t0) * 1e3 < warm_ms:
+        graph.replay()
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n_calls)
+    return statistics.median(times)
+
+
+def parse_twin(text):
+    return dict((kv.partition("=")[0], json.loads(kv.partition("=")[2]))
+                for kv in text.split(","))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", required=True, help="KxN")
+    ap.add_argument("--m", type=int, required=True)
+    ap.add_argument("--twin", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="the shipped config with these settings (repeatable)")
+    ap.add_argument("--cfg", action="append", default=[], metavar="JSON",
+                    help="a whole config (repeatable)")
+    ap.add_argument("--humming", action="store_true", help="Humming as one more arm")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warm-ms", type=float, default=30.0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    mk = import_kernels()
+    k, n = (int(v) for v in a.shape.split("x"))
+    _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m]))
+    base = shipped(mk, m, n, k)
+    arms = [("shipped", base)] + [(f"twin{i}", {**base, **parse_twin(t)})
+                                  for i, t in enumerate(a.twin)]
+    arms += [(f"cfg{i}", json.loads(c)) for i, c in enumerate(a.cfg)]
+    graphs = {}
+    for name, cfg in arms:
+        fns = ours_fns(mk, packed, x, nc, cfg)
+        err = peers.check(fns[0](), ref)
+        if err > 3e-3:
+            raise SystemExit(f"{name} {cfg}: error {err:.2e} against the fp32 product")
+        graphs[name] = (capture(fns), len(fns), cfg, err)
+    if a.humming:
+        fns = peers.humming(w16, 128, x, nc)
+        graphs["humming"] = (capture(fns), len(fns), None, None)
+    times = {name: [] for name in graphs}
+    for r in range(a.rounds):
+        order = list(graphs) if r % 2 == 0 else list(reversed(graphs))
+        for name in order:
+            g, calls, _, _ = graphs[name]
+            times[name].append(time_graph(g, calls, a.reps, a.warm_ms))
+    rows = []
+    for name, (_, _, cfg, err) in graphs.items():
+        wins = sum(t < s for t, s in zip(times[name], times["shipped"]))
+        row = {"arm": name, "median_us": round(statistics.median(times[name]), 2),
+               "rounds_us": [round(t, 2) for t in times[name]], "beats_shipped": wins,
+               "cfg": cfg, "err": err}
+        rows.append(row)
+        print(f"{name:>8} {row['median_us']:8.2f} us  beats shipped in {wins}/{a.rounds}  "
+              f"{json.dumps(cfg) if cfg and name != 'shipped' else ''}", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(
+            {"K": k, "N": n, "M": m, "gpu": torch.cuda.get_device_name(),
+             "date": datetime.date.today().isoformat(), "rounds": a.rounds, "reps": a.reps,
+             "arms": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
