@@ -93,16 +93,16 @@ def main() -> None:
         err = peers.check(fns[0](), ref)
         if err > 3e-3:
             raise SystemExit(f"{name} {cfg}: error {err:.2e} against the fp32 product")
-        graphs[name] = (capture(fns), len(fns), cfg, err)
+        graphs[name] = (capture(fns), fns, cfg, err)  # fns keep the graph's tensors alive
     if a.humming:
         fns = peers.humming(w16, 128, x, nc)
-        graphs["humming"] = (capture(fns), len(fns), None, None)
+        graphs["humming"] = (capture(fns), fns, None, None)
     times = {name: [] for name in graphs}
     for r in range(a.rounds):
         order = list(graphs) if r % 2 == 0 else list(reversed(graphs))
         for name in order:
-            g, calls, _, _ = graphs[name]
-            times[name].append(time_graph(g, calls, a.reps, a.warm_ms))
+            g, fns, _, _ = graphs[name]
+            times[name].append(time_graph(g, len(fns), a.reps, a.warm_ms))
     rows = []
     for name, (_, _, cfg, err) in graphs.items():
         wins = sum(t < s for t, s in zip(times[name], times["shipped"]))
