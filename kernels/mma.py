@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .dequant import (_chunk_scale_zero, _dequant_byte, _half, _k_slice, _row_words,
                       _words_first, _words_next)
+from .pdl import gdc_wait
 
 
 @triton.jit
@@ -176,7 +177,7 @@ def w4a16_mma_kernel(
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
     XTB: tl.constexpr = 0, PIPE: tl.constexpr = None, FS: tl.constexpr = 0,
     QC: tl.constexpr = "", QE: tl.constexpr = "", SV: tl.constexpr = 1,
-    PAIRS: tl.constexpr = False,
+    PAIRS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -315,6 +316,8 @@ def w4a16_mma_kernel(
     out_ptrs = out_ptr + (m0 + tok)[None, :] * stride_om + rn[:, None]
     omask = (rn[:, None] < N) & (tok < m_left)[None, :]
     if ATOMIC:
+        if PDL:   # launched right after the output's zeroing kernel (kernels.pdl)
+            gdc_wait()
         tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)

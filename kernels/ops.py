@@ -54,6 +54,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     """
     from .gemv import w4a16_gemv_kernel
     from .mma import w4a16_mma_kernel
+    from .pdl import zero_
     from .ptx import mma_constraints, mma_fs_constraints
     from .w4a16 import w4a16_kernel
 
@@ -92,7 +93,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     out = torch.empty((m, n), device=x.device, dtype=acc_dtype)
     # XPERM with PREP: one kernel permutes x and zeroes the split-K output; else zeroed here
     prep = mma and cfg.get("XPERM", False) and cfg.get("PREP", True)
-    if atomic and not prep:
+    if atomic and not prep and not mma:
         out.zero_()
     args = (x2, p.qweight, p.scale, p.zterm if p.zterm is not None else p.scale,
             bias if bias is not None else p.scale, out,
@@ -133,7 +134,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         pairs = bool(cfg.get("PAIRS", False)) and sv > 1 and p.zterm is not None
         if pairs:
             args = args[:2] + (_pairs(p),) + args[3:]
-        w4a16_mma_kernel[grid](*args, PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
+        # the output zeroed last: a PDL launch follows its zeroing kernel directly (kernels.pdl)
+        pdl = zero_(out) if atomic and not prep else False
+        w4a16_mma_kernel[grid](*args, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
+                               PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
                                CONSTRAINTS=cons, ROWS=rows, FS=fs if use_asm else 0,
                                QC=cfg.get("QC", ""), QE=cfg.get("QE", ""), SV=sv, PAIRS=pairs,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,

@@ -48,6 +48,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
 
 from .dequant import _asm, _k_slice, _tile_of
 from .packing import cached_layout
+from .pdl import zero_
 from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
@@ -94,9 +95,11 @@ if HAVE_GLUON:
                   off_m, pid_k, k_chunks, it0, WG: gl.constexpr, BM: gl.constexpr,
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
-                  A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False):
+                  A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False,
+                  PDL: gl.constexpr = False):
         """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
-        then its store (or, ATOMIC, its addition). COAL: through shared memory into a layout
+        then its store (or, ATOMIC, its addition; PDL: after the zeroing kernel before this
+        launch has finished, :mod:`~.pdl`). COAL: through shared memory into a layout
         in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that a
         warp's stores / atomics (16 bytes a thread; fp16 atomics as v8.f16) are whole 128-byte
         lines; in the accumulator's layout the 32 lanes of a warp touch 8 tokens' 16-byte
@@ -151,9 +154,18 @@ if HAVE_GLUON:
         ptrs = out_ptr + gl.expand_dims(rm, 0) * stride_om + gl.expand_dims(rn, 1)
         mask = (gl.expand_dims(rn, 1) < N) & (gl.expand_dims(rm, 0) < M)
         if ATOMIC:   # split-K: add into the zeroed output
+            if PDL:
+                _gdc_wait()
             gl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
         else:
             gl.store(ptrs, val, mask=mask)
+
+    @gluon.jit
+    def _gdc_wait():
+        """griddepcontrol.wait: until the grids this launch depends on (PDL) have finished and
+        their writes are visible; a no-op in a launch without PDL."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _tile(t, num_pn, num_pm, GROUP_N: gl.constexpr, BM: gl.constexpr,
@@ -205,7 +217,8 @@ if HAVE_GLUON:
                         num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
-                        A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr):
+                        A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr,
+                        PDL: gl.constexpr):
         """PERSIST / STREAM: :func:`_consumer` for each of the program's tiles (STREAM: its
         chunks of them, added with atomics; the bias with a tile's first chunk), in the
         producer's order."""
@@ -216,7 +229,7 @@ if HAVE_GLUON:
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
                       off_m, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1, A2, A3,
-                      COAL)
+                      COAL, PDL)
             it0 += n
 
     @gluon.jit
@@ -226,7 +239,8 @@ if HAVE_GLUON:
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
-                        STREAM: gl.constexpr = False, TILED: gl.constexpr = False):
+                        STREAM: gl.constexpr = False, TILED: gl.constexpr = False,
+                        PDL: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
@@ -234,7 +248,8 @@ if HAVE_GLUON:
         ring (:func:`_producer_tiles`). STREAM (stream-K; with ATOMIC and a 1-D grid): the
         tiles' chunks in equal runs, one per program, partial tiles added with atomics
         (:func:`_work`). TILED: q_desc views :func:`tiled_words`. COAL: the coalesced
-        epilogue (:func:`_consumer`). REGS:
+        epilogue (:func:`_consumer`). PDL (with ATOMIC): launched with ``launch_pdl`` right
+        after :func:`~.pdl.zero_`'s kernel, it waits for that before adding. REGS:
         the second consumer warpgroup's registers per thread (the first takes what the launch's
         maxnreg leaves); below 232 the producer keeps 24."""
         pid = gl.program_id(0)
@@ -267,10 +282,10 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL)),
                 (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
                                    M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM)),
+                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL)),
                 (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
                                    num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES, STREAM,
                                    TILED)),
@@ -279,10 +294,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                          off_n, off_m, pid_k, k_chunks, 0, 0, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3, COAL)),
+                         A0, A1, A2, A3, COAL, PDL)),
             (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                          off_n, off_m, pid_k, k_chunks, 0, 1, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3, COAL)),
+                         A0, A1, A2, A3, COAL, PDL)),
             (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
                          off_m, kt0, k_chunks, 0, STAGES, TILED, gl.cdiv(K, 128))),
         ], [4, 1], [REGS, 40 if REGS > 128 else 24])
@@ -422,19 +437,18 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
     sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
                                                     rank=2))
-    if atomic:
-        out16 = cfg.get("OUT16", False) and x2.dtype == torch.float16
-        out = torch.zeros((m, n), device=x2.device,
-                          dtype=torch.float16 if out16 else torch.float32)
-    else:
-        out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
+    out16 = atomic and cfg.get("OUT16", False) and x2.dtype == torch.float16
+    out = torch.empty((m, n), device=x2.device,
+                      dtype=x2.dtype if not atomic or out16 else torch.float32)
+    # zeroed last: the PDL launch below must follow the zeroing kernel directly
+    pdl = zero_(out) if atomic else False
     coal = bool(cfg.get("COAL", atomic)) and _coal_fits(
         rows, bm, stages, x2.element_size(), out.element_size())
     w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
-                          COAL=coal, STREAM=stream, TILED=tiled, num_warps=4,
-                          **_regs(cfg, rows, bm))
+                          COAL=coal, STREAM=stream, TILED=tiled, PDL=pdl, num_warps=4,
+                          **({"launch_pdl": True} if pdl else {}), **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

@@ -109,6 +109,7 @@ for i, case in enumerate(cases):
     bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case[:10]
     stream = len(case) > 10 and case[10]
     tiled = len(case) > 11 and case[11]
+    pdl = len(case) > 12 and case[12]
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -122,7 +123,7 @@ for i, case in enumerate(cases):
     a = ws._dequant_asm(bf16, zero)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
-                 REGS=regs or 232, STREAM=stream, TILED=tiled)
+                 REGS=regs or 232, STREAM=stream, TILED=tiled, PDL=pdl)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
@@ -140,6 +141,7 @@ for i, case in enumerate(cases):
     reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
                         shared=k.metadata.shared, wgmma=ptx_text.count("wgmma.mma_async"),
                         tma=ptx_text.count("cp.async.bulk.tensor"),
+                        gdc=ptx_text.count("griddepcontrol.wait"),
                         stores=sorted(set(re.findall(r"st\.global[.a-z0-9]*", ptx_text))),
                         atomics=sorted(set(re.findall(r"atom\.global[.a-z0-9]*", ptx_text))),
                         threads=int(re.search(r"\.reqntid (\d+)", ptx_text).group(1)),
@@ -171,6 +173,10 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     # the words tile by tile (the 12th field; ws.tiled_words)
     (16, 4, False, True, False, False, False, 128, True, 80, False, True),
     (256, 3, False, True, False, False, True, 128, True, 0, False, True),
+    # launched right after the output's zeroing kernel (the 13th field; kernels.pdl)
+    (16, 4, False, True, False, True, False, 128, True, 80, False, True, True),
+    (16, 4, False, True, True, True, False, 128, True, 80, True, True, True),   # stream-K
+    (128, 4, True, True, False, True, False, 128, True, 0, False, False, True),   # bf16
 ]
 
 
@@ -190,6 +196,8 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
         assert "C7515" not in rep["report"] and "C7513" not in rep["report"], (case, rep["report"])
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
         assert rep["shared"] <= 232448, case
+        # PDL: griddepcontrol.wait before the epilogue's atomics, once per consumer warpgroup
+        assert (rep["gdc"] > 0) == (len(case) > 12 and case[12]), (case, rep["gdc"])
         if coal:   # whole lines: 128-bit stores, 8 fp16 (4 float32) per atomic
             assert rep["stores"] in ([], ["st.global.v4.b32"]), (case, rep["stores"])
             vec = ".v4.f32" if atomic and bf16 else ".v8.f16"

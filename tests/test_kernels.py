@@ -369,7 +369,7 @@ def test_ws_launch_grid():
     (dict(BM=256, STAGES=3), (8 * 2, 1), dict(ATOMIC=False, PERSIST=False, STREAM=False,
                                                COAL=False, TILED=False)),
     (dict(BM=256, STAGES=3, SPLIT_K=2, OUT16=True), (16, 2),
-     dict(ATOMIC=True, COAL=True, STREAM=False)),                  # COAL beside the 256 ring
+     dict(ATOMIC=True, COAL=True, STREAM=False, PDL=False)),       # COAL beside the 256 ring
     (dict(BM=256, STAGES=3, SPLIT_K=2), (16, 2), dict(ATOMIC=True, COAL=False)),  # float32 buffer
     (dict(BM=256, STAGES=3, PERSIST=1), (7, 1), dict(ATOMIC=False, PERSIST=True)),
     (dict(BM=256, STAGES=3, STREAM=1, OUT16=True), (7, 1),
@@ -405,6 +405,48 @@ def test_ws_host_launch(monkeypatch, cfg, grid, const):
     assert y.dtype == torch.float16 and y.shape == (m, 1000)
     if const.get("TILED"):   # the descriptor views the tile-by-tile copy
         assert seen["args"][1].base.shape == (8 * 8 * 128, 16)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_ws_host_launch_pdl(monkeypatch, split):
+    """Where kernels.pdl zeroes the split-K output for a dependent launch, the kernel is
+    launched with launch_pdl and waits (PDL) before its atomics; without a split, neither."""
+    from modelopt_lite.kernels import ops, ws
+
+    if not ws.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    seen, zeroed = {}, []
+
+    class Kernel:
+        def __getitem__(self, g):
+            def launch(*args, **kw):
+                seen.update(args=args, kw=kw)
+            return launch
+
+    def zero_(out):
+        zeroed.append(out)
+        out.zero_()
+        return True
+
+    monkeypatch.setattr(ws, "w4a16_ws_kernel", Kernel())
+    monkeypatch.setattr(ws, "zero_", zero_)
+    x, p, _ = _problem(5, 1000, 1024, 128, True, torch.float16, False)
+    ws.w4a16_ws(x.cpu(), p, ops._pairs(p, transposed=True), None,
+                dict(BN=128, BM=16, STAGES=4, SPLIT_K=split, OUT16=True))
+    assert seen["kw"]["PDL"] == (split > 1) and seen["kw"].get("launch_pdl", False) == (split > 1)
+    assert [t is seen["args"][3] for t in zeroed] == ([True] if split > 1 else [])
+
+
+def test_pdl_zero_off_hopper(monkeypatch):
+    """kernels.pdl.zero_ zeroes in place everywhere, and asks for a PDL launch only on a
+    CUDA GPU of capability 9.0+ with MODELOPT_LITE_PDL not 0."""
+    from modelopt_lite.kernels import pdl
+
+    t = torch.ones(3, 5)
+    assert pdl.zero_(t) is False and not t.any()
+    assert not pdl.pdl_ok(torch.device("cpu"))
+    monkeypatch.setenv(pdl.ENV_PDL, "0")
+    assert not pdl.pdl_ok(torch.device("cuda", 0))
 
 
 def test_tiled_copies_opt_in(monkeypatch):
@@ -619,6 +661,50 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
     y = w4a16_matmul(x, p, b, cfg)
     assert y.dtype == dtype and y.shape == (m, n)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=16, STAGES=4, SPLIT_K=4, OUT16=True,
+                                      MAXNREG=80, TILED=True),
+                                 dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
+                                      MAXNREG=80),
+                                 dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3),
+                                 dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, SV=4,
+                                      QE="evict_first", OUT16=True)])
+def test_gpu_pdl_split_outputs(dtype, cfg, monkeypatch):
+    """Split-K outputs zeroed by kernels.pdl with the GEMM launched as the zeroing kernel's
+    programmatic dependent: the sums of a torch.zeros output (MODELOPT_LITE_PDL=0), eagerly
+    and in a CUDA graph replayed on fresh activations (zero again at every replay, and the
+    activations written just before each replay are the ones read)."""
+    from modelopt_lite.kernels import pdl, tuning
+
+    monkeypatch.setattr(tuning, "_TILED_COPIES", True)
+    x, p, b = _problem(5, 4096, 4096, 128, True, dtype)
+    if not pdl.pdl_ok(x.device):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    y = w4a16_matmul(x, p, b, cfg)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+    monkeypatch.setenv(pdl.ENV_PDL, "0")
+    assert _rel_err(y, w4a16_matmul(x, p, b, cfg)) < TOL[dtype] / 4
+    monkeypatch.delenv(pdl.ENV_PDL)
+    xs = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w4a16_matmul(xs, p, b, cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xs.mul_(1.0)   # a kernel writing the activations right before the zeroing
+        out = w4a16_matmul(xs, p, b, cfg)
+    for _ in range(3):
+        xs.copy_(torch.randn_like(xs))
+        want = _ref32(xs, p, b)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(out, want) < TOL[dtype]
 
 
 @pytest.mark.gpu

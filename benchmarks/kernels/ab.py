@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -26,6 +27,8 @@ from bench_w4a16 import ours_fns, problems  # noqa: E402
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 from common import import_kernels  # noqa: E402
+
+ENV_PDL = "MODELOPT_LITE_PDL"
 
 
 def capture(fns):
@@ -75,9 +78,15 @@ def main() -> None:
     ap.add_argument("--cfg", action="append", default=[], metavar="JSON",
                     help="a whole config (repeatable)")
     ap.add_argument("--humming", action="store_true", help="Humming as one more arm")
+    ap.add_argument("--zeros-arm", action="store_true",
+                    help="one more arm: the shipped config after a torch.zeros of the output's "
+                         "size (what one more small graph node costs)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warm-ms", type=float, default=30.0)
+    ap.add_argument("--pdl-off-arm", action="store_true",
+                    help="one more arm: the shipped config with MODELOPT_LITE_PDL=0 (split-K "
+                         "outputs zeroed by torch.zeros, no programmatic dependent launch)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     mk = import_kernels()
@@ -94,6 +103,16 @@ def main() -> None:
         if err > 3e-3:
             raise SystemExit(f"{name} {cfg}: error {err:.2e} against the fp32 product")
         graphs[name] = (capture(fns), fns, cfg, err)  # fns keep the graph's tensors alive
+    if a.pdl_off_arm:
+        os.environ[ENV_PDL] = "0"   # read when each call zeroes its output: at capture
+        fns = ours_fns(mk, packed, x, nc, base)
+        graphs["pdl_off"] = (capture(fns), fns, None, None)
+        del os.environ[ENV_PDL]
+    if a.zeros_arm:
+        fns = ours_fns(mk, packed, x, nc, base)
+        fns = [lambda f=f: (torch.zeros((m, n), device="cuda", dtype=x.dtype), f())[1]
+               for f in fns]
+        graphs["zeros"] = (capture(fns), fns, None, None)
     if a.humming:
         fns = peers.humming(w16, 128, x, nc)
         graphs["humming"] = (capture(fns), fns, None, None)
