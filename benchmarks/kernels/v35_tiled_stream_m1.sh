@@ -1,9 +1,9 @@
 #!/bin/bash
-# v35 (NOTES.md; prepared, not yet run): M = 1 / 2 / 4 on 8192x28672, where the mma kernel
-# (51.2-53.8 us) trails Humming (50.4-51.5). v34's alternating bench processes read the WS
-# TILED config (16-token tiles, MAXNREG 80, no split) 1.5-3.5 % faster; its 224 row tiles fill
-# 85 % of the 264 two-per-SM slots, so stream-K over two programs per SM (STREAM=2) should even
-# that out. Twins: TILED with no split, with STREAM 2, with STREAM 2 and 6 stages; two runs, then
+# v35 (NOTES.md; step 1 run on 2026-11-27, outcome there): M = 1 / 2 / 4 on 8192x28672,
+# where the mma kernel (51.2-53.8 us) trails Humming (50.4-51.5). v34's alternating bench
+# processes read the WS TILED config (16-token tiles, MAXNREG 80, no split) 1.5-3.5 % faster;
+# its 224 row tiles fill 85 % of the 264 two-per-SM slots, so stream-K over two programs per SM
+# (STREAM=2) should even that out. Twins: TILED with no split, with STREAM 2, with STREAM 2 and 6 stages; two runs, then
 # ROWS with all peers (TILED copies allowed, as in the README table). Also M = 64, below.
 #   OUT=/tmp/v35 bash benchmarks/kernels/v35_tiled_stream_m1.sh
 source "$(dirname "$0")/steps.sh" v35 12
