@@ -3,13 +3,15 @@
 A split-K or stream-K launch adds its partial tiles with atomics into an output that must be
 zero first. Zeroing it with ``torch.zeros`` puts a fill kernel before the GEMM in the stream,
 and the GEMM cannot start until the fill has finished: on an H100 that costs 1.0-1.8 us a call
-(``benchmarks/kernels/ab.py --zeros-arm``; NOTES.md, v36), 2-15 % of a small-batch layer.
+(``benchmarks/kernels/ab.py --zeros-arm``; NOTES.md, v36), 2-15 % of a small-batch layer;
+PDL won 0.6-1.1 us of it back on the large Llama shapes.
 
 With PDL (Hopper and later) :func:`zero_` launches a small zeroing kernel whose programs let
 the next kernel start at once (``griddepcontrol.launch_dependents``); the GEMM, launched with
 ``launch_pdl=True``, streams its weights meanwhile and waits (``griddepcontrol.wait``) only
-before its first write to the output. The wait is a no-op in a kernel launched without PDL, so
-the GEMM kernels keep it in their atomic epilogues always.
+before its first write to the output. The warp-specialized (``ws.py``) and small-M MMA
+(``mma.py``) kernels do this (their ``PDL`` option); the GEMV and fused kernels' split outputs
+are still zeroed by ``Tensor.zero_``.
 
 The zeroing kernel is launched the ordinary way, after everything before it in the stream
 (the output's memory may have been freed by a kernel that just ran); only the GEMM overlaps,
