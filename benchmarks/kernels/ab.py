@@ -26,26 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import ours_fns, problems  # noqa: E402
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
-from common import import_kernels  # noqa: E402
+from common import capture, import_kernels, replay_median_us  # noqa: E402
 
 ENV_PDL = "MODELOPT_LITE_PDL"
-
-
-def capture(fns):
-    """A CUDA graph of ``fns`` after two eager warm-up passes on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    return graph
 
 
 def time_graph(graph, n_calls, reps, warm_ms):
@@ -53,15 +36,7 @@ def time_graph(graph, n_calls, reps, warm_ms):
     while (time.perf_counter() - t0) * 1e3 < warm_ms:
         graph.replay()
         torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n_calls)
-    return statistics.median(times)
+    return replay_median_us(graph, n_calls, reps)
 
 
 def parse_twin(text):

@@ -34,10 +34,9 @@ def copies_for(nbytes: int, l2_bytes: int = L2_BYTES) -> int:
     return max(2, math.ceil(4 * l2_bytes / max(nbytes, 1)) + 1)
 
 
-def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
-    """Median over ``reps`` graph replays of (replay time / len(fns)), in microseconds, after
-    replaying for ``warmup_ms`` first, so that a kernel timed right after an idle spell does not
-    run on a clock that has not ramped up yet (settle_check.py, NOTES.md)."""
+def capture(fns):
+    """A CUDA graph of ``fns`` after two eager warm-up passes on a side stream. The graph
+    reads the tensors the closures hold: keep ``fns`` alive while it is replayed."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -50,6 +49,14 @@ def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
     with torch.cuda.graph(graph):
         for f in fns:
             f()
+    return graph
+
+
+def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
+    """Median over ``reps`` graph replays of (replay time / len(fns)), in microseconds, after
+    replaying for ``warmup_ms`` first, so that a kernel timed right after an idle spell does not
+    run on a clock that has not ramped up yet (settle_check.py, NOTES.md)."""
+    graph = capture(fns)
     graph.replay()
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
@@ -57,6 +64,13 @@ def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
         graph.replay()
         torch.cuda.synchronize()
         n += 1
+    t = replay_median_us(graph, len(fns), reps)
+    del graph
+    return t
+
+
+def replay_median_us(graph, n_calls: int, reps: int) -> float:
+    """Median over ``reps`` timed replays of ``graph`` of (replay time / n_calls), in us."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -64,8 +78,7 @@ def graph_time_us(fns, reps: int = 25, warmup_ms: float = 100.0) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    del graph
+        times.append(start.elapsed_time(end) * 1e3 / n_calls)
     return statistics.median(times)
 
 
