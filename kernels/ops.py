@@ -60,6 +60,11 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     from .w4a16 import w4a16_kernel
 
     _check(x, p)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: a layer on another GPU (device_map="auto")
+        # runs there, with that device's stream
+        with torch.cuda.device(x.device):
+            return w4a16_matmul(x, p, bias, config)
     n, k = p.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

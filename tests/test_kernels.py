@@ -708,6 +708,21 @@ def test_gpu_pdl_split_outputs(dtype, cfg, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("cfg", [None, dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, OUT16=True),
+                                 dict(WS_TILE, BM=16, STAGES=4, SPLIT_K=4, OUT16=True)])
+def test_gpu_second_device(cfg):
+    """A layer on cuda:1 while cuda:0 is current (device_map="auto") runs on cuda:1."""
+    x, p, b = _problem(5, 1000, 1024, 128, True, torch.float16)
+    x, b = x.to("cuda:1"), b.to("cuda:1")
+    p = p._replace(**{f: getattr(p, f).to("cuda:1") for f in ("qweight", "scale", "zterm")})
+    with torch.cuda.device(0):
+        y = w4a16_matmul(x, p, b, cfg)
+    assert y.device == x.device
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [128, 256, 640])
 @pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3),   # fewer chunks than stages
