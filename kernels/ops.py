@@ -42,8 +42,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     second cached copy). ``XPERM`` (small-M path) permutes x per call, by default in one kernel
     that also zeroes the split-K buffer (``PREP``). ``OUT16`` (fp16 activations, any path): the
     split-K partial sums are added with fp16 atomics straight into the output, instead of a
-    float32 buffer and a conversion pass; on Hopper the mma and WS kernels' split outputs are
-    zeroed by a kernel they overlap (:mod:`~.pdl`). ``DEQUANT`` configs allocate an fp16 copy of the
+    float32 buffer and a conversion pass. On Hopper the split outputs (fp16 or float32) of the
+    WS and ``MMA`` kernels are zeroed by a kernel they overlap (:mod:`~.pdl`; not with
+    ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16 copy of the
     weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
     ``TILED``, ``COAL``, ``MAXNREG``); where it cannot run (another GPU, the

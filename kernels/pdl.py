@@ -9,13 +9,14 @@ PDL won 0.6-1.1 us of it back on the large Llama shapes.
 With PDL (Hopper and later) :func:`zero_` launches a small zeroing kernel whose programs let
 the next kernel start at once (``griddepcontrol.launch_dependents``); the GEMM, launched with
 ``launch_pdl=True``, streams its weights meanwhile and waits (``griddepcontrol.wait``) only
-before its first write to the output. The warp-specialized (``ws.py``) and small-M MMA
-(``mma.py``) kernels do this (their ``PDL`` option); the GEMV and fused kernels' split outputs
-are still zeroed by ``Tensor.zero_``.
+before its first write to the output (every program waits, writing or not). The
+warp-specialized (``ws.py``) and small-M MMA (``mma.py``) kernels do this (their ``PDL``
+option); the MMA kernel's ``XPERM`` configs with ``PREP`` (one kernel permutes the activations
+and zeroes the output) and the GEMV and fused kernels' split outputs are zeroed as before.
 
 The zeroing kernel is launched the ordinary way, after everything before it in the stream
 (the output's memory may have been freed by a kernel that just ran); only the GEMM overlaps,
-and only with the zeroing. ``MODELOPT_LITE_PDL=0`` turns it off (then ``torch.zeros``).
+and only with the zeroing. ``MODELOPT_LITE_PDL=0`` turns it off (then ``Tensor.zero_``).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def zero_(out: torch.Tensor) -> bool:
     launch should be a PDL launch (``launch_pdl=True``) whose kernel waits for the zeroing
     (``griddepcontrol.wait``) before writing ``out``: launch it next, with nothing in between
     on the stream. False: zeroed the ordinary way (``Tensor.zero_``)."""
-    if not (out.is_contiguous() and pdl_ok(out.device)):
+    if not (out.numel() and out.is_contiguous() and pdl_ok(out.device)):   # (no grid of 0)
         out.zero_()
         return False
     numel = out.numel()

@@ -262,7 +262,7 @@ if HAVE_GLUON:
             kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
             k_chunks = kt1 - kt0
             if k_chunks <= 0:   # an empty last slice
-                if PDL:   # still not done before the zeroing: later launches wait on this one
+                if PDL:   # as every program does (slice 0 of the tile waits anyway)
                     _gdc_wait()
                 return
         else:

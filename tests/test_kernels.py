@@ -444,6 +444,7 @@ def test_pdl_zero_off_hopper(monkeypatch):
 
     t = torch.ones(3, 5)
     assert pdl.zero_(t) is False and not t.any()
+    assert pdl.zero_(torch.ones(0, 5)) is False
     assert not pdl.pdl_ok(torch.device("cpu"))
     monkeypatch.setenv(pdl.ENV_PDL, "0")
     assert not pdl.pdl_ok(torch.device("cuda", 0))
@@ -671,8 +672,13 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
                                  dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
                                       MAXNREG=80),
                                  dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3),
+                                 # 12 slices of 3 of the 32 chunks: the last one empty
+                                 dict(WS_TILE, BM=16, STAGES=4, SPLIT_K=12, OUT16=True),
                                  dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, SV=4,
-                                      QE="evict_first", OUT16=True)])
+                                      QE="evict_first", OUT16=True),
+                                 # permuted activations from their own kernel, then the zeroing
+                                 dict(MMA=True, BN=64, SPLIT_K=4, num_warps=4, XPERM=True,
+                                      PREP=False, OUT16=True)])
 def test_gpu_pdl_split_outputs(dtype, cfg, monkeypatch):
     """Split-K outputs zeroed by kernels.pdl with the GEMM launched as the zeroing kernel's
     programmatic dependent: the sums of a torch.zeros output (MODELOPT_LITE_PDL=0), eagerly
