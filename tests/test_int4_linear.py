@@ -115,3 +115,46 @@ def test_deploy_int4_on_gpu_runs_the_kernel():
         before = model(x)
         after = deploy_int4(model)(x)
     assert _rel_err(after, before) < 1e-2
+
+
+def test_compile_traces_int4_linear_as_one_operator():
+    """torch.compile(fullgraph=True) goes through a deployed model: each Int4Linear is one
+    modelopt_lite::w4a16_linear node, and the compiled outputs are the eager ones."""
+    model = deploy_int4(_model(torch.rand(64) + 0.5))
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend, fullgraph=True)(x)
+        eager = model(x)
+    assert seen.count(torch.ops.modelopt_lite.w4a16_linear.default) == 2
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w4a16_linear_operator_checks(symmetric):
+    """The operator's schema, fake (meta) implementation and dynamic-shape tracing
+    (torch.library.opcheck)."""
+    mod = Int4Linear.from_codes(*quantize_rtn(torch.randn(16, 64), 32, symmetric), 32,
+                                bias=torch.randn(16))
+    x = torch.randn(2, 3, 64).half()
+    torch.library.opcheck(torch.ops.modelopt_lite.w4a16_linear.default,
+                          (x, mod.qweight, mod.scale, mod.zterm, mod.bias, 32, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+def test_compiled_int4_model_on_gpu_with_cuda_graphs():
+    """mode="reduce-overhead" (Inductor + CUDA graphs) around the Triton kernels: replays on
+    fresh inputs give the eager outputs."""
+    model = deploy_int4(_model(torch.rand(64) + 0.5).cuda().half())
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(5, 64, device="cuda", dtype=torch.half)
+            assert _rel_err(compiled(x).clone(), model(x)) < 1e-3

@@ -2,7 +2,9 @@
 and deploy_int4(), which swaps fake-quant INT4 linears for it."""
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -22,13 +25,40 @@ def _triton_available() -> bool:
     return True
 
 
+def _matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Triton kernel for CUDA inputs, the plain-torch reference elsewhere."""
+    if x.is_cuda and _triton_available():
+        from modelopt_lite.kernels import w4a16_matmul
+
+        return w4a16_matmul(x, p, bias)
+    return w4a16_reference(x, p, bias)
+
+
+@torch.library.custom_op("modelopt_lite::w4a16_linear", mutates_args=())
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
+                 in_features: int) -> torch.Tensor:
+    """``Int4Linear``'s product as one opaque operator, so that ``torch.compile`` traces a
+    model through it (no graph break; CUDA graphs with ``mode="reduce-overhead"``). Eager
+    calls skip the operator's dispatch and run the kernel directly."""
+    return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features), bias)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scale, zterm, bias, group_size, in_features):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 class Int4Linear(nn.Module):
     """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
 
     Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, Kp/8] (Kp = K rounded up to 128), ``scale``
     and ``zterm`` (= -zero * scale; absent when symmetric) [N, K/B] in ``dtype``, optional
     ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the Triton kernel; CPU inputs run the
-    plain-torch reference.
+    plain-torch reference. Under ``torch.compile`` the product is the custom operator
+    ``torch.ops.modelopt_lite.w4a16_linear``.
+
+        >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
@@ -84,12 +114,11 @@ class Int4Linear(nn.Module):
         x = x.to(self.scale.dtype)
         if self.pre_scale is not None:
             x = x * self.pre_scale
-        if x.is_cuda and _triton_available():
-            from modelopt_lite.kernels import w4a16_matmul
-
-            y = w4a16_matmul(x, self.packed, self.bias)
+        if torch.compiler.is_compiling():   # one opaque operator in the traced graph
+            y = w4a16_linear(x, self.qweight, self.scale, self.zterm, self.bias, self.group_size,
+                             self.in_features)
         else:
-            y = w4a16_reference(x, self.packed, self.bias)
+            y = _matmul(x, self.packed, self.bias)
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
