@@ -158,3 +158,13 @@ def test_compiled_int4_model_on_gpu_with_cuda_graphs():
         for _ in range(4):
             x = torch.randn(5, 64, device="cuda", dtype=torch.half)
             assert _rel_err(compiled(x).clone(), model(x)) < 1e-3
+
+
+def test_export_keeps_plain_operators():
+    """torch.export (the ONNX exporter's tracer) sees the reference's plain operators, not
+    the opaque operator that torch.compile gets."""
+    mod = Int4Linear.from_codes(*quantize_rtn(torch.randn(16, 64), 32), 32, bias=torch.randn(16))
+    x = torch.randn(2, 64)
+    ep = torch.export.export(mod, (x,))
+    assert not any("w4a16_linear" in str(node.target) for node in ep.graph.nodes)
+    assert _rel_err(ep.module()(x), mod(x)) < 1e-6

@@ -34,6 +34,13 @@ def _matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None) -> torch.
     return w4a16_reference(x, p, bias)
 
 
+def _compiling() -> bool:
+    """Under torch.compile, not torch.export (an exported graph keeps the reference's plain
+    operators, which exporters such as ONNX can translate)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() and not exporting()
+
+
 @torch.library.custom_op("modelopt_lite::w4a16_linear", mutates_args=())
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
@@ -114,7 +121,7 @@ class Int4Linear(nn.Module):
         x = x.to(self.scale.dtype)
         if self.pre_scale is not None:
             x = x * self.pre_scale
-        if torch.compiler.is_compiling():   # one opaque operator in the traced graph
+        if _compiling():   # one opaque operator in torch.compile's graph
             y = w4a16_linear(x, self.qweight, self.scale, self.zterm, self.bias, self.group_size,
                              self.in_features)
         else:
