@@ -44,8 +44,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     split-K partial sums are added with fp16 atomics straight into the output, instead of a
     float32 buffer and a conversion pass. On Hopper the split outputs (fp16 or float32) of the
     WS and ``MMA`` kernels are zeroed by a kernel they overlap (:mod:`~.pdl`; not with
-    ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16 copy of the
-    weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
+    ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16
+    copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
     ``TILED``, ``COAL``, ``MAXNREG``); where it cannot run (another GPU, the
     interpreter, block 32 / 64, K not a multiple of 128) the fused kernel takes the same config.
