@@ -12,8 +12,9 @@ precedence when the environment variable ``MODELOPT_LITE_KERNEL_CONFIGS`` names 
 Configs with ``TILED`` (the warp-specialized kernel reading a tile-by-tile copy of the packed
 words) keep that copy beside the weight, one per tile height a shape's configs use: two or
 three times the INT4 word memory of the layers they serve (three on the H100 table's
-28672x8192, whose TILED rows use 128- and 256-row tiles). They take it only after :func:`allow_tiled_copies` (or ``MODELOPT_LITE_TILED=1``); otherwise
-they run the same config on the packed words as they are.
+28672x8192, whose TILED rows use 128- and 256-row tiles). They take it only after
+:func:`allow_tiled_copies` (or ``MODELOPT_LITE_TILED=1``); otherwise they run the same config
+on the packed words as they are.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def allow_tiled_copies(enabled: bool = True) -> None:
     """Let configs with ``TILED`` keep a tile-by-tile copy of each packed weight they serve
     (``kernels.ws.tiled_words``; as large as the packed words, one per tile height, kept while
     the weight lives) in exchange for faster small-batch calls on the largest shapes (H100:
-    28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``, v32). Off by default; the
-    environment variable ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made stay
+    28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``, v32).
+    Off by default; the environment variable ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made stay
     until their weights are freed.
 
         >>> from modelopt_lite.kernels import allow_tiled_copies
