@@ -34,8 +34,8 @@ def allow_tiled_copies(enabled: bool = True) -> None:
     """Let configs with ``TILED`` keep a tile-by-tile copy of each packed weight they serve
     (``kernels.ws.tiled_words``; as large as the packed words, one per tile height, kept while
     the weight lives) in exchange for faster small-batch calls on the largest shapes (H100:
-    28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us, 8192x28672 at M = 1-8 3-8 % faster;
-    ``benchmarks/kernels/NOTES.md``, v32 and v36). Off by default; the environment variable
+    28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``, v32;
+    v36: 52.1 -> 49.0 us at M = 1). Off by default; the environment variable
     ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made stay until their weights are
     freed.
 
