@@ -62,8 +62,8 @@ class Int4Linear(nn.Module):
     Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, Kp/8] (Kp = K
     rounded up to 128), ``scale`` and ``zterm`` (= -zero * scale; absent when symmetric)
     [N, K/B] in ``dtype``, optional ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the
-    Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the product is the custom operator
-    ``torch.ops.modelopt_lite.w4a16_linear``.
+    Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the
+    product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``.
 
         >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
