@@ -143,7 +143,8 @@ def _is_int4_fake_quant(module: nn.Module) -> bool:
 
 
 def _to_int4_linear(module: nn.Module) -> Int4Linear:
-    weight = module.weight.detach()
+    # [out, in] whatever the layer stores (Hugging Face Conv1D keeps [in, out])
+    weight = (module.weight_2d() if hasattr(module, "weight_2d") else module.weight).detach()
     codes, scale, zero, block = module.weight_quantizer.int4_codes(weight)
     iq = getattr(module, "input_quantizer", None)
     if getattr(iq, "rotation", None) is not None:
