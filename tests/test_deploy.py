@@ -31,5 +31,45 @@ def test_deploy_matches_fake_quant_model(arch, symmetric):
         assert n_int4 == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     with torch.no_grad():
         out = model(tokens).logits
-    # Int4Linear keeps scales in fp16: agreement to fp16 rounding, not bit for bit
+    # Int4Linear keeps scales and zero terms in fp16: agreement to fp16 rounding, not bit for
+    # bit (Gemma's scaled embeddings read 2.4e-3; a transposed or unmasked weight reads > 5e-2)
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_deploy_keeps_2to4_sparsity_exact(arch):
+    """2:4-sparse + symmetric INT4: the deployed layers hold the pruned weights as exact zeros
+    and compute what the fake-quant model does."""
+    from modelopt_lite.nn.int4_linear import Int4Linear
+    from modelopt_lite.kernels import dequantize
+
+    model = ALL[arch]()
+    mtl.sparsify(model, "2:4", "magnitude")
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32, symmetric=True)), progress=False)
+    tokens = random_tokens(n=2, seq=12)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    mtl.deploy(model)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers
+    for m in layers:
+        w = dequantize(m.packed, torch.float32)
+        zeros = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert bool((zeros >= 2).all())   # at least 2 of every 4 along the input dim
+    with torch.no_grad():
+        out = model(tokens).logits
     assert ((out - ref).norm() / ref.norm()).item() < 2e-3
+
+
+def test_deploy_refuses_inexact_sparse_asymmetric_and_changes_nothing():
+    """Asymmetric INT4 has fractional zero points: no level is 0, so a 2:4-sparse layer cannot
+    be deployed exactly. The error names the layer and the fix; the model is untouched."""
+    model = ALL["llama"]()
+    mtl.sparsify(model, "2:4", "magnitude")
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32, symmetric=False)), progress=False)
+    n_quant = sum(is_quantized(m) for m in model.modules())
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj.*symmetric"):
+        mtl.deploy(model)
+    assert sum(is_quantized(m) for m in model.modules()) == n_quant

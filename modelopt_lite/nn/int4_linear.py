@@ -142,10 +142,31 @@ def _is_int4_fake_quant(module: nn.Module) -> bool:
             and weight.dim() == 2)
 
 
-def _to_int4_linear(module: nn.Module) -> Int4Linear:
+def _sparse_codes(name: str, codes, scale, zero, block, mask):
+    """The codes with every pruned weight (``mask`` False) on the level that is exactly 0, as
+    the fake-quant layer's masked product has it; a clear error where a block has no such
+    level (asymmetric INT4 with float zero points)."""
+    z = torch.full_like(scale, 8.0) if zero is None else zero.to(scale.device)
+    zq = z.repeat_interleave(block, 1)[:, :codes.shape[1]]
+    pruned = ~mask.to(torch.bool)
+    exact = (zq == zq.round()) & (zq >= 0) & (zq <= 15)
+    if not bool(exact[pruned].all()):
+        raise ValueError(
+            f"{name}: a 2:4-sparse layer quantized to asymmetric INT4 cannot be deployed "
+            "exactly: its blocks' zero points are fractional, so no INT4 level is 0 and the "
+            "pruned weights would come back as nonzero values; quantize sparse layers with "
+            "symmetric INT4 (the 'int4_weight_only_sym' preset, or QuantizerSpec(..., "
+            "symmetric=True)) to deploy them")
+    return torch.where(pruned, zq.round().to(codes.dtype), codes)
+
+
+def _to_int4_linear(module: nn.Module, name: str = "") -> Int4Linear:
     # [out, in] whatever the layer stores (Hugging Face Conv1D keeps [in, out])
     weight = (module.weight_2d() if hasattr(module, "weight_2d") else module.weight).detach()
     codes, scale, zero, block = module.weight_quantizer.int4_codes(weight)
+    mask = module.mask_2d() if hasattr(module, "mask_2d") else None
+    if mask is not None:   # 2:4 sparsity: the fake-quant product zeroes the pruned weights
+        codes = _sparse_codes(name, codes, scale, zero, int(block), mask)
     iq = getattr(module, "input_quantizer", None)
     if getattr(iq, "rotation", None) is not None:
         raise ValueError(f"{getattr(iq, 'name', '')}: Int4Linear has no online input rotation; "
@@ -160,10 +181,12 @@ def _to_int4_linear(module: nn.Module) -> Int4Linear:
 
 
 def deploy_int4(model: nn.Module) -> nn.Module:
-    """Replace every INT4 block fake-quant linear in ``model`` (in place) by an Int4Linear."""
+    """Replace every INT4 block fake-quant linear in ``model`` (in place) by an Int4Linear.
+    Every layer is converted before any is swapped: a layer that cannot be deployed leaves the
+    model as it was."""
     targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
-    for name, mod in targets:
-        new = _to_int4_linear(mod)
+    built = [(name, _to_int4_linear(mod, name)) for name, mod in targets]
+    for name, new in built:
         if not name:
             return new
         parent_name, _, child = name.rpartition(".")
