@@ -168,3 +168,47 @@ def test_export_keeps_plain_operators():
     ep = torch.export.export(mod, (x,))
     assert not any("w4a16_linear" in str(node.target) for node in ep.graph.nodes)
     assert _rel_err(ep.module()(x), mod(x)) < 1e-6
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradients_reach_the_input(compiled, monkeypatch):
+    """An INT4 base layer under a trainable input (adapters before it, say): the input and
+    bias get the gradients of (x * pre_scale) @ W_hat^T + b, eagerly and under
+    torch.compile; the packed weight stays frozen. The product is made graph-less here, as
+    the GPU kernels' is."""
+    from modelopt_lite.kernels import w4a16_reference
+    from modelopt_lite.nn import int4_linear
+
+    monkeypatch.setattr(int4_linear, "_matmul",
+                        lambda x, p, bias: w4a16_reference(x, p, bias).detach())
+    torch.manual_seed(0)
+    n, k, g = 24, 128, 32
+    codes, scale, zero = quantize_rtn(torch.randn(n, k), g, False)
+    pre = torch.rand(k) + 0.5
+    mod = Int4Linear.from_codes(codes, scale, zero, g, bias=torch.randn(n), pre_scale=pre)
+    mod.bias.requires_grad_(True)
+    w_hat = (codes.double() - zero.double().repeat_interleave(g, 1)) * \
+        mod.scale.double().repeat_interleave(g, 1)
+    x = torch.randn(3, 5, k, requires_grad=True)
+    gy = torch.randn(3, 5, n)
+    fn = torch.compile(mod, backend="aot_eager", fullgraph=True) if compiled else mod
+    (fn(x) * gy).sum().backward()
+    assert _rel_err(x.grad, (gy.double() @ w_hat) * pre.half().double()) < 2e-3
+    assert _rel_err(mod.bias.grad, gy.double().sum((0, 1))) < 1e-3
+    assert mod.qweight.grad is None and not mod.scale.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+def test_gradients_through_the_kernel_on_gpu():
+    """On CUDA the product is the Triton kernel; the input still gets grad @ W_hat."""
+    n, k, g = 256, 512, 128
+    codes, scale, zero = quantize_rtn(torch.randn(n, k), g, False)
+    mod = Int4Linear.from_codes(codes, scale, zero, g, bias=torch.randn(n)).cuda()
+    w_hat = ((codes.double() - zero.double().repeat_interleave(g, 1))
+             * mod.scale.double().cpu().repeat_interleave(g, 1)).cuda()
+    x = torch.randn(7, k, device="cuda", dtype=torch.half, requires_grad=True)
+    gy = torch.randn(7, n, device="cuda", dtype=torch.half)
+    (mod(x) * gy).sum().backward()
+    assert _rel_err(x.grad, gy.double() @ w_hat) < 2e-3

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from modelopt_lite.kernels import PackedInt4, pack_weight, w4a16_reference
+from modelopt_lite.kernels import PackedInt4, dequantize, pack_weight, w4a16_reference
 from modelopt_lite.kernels.packing import padded_k
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,41 @@ def _(x, qweight, scale, zterm, bias, group_size, in_features):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def _setup_context(ctx, inputs, output):
+    x, qweight, scale, zterm, bias, group_size, in_features = inputs
+    ctx.save_for_backward(qweight, scale, zterm)
+    ctx.packing = (group_size, in_features)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients of ``x @ W_hat^T + bias`` for the input (``grad @ W_hat``, the weight
+    dequantized for the call) and the bias; the packed weight is frozen."""
+    qweight, scale, zterm = ctx.saved_tensors
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize(PackedInt4(qweight, scale, zterm, *ctx.packing), grad.dtype)
+        gx = grad @ w
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, None, None, None, gb, None, None
+
+
+w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Product(torch.autograd.Function):
+    """The eager path with gradients (the kernels compute no backward): an input or bias that
+    requires grad gets ``_backward``'s, as under torch.compile."""
+
+    @staticmethod
+    def forward(x, qweight, scale, zterm, bias, group_size, in_features):
+        return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features), bias)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 class Int4Linear(nn.Module):
     """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
 
@@ -63,7 +98,9 @@ class Int4Linear(nn.Module):
     rounded up to 128), ``scale`` and ``zterm`` (= -zero * scale; absent when symmetric)
     [N, K/B] in ``dtype``, optional ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the
     Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the
-    product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``.
+    product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``. The packed weight
+    is frozen; an input (or bias) that requires grad gets its gradient (``grad @ W_hat``, the
+    weight dequantized in the backward), so adapters trained before an INT4 layer learn.
 
         >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
@@ -124,6 +161,10 @@ class Int4Linear(nn.Module):
         if _compiling():   # one opaque operator in torch.compile's graph
             y = w4a16_linear(x, self.qweight, self.scale, self.zterm, self.bias, self.group_size,
                              self.in_features)
+        elif torch.is_grad_enabled() and (x.requires_grad or getattr(self.bias, "requires_grad",
+                                                                      False)):
+            y = _Product.apply(x, self.qweight, self.scale, self.zterm, self.bias,
+                               self.group_size, self.in_features)
         else:
             y = _matmul(x, self.packed, self.bias)
         return y.to(in_dtype)
