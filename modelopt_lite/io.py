@@ -5,6 +5,8 @@ skip reasons, the name of the tensor file) and one ``model-<id>.safetensors`` wi
 state dict (weights as changed by smoothing folds, plus quantizer ranges and scales). The
 tensor file is written first under a fresh name, then the JSON is replaced atomically, then
 stale tensor files are removed: a crash at any point leaves the previous checkpoint readable.
+A model saved after ``modelopt_lite.deploy`` keeps its ``Int4Linear`` layers packed (the
+manifest's ``deployed`` list); ``load`` puts them back in place of the float layers.
 
 Example::
 
@@ -103,16 +105,21 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _check_layers(layers, modules)
     tensors = load_file(str(Path(directory) / manifest["tensors"]))
     _check_shapes(model, tensors, layers, modules)
+    deployed = {rec["name"]: rec for rec in manifest.get("deployed", [])}
     for rec in layers:
+        if rec["name"] in deployed:
+            continue
         spec = lambda d: None if d is None else QuantizerSpec(**d)  # noqa: E731
         wrap_module(modules[rec["name"]], spec(rec["weight"]), spec(rec["input"]), rec["name"])
     _add_mask_buffers(manifest, modules, tensors)
+    _add_int4_layers(model, deployed, modules)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if n not in tensors}
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
     _check_missing_are_tied(model, tied)
-    model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity") if k in manifest}
+    model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity", "deployed")
+                            if k in manifest}
     return model
 
 
@@ -125,6 +132,22 @@ def _add_mask_buffers(manifest, modules, tensors) -> None:
         if rec["name"] not in modules:
             raise CheckpointError(f"checkpoint layer {rec['name']} is not in this model")
         modules[rec["name"]].register_buffer("weight_mask", torch.empty_like(tensors[key]))
+
+
+def _add_int4_layers(model, deployed, modules) -> None:
+    """Put an empty ``Int4Linear`` where the checkpoint's model had been deployed
+    (``modelopt_lite.deploy`` before ``save``), on the float layer's device, to load into."""
+    from .nn.int4_linear import Int4Linear
+
+    for name, rec in deployed.items():
+        if name not in modules:
+            raise CheckpointError(f"checkpoint layer {name} is not in this model")
+        old = modules[name]
+        weight = getattr(old, "weight", None)
+        spec = {k: v for k, v in rec.items() if k != "name"}
+        new = Int4Linear.from_spec(spec, device=None if weight is None else weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _check_layers(layers, modules) -> None:

@@ -83,3 +83,30 @@ def test_checkpoint_holds_no_pickles(tmp_path):
 def test_save_needs_a_quantized_model(tmp_path):
     with pytest.raises(CheckpointError, match="not quantized"):
         mtl.save(nn.Linear(4, 4), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_deployed_round_trip(tmp_path, arch):
+    """deploy() then save(): the checkpoint holds the packed INT4 layers (a fraction of the
+    fake-quant checkpoint's bytes) and load() rebuilds them as Int4Linear on a fresh float
+    model, with the same outputs; the layers left fake-quant come back as they were."""
+    from modelopt_lite.config import QuantConfig, QuantizerSpec
+    from modelopt_lite.nn.int4_linear import Int4Linear
+
+    model = ALL[arch]()
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32, symmetric=False)), progress=False)
+    mtl.save(model, tmp_path / "fake")
+    mtl.deploy(model)
+    tokens = random_tokens(n=2, seq=12)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    mtl.save(model, tmp_path / "int4")
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("model-*.safetensors"))
+            for d in ("fake", "int4")}
+    fresh = mtl.load(ALL[arch](seed=7), tmp_path / "int4")
+    n_int4 = sum(isinstance(m, Int4Linear) for m in fresh.modules())
+    assert n_int4 == sum(isinstance(m, Int4Linear) for m in model.modules()) > 0
+    assert size["int4"] < size["fake"]
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens).logits, ref)

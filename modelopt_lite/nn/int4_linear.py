@@ -149,6 +149,19 @@ class Int4Linear(nn.Module):
             mod.pre_scale.copy_(pre_scale.detach().to(dtype))
         return mod
 
+    def spec(self) -> dict:
+        """The constructor's arguments, as JSON (checkpoints record deployed layers by it)."""
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    group_size=self.group_size, bias=self.bias is not None,
+                    symmetric=self.zterm is None, pre_scale=self.pre_scale is not None,
+                    dtype=str(self.scale.dtype).removeprefix("torch."))
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "Int4Linear":
+        """An empty layer of :meth:`spec`'s shape, to load a state dict into."""
+        kw = {k: v for k, v in spec.items() if k != "dtype"}
+        return cls(**kw, dtype=getattr(torch, spec.get("dtype", "float16")), device=device)
+
     @property
     def packed(self) -> PackedInt4:
         return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features)
@@ -227,6 +240,11 @@ def deploy_int4(model: nn.Module) -> nn.Module:
     model as it was."""
     targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
     built = [(name, _to_int4_linear(mod, name)) for name, mod in targets]
+    state = getattr(model, "_modelopt_lite", None)
+    if built and built[0][0] and isinstance(state, dict):   # for modelopt_lite.save / load
+        done = {r["name"]: r for r in state.get("deployed", [])}
+        done.update({name: {"name": name, **new.spec()} for name, new in built})
+        state["deployed"] = list(done.values())
     for name, new in built:
         if not name:
             return new
