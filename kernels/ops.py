@@ -56,7 +56,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     """
     from .gemv import w4a16_gemv_kernel
     from .mma import w4a16_mma_kernel
-    from .pdl import zero_
+    from .pdl import launch_options, zero_
     from .ptx import mma_constraints, mma_fs_constraints
     from .w4a16 import w4a16_kernel
 
@@ -143,9 +143,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             args = args[:2] + (_pairs(p),) + args[3:]
         # the output zeroed last: a PDL launch follows its zeroing kernel directly (kernels.pdl)
         pdl = zero_(out) if atomic and not prep else False
-        w4a16_mma_kernel[grid](*args, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
-                               PREFETCH=cfg.get("PREFETCH", False), ASM=asm,
-                               CONSTRAINTS=cons, ROWS=rows, FS=fs if use_asm else 0,
+        w4a16_mma_kernel[grid](*args, **launch_options(pdl),
+                               PREFETCH=cfg.get("PREFETCH", False), ASM=asm, CONSTRAINTS=cons,
+                               ROWS=rows, FS=fs if use_asm else 0,
                                QC=cfg.get("QC", ""), QE=cfg.get("QE", ""), SV=sv, PAIRS=pairs,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
                                XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common)

@@ -9,7 +9,7 @@ PDL won 0.6-1.1 us of it back on the large Llama shapes.
 With PDL (Hopper and later) :func:`zero_` launches a small zeroing kernel whose programs let
 the next kernel start at once (``griddepcontrol.launch_dependents``); the GEMM, launched with
 ``launch_pdl=True``, streams its weights meanwhile and waits (``griddepcontrol.wait``) only
-before its first write to the output (every program waits, writing or not). The
+before its first write to the output. The
 warp-specialized (``ws.py``) and small-M MMA (``mma.py``) kernels do this (their ``PDL``
 option); the MMA kernel's ``XPERM`` configs with ``PREP`` (one kernel permutes the activations
 and zeroes the output) and the GEMV and fused kernels' split outputs are zeroed as before.
@@ -55,6 +55,12 @@ if HAVE_GDC:
         gdc_launch_dependents()   # the GEMM may start now; it waits before writing
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + offs, tl.zeros([BLOCK], out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def launch_options(pdl: bool) -> dict:
+    """The GEMM launch's options after :func:`zero_` returned ``pdl``: the kernel's ``PDL``
+    option (wait before writing) and, with it, Triton's ``launch_pdl``."""
+    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 
 def zero_(out: torch.Tensor) -> bool:

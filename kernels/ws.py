@@ -48,7 +48,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
 
 from .dequant import _asm, _k_slice, _tile_of
 from .packing import cached_layout
-from .pdl import zero_
+from .pdl import launch_options, zero_
 from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
 ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
@@ -261,9 +261,7 @@ if HAVE_GLUON:
         if ATOMIC and not STREAM:   # K slice pid_k of SPLIT_K
             kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
             k_chunks = kt1 - kt0
-            if k_chunks <= 0:   # an empty last slice
-                if PDL:   # as every program does (slice 0 of the tile waits anyway)
-                    _gdc_wait()
+            if k_chunks <= 0:   # an empty last slice (slice 0 of the tile waits for PDL)
                 return
         else:
             kt0 = 0
@@ -451,6 +449,6 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
-                          COAL=coal, STREAM=stream, TILED=tiled, PDL=pdl, num_warps=4,
-                          **({"launch_pdl": True} if pdl else {}), **_regs(cfg, rows, bm))
+                          COAL=coal, STREAM=stream, TILED=tiled, num_warps=4,
+                          **launch_options(pdl), **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)
