@@ -137,7 +137,7 @@ def _add_mask_buffers(manifest, modules, tensors) -> None:
 def _add_int4_layers(model, deployed, modules) -> None:
     """Put an empty ``Int4Linear`` where the checkpoint's model had been deployed
     (``modelopt_lite.deploy`` before ``save``), on the float layer's device, to load into."""
-    from .nn.int4_linear import Int4Linear
+    from .nn.int4_linear import Int4Linear, swap_module
 
     for name, rec in deployed.items():
         if name not in modules:
@@ -145,9 +145,8 @@ def _add_int4_layers(model, deployed, modules) -> None:
         old = modules[name]
         weight = getattr(old, "weight", None)
         spec = {k: v for k, v in rec.items() if k != "name"}
-        new = Int4Linear.from_spec(spec, device=None if weight is None else weight.device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swap_module(model, name, Int4Linear.from_spec(
+            spec, device=None if weight is None else weight.device))
 
 
 def _check_layers(layers, modules) -> None:

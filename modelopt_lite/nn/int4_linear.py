@@ -46,8 +46,9 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
                  in_features: int) -> torch.Tensor:
     """``Int4Linear``'s product as one opaque operator, so that ``torch.compile`` traces a
-    model through it (no graph break; CUDA graphs with ``mode="reduce-overhead"``). Eager
-    calls skip the operator's dispatch and run the kernel directly."""
+    model through it (no graph break; CUDA graphs with ``mode="reduce-overhead"``), with the
+    gradients of :func:`_backward`. Eager calls that need no gradient skip the operator's
+    dispatch and run the kernel directly."""
     return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features), bias)
 
 
@@ -77,18 +78,6 @@ def _backward(ctx, grad):
 
 
 w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _Product(torch.autograd.Function):
-    """The eager path with gradients (the kernels compute no backward): an input or bias that
-    requires grad gets ``_backward``'s, as under torch.compile."""
-
-    @staticmethod
-    def forward(x, qweight, scale, zterm, bias, group_size, in_features):
-        return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features), bias)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
 
 
 class Int4Linear(nn.Module):
@@ -171,13 +160,13 @@ class Int4Linear(nn.Module):
         x = x.to(self.scale.dtype)
         if self.pre_scale is not None:
             x = x * self.pre_scale
-        if _compiling():   # one opaque operator in torch.compile's graph
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or getattr(self.bias, "requires_grad", False))
+        # the operator: one opaque node for torch.compile, and the gradients (the kernels
+        # compute none)
+        if _compiling() or needs_grad:
             y = w4a16_linear(x, self.qweight, self.scale, self.zterm, self.bias, self.group_size,
                              self.in_features)
-        elif torch.is_grad_enabled() and (x.requires_grad or getattr(self.bias, "requires_grad",
-                                                                      False)):
-            y = _Product.apply(x, self.qweight, self.scale, self.zterm, self.bias,
-                               self.group_size, self.in_features)
         else:
             y = _matmul(x, self.packed, self.bias)
         return y.to(in_dtype)
@@ -234,6 +223,12 @@ def _to_int4_linear(module: nn.Module, name: str = "") -> Int4Linear:
                                  bias=bias, dtype=dtype, pre_scale=pre_scale)
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` (dotted) of ``model``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def deploy_int4(model: nn.Module) -> nn.Module:
     """Replace every INT4 block fake-quant linear in ``model`` (in place) by an Int4Linear.
     Every layer is converted before any is swapped: a layer that cannot be deployed leaves the
@@ -248,8 +243,7 @@ def deploy_int4(model: nn.Module) -> nn.Module:
     for name, new in built:
         if not name:
             return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swap_module(model, name, new)
         log.debug("deployed %s as %r", name, new)
     log.info("deploy_int4: %d linear layers now run on INT4 kernels", len(targets))
     return model
