@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -26,12 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import ours_fns, problems  # noqa: E402
-from sweep_large import write_table  # noqa: E402
+from sweep_large import parse_twin, write_table  # noqa: E402
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 from common import capture, import_kernels, replay_median_us  # noqa: E402
-
-ENV_PDL = "MODELOPT_LITE_PDL"
 
 
 def time_graph(graph, n_calls, reps, warm_ms):
@@ -57,11 +56,6 @@ def adopt(a, k, n, m, rows):
                                      best_us=best["median_us"], shipped_us=ship,
                                      shipped_us_2=ship)], a.margin)
     print(f"{best['arm']} written to {a.write_table}: {ship} -> {best['median_us']} us")
-
-
-def parse_twin(text):
-    return dict((kv.partition("=")[0], json.loads(kv.partition("=")[2]))
-                for kv in text.split(","))
 
 
 def main() -> None:
@@ -91,6 +85,7 @@ def main() -> None:
     ap.add_argument("--min-wins", type=int, default=None, help="default: all rounds but one")
     a = ap.parse_args()
     mk = import_kernels()
+    env_pdl = importlib.import_module(mk.__name__ + ".pdl").ENV_PDL
     k, n = (int(v) for v in a.shape.split("x"))
     _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m]))
     base = shipped(mk, m, n, k)
@@ -105,10 +100,10 @@ def main() -> None:
             raise SystemExit(f"{name} {cfg}: error {err:.2e} against the fp32 product")
         graphs[name] = (capture(fns), fns, cfg, err)  # fns keep the graph's tensors alive
     if a.pdl_off_arm:
-        os.environ[ENV_PDL] = "0"   # read when each call zeroes its output: at capture
+        os.environ[env_pdl] = "0"   # read when each call zeroes its output: at capture
         fns = ours_fns(mk, packed, x, nc, base)
         graphs["pdl_off"] = (capture(fns), fns, None, None)
-        del os.environ[ENV_PDL]
+        del os.environ[env_pdl]
     if a.zeros_arm:
         fns = ours_fns(mk, packed, x, nc, base)
         fns = [lambda f=f: (torch.zeros((m, n), device="cuda", dtype=x.dtype), f())[1]

@@ -92,8 +92,13 @@ def copy_bandwidth() -> float:
     return 2 * n / (t * 1e-6)
 
 
+def int4_layer_bytes(n, k, group=128) -> int:
+    """An INT4 layer's bytes: the packed words, fp16 scales and fp16 zero points."""
+    return n * k // 2 + 2 * 2 * n * (k // group)
+
+
 def int4_floor_us(m, n, k, group, bw) -> float:
-    nbytes = n * k // 2 + 2 * 2 * n * (k // group) + 2 * m * k + 2 * m * n
+    nbytes = int4_layer_bytes(n, k, group) + 2 * m * k + 2 * m * n
     return nbytes / bw * 1e6
 
 

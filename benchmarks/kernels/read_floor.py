@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copies_for, graph_time_us  # noqa: E402
+from common import copies_for, graph_time_us, int4_layer_bytes  # noqa: E402
 
 
 @triton.jit
@@ -45,10 +45,6 @@ def _read(src, out, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr, CG: tl.co
     tl.store(out + pid, tl.reduce(acc, 0, _xor))
 
 
-def layer_bytes(k: int, n: int, group: int = 128) -> int:
-    return n * k // 2 + 2 * 2 * n * (k // group)
-
-
 def xor_all(t: torch.Tensor) -> int:
     return int(np.bitwise_xor.reduce(t.cpu().numpy()))
 
@@ -65,7 +61,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
-        nbytes = layer_bytes(k, n)
+        nbytes = int4_layer_bytes(n, k)
         n_words = nbytes // 4
         copies = [torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int32, device="cuda")
                   for _ in range(copies_for(nbytes))]

@@ -116,8 +116,7 @@ def main():
                     help="candidates: v12's PAIRS tiles at several K splits (PAIRS 2: the "
                          "transposed words)")
     a = ap.parse_args()
-    twins = [dict((kv.partition("=")[0], json.loads(kv.partition("=")[2]))
-                  for kv in t.split(",")) for t in a.twin or []]
+    twins = [parse_twin(t) for t in a.twin or []]
     t0 = time.time()
     mk = import_kernels()
     bw = copy_bandwidth()
@@ -200,6 +199,12 @@ def main():
               f"BM{c.get('BM')} BN{c.get('BN')} w{c.get('num_warps')} st{c.get('num_stages')} "
               f"sk{c.get('SPLIT_K')}" + (f" WS st{c.get('STAGES')} p{c.get('PERSIST', 0)}"
                                         if c.get("WS") else ""))
+
+
+def parse_twin(text: str) -> dict:
+    """``"KEY=VALUE,KEY=VALUE"`` (JSON values) -> the config settings."""
+    return dict((kv.partition("=")[0], json.loads(kv.partition("=")[2]))
+                for kv in text.split(","))
 
 
 def table_config(path, m, n, k):
