@@ -13,12 +13,18 @@ import triton
 import triton.language as tl
 
 
-def _asm(bf16: bool, zero: bool, byte: int) -> str:
+def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False) -> str:
+    """Dequantization of byte ``byte`` of two words (nibble planes 2b and 2b + 1): ``$4`` the
+    scales, ``$5`` the zero terms (``zero``: u * s + zterm, one FMA) or, ``zero_offset``, the
+    numbers magic + z of integer zero points z, subtracted before one multiply: (u - z) * s,
+    exact before its one rounding."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
     sel = hex(byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12)
-    finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero else f"mul.rn.{ty} $OUT, t, $4;")
+    finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero and not zero_offset
+              else f"mul.rn.{ty} $OUT, t, $4;")
+    o = "$5" if zero_offset else "o"
     return f"""
 {{
 .reg .b32 p, t, m, o;
@@ -26,11 +32,11 @@ mov.b32 m, {magic};
 mov.b32 o, {offset};
 prmt.b32 p, $2, $3, {sel};
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, o;
+sub.rn.{ty} t, t, {o};
 {finish.replace("$OUT", "$0")}
 shr.u32 p, p, 4;
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
-sub.rn.{ty} t, t, o;
+sub.rn.{ty} t, t, {o};
 {finish.replace("$OUT", "$1")}
 }}
 """

@@ -7,7 +7,7 @@ import os
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .packing import PackedInt4, cached_layout, pair_scales
+from .packing import PackedInt4, cached_layout, integer_zeros, pair_scales, zero_words
 from .tuning import WS_FUSED_TILE, _num_sms, pick_config
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -47,7 +47,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16
     copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
-    ``TILED``, ``COAL``, ``MAXNREG``); where it cannot run (another GPU, the
+    ``TILED``, ``COAL``, ``MAXNREG``, ``SCALES``: :func:`ws_scales`); where it cannot run (another GPU, the
     interpreter, block 32 / 64, K not a multiple of 128) the fused kernel takes the same config.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
@@ -83,7 +83,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
         from .ws import w4a16_ws, ws_supported
 
         if not _interpreting() and ws_supported(x2, p):
-            y = w4a16_ws(x2, p, _pairs(p, transposed=True), bias, cfg)
+            compact = cfg.get("SCALES", "compact" if m <= 8 else "pairs") == "compact"
+            y = w4a16_ws(x2, p, ws_scales(p, compact), bias, cfg)
             return y.reshape(out_shape)
         cfg = _ws_fallback(cfg)  # the fused kernel with the same tile
     if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
@@ -223,6 +224,46 @@ def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
         return sz.t().contiguous() if transposed else sz
 
     return cached_layout(_PAIR_CACHE, p.scale, tag, transposed, make)
+
+
+ENV_WS_SCALES = "MODELOPT_LITE_WS_SCALES"
+
+
+def ws_scales(p: PackedInt4, compact: bool = True) -> tuple:
+    """The scale layout the warp-specialized kernel reads, ``(mode, scales, zeros)``, built once
+    per scale tensor (as :func:`_pairs`):
+
+    - mode 1, symmetric weights: the scales transposed, [K/B, N], 2 bytes per row and block;
+    - mode 2, integer zero points (:func:`~.packing.integer_zeros`): those scales and the
+      zeros as 4-bit :func:`~.packing.zero_words` [ceil(K/B / 8), N], 2.5 bytes;
+    - mode 0, otherwise (fractional zero points, or N not a multiple of 8, which the 16-bit
+      rows' tensor copies need): :func:`_pairs` transposed, 4 bytes, and zeros None.
+
+    On the large Llama layers the 1.5 bytes saved per row and block are 2.2 % of the bytes a
+    small-batch product streams: 28672x8192 at M = 1 ran 2.1 % faster on an H100, but at
+    M = 16-64, where the kernel is bound by its dequantization, the zeros' unpacking made it
+    2-5 % slower (benchmarks/kernels/NOTES.md, v37). So ``w4a16_matmul`` asks for it
+    (``compact``) at M <= 8 only, unless the config's ``SCALES`` says "compact" or "pairs".
+    ``MODELOPT_LITE_WS_SCALES=pairs`` reads mode 0 always (read at each call, so at CUDA-graph
+    capture)."""
+    n = p.shape[0]
+    if not compact or os.environ.get(ENV_WS_SCALES, "") == "pairs" or n % 8:
+        return 0, _pairs(p, transposed=True), None
+    zterm = p.zterm
+    tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
+
+    def make():
+        z = integer_zeros(p)
+        if zterm is not None and z is None:
+            return None
+        return (1 if z is None else 2), p.scale.t().contiguous(), \
+            None if z is None else zero_words(z)
+
+    # under CUDA-graph capture a layout would only be recorded, not made (and the zero points'
+    # check reads the device): use one made before, else the pairs
+    capturing = p.scale.is_cuda and torch.cuda.is_current_stream_capturing()
+    compact = cached_layout(_PAIR_CACHE, p.scale, tag, "ws", make, build=not capturing)
+    return compact if compact is not None else (0, _pairs(p, transposed=True), None)
 
 
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:

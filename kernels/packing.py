@@ -12,8 +12,14 @@ Packed form (what checkpoints hold and the Triton kernels load):
   of a chunk's 16 words is one 16-wide K slice: the kernel turns each nibble plane into one
   [N, 16] operand of a tensor-core product, with no data reshuffle in registers.
 * ``scale`` [N, K/B] in the activation dtype.
-* ``zterm`` [N, K/B] = ``-z * s`` in the activation dtype, or ``None`` for symmetric
-  weights (z = 8), so the zero point costs one FMA: ``W_hat = u * s + zterm``.
+* ``zterm`` [N, K/B] = ``-z * s`` in the activation dtype (the product with the stored,
+  rounded scale, rounded once), or ``None`` for symmetric weights (z = 8), so the zero point
+  costs one FMA: ``W_hat = u * s + zterm``.
+
+Integer zero points in [0, 15] (AutoAWQ / GPTQ checkpoints, ``quantize_rtn(...,
+integer_zero=True)``) are recovered exactly from (scale, zterm) by :func:`integer_zeros`; the
+warp-specialized kernel then reads them as 4-bit words (:func:`zero_words`) instead of a
+16-bit zero term, 2.5 instead of 4 bytes per row and block.
 """
 from __future__ import annotations
 
@@ -81,14 +87,14 @@ def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> Pac
         raise ValueError(f"scale must be [{n}, {k // group_size}], got {tuple(scale.shape)}")
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
-    scale32 = scale.detach().to(torch.float32)
+    scale = scale.detach().to(torch.float32).to(dtype).contiguous()
     zterm = None
     if zero is not None:
         if tuple(zero.shape) != tuple(scale.shape):
             raise ValueError(f"zero must match scale {tuple(scale.shape)}, got {tuple(zero.shape)}")
-        zterm = (-zero.detach().to(torch.float32) * scale32).to(dtype).contiguous()
-    return PackedInt4(pack_int4(codes).contiguous(), scale32.to(dtype).contiguous(), zterm,
-                      int(group_size), int(k))
+        # from the stored scale: an integer zero then comes back exactly (integer_zeros)
+        zterm = (-zero.detach().to(torch.float32) * scale.float()).to(dtype).contiguous()
+    return PackedInt4(pack_int4(codes).contiguous(), scale, zterm, int(group_size), int(k))
 
 
 def cached_layout(cache, key: torch.Tensor, tag, variant, make, build: bool = True):
@@ -120,6 +126,30 @@ def pair_scales(p: PackedInt4) -> torch.Tensor:
     return (lo | (p.zterm.contiguous().view(torch.int16).to(torch.int32) << 16)).contiguous()
 
 
+def integer_zeros(p: PackedInt4) -> Optional[torch.Tensor]:
+    """uint8 [N, K/B]: the zero points z in [0, 15] for which ``zterm == -z * scale`` rounded
+    to the scale's dtype holds for every block (any z where the scale is 0 and the zero term
+    too: 0), or None where one block's zero term is no such product (fractional zero points,
+    as this toolkit's own min/max quantizers make them) or the weights are symmetric."""
+    if p.zterm is None:
+        return None
+    s, zt = p.scale.float(), p.zterm.float()
+    z = torch.where(s != 0, -zt / torch.where(s != 0, s, 1.0), 0.0).round().clamp(0, 15)
+    if not torch.equal((-z * s).to(p.zterm.dtype), p.zterm):
+        return None
+    return z.to(torch.uint8)
+
+
+def zero_words(z: torch.Tensor) -> torch.Tensor:
+    """int32 [ceil(G / 8), N] from zero points z uint8 [N, G]: block g's zero of row n in bits
+    4 (g % 8) .. 4 (g % 8) + 3 of word [g // 8, n], so a kernel that walks K reads one word per
+    row every 8 blocks and each block's zero with one shift."""
+    n, g = z.shape
+    z = torch.nn.functional.pad(z.to(torch.int64), (0, -g % 8)).view(n, -1, 8)
+    w = (z << (4 * torch.arange(8, device=z.device))).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).t().contiguous()
+
+
 def dequantize(p: PackedInt4, dtype=torch.float32) -> torch.Tensor:
     """W_hat [N, K] = u * s + zterm (or (u - 8) * s when symmetric), in ``dtype``."""
     u = unpack_int4(p.qweight, p.in_features).to(torch.float32)
@@ -140,11 +170,13 @@ def w4a16_reference(x: torch.Tensor, p: PackedInt4, bias=None, pre_scale=None) -
     return y.to(x.dtype)
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = False):
+def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = False,
+                 integer_zero: bool = False):
     """Round-to-nearest block quantization of W [N, K] -> (codes uint8, scale, zero or None).
 
     A plain reference used by tests and benchmarks; calibrated quantizers live elsewhere.
-    Asymmetric uses min/max per block with a float zero; symmetric uses absmax/7.5 and z=8.
+    Asymmetric uses min/max per block with a float zero (``integer_zero``: rounded to an
+    integer in [0, 15], as AutoAWQ and GPTQ store it); symmetric uses absmax/7.5 and z=8.
     """
     n, k = w.shape
     wb = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
@@ -155,5 +187,7 @@ def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = False):
     lo, hi = wb.amin(-1), wb.amax(-1)
     scale = ((hi - lo) / 15).clamp_min(1e-8)
     zero = -lo / scale
+    if integer_zero:
+        zero = zero.round().clamp(0, 15)
     codes = torch.round(wb / scale[..., None] + zero[..., None]).clamp(0, 15)
     return codes.reshape(n, k).to(torch.uint8), scale, zero

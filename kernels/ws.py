@@ -6,8 +6,9 @@ barriers:
 
 - a producer warp streams each 128-deep K chunk into a STAGES-deep ring with bulk tensor
   copies (TMA): the activations as two [BM, 64] boxes, the rows' [rows, 16] packed words and
-  the chunk's scale / zero-term word per row (:func:`~.packing.pair_scales`, transposed), all
-  counted on the stage's ``ready`` barrier;
+  the chunk's scale / zero-term word per row (:func:`~.packing.pair_scales`, transposed; or
+  the scales alone, symmetric, or the scales and 4-bit integer zero points:
+  :func:`~.ops.ws_scales`), all counted on the stage's ``ready`` barrier;
 - two consumer warpgroups (half the rows each, one partition each) wait on ``ready``, load
   their words from shared memory straight into the wgmma A-operand layout (two adjacent words
   per thread, the pair the dequantization's PRMT joins), dequantize the eight nibble planes in
@@ -57,14 +58,17 @@ SMEM = 232448 - 1024   # a block's 227 KB of shared memory, less room for the ba
 
 if HAVE_GLUON:
     @gluon.jit
-    def _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m, kt0,
-                  k_chunks, it0, STAGES: gl.constexpr, TILED: gl.constexpr = False, kc_all=0):
+    def _producer(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty, off_n,
+                  off_m, kt0, k_chunks, it0, STAGES: gl.constexpr, TILED: gl.constexpr = False,
+                  kc_all=0, SZ: gl.constexpr = 0):
         """Chunks kt0 .. kt0 + k_chunks - 1 of one tile into the ring, from ring position it0
         (the chunks the program filled before). TILED: the words are laid out tile by tile
         (:func:`tiled_words`: row block, then chunk, then [rows, 16]), so that a chunk's box is
-        one contiguous run of memory; kc_all is K / 128."""
+        one contiguous run of memory; kc_all is K / 128. SZ 2: each chunk's zero-point words
+        too (the word of its 8-chunk run; the 7 repeats come from L2)."""
         nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
                                 + sz_desc.block_type.nbytes)
+        zbytes: gl.constexpr = z_desc.block_type.nbytes if SZ == 2 else 0
         for kt in range(k_chunks):
             it = it0 + kt
             s = it % STAGES
@@ -72,7 +76,7 @@ if HAVE_GLUON:
             # through the ring does not wait
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
+            mbarrier.expect(bar, nbytes + zbytes)
             c = kt0 + kt   # the chunk along K
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128], bar, xlo.index(s))
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128 + 64], bar, xhi.index(s))
@@ -82,6 +86,8 @@ if HAVE_GLUON:
             else:
                 tma.async_copy_global_to_shared(q_desc, [off_n, c * 16], bar, qb.index(s))
             tma.async_copy_global_to_shared(sz_desc, [c, off_n], bar, szb.index(s))
+            if SZ == 2:
+                tma.async_copy_global_to_shared(z_desc, [c // 8, off_n], bar, zb.index(s))
 
     @gluon.jit
     def _planes(q, s, z, asm: gl.constexpr):
@@ -91,20 +97,25 @@ if HAVE_GLUON:
                                          dtype=(s.dtype, s.dtype), is_pure=True, pack=2)
 
     @gluon.jit
-    def _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                  off_m, pid_k, k_chunks, it0, WG: gl.constexpr, BM: gl.constexpr,
+    def _consumer(xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                  off_n, off_m, pid_k, kt0, k_chunks, it0, WG: gl.constexpr, BM: gl.constexpr,
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
                   A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False,
-                  PDL: gl.constexpr = False):
+                  PDL: gl.constexpr = False, SZ: gl.constexpr = 0):
         """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
         then its store (or, ATOMIC, its addition; PDL: after the zeroing kernel before this
         launch has finished, :mod:`~.pdl`). COAL: through shared memory into a layout
         in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that a
         warp's stores / atomics (16 bytes a thread; fp16 atomics as v8.f16) are whole 128-byte
         lines; in the accumulator's layout the 32 lanes of a warp touch 8 tokens' 16-byte
-        pieces, and fp16 atomics go one element at a time."""
+        pieces, and fp16 atomics go one element at a time. The chunks are kt0 .. kt0 +
+        k_chunks - 1 along K; SZ is the scales' layout (:func:`w4a16_ws`): 0 one word of scale
+        and zero term per row, 1 the scale alone (symmetric), 2 the scale and the 4-bit zero
+        point of zero-point words, subtracted from the codes before the scale's multiply
+        (integers: W_hat = (u - z) * s is rounded once, within an ulp of u * s + zterm)."""
         dt: gl.constexpr = xlo.dtype
+        MAGIC: gl.constexpr = 0x4300 if dt == gl.bfloat16 else 0x6400
         HALF: gl.constexpr = qb.shape[1] // 2   # this warpgroup's rows: ROWS / 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BM, 16])
@@ -117,9 +128,19 @@ if HAVE_GLUON:
             q = qb.index(s).slice(HALF * WG, HALF).load(a_l)               # [HALF, 16] words
             sz = (szb.index(s).reshape([2 * HALF]).slice(HALF * WG, HALF)
                   .load(gl.SliceLayout(1, a_l)))
-            sv = gl.expand_dims(sz, 1)
-            sc = gl.broadcast(sv, q)[0].to(gl.int16).to(dt, bitcast=True)        # low half
-            zt = gl.broadcast(sv >> 16, q)[0].to(gl.int16).to(dt, bitcast=True)  # high half
+            if SZ == 0:
+                sv = gl.expand_dims(sz, 1)
+                sc = gl.broadcast(sv, q)[0].to(gl.int16).to(dt, bitcast=True)        # low half
+                zt = gl.broadcast(sv >> 16, q)[0].to(gl.int16).to(dt, bitcast=True)  # high half
+            else:
+                sc = gl.broadcast(gl.expand_dims(sz, 1), q)[0]
+                zt = sc   # symmetric: the asm takes no zero term
+                if SZ == 2:   # magic + z: the asm subtracts it (A0-A3 are the offset asm)
+                    zw = (zb.index(s).reshape([2 * HALF]).slice(HALF * WG, HALF)
+                          .load(gl.SliceLayout(1, a_l)))
+                    zo = ((zw >> (4 * ((kt0 + kt) % 8))) & 0xF) | MAGIC
+                    zt = gl.broadcast(gl.expand_dims(zo, 1), q)[0].to(gl.int16).to(
+                        dt, bitcast=True)
             lo0, hi0 = _planes(q, sc, zt, A0)
             lo1, hi1 = _planes(q, sc, zt, A1)
             lo2, hi2 = _planes(q, sc, zt, A2)
@@ -197,9 +218,10 @@ if HAVE_GLUON:
         return 0, k_chunks
 
     @gluon.jit
-    def _producer_tiles(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, num_pn,
-                        num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
-                        STAGES: gl.constexpr, STREAM: gl.constexpr, TILED: gl.constexpr):
+    def _producer_tiles(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
+                        num_pn, num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
+                        STAGES: gl.constexpr, STREAM: gl.constexpr, TILED: gl.constexpr,
+                        SZ: gl.constexpr):
         """PERSIST: the program's tiles p, p + P, ... one after another through one ring, so
         the next tile's first chunks load while the consumers finish and store this one.
         STREAM: the program's run of chunks (:func:`_work`), tile by tile."""
@@ -208,17 +230,17 @@ if HAVE_GLUON:
         for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
-            _producer(x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n, off_m,
-                      kt0, n, it0, STAGES, TILED, k_chunks)
+            _producer(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
+                      off_n, off_m, kt0, n, it0, STAGES, TILED, k_chunks, SZ)
             it0 += n
 
     @gluon.jit
-    def _consumer_tiles(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                        num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
+    def _consumer_tiles(xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M,
+                        N, num_pn, num_pm, k_chunks, WG: gl.constexpr, GROUP_N: gl.constexpr,
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr,
-                        PDL: gl.constexpr):
+                        PDL: gl.constexpr, SZ: gl.constexpr):
         """PERSIST / STREAM: :func:`_consumer` for each of the program's tiles (STREAM: its
         chunks of them, added with atomics; the bias with a tile's first chunk), in the
         producer's order."""
@@ -227,20 +249,20 @@ if HAVE_GLUON:
         for t in range(t0, t1, step):
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
-            _consumer(xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N, off_n,
-                      off_m, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1, A2, A3,
-                      COAL, PDL)
+            _consumer(xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
+                      off_n, off_m, kt0, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1,
+                      A2, A3, COAL, PDL, SZ)
             it0 += n
 
     @gluon.jit
-    def w4a16_ws_kernel(x_desc, q_desc, sz_desc, out_ptr, bias_ptr, M, N, K, stride_om,
+    def w4a16_ws_kernel(x_desc, q_desc, sz_desc, z_desc, out_ptr, bias_ptr, M, N, K, stride_om,
                         SPLIT_K, BM: gl.constexpr, STAGES: gl.constexpr,
                         GROUP_N: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
                         STREAM: gl.constexpr = False, TILED: gl.constexpr = False,
-                        PDL: gl.constexpr = False):
+                        PDL: gl.constexpr = False, SZ: gl.constexpr = 0):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
@@ -249,7 +271,8 @@ if HAVE_GLUON:
         tiles' chunks in equal runs, one per program, partial tiles added with atomics
         (:func:`_work`). TILED: q_desc views :func:`tiled_words`. COAL: the coalesced
         epilogue (:func:`_consumer`). PDL (with ATOMIC): launched with ``launch_pdl`` right
-        after :func:`~.pdl.zero_`'s kernel, it waits for that before adding. REGS:
+        after :func:`~.pdl.zero_`'s kernel, it waits for that before adding. SZ: the scales'
+        layout (:func:`w4a16_ws`; z_desc, the zero-point words, is read with SZ 2). REGS:
         the second consumer warpgroup's registers per thread (the first takes what the launch's
         maxnreg leaves); below 232 the producer keeps 24."""
         pid = gl.program_id(0)
@@ -271,7 +294,11 @@ if HAVE_GLUON:
         xlo = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
         xhi = gl.allocate_shared_memory(dt, [STAGES, BM, 64], x_desc.layout)
         qb = gl.allocate_shared_memory(gl.int32, [STAGES, ROWS, 16], q_desc.layout)
-        szb = gl.allocate_shared_memory(gl.int32, [STAGES, 1, ROWS], sz_desc.layout)
+        szb = gl.allocate_shared_memory(sz_desc.dtype, [STAGES, 1, ROWS], sz_desc.layout)
+        if SZ == 2:
+            zb = gl.allocate_shared_memory(gl.int32, [STAGES, 1, ROWS], z_desc.layout)
+        else:
+            zb = szb   # not read
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -280,26 +307,26 @@ if HAVE_GLUON:
 
         if PERSIST or STREAM:
             gl.warp_specialize([
-                (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
-                                   M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL)),
-                (_consumer_tiles, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om,
-                                   M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM, STAGES,
-                                   HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL)),
-                (_producer_tiles, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty,
-                                   num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES, STREAM,
-                                   TILED)),
+                (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                   stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM,
+                                   STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL, SZ)),
+                (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                   stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM,
+                                   STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL, SZ)),
+                (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
+                                   ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES,
+                                   STREAM, TILED, SZ)),
             ], [4, 1], [REGS, 40 if REGS > 128 else 24])
             return
         gl.warp_specialize([
-            (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, pid_k, k_chunks, 0, 0, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3, COAL, PDL)),
-            (_consumer, (xlo, xhi, qb, szb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
-                         off_n, off_m, pid_k, k_chunks, 0, 1, BM, STAGES, HAS_BIAS, ATOMIC,
-                         A0, A1, A2, A3, COAL, PDL)),
-            (_producer, (x_desc, q_desc, sz_desc, xlo, xhi, qb, szb, ready, empty, off_n,
-                         off_m, kt0, k_chunks, 0, STAGES, TILED, gl.cdiv(K, 128))),
+            (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M,
+                         N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES, HAS_BIAS,
+                         ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+            (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M,
+                         N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES, HAS_BIAS,
+                         ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+            (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
+                         off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, gl.cdiv(K, 128), SZ)),
         ], [4, 1], [REGS, 40 if REGS > 128 else 24])
 
 
@@ -346,8 +373,8 @@ def _regs(cfg: dict, rows: int, bm: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant_asm(bf16: bool, zero: bool):
-    return tuple(gl.constexpr(_asm(bf16, zero, b)) for b in range(4))
+def _dequant_asm(bf16: bool, zero: bool, zero_offset: bool = False):
+    return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset)) for b in range(4))
 
 
 def ws_supported(x2: torch.Tensor, p) -> bool:
@@ -364,14 +391,15 @@ def ws_supported(x2: torch.Tensor, p) -> bool:
             and q.is_contiguous() and q.data_ptr() % 16 == 0)
 
 
-def _coal_fits(rows: int, bm: int, stages: int, x_size: int, out_size: int) -> bool:
+def _coal_fits(rows: int, bm: int, stages: int, x_size: int, out_size: int,
+               sz_size: int = 4) -> bool:
     """Whether the coalesced epilogue's layout conversion fits in shared memory beside the
     ring, with room to spare: Triton converts 16-bit tiles through about 4 KB whatever the
     tile (sm_90a, Triton 3.6: 3.9-4.3 KB from 16 to 256 tokens; 8 KB are counted), float32
     ones through up to 32 KB (a whole [rows, BM] float32 tile is counted).
     ``tests/test_kernel_codegen.py`` compiles rings at the limit: 256 tokens x 3 stages and 256
     rows x 64 tokens x 6 stages."""
-    ring = stages * (2 * bm * 64 * x_size + rows * 16 * 4 + rows * 4)
+    ring = stages * (2 * bm * 64 * x_size + rows * 16 * 4 + rows * sz_size)
     return ring + (8192 if out_size == 2 else rows * bm * 4) <= SMEM
 
 
@@ -393,10 +421,12 @@ def _launch(cfg: dict, tiles: int, chunks: int, sms: int) -> tuple:
     return (max(1, min(units, programs)), 1), 1, bool(persist), bool(stream)
 
 
-def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | None,
+def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
              cfg: dict) -> torch.Tensor:
-    """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``pairs_t`` is
-    :func:`~.packing.pair_scales` of ``p`` transposed, [K/128, N]. Config keys: BM (token tile,
+    """y [M, N] = x2 @ W_hat^T (+ bias) with the warp-specialized kernel; ``scales`` is
+    :func:`~.ops.ws_scales` of ``p``: (0, :func:`~.packing.pair_scales` transposed [K/128, N],
+    None), (1, the scales transposed, None) for symmetric weights or (2, the scales
+    transposed, :func:`~.packing.zero_words`) for integer zero points. Config keys: BM (token tile,
     clipped to the tokens' power of two, >= 16), BN (rows per program: 128, or 256, which caps
     BM at 128), STAGES (ring depth, default 3; 256-token tiles fit 3 in shared memory), GROUP_N
     (default 8), SPLIT_K (default 1: K slices added with atomics into a float32 buffer, or with
@@ -434,21 +464,26 @@ def w4a16_ws(x2: torch.Tensor, p, pairs_t: torch.Tensor, bias: torch.Tensor | No
         q_desc = TensorDescriptor(qt, list(qt.shape), [16, 1], [rows, 16], q_l)
     else:
         q_desc = TensorDescriptor(p.qweight, [n, k // 8], [k // 8, 1], [rows, 16], q_l)
-    sz_desc = TensorDescriptor(pairs_t, [k // 128, n], [n, 1], [1, rows],
-                               gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
+    mode, s_t, z_t = scales
+    w_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    sz_desc = TensorDescriptor(s_t, [k // 128, n], [n, 1], [1, rows], w_l if mode == 0 else
+                               gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
                                                     rank=2))
-    a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None)
+    z_desc = (TensorDescriptor(z_t, list(z_t.shape), [n, 1], [1, rows], w_l) if mode == 2
+              else sz_desc)
+    a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None, mode == 2)
     out16 = atomic and cfg.get("OUT16", False) and x2.dtype == torch.float16
     out = torch.empty((m, n), device=x2.device,
                       dtype=x2.dtype if not atomic or out16 else torch.float32)
     # zeroed last: the PDL launch below must follow the zeroing kernel directly
     pdl = zero_(out) if atomic else False
     coal = bool(cfg.get("COAL", atomic)) and _coal_fits(
-        rows, bm, stages, x2.element_size(), out.element_size())
-    w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, out, bias if bias is not None else out,
+        rows, bm, stages, x2.element_size(), out.element_size(), (4, 2, 6)[mode])
+    w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, z_desc, out,
+                          bias if bias is not None else out,
                           m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
-                          COAL=coal, STREAM=stream, TILED=tiled, num_warps=4,
+                          COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, num_warps=4,
                           **launch_options(pdl), **_regs(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

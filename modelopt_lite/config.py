@@ -91,8 +91,12 @@ class QuantizerSpec:
     ``num_bits``: 8 or 4. ``granularity``: ``per_tensor``, ``per_channel`` (weights: one
     scale per output channel), ``per_block`` (weights: blocks of ``block_size`` along the input
     dimension) or ``per_token`` (activations, dynamic only). ``symmetric=False`` adds a zero
-    point (weights only). ``dynamic`` activations compute their range on every call instead of
-    using calibrated static scales. ``calibrator`` picks how a static activation range is set.
+    point (weights only); ``integer_zero=True`` rounds it to an integer code, as AutoAWQ and
+    GPTQ checkpoints store it (a slightly coarser fit of each block's range than the default
+    float zero point; deployed INT4 layers then read 4-bit zero points, 2 % fewer bytes on
+    large layers, and 2:4-sparse layers can be deployed: 0 is one of each block's levels). ``dynamic`` activations
+    compute their range on every call instead of using calibrated static scales.
+    ``calibrator`` picks how a static activation range is set.
     """
 
     num_bits: int = 8
@@ -102,6 +106,7 @@ class QuantizerSpec:
     dynamic: bool = False
     calibrator: str = "max"
     percentile: float = 99.99
+    integer_zero: bool = False
 
     def __post_init__(self):
         _one_of("num_bits", self.num_bits, (4, 8))
@@ -118,6 +123,10 @@ class QuantizerSpec:
             raise ConfigError("granularity='per_token' needs dynamic=True (ranges per call)")
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.integer_zero and self.symmetric:
+            raise ConfigError("integer_zero=True rounds the zero point of asymmetric "
+                              "quantization; set symmetric=False with it (symmetric ranges "
+                              "have no zero point)")
 
     @property
     def qmin(self) -> int:
@@ -130,7 +139,7 @@ class QuantizerSpec:
     def describe(self) -> str:
         kind = {"per_block": f"block {self.block_size}", "per_tensor": "per-tensor",
                 "per_channel": "per-channel", "per_token": "per-token"}[self.granularity]
-        mode = "sym" if self.symmetric else "asym"
+        mode = "sym" if self.symmetric else ("asym int-zero" if self.integer_zero else "asym")
         dyn = " dynamic" if self.dynamic else ""
         return f"int{self.num_bits} {mode} {kind}{dyn}"
 

@@ -42,6 +42,7 @@ def test_yaml_and_json_files(tmp_path):
     ({"input": {"granularity": "per_channel"}}, "activations are quantized per_tensor"),
     ({"input": {"granularity": "per_tensor", "symmetric": False}}, "symmetric"),
     ({"weight": {"dynamic": True}}, "statically"),
+    ({"weight": {"num_bits": 4, "integer_zero": True}}, "set symmetric=False"),
     ({"on_indivisible": "pad"}, "choose one of"),
     ({"algorithm": {"name": "nope"}}, "unknown algorithm 'nope'"),
     ({"version": 99}, "newer than this modelopt_lite"),

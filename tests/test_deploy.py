@@ -9,15 +9,19 @@ from modelopt_lite.nn import is_quantized
 from tiny_models import ALL, random_tokens
 
 
-@pytest.mark.parametrize("arch,symmetric", [("llama", True), ("llama", False), ("gemma3", False),
-                                            ("opt", True), ("gpt2", False), ("gpt_neox", True)])
-def test_deploy_matches_fake_quant_model(arch, symmetric):
-    """Every architecture family, including GPT-2's Conv1D layers (weights stored [in, out])."""
+@pytest.mark.parametrize("arch,symmetric,integer_zero", [
+    ("llama", True, False), ("llama", False, False), ("gemma3", False, False),
+    ("opt", True, False), ("gpt2", False, False), ("gpt_neox", True, False),
+    ("llama", False, True), ("gpt2", False, True)])
+def test_deploy_matches_fake_quant_model(arch, symmetric, integer_zero):
+    """Every architecture family, including GPT-2's Conv1D layers (weights stored [in, out]);
+    integer zero points come through the packing exactly (the kernels' 4-bit zeros)."""
+    from modelopt_lite.kernels.packing import integer_zeros
     from modelopt_lite.nn.int4_linear import Int4Linear
 
     model = ALL[arch]()
     cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=32,
-                                           symmetric=symmetric))
+                                           symmetric=symmetric, integer_zero=integer_zero))
     mtl.quantize(model, cfg, progress=False)
     n_quant = sum(is_quantized(m) for m in model.modules())
     tokens = random_tokens(n=2, seq=12)
@@ -29,6 +33,8 @@ def test_deploy_matches_fake_quant_model(arch, symmetric):
     assert n_int4 == n_quant
     if arch == "llama":
         assert n_int4 == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    zeros = [integer_zeros(m.packed) for m in model.modules() if isinstance(m, Int4Linear)]
+    assert all((z is not None) == integer_zero for z in zeros)
     with torch.no_grad():
         out = model(tokens).logits
     # Int4Linear keeps scales and zero terms in fp16: agreement to fp16 rounding, not bit for
@@ -36,17 +42,21 @@ def test_deploy_matches_fake_quant_model(arch, symmetric):
     assert ((out - ref).norm() / ref.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_deploy_keeps_2to4_sparsity_exact(arch):
-    """2:4-sparse + symmetric INT4: the deployed layers hold the pruned weights as exact zeros
-    and compute what the fake-quant model does."""
+@pytest.mark.parametrize("arch,symmetric", [("llama", True), ("gpt2", True), ("llama", False)])
+def test_deploy_keeps_2to4_sparsity_exact(arch, symmetric):
+    """2:4-sparse + symmetric INT4, or asymmetric with integer zero points: the deployed layers
+    hold the pruned weights on the zero level and compute what the fake-quant model does.
+    Symmetric: (8 - 8) * s, exactly 0. Integer zero points: u * s + zterm with the zero term
+    -z * s rounded to fp16, so within half an fp16 ulp of z * s of 0 (the warp-specialized
+    kernel's compact path, (u - z) * s, exactly 0)."""
     from modelopt_lite.nn.int4_linear import Int4Linear
     from modelopt_lite.kernels import dequantize
 
     model = ALL[arch]()
     mtl.sparsify(model, "2:4", "magnitude")
     mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
-        num_bits=4, granularity="per_block", block_size=32, symmetric=True)), progress=False)
+        num_bits=4, granularity="per_block", block_size=32, symmetric=symmetric,
+        integer_zero=not symmetric)), progress=False)
     tokens = random_tokens(n=2, seq=12)
     with torch.no_grad():
         ref = model(tokens).logits
@@ -55,6 +65,9 @@ def test_deploy_keeps_2to4_sparsity_exact(arch):
     assert layers
     for m in layers:
         w = dequantize(m.packed, torch.float32)
+        if not symmetric:   # |z s - fp16(z s)| <= 2^-11 * 15 s
+            tol = (2.0**-11 * 15 * m.scale.float()).repeat_interleave(m.group_size, 1)
+            w = torch.where(w.abs() <= tol[:, :w.shape[1]], 0.0, w)
         zeros = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
         assert bool((zeros >= 2).all())   # at least 2 of every 4 along the input dim
     with torch.no_grad():

@@ -110,20 +110,24 @@ for i, case in enumerate(cases):
     stream = len(case) > 10 and case[10]
     tiled = len(case) > 11 and case[11]
     pdl = len(case) > 12 and case[12]
+    sz = case[13] if len(case) > 13 else 0
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
     q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
     s_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    h_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    w_desc = f"tensordesc<i32[1, {rows}],{s_l!r}>"
     sig = {"x_desc": f"tensordesc<{ds}[{bm}, 64],{x_l!r}>",
            "q_desc": f"tensordesc<i32[{rows}, 16],{q_l!r}>",
-           "sz_desc": f"tensordesc<i32[1, {rows}],{s_l!r}>", "out_ptr": "*" + od,
+           "sz_desc": w_desc if sz == 0 else f"tensordesc<{ds}[1, {rows}],{h_l!r}>",
+           "z_desc": w_desc, "out_ptr": "*" + od,
            "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
            "SPLIT_K": "i32"}
-    a = ws._dequant_asm(bf16, zero)
+    a = ws._dequant_asm(bf16, zero, sz == 2)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
-                 REGS=regs or 232, STREAM=stream, TILED=tiled, PDL=pdl)
+                 REGS=regs or 232, STREAM=stream, TILED=tiled, PDL=pdl, SZ=sz)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
@@ -177,6 +181,13 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (16, 4, False, True, False, True, False, 128, True, 80, False, True, True),
     (16, 4, False, True, True, True, False, 128, True, 80, True, True, True),   # stream-K
     (128, 4, True, True, False, True, False, 128, True, 0, False, False, True),   # bf16
+    # the scales alone (1, symmetric) or with 4-bit integer zero points (2): the 14th field
+    (16, 4, False, False, False, True, False, 128, True, 80, True, True, True, 1),
+    (16, 4, False, True, False, True, False, 128, True, 80, True, True, True, 2),
+    (16, 4, True, True, True, True, False, 128, True, 80, False, True, True, 2),
+    (64, 4, False, True, True, True, False, 128, True, 80, False, False, False, 2),
+    (256, 3, False, True, True, False, False, 128, True, 0, False, False, False, 2),
+    (64, 6, True, True, False, False, True, 256, True, 0, False, True, False, 2),
 ]
 
 
@@ -190,7 +201,8 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
     for case, rep in zip(WS_CASES, _compile_reports(_WS_SCRIPT, WS_CASES, tmp_path)):
         bm, stages, bf16, zero, bias, atomic, persist, rows, coal, regs = case[:10]
         assert rep["rc"] == 0, (case, rep["report"])
-        assert rep["wgmma"] == 16 * rows // 128 and rep["tma"] == 4, (case, rep)
+        sz = case[13] if len(case) > 13 else 0
+        assert rep["wgmma"] == 16 * rows // 128 and rep["tma"] == 4 + (sz == 2), (case, rep)
         # wgmma serialized: C7515 (a non-wgmma definition of the accumulator), C7513 (of an
         # operand register while a wgmma that reads it is in flight)
         assert "C7515" not in rep["report"] and "C7513" not in rep["report"], (case, rep["report"])

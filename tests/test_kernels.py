@@ -178,6 +178,104 @@ def test_pair_scales_bits_and_cache():
     assert torch.equal((again & 0xFFFF).to(torch.int16).view(p.scale.dtype), p.scale)
 
 
+def _int_zero_problem(n, k, dtype, symmetric=False, group=128):
+    from modelopt_lite.kernels.packing import quantize_rtn
+
+    codes, scale, zero = quantize_rtn(torch.randn(n, k, device=DEVICE), group,
+                                      symmetric=symmetric, integer_zero=True)
+    return pack_weight(codes, scale, zero, group, dtype), zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_integer_zeros_recovered_exactly(dtype):
+    """Integer zero points come back from (scale, zterm) bit for bit, including where a
+    block is constant (scale clamped tiny) or its zero is 0 / 15; fractional zero points and
+    symmetric weights give None; and one fractional block anywhere makes the whole weight None."""
+    from modelopt_lite.kernels.packing import integer_zeros
+
+    w = torch.randn(48, 1152)
+    w[3, :128] = 0.7                              # a constant block
+    w[5, 128:256] = torch.linspace(0, 1, 128)     # zero point 0
+    w[6, 128:256] = torch.linspace(-1, 0, 128)    # zero point 15
+    from modelopt_lite.kernels.packing import quantize_rtn
+    codes, scale, zero = quantize_rtn(w, 128, integer_zero=True)
+    assert zero[5, 1] == 0 and zero[6, 1] == 15
+    p = pack_weight(codes, scale, zero, 128, dtype)
+    z = integer_zeros(p)
+    assert z is not None and z.dtype == torch.uint8 and torch.equal(z, zero.to(torch.uint8))
+    assert torch.equal((-z.float() * p.scale.float()).to(dtype), p.zterm)
+    codes, scale, zero = quantize_rtn(w, 128)     # fractional zeros
+    assert integer_zeros(pack_weight(codes, scale, zero, 128, dtype)) is None
+    zero = zero.round()
+    zero[7, 2] += 0.5                             # one block off the integers
+    assert integer_zeros(pack_weight(codes, scale, zero, 128, dtype)) is None
+    codes, scale, _ = quantize_rtn(w, 128, symmetric=True)
+    assert integer_zeros(pack_weight(codes, scale, None, 128, dtype)) is None
+
+
+def test_zero_words_layout():
+    """zero_words: block g of row n in nibble g % 8 of word [g // 8, n] (the high nibble
+    too: words with bit 31 set), the last word's unused nibbles zero."""
+    from modelopt_lite.kernels.packing import zero_words
+
+    z = torch.randint(0, 16, (40, 19), dtype=torch.uint8)
+    z[0] = 15
+    words = zero_words(z)
+    assert words.dtype == torch.int32 and words.shape == (3, 40) and words.is_contiguous()
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    for g in range(24):
+        got = (u[g // 8] >> (4 * (g % 8))) & 0xF
+        assert torch.equal(got, z[:, g].long() if g < 19 else torch.zeros(40, dtype=torch.long))
+
+
+def test_ws_scales_modes(monkeypatch):
+    """ws_scales picks the warp-specialized kernel's scale layout: the bare scales for
+    symmetric weights, scales and zero-point words for integer zero points, the scale / zero-term
+    pairs otherwise (fractional zeros, N not a multiple of 8, or MODELOPT_LITE_WS_SCALES=pairs);
+    built once per scale tensor, rebuilt after an in-place change."""
+    from modelopt_lite.kernels import ops
+    from modelopt_lite.kernels.packing import integer_zeros, zero_words
+
+    p, _ = _int_zero_problem(64, 1152, torch.float16, symmetric=True)
+    mode, s_t, z_t = ops.ws_scales(p)
+    assert mode == 1 and z_t is None and torch.equal(s_t, p.scale.t())
+    p, zero = _int_zero_problem(64, 1152, torch.float16)
+    first = ops.ws_scales(p)
+    assert first[0] == 2 and torch.equal(first[1], p.scale.t())
+    assert torch.equal(first[2], zero_words(integer_zeros(p)))
+    assert ops.ws_scales(p) is first
+    p.zterm.add_(p.scale * 0.5)   # zero points now fractional: the pairs
+    mode, s_t, z_t = ops.ws_scales(p)
+    assert mode == 0 and z_t is None and torch.equal(s_t, ops._pairs(p, transposed=True))
+    _, p, _ = _problem(1, 64, 1152, 128, True, torch.float16)
+    assert ops.ws_scales(p)[0] == 0
+    p, _ = _int_zero_problem(60, 1152, torch.float16)
+    assert ops.ws_scales(p)[0] == 0    # N = 60: 16-bit rows of 120 bytes
+    p, _ = _int_zero_problem(64, 1152, torch.float16)
+    monkeypatch.setenv(ops.ENV_WS_SCALES, "pairs")
+    assert ops.ws_scales(p)[0] == 0
+
+
+@pytest.mark.parametrize("m, cfg, mode", [(1, {}, 2), (8, {}, 2), (9, {}, 0), (64, {}, 0),
+                                          (64, dict(SCALES="compact"), 2),
+                                          (1, dict(SCALES="pairs"), 0)])
+def test_ws_dispatch_picks_scale_layout(monkeypatch, m, cfg, mode):
+    """w4a16_matmul hands the warp-specialized kernel the compact scales (here integer zero
+    points) at M <= 8, where the product streams its weights, and the pairs above, unless the
+    config's SCALES says otherwise."""
+    from modelopt_lite.kernels import ops, ws
+
+    seen = {}
+    monkeypatch.setattr(ops, "_interpreting", lambda: False)
+    monkeypatch.setattr(ws, "ws_supported", lambda x2, p: True)
+    monkeypatch.setattr(ws, "w4a16_ws", lambda x2, p, scales, bias, c: (
+        seen.update(mode=scales[0]), x2.new_zeros(x2.shape[0], p.shape[0]))[1])
+    p, _ = _int_zero_problem(64, 256, torch.float16)
+    x = torch.randn(m, 256, device=DEVICE).half()
+    assert w4a16_matmul(x, p, None, dict(WS=True, BN=128, BM=16, **cfg)).shape == (m, 64)
+    assert seen["mode"] == mode
+
+
 def test_permute_x_layout():
     from modelopt_lite.kernels.ops import permute_x
 
@@ -396,10 +494,10 @@ def test_ws_host_launch(monkeypatch, cfg, grid, const):
     monkeypatch.setattr(tuning, "_TILED_COPIES", True)
     m = 300 if cfg["BM"] == 256 else 16 * 20 - 3
     x, p, _ = _problem(m, 1000, 1024, 128, True, torch.float16, False)
-    y = ws.w4a16_ws(x.cpu(), p, ops._pairs(p, transposed=True), None, dict(cfg, BN=128))
+    y = ws.w4a16_ws(x.cpu(), p, ops.ws_scales(p), None, dict(cfg, BN=128))
     assert seen["grid"] == grid
     assert {k: seen["kw"][k] for k in const} == const
-    out = seen["args"][3]
+    out = seen["args"][4]
     assert out.dtype == (torch.float32 if const.get("ATOMIC") and not cfg.get("OUT16")
                          else torch.float16)
     assert y.dtype == torch.float16 and y.shape == (m, 1000)
@@ -431,10 +529,10 @@ def test_ws_host_launch_pdl(monkeypatch, split):
     monkeypatch.setattr(ws, "w4a16_ws_kernel", Kernel())
     monkeypatch.setattr(ws, "zero_", zero_)
     x, p, _ = _problem(5, 1000, 1024, 128, True, torch.float16, False)
-    ws.w4a16_ws(x.cpu(), p, ops._pairs(p, transposed=True), None,
+    ws.w4a16_ws(x.cpu(), p, ops.ws_scales(p), None,
                 dict(BN=128, BM=16, STAGES=4, SPLIT_K=split, OUT16=True))
     assert seen["kw"]["PDL"] == (split > 1) and seen["kw"].get("launch_pdl", False) == (split > 1)
-    assert [t is seen["args"][3] for t in zeroed] == ([True] if split > 1 else [])
+    assert [t is seen["args"][4] for t in zeroed] == ([True] if split > 1 else [])
 
 
 def test_pdl_zero_off_hopper(monkeypatch):
@@ -662,6 +760,42 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
     y = w4a16_matmul(x, p, b, cfg)
     assert y.dtype == dtype and y.shape == (m, n)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 37, 300])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3),
+                                 dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=3, OUT16=True),
+                                 dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
+                                      MAXNREG=80, TILED=True),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, PERSIST=1, TILED=True)])
+def test_gpu_ws_compact_scales(dtype, symmetric, m, cfg, monkeypatch):
+    """The warp-specialized kernel on its compact scale layouts (ops.ws_scales): symmetric
+    scales alone and integer zero points as 4-bit words, over K = 1152 (9 blocks: a partial
+    last zero-point word; split and stream-K runs that start mid-word), against the float32
+    reference, and equal to the scale / zero-term pairs' output (the same weights in the same
+    order: with integer zero points (u - z) * s rounded once is within an ulp of u * s +
+    zterm; the splits' atomics within rounding)."""
+    from modelopt_lite.kernels import ops, tuning
+    from modelopt_lite.kernels.ws import ws_supported
+
+    monkeypatch.setattr(tuning, "_TILED_COPIES", True)
+    p, _ = _int_zero_problem(1000, 1152, dtype, symmetric)
+    x = torch.randn(m, 1152, device=DEVICE).to(dtype)
+    b = torch.randn(1000, device=DEVICE).to(dtype)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    assert ops.ws_scales(p)[0] == (1 if symmetric else 2)
+    cfg = dict(cfg, SCALES="compact")   # by default at M <= 8 only
+    y = w4a16_matmul(x, p, b, cfg)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+    monkeypatch.setenv(ops.ENV_WS_SCALES, "pairs")
+    y0 = w4a16_matmul(x, p, b, cfg)
+    atomic = cfg.get("SPLIT_K", 1) > 1 or cfg.get("STREAM")
+    assert torch.equal(y, y0) if symmetric and not atomic else _rel_err(y, y0) < TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ from modelopt_lite.nn import functional as F
 from modelopt_lite.nn.tensor_quantizer import TensorQuantizer
 
 
-def reference_fake_quant(w, bits, symmetric, group):
+def reference_fake_quant(w, bits, symmetric, group, integer_zero=False):
     """Independent float64 reference: loop over groups of a 2-D weight."""
     w = w.double()
     out = torch.empty_like(w)
@@ -26,29 +26,33 @@ def reference_fake_quant(w, bits, symmetric, group):
                 lo, hi = g.min().item(), g.max().item()
                 s = max(hi - lo, 1e-8) / (2**bits - 1)
                 z = -lo / s
+                if integer_zero:
+                    z = min(max(round(z), 0), 2**bits - 1)
                 q = torch.clamp(torch.round(g / s + z), 0, 2**bits - 1)
                 out[r, start:start + group] = (q - z) * s
     return out
 
 
-def _spec(bits, symmetric, gran, block=None):
-    return QuantizerSpec(num_bits=bits, symmetric=symmetric, granularity=gran, block_size=block)
+def _spec(bits, symmetric, gran, block=None, integer_zero=False):
+    return QuantizerSpec(num_bits=bits, symmetric=symmetric, granularity=gran, block_size=block,
+                         integer_zero=integer_zero)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric,integer_zero", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("gran,block", [("per_tensor", None), ("per_channel", None),
                                         ("per_block", 16), ("per_block", 32)])
-def test_weight_fake_quant_matches_float64_reference(bits, symmetric, gran, block):
+def test_weight_fake_quant_matches_float64_reference(bits, symmetric, integer_zero, gran, block):
     w = torch.randn(6, 64) * torch.rand(6, 1) * 3
-    q = TensorQuantizer(_spec(bits, symmetric, gran, block), "w", is_weight=True)
+    q = TensorQuantizer(_spec(bits, symmetric, gran, block, integer_zero), "w", is_weight=True)
     q.init_from_weight(w)
     got = q(w).double()
     group = {"per_tensor": None, "per_channel": 64}.get(gran, block)
     if gran == "per_tensor":
-        ref = reference_fake_quant(w.reshape(1, -1), bits, symmetric, w.numel()).reshape(w.shape)
+        ref = reference_fake_quant(w.reshape(1, -1), bits, symmetric, w.numel(),
+                                   integer_zero).reshape(w.shape)
     else:
-        ref = reference_fake_quant(w, bits, symmetric, group)
+        ref = reference_fake_quant(w, bits, symmetric, group, integer_zero)
     # float32 arithmetic may round a value sitting on a .5 boundary the other way: one step
     step = (w.abs().max() / (2 ** (bits - 1) - 1)).item() * 2
     assert ((got - ref).abs() > 1e-5).float().mean() < 0.01
@@ -68,6 +72,23 @@ def test_asymmetric_reproduces_min_max_grid_exactly():
     w = (codes * scale + low).reshape(4, 64)
     q, s, z = F.quantize_blockwise(w, 32, 4, symmetric=False)
     assert torch.allclose(F.dequantize_blockwise(q, s, z, 32), w, atol=1e-5)
+
+
+def test_integer_zero_points_keep_zero_exact_and_pass_range_gradients():
+    """integer_zero: each block's zero point is an integer code, so 0 comes back exactly; the
+    rounding passes the range's gradient straight through (QAT with learned ranges)."""
+    w = torch.randn(4, 64) + 0.3
+    w[:, ::5] = 0.0
+    q, s, z = F.quantize_blockwise(w, 32, 4, symmetric=False, integer_zero=True)
+    assert torch.equal(z, z.round()) and bool(((z >= 0) & (z <= 15)).all())
+    assert bool((F.dequantize_blockwise(q, s, z, 32)[:, ::5] == 0).all())
+    _, _, zf = F.quantize_blockwise(w, 32, 4, symmetric=False)
+    assert not torch.equal(zf, zf.round())          # the default keeps float zero points
+    amin = torch.full((3,), -0.37, requires_grad=True)
+    scale, zero = F.scale_zero(amin, torch.full((3,), 1.1), 4, False, integer_zero=True)
+    zero.sum().backward()
+    expect = -1 / scale.detach() + 0.37 * 15 / 1.47**2   # d(-amin / scale) / d amin
+    assert torch.allclose(amin.grad, expect, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -76,6 +76,11 @@ def main() -> None:
     ap.add_argument("--pdl-off-arm", action="store_true",
                     help="one more arm: the shipped config with MODELOPT_LITE_PDL=0 (split-K "
                          "outputs zeroed by torch.zeros, no programmatic dependent launch)")
+    ap.add_argument("--int-zero", action="store_true",
+                    help="integer zero points (as Humming's): the WS kernel reads 4-bit zeros")
+    ap.add_argument("--pairs-arm", action="store_true",
+                    help="one more arm: the shipped config reading the scale / zero-term pairs "
+                         "(MODELOPT_LITE_WS_SCALES=pairs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-table", default=None, metavar="JSON",
                     help="put the fastest twin / cfg arm into this config table (the row of "
@@ -87,7 +92,8 @@ def main() -> None:
     mk = import_kernels()
     env_pdl = importlib.import_module(mk.__name__ + ".pdl").ENV_PDL
     k, n = (int(v) for v in a.shape.split("x"))
-    _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m]))
+    _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m], a.int_zero))
+    env_scales = importlib.import_module(mk.__name__ + ".ops").ENV_WS_SCALES
     base = shipped(mk, m, n, k)
     arms = [("shipped", base)] + [(f"twin{i}", {**base, **parse_twin(t)})
                                   for i, t in enumerate(a.twin)]
@@ -104,6 +110,11 @@ def main() -> None:
         fns = ours_fns(mk, packed, x, nc, base)
         graphs["pdl_off"] = (capture(fns), fns, None, None)
         del os.environ[env_pdl]
+    if a.pairs_arm:
+        os.environ[env_scales] = "pairs"   # read at each call: at capture
+        fns = ours_fns(mk, packed, x, nc, base)
+        graphs["pairs"] = (capture(fns), fns, None, None)
+        del os.environ[env_scales]
     if a.zeros_arm:
         fns = ours_fns(mk, packed, x, nc, base)
         fns = [lambda f=f: (torch.zeros((m, n), device="cuda", dtype=x.dtype), f())[1]
@@ -131,7 +142,8 @@ def main() -> None:
         adopt(a, k, n, m, rows)
     if a.out:
         Path(a.out).write_text(json.dumps(
-            {"K": k, "N": n, "M": m, "gpu": torch.cuda.get_device_name(),
+            {"K": k, "N": n, "M": m, "zeros": "integer" if a.int_zero else "float",
+             "gpu": torch.cuda.get_device_name(),
              "date": datetime.date.today().isoformat(), "rounds": a.rounds, "reps": a.reps,
              "arms": rows}, indent=1))
 

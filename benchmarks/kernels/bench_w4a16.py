@@ -61,21 +61,25 @@ def gemv_candidates():
                    OUT16=o16)
 
 
-def make_problem(mk, k, n, group=GROUP, seed=0):
+def make_problem(mk, k, n, group=GROUP, seed=0, integer_zero=False):
+    """Random weights [N, K] quantized asymmetric: float zero points (this toolkit's min/max
+    quantizers; the kernels read a 16-bit zero term) or, ``integer_zero``, rounded ones (as
+    AutoAWQ / GPTQ / Humming store them; the warp-specialized kernel reads 4 bits)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-    codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(w, group, symmetric=False)
+    codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(
+        w, group, symmetric=False, integer_zero=integer_zero)
     packed = mk.pack_weight(codes, scale, zero, group, torch.float16)
     w_hat = mk.dequantize(packed, torch.float16)
     return w_hat, codes, scale, zero, packed
 
 
-def problems(mk, shapes, ms):
+def problems(mk, shapes, ms, integer_zero=False):
     """Each (K, N) x M of a sweep as ``(k, n, m, w16, packed, nc, n16, x, ref)``: the weights
     made once per shape, the rotating-copy counts for the packed and the fp16 weights, a fresh
     activation and its fp32 product with the dequantized weights."""
     for k, n in shapes:
-        w16, _, _, _, packed = make_problem(mk, k, n)
+        w16, _, _, _, packed = make_problem(mk, k, n, integer_zero=integer_zero)
         nc, n16 = copies_for(packed.qweight.numel() * 4), copies_for(w16.numel() * 2)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -133,18 +137,20 @@ def _settle(seconds):
         time.sleep(seconds)
 
 
-def bench(mk, shapes, ms, peer_names, gpu, bw, out=None, settle=0.0):
+def bench(mk, shapes, ms, peer_names, gpu, bw, out=None, settle=0.0, integer_zero=False):
     rows = []
     date = datetime.date.today().isoformat()
     for k, n in shapes:
-        w16, codes, scale, zero, packed = make_problem(mk, k, n)
+        w16, codes, scale, zero, packed = make_problem(mk, k, n, integer_zero=integer_zero)
         n4 = copies_for(packed.qweight.numel() * 4)
         n16 = copies_for(w16.numel() * 2)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ w16.float().t()
             row = {"K": k, "N": n, "M": m, "gpu": gpu, "date": date, "settle_s": settle,
-                   "floor_us": round(int4_floor_us(m, n, k, GROUP, bw), 2)}
+                   "zeros": "integer" if integer_zero else "float",
+                   "floor_us": round(int4_floor_us(m, n, k, GROUP, bw,
+                                                   4 if integer_zero else 16), 2)}
             fns = ours_fns(mk, packed, x, n4)
             row["ours_err"] = peers.check(fns[0](), ref)
             _settle(settle)
@@ -196,6 +202,9 @@ def main():
     ap.add_argument("--tune", default=None, help="write a tuned config table here first")
     ap.add_argument("--tune-budget", type=float, default=300.0, help="seconds for tuning")
     ap.add_argument("--tune-only", action="store_true", help="write the table, skip the bench")
+    ap.add_argument("--int-zero", action="store_true",
+                    help="integer zero points (AutoAWQ / GPTQ / Humming's format) for ours and "
+                         "the peers that take zero points; the floor counts 4-bit zeros")
     ap.add_argument("--settle", type=float, default=0.5,
                     help="seconds idle before each timing (0 for the old back-to-back order)")
     args = ap.parse_args()
@@ -213,7 +222,7 @@ def main():
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = bench(mk, shapes, ms, set(args.peers.split(",")) - {""}, gpu, bw, args.out,
-                 args.settle)
+                 args.settle, args.int_zero)
     print_table(rows)
 
 

@@ -92,13 +92,14 @@ def copy_bandwidth() -> float:
     return 2 * n / (t * 1e-6)
 
 
-def int4_layer_bytes(n, k, group=128) -> int:
-    """An INT4 layer's bytes: the packed words, fp16 scales and fp16 zero points."""
-    return n * k // 2 + 2 * 2 * n * (k // group)
+def int4_layer_bytes(n, k, group=128, zero_bits=16) -> int:
+    """An INT4 layer's bytes: the packed words, fp16 scales and zero points of ``zero_bits``
+    (16: a half-precision zero term; 4: integer zero points)."""
+    return n * k // 2 + (16 + zero_bits) * n * (k // group) // 8
 
 
-def int4_floor_us(m, n, k, group, bw) -> float:
-    nbytes = int4_layer_bytes(n, k, group) + 2 * m * k + 2 * m * n
+def int4_floor_us(m, n, k, group, bw, zero_bits=16) -> float:
+    nbytes = int4_layer_bytes(n, k, group, zero_bits) + 2 * m * k + 2 * m * n
     return nbytes / bw * 1e6
 
 

@@ -41,7 +41,7 @@ def qdq_weight(w: torch.Tensor, spec: QuantizerSpec, amin=None, amax=None) -> to
     """Quantize-dequantize ``w`` with the given ranges (from ``w`` itself when None)."""
     if amax is None:
         amin, amax = weight_range(w, spec)
-    scale, zero = F.scale_zero(amin, amax, spec.num_bits, spec.symmetric)
+    scale, zero = F.scale_zero(amin, amax, spec.num_bits, spec.symmetric, spec.integer_zero)
     zero = None if zero is None else zero.unsqueeze(-1)
     shape = (1, 1, -1) if spec.granularity == "per_tensor" else (
         w.shape[0], amax.shape[-1], -1)

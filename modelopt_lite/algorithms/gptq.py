@@ -50,7 +50,8 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     if spec.granularity == "per_tensor":
         raise ValueError("gptq_round needs per-channel or per-block weight ranges")
     width = block_width(spec, in_f)
-    scale, zero = F.scale_zero(amin, amax, spec.num_bits, spec.symmetric)  # [out, nb]
+    scale, zero = F.scale_zero(amin, amax, spec.num_bits, spec.symmetric,
+                               spec.integer_zero)  # [out, nb]
     col_block = torch.arange(in_f, device=w.device) // width
     col_scale = scale.t()[col_block].contiguous()                          # [in, out]
     col_zero = None if zero is None else zero.t()[col_block].contiguous()

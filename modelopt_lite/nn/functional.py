@@ -8,8 +8,10 @@ Conventions (shared by the fake-quant modules, the checkpoints, the INT4 kernels
   whose largest magnitude is negative maps it to -8 (int4) with a 1/8 finer step, instead of
   to -7 with a 1/7 step (:func:`symmetric_amax`);
 * asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = -min / scale`` (a float, so a
-  min/max group is reproduced exactly), ``q = clamp(round(x / scale + zero), 0, 2**bits - 1)``,
-  ``x_hat = (q - zero) * scale``.
+  min/max group is reproduced exactly; ``integer_zero``: rounded into [0, 2**bits - 1], as
+  AutoAWQ and GPTQ store it, which moves the group's ends by up to half a step but keeps 0
+  exactly representable and lets the INT4 kernels read 4-bit zeros),
+  ``q = clamp(round(x / scale + zero), 0, 2**bits - 1)``, ``x_hat = (q - zero) * scale``.
 
 Example::
 
@@ -30,13 +32,18 @@ def qrange(num_bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**num_bits - 1
 
 
-def scale_zero(amin: torch.Tensor | None, amax: torch.Tensor, num_bits: int, symmetric: bool):
-    """Scale (and float zero point, None when symmetric) from a range."""
+def scale_zero(amin: torch.Tensor | None, amax: torch.Tensor, num_bits: int, symmetric: bool,
+               integer_zero: bool = False):
+    """Scale (and zero point, None when symmetric) from a range; the zero point is a float,
+    or with ``integer_zero`` an integer in the code range (as a float tensor)."""
     qmin, qmax = qrange(num_bits, symmetric)
     if symmetric:
         return amax.float().clamp(min=EPS) / qmax, None
     scale = (amax.float() - amin.float()).clamp(min=EPS) / (qmax - qmin)
-    return scale, -amin.float() / scale
+    zero = -amin.float() / scale
+    if integer_zero:   # rounded, with the range's gradient passed straight through (QAT)
+        zero = zero + (zero.round().clamp(qmin, qmax) - zero).detach()
+    return scale, zero
 
 
 def quantize(x: torch.Tensor, scale, zero, num_bits: int, symmetric: bool) -> torch.Tensor:
@@ -154,10 +161,11 @@ def block_range(w: torch.Tensor, block_size: int, symmetric: bool, num_bits: int
     return blocks.amin(-1), blocks.amax(-1)
 
 
-def quantize_blockwise(w: torch.Tensor, block_size: int, num_bits: int, symmetric: bool):
+def quantize_blockwise(w: torch.Tensor, block_size: int, num_bits: int, symmetric: bool,
+                       integer_zero: bool = False):
     """Blockwise quantization of a 2-D weight along its input dim -> (q, scale, zero)."""
     amin, amax = block_range(w, block_size, symmetric, num_bits)
-    scale, zero = scale_zero(amin, amax, num_bits, symmetric)
+    scale, zero = scale_zero(amin, amax, num_bits, symmetric, integer_zero)
     zb = zero.unsqueeze(-1) if zero is not None else None
     q = quantize(to_blocks(w, block_size), scale.unsqueeze(-1), zb, num_bits, symmetric)
     return q.reshape(w.shape), scale, zero

@@ -37,8 +37,12 @@ def _matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None) -> torch.
 def _compiling() -> bool:
     """Under torch.compile, not torch.export (an exported graph keeps the reference's plain
     operators, which exporters such as ONNX can translate)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() and not exporting()
+    # the flag torch.export sets, read directly: before PyTorch 2.12 Dynamo traced
+    # torch.compiler.is_exporting() as True under torch.compile too (pytorch/pytorch#176347)
+    exporting = getattr(torch.compiler, "_is_exporting_flag", None)
+    if exporting is None:
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return torch.compiler.is_compiling() and not exporting
 
 
 @torch.library.custom_op("modelopt_lite::w4a16_linear", mutates_args=())
@@ -199,7 +203,8 @@ def _sparse_codes(name: str, codes, scale, zero, block, mask):
             "exactly: its blocks' zero points are fractional, so no INT4 level is 0 and the "
             "pruned weights would come back as nonzero values; quantize sparse layers with "
             "symmetric INT4 (the 'int4_weight_only_sym' preset, or QuantizerSpec(..., "
-            "symmetric=True)) to deploy them")
+            "symmetric=True)) or integer zero points (QuantizerSpec(..., symmetric=False, "
+            "integer_zero=True)) to deploy them")
     return torch.where(pruned, zq.round().to(codes.dtype), codes)
 
 

@@ -158,7 +158,7 @@ class TensorQuantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         amin, amax = self._range_for(x)
-        scale, zero = F.scale_zero(amin, amax, s.num_bits, s.symmetric)
+        scale, zero = F.scale_zero(amin, amax, s.num_bits, s.symmetric, s.integer_zero)
         if s.granularity == "per_block" and self.is_weight:
             blocks = F.to_blocks(x, s.block_size)
             zb = zero.unsqueeze(-1) if zero is not None else None
@@ -171,7 +171,8 @@ class TensorQuantizer(nn.Module):
     def scale_zero(self, w2d: torch.Tensor | None = None):
         """(scale, zero or None) this quantizer uses; weights may pass the 2-D weight."""
         amin, amax = self._range_for(w2d) if w2d is not None else (self.amin, self.amax)
-        return F.scale_zero(amin, amax, self.spec.num_bits, self.spec.symmetric)
+        return F.scale_zero(amin, amax, self.spec.num_bits, self.spec.symmetric,
+                            self.spec.integer_zero)
 
     def int4_codes(self, w2d: torch.Tensor):
         """Unsigned 4-bit codes of a per-block INT4 weight: (codes u8 [N,K], scale, zero, block).
