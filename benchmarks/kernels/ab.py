@@ -78,6 +78,8 @@ def main() -> None:
                          "outputs zeroed by torch.zeros, no programmatic dependent launch)")
     ap.add_argument("--int-zero", action="store_true",
                     help="integer zero points (as Humming's): the WS kernel reads 4-bit zeros")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="symmetric weights (no zero points; the Humming arm keeps its own)")
     ap.add_argument("--pairs-arm", action="store_true",
                     help="one more arm: the shipped config reading the scale / zero-term pairs "
                          "(MODELOPT_LITE_WS_SCALES=pairs)")
@@ -92,7 +94,8 @@ def main() -> None:
     mk = import_kernels()
     env_pdl = importlib.import_module(mk.__name__ + ".pdl").ENV_PDL
     k, n = (int(v) for v in a.shape.split("x"))
-    _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m], a.int_zero))
+    _, _, m, w16, packed, nc, _, x, ref = next(problems(mk, [(k, n)], [a.m], a.int_zero,
+                                                             a.symmetric))
     env_scales = importlib.import_module(mk.__name__ + ".ops").ENV_WS_SCALES
     base = shipped(mk, m, n, k)
     arms = [("shipped", base)] + [(f"twin{i}", {**base, **parse_twin(t)})
@@ -142,7 +145,7 @@ def main() -> None:
         adopt(a, k, n, m, rows)
     if a.out:
         Path(a.out).write_text(json.dumps(
-            {"K": k, "N": n, "M": m, "zeros": "integer" if a.int_zero else "float",
+            {"K": k, "N": n, "M": m, "zeros": "none" if a.symmetric else "integer" if a.int_zero else "float",
              "gpu": torch.cuda.get_device_name(),
              "date": datetime.date.today().isoformat(), "rounds": a.rounds, "reps": a.reps,
              "arms": rows}, indent=1))

@@ -61,25 +61,27 @@ def gemv_candidates():
                    OUT16=o16)
 
 
-def make_problem(mk, k, n, group=GROUP, seed=0, integer_zero=False):
+def make_problem(mk, k, n, group=GROUP, seed=0, integer_zero=False, symmetric=False):
     """Random weights [N, K] quantized asymmetric: float zero points (this toolkit's min/max
     quantizers; the kernels read a 16-bit zero term) or, ``integer_zero``, rounded ones (as
-    AutoAWQ / GPTQ / Humming store them; the warp-specialized kernel reads 4 bits)."""
+    AutoAWQ / GPTQ / Humming store them; the warp-specialized kernel reads 4 bits); or
+    ``symmetric`` (no zero points)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
     codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(
-        w, group, symmetric=False, integer_zero=integer_zero)
+        w, group, symmetric=symmetric, integer_zero=integer_zero and not symmetric)
     packed = mk.pack_weight(codes, scale, zero, group, torch.float16)
     w_hat = mk.dequantize(packed, torch.float16)
     return w_hat, codes, scale, zero, packed
 
 
-def problems(mk, shapes, ms, integer_zero=False):
+def problems(mk, shapes, ms, integer_zero=False, symmetric=False):
     """Each (K, N) x M of a sweep as ``(k, n, m, w16, packed, nc, n16, x, ref)``: the weights
     made once per shape, the rotating-copy counts for the packed and the fp16 weights, a fresh
     activation and its fp32 product with the dequantized weights."""
     for k, n in shapes:
-        w16, _, _, _, packed = make_problem(mk, k, n, integer_zero=integer_zero)
+        w16, _, _, _, packed = make_problem(mk, k, n, integer_zero=integer_zero,
+                                            symmetric=symmetric)
         nc, n16 = copies_for(packed.qweight.numel() * 4), copies_for(w16.numel() * 2)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -93,7 +95,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def ours_fns(mk, packed, x, n_copies, cfg=None):
     copies = [packed._replace(qweight=packed.qweight.clone(), scale=packed.scale.clone(),
-                              zterm=packed.zterm.clone()) for _ in range(n_copies)]
+                              zterm=None if packed.zterm is None else packed.zterm.clone())
+              for _ in range(n_copies)]
     return [lambda p=p: mk.w4a16_matmul(x, p, None, cfg) for p in copies]
 
 

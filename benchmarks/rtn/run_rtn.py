@@ -25,9 +25,10 @@ from modelopt_lite.eval import perplexity
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "rtn.json"
 
 
-def w4(block, symmetric):
+def w4(block, symmetric, integer_zero=False):
     return QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block",
-                                            block_size=block, symmetric=symmetric))
+                                            block_size=block, symmetric=symmetric,
+                                            integer_zero=integer_zero))
 
 
 METHODS = {
@@ -36,6 +37,8 @@ METHODS = {
     "w4_asym_g64": w4(64, False),
     "w4_sym_g128": w4(128, True),
     "w4_asym_g128": w4(128, False),
+    "w4_asym_int_g64": w4(64, False, True),     # integer zero points (AutoAWQ / GPTQ style)
+    "w4_asym_int_g128": w4(128, False, True),
 }
 
 
