@@ -21,7 +21,8 @@ def _reference(w, h, spec, amin, amax, percdamp, mask=None):
         lo = None if amin is None else amin[:, b:b + 1]
         col = qdq_weight(w[:, j:j + 1], QuantizerSpec(num_bits=spec.num_bits,
                                                      granularity="per_channel",
-                                                     symmetric=spec.symmetric),
+                                                     symmetric=spec.symmetric,
+                                                     integer_zero=spec.integer_zero),
                          lo, amax[:, b:b + 1])[:, 0]
         if mask is not None:
             col = col * mask[:, j]
@@ -41,11 +42,12 @@ def _problem(seed, out=24, inp=64, tokens=512):
     return x, w, 2 * x.t() @ x / tokens
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric,integer_zero", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("granularity", ["per_block", "per_channel"])
-def test_gptq_matches_float64_obs_reference(symmetric, granularity):
+def test_gptq_matches_float64_obs_reference(symmetric, integer_zero, granularity):
     spec = QuantizerSpec(num_bits=4, granularity=granularity, symmetric=symmetric,
-                         block_size=16 if granularity == "per_block" else None)
+                         block_size=16 if granularity == "per_block" else None,
+                         integer_zero=integer_zero)
     x, w, h = _problem(0)
     amin, amax = weight_range(w, spec)
     got = gptq_round(w, h, spec, amin, amax, block_size=8, act_order=False)
@@ -55,9 +57,11 @@ def test_gptq_matches_float64_obs_reference(symmetric, granularity):
 
 
 @pytest.mark.parametrize("act_order", [True, False])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_gptq_lands_on_the_grid_and_beats_rounding_to_nearest(act_order, symmetric):
-    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=16, symmetric=symmetric)
+@pytest.mark.parametrize("symmetric,integer_zero", [(True, False), (False, False), (False, True)])
+def test_gptq_lands_on_the_grid_and_beats_rounding_to_nearest(act_order, symmetric,
+                                                              integer_zero):
+    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=16, symmetric=symmetric,
+                         integer_zero=integer_zero)
     x, w, h = _problem(1)
     w, h = w.float(), h.float()
     amin, amax = weight_range(w, spec)
