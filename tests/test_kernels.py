@@ -191,13 +191,12 @@ def test_integer_zeros_recovered_exactly(dtype):
     """Integer zero points come back from (scale, zterm) bit for bit, including where a
     block is constant (scale clamped tiny) or its zero is 0 / 15; fractional zero points and
     symmetric weights give None; and one fractional block anywhere makes the whole weight None."""
-    from modelopt_lite.kernels.packing import integer_zeros
+    from modelopt_lite.kernels.packing import integer_zeros, quantize_rtn
 
     w = torch.randn(48, 1152)
     w[3, :128] = 0.7                              # a constant block
     w[5, 128:256] = torch.linspace(0, 1, 128)     # zero point 0
     w[6, 128:256] = torch.linspace(-1, 0, 128)    # zero point 15
-    from modelopt_lite.kernels.packing import quantize_rtn
     codes, scale, zero = quantize_rtn(w, 128, integer_zero=True)
     assert zero[5, 1] == 0 and zero[6, 1] == 15
     p = pack_weight(codes, scale, zero, 128, dtype)
