@@ -1,5 +1,5 @@
 #!/bin/bash
-# v37 (NOTES.md; prepared, not yet run), on an H100: (1) the GPU tests, since the changes made
+# v37 (NOTES.md; run 2026-11-27 on an H100): (1) the GPU tests, since the changes made
 # after v36 (PDL edge cases, the second-device guard, Int4Linear under torch.compile) have not
 # run on a GPU; (2) why 28672x8192 at M = 1-8 trails Humming by 3-4 % in every A/B while our
 # TILED tile reads at 86-87 % of the measured read floor: Nsight Compute of ours (the zeroing
