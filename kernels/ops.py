@@ -246,7 +246,8 @@ def ws_scales(p: PackedInt4, compact: bool = True) -> tuple:
     2-5 % slower (benchmarks/kernels/NOTES.md, v37). So ``w4a16_matmul`` asks for it
     (``compact``) at M <= 8 only, unless the config's ``SCALES`` says "compact" or "pairs".
     ``MODELOPT_LITE_WS_SCALES=pairs`` reads mode 0 always (read at each call, so at CUDA-graph
-    capture)."""
+    capture). A model served at both small and large M keeps both layouts: up to 2.5 more
+    bytes per row and block beside the pairs' 4 (the packed words take 64)."""
     n = p.shape[0]
     if not compact or os.environ.get(ENV_WS_SCALES, "") == "pairs" or n % 8:
         return 0, _pairs(p, transposed=True), None
