@@ -210,6 +210,14 @@ def _ws_fallback(cfg: dict) -> dict:
 _PAIR_CACHE = WeakIdKeyDictionary()
 
 
+def _scale_tag(p: PackedInt4) -> tuple:
+    """What the layouts in ``_PAIR_CACHE`` were built from: the scale's version counter and
+    the zero term's identity and version. One tag for every variant (a different tag drops
+    them all: :func:`~.packing.cached_layout`)."""
+    zterm = p.zterm
+    return p.scale._version, None if zterm is None else (id(zterm), zterm._version)
+
+
 def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
     """:func:`pair_scales` of ``p`` ([N, K/B], or [K/B, N] ``transposed``), built once per
     scale tensor and layout and kept while the scales live.
@@ -217,14 +225,11 @@ def _pairs(p: PackedInt4, transposed: bool = False) -> torch.Tensor:
     Rebuilt when the scale or zero term changed in place (their version counters) or when the
     zero term is another tensor; costs 4 bytes per row and block (1/16 of the packed words).
     """
-    zterm = p.zterm
-    tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
-
     def make():
         sz = pair_scales(p)
         return sz.t().contiguous() if transposed else sz
 
-    return cached_layout(_PAIR_CACHE, p.scale, tag, transposed, make)
+    return cached_layout(_PAIR_CACHE, p.scale, _scale_tag(p), transposed, make)
 
 
 ENV_WS_SCALES = "MODELOPT_LITE_WS_SCALES"
@@ -248,24 +253,21 @@ def ws_scales(p: PackedInt4, compact: bool = True) -> tuple:
     ``MODELOPT_LITE_WS_SCALES=pairs`` reads mode 0 always (read at each call, so at CUDA-graph
     capture). A model served at both small and large M keeps both layouts: up to 2.5 more
     bytes per row and block beside the pairs' 4 (the packed words take 64)."""
-    n = p.shape[0]
-    if not compact or os.environ.get(ENV_WS_SCALES, "") == "pairs" or n % 8:
-        return 0, _pairs(p, transposed=True), None
-    zterm = p.zterm
-    tag = (p.scale._version, None if zterm is None else (id(zterm), zterm._version))
+    layout = None
+    if compact and os.environ.get(ENV_WS_SCALES, "") != "pairs" and p.shape[0] % 8 == 0:
+        def make():
+            z = integer_zeros(p)
+            if p.zterm is not None and z is None:
+                return None
+            return (1 if z is None else 2), p.scale.t().contiguous(), \
+                None if z is None else zero_words(z)
 
-    def make():
-        z = integer_zeros(p)
-        if zterm is not None and z is None:
-            return None
-        return (1 if z is None else 2), p.scale.t().contiguous(), \
-            None if z is None else zero_words(z)
-
-    # under CUDA-graph capture a layout would only be recorded, not made (and the zero points'
-    # check reads the device): use one made before, else the pairs
-    capturing = p.scale.is_cuda and torch.cuda.is_current_stream_capturing()
-    compact = cached_layout(_PAIR_CACHE, p.scale, tag, "ws", make, build=not capturing)
-    return compact if compact is not None else (0, _pairs(p, transposed=True), None)
+        # under CUDA-graph capture a layout would only be recorded, not made (and the zero
+        # points' check reads the device): use one made before, else the pairs
+        capturing = p.scale.is_cuda and torch.cuda.is_current_stream_capturing()
+        layout = cached_layout(_PAIR_CACHE, p.scale, _scale_tag(p), "ws", make,
+                               build=not capturing)
+    return layout if layout is not None else (0, _pairs(p, transposed=True), None)
 
 
 def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None) -> torch.Tensor:

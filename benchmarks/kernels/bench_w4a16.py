@@ -69,7 +69,7 @@ def make_problem(mk, k, n, group=GROUP, seed=0, integer_zero=False, symmetric=Fa
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
     codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(
-        w, group, symmetric=symmetric, integer_zero=integer_zero and not symmetric)
+        w, group, symmetric=symmetric, integer_zero=integer_zero)
     packed = mk.pack_weight(codes, scale, zero, group, torch.float16)
     w_hat = mk.dequantize(packed, torch.float16)
     return w_hat, codes, scale, zero, packed
