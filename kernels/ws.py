@@ -23,8 +23,9 @@ SPLIT_K > 1 (K slices added with atomics), PERSIST (one ring walked through seve
 program), STREAM (stream-K: equal runs of the tiles' K chunks per program, partial tiles added
 with atomics), BN 256, COAL (the epilogue through shared memory into whole-line stores and
 ``v8.f16`` atomics; on by default with a split or STREAM), MAXNREG (fewer registers per thread,
-so that two programs share an SM at small M) and TILED (the words read from a tile-by-tile copy,
-:func:`tiled_words`; opt-in, see :func:`~.tuning.allow_tiled_copies`); NOTES.md, v19-v34, has
+so that two programs share an SM at small M), WGS (4: a 256-row tile's rows over four consumer
+warpgroups of 64 instead of two of 128) and TILED (the words read from a tile-by-tile copy,
+:func:`tiled_words`; opt-in, see :func:`~.tuning.allow_tiled_copies`); NOTES.md, v19-v38, has
 what each gained where. Needs
 sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
 :func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
@@ -102,8 +103,9 @@ if HAVE_GLUON:
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
                   A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False,
-                  PDL: gl.constexpr = False, SZ: gl.constexpr = 0):
-        """Rows 64 WG .. 64 WG + 63 of one tile over k_chunks chunks from ring position it0,
+                  PDL: gl.constexpr = False, SZ: gl.constexpr = 0, NC: gl.constexpr = 2):
+        """Rows (ROWS / NC) WG .. (ROWS / NC) (WG + 1) - 1 of one tile (NC consumer
+        warpgroups, 2 or 4) over k_chunks chunks from ring position it0,
         then its store (or, ATOMIC, its addition; PDL: after the zeroing kernel before this
         launch has finished, :mod:`~.pdl`). COAL: through shared memory into a layout
         in which each thread holds 8 adjacent rows and a warp 64 rows of 4 tokens, so that a
@@ -116,7 +118,7 @@ if HAVE_GLUON:
         (integers: W_hat = (u - z) * s is rounded once, within an ulp of u * s + zterm)."""
         dt: gl.constexpr = xlo.dtype
         MAGIC: gl.constexpr = 0x4300 if dt == gl.bfloat16 else 0x6400
-        HALF: gl.constexpr = qb.shape[1] // 2   # this warpgroup's rows: ROWS / 2
+        HALF: gl.constexpr = qb.shape[1] // NC   # this warpgroup's rows: ROWS / NC
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BM, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -126,7 +128,7 @@ if HAVE_GLUON:
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             q = qb.index(s).slice(HALF * WG, HALF).load(a_l)               # [HALF, 16] words
-            sz = (szb.index(s).reshape([2 * HALF]).slice(HALF * WG, HALF)
+            sz = (szb.index(s).reshape([NC * HALF]).slice(HALF * WG, HALF)
                   .load(gl.SliceLayout(1, a_l)))
             if SZ == 0:
                 sv = gl.expand_dims(sz, 1)
@@ -136,7 +138,7 @@ if HAVE_GLUON:
                 sc = gl.broadcast(gl.expand_dims(sz, 1), q)[0]
                 zt = sc   # symmetric: the asm takes no zero term
                 if SZ == 2:   # magic + z: the asm subtracts it (A0-A3 are the offset asm)
-                    zw = (zb.index(s).reshape([2 * HALF]).slice(HALF * WG, HALF)
+                    zw = (zb.index(s).reshape([NC * HALF]).slice(HALF * WG, HALF)
                           .load(gl.SliceLayout(1, a_l)))
                     zo = ((zw >> (4 * ((kt0 + kt) % 8))) & 0xF) | MAGIC
                     zt = gl.broadcast(gl.expand_dims(zo, 1), q)[0].to(gl.int16).to(
@@ -240,7 +242,7 @@ if HAVE_GLUON:
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr,
-                        PDL: gl.constexpr, SZ: gl.constexpr):
+                        PDL: gl.constexpr, SZ: gl.constexpr, NC: gl.constexpr = 2):
         """PERSIST / STREAM: :func:`_consumer` for each of the program's tiles (STREAM: its
         chunks of them, added with atomics; the bias with a tile's first chunk), in the
         producer's order."""
@@ -251,7 +253,7 @@ if HAVE_GLUON:
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _consumer(xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                       off_n, off_m, kt0, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1,
-                      A2, A3, COAL, PDL, SZ)
+                      A2, A3, COAL, PDL, SZ, NC)
             it0 += n
 
     @gluon.jit
@@ -262,7 +264,8 @@ if HAVE_GLUON:
                         A3: gl.constexpr, PERSIST: gl.constexpr = False,
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
                         STREAM: gl.constexpr = False, TILED: gl.constexpr = False,
-                        PDL: gl.constexpr = False, SZ: gl.constexpr = 0):
+                        PDL: gl.constexpr = False, SZ: gl.constexpr = 0,
+                        NC: gl.constexpr = 2):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
@@ -303,31 +306,78 @@ if HAVE_GLUON:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(empty.index(i), count=NC)
 
+        # the producer keeps 24-40 registers; with 4 consumers (17 warps) the launch's 120
+        # (65536 / 544, rounded down to 8) is all any partition can have
+        PREG: gl.constexpr = 40 if REGS > 128 else 24
         if PERSIST or STREAM:
-            gl.warp_specialize([
-                (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
-                                   stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N, BM,
-                                   STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL, SZ)),
-                (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
-                                   stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N, BM,
-                                   STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL, SZ)),
-                (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
-                                   ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM, STAGES,
-                                   STREAM, TILED, SZ)),
-            ], [4, 1], [REGS, 40 if REGS > 128 else 24])
+            if NC == 4:
+                gl.warp_specialize([
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ, NC)),
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ, NC)),
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 2, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ, NC)),
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 3, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ, NC)),
+                    (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
+                                       ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
+                                       STAGES, STREAM, TILED, SZ)),
+                ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
+            else:
+                gl.warp_specialize([
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ)),
+                    (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
+                                       stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N,
+                                       BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
+                                       SZ)),
+                    (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
+                                       ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
+                                       STAGES, STREAM, TILED, SZ)),
+                ], [4, 1], [REGS, PREG])
             return
-        gl.warp_specialize([
-            (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M,
-                         N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES, HAS_BIAS,
-                         ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
-            (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M,
-                         N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES, HAS_BIAS,
-                         ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
-            (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
-                         off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, gl.cdiv(K, 128), SZ)),
-        ], [4, 1], [REGS, 40 if REGS > 128 else 24])
+        kc_all = gl.cdiv(K, 128)
+        if NC == 4:
+            gl.warp_specialize([
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 2, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 3, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
+                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ)),
+            ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+                (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
+                             M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES,
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+                (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
+                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ)),
+            ], [4, 1], [REGS, PREG])
 
 
 _TILED = WeakIdKeyDictionary()
@@ -370,6 +420,23 @@ def _regs(cfg: dict, rows: int, bm: int) -> dict:
         raise ValueError(f"WS config MAXNREG={regs}: registers per thread must be 64-168 (80 lets "
                          "two programs share an SM; leave MAXNREG out for the default, 168)")
     return dict(REGS=regs, maxnreg=regs) if regs and rows == ROWS and bm <= 64 else {}
+
+
+def _consumers(cfg: dict, rows: int, bm: int) -> dict:
+    """The consumer warpgroups' launch options: WGS 4 splits a 256-row tile over four consumer
+    warpgroups of 64 rows (17 warps, 120 registers each: more warps to hide the dequantization's
+    latency behind, at most 64 tokens so that the accumulator fits); else two, and
+    :func:`_regs`."""
+    wgs = int(cfg.get("WGS", 2))
+    if wgs not in (2, 4):
+        raise ValueError(f"WS config WGS={wgs}: consumer warpgroups must be 2 or 4")
+    if wgs == 4:
+        if rows != 256 or bm > 64:
+            raise ValueError(f"WS config WGS=4 needs BN 256 and at most 64 tokens per tile "
+                             f"(got {rows} rows, BM {bm}): four 64-row warpgroups at 120 "
+                             "registers each hold a [64, 64] accumulator at most")
+        return dict(NC=4, REGS=120)
+    return _regs(cfg, rows, bm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,7 +506,9 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     :func:`~.tuning.allow_tiled_copies`, else ignored), MAXNREG (registers per thread for the
     whole program, e.g. 80: 384 threads x 80 leave room for a second program per SM where
     shared memory does too; default: all 168 the register file allows one program; only for
-    128-row tiles of at most 64 tokens). Call :func:`ws_supported` first."""
+    128-row tiles of at most 64 tokens), WGS (4: the 256-row tile over four 64-row consumer
+    warpgroups instead of two of 128, more warps to hide the dequantization behind; BN 256 and
+    at most 64 tokens, :func:`_consumers`). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
@@ -485,5 +554,5 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
                           GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                           ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
                           COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, num_warps=4,
-                          **launch_options(pdl), **_regs(cfg, rows, bm))
+                          **launch_options(pdl), **_consumers(cfg, rows, bm))
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

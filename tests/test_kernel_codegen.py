@@ -111,6 +111,7 @@ for i, case in enumerate(cases):
     tiled = len(case) > 11 and case[11]
     pdl = len(case) > 12 and case[12]
     sz = case[13] if len(case) > 13 else 0
+    nc = case[14] if len(case) > 14 else 2
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -127,7 +128,8 @@ for i, case in enumerate(cases):
     a = ws._dequant_asm(bf16, zero, sz == 2)
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
-                 REGS=regs or 232, STREAM=stream, TILED=tiled, PDL=pdl, SZ=sz)
+                 REGS=120 if nc == 4 else regs or 232, STREAM=stream, TILED=tiled, PDL=pdl,
+                 SZ=sz, NC=nc)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
@@ -188,6 +190,11 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (64, 4, False, True, True, True, False, 128, True, 80, False, False, False, 2),
     (256, 3, False, True, True, False, False, 128, True, 0, False, False, False, 2),
     (64, 6, True, True, False, False, True, 256, True, 0, False, True, False, 2),
+    # four consumer warpgroups of 64 rows over a 256-row tile (the 15th field; ws._consumers)
+    (64, 5, False, True, False, True, False, 256, True, 0, False, False, False, 0, 4),
+    (64, 6, False, True, True, False, False, 256, True, 0, False, True, False, 0, 4),
+    (64, 4, True, True, False, True, False, 256, True, 0, True, False, True, 2, 4),
+    (16, 4, False, False, False, True, False, 256, True, 0, False, True, True, 1, 4),
 ]
 
 

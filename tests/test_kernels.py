@@ -446,6 +446,20 @@ def test_ws_regs_only_where_the_tile_leaves_room():
             _regs(dict(MAXNREG=bad), 128, 16)
 
 
+def test_ws_consumer_warpgroups():
+    """WGS 4: four 64-row consumer warpgroups at 120 registers, only over 256-row tiles of
+    at most 64 tokens; anything else is refused with what to change."""
+    from modelopt_lite.kernels.ws import _consumers
+
+    assert _consumers(dict(WGS=4), 256, 64) == dict(NC=4, REGS=120)
+    assert _consumers(dict(WGS=4, MAXNREG=80), 256, 16) == dict(NC=4, REGS=120)
+    assert _consumers(dict(MAXNREG=80), 128, 16) == dict(REGS=80, maxnreg=80)
+    assert _consumers(dict(WGS=2), 256, 64) == {}
+    for cfg, rows, bm in ((dict(WGS=4), 128, 64), (dict(WGS=4), 256, 128), (dict(WGS=3), 256, 64)):
+        with pytest.raises(ValueError, match="WGS"):
+            _consumers(cfg, rows, bm)
+
+
 def test_ws_launch_grid():
     """The WS launch: a program per tile and K slice; PERSIST / STREAM programs per SM, capped
     by tiles / chunks; stream-K past int32 run bounds falls back to the persistent walk."""
@@ -744,7 +758,12 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BN=256, BM=128, STAGES=3, STREAM=1, TILED=True),
                                  # 80 registers per thread: two programs per SM
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=2, OUT16=True, MAXNREG=80),
-                                 dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80)])
+                                 dict(WS_TILE, BM=16, STAGES=6, MAXNREG=80),
+                                 # four consumer warpgroups of 64 rows (WGS 4)
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=5, SPLIT_K=4, OUT16=True,
+                                      WGS=4),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, TILED=True),
+                                 dict(WS_TILE, BN=256, BM=16, STAGES=4, STREAM=1, WGS=4)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
     past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
@@ -770,7 +789,9 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
                                  dict(WS_TILE, BM=64, STAGES=4, SPLIT_K=3, OUT16=True),
                                  dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
                                       MAXNREG=80, TILED=True),
-                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, PERSIST=1, TILED=True)])
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, PERSIST=1, TILED=True),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=5, SPLIT_K=3, OUT16=True,
+                                      WGS=4)])
 def test_gpu_ws_compact_scales(dtype, symmetric, m, cfg, monkeypatch):
     """The warp-specialized kernel on its compact scale layouts (ops.ws_scales): symmetric
     scales alone and integer zero points as 4-bit words, over K = 1152 (9 blocks: a partial
