@@ -211,8 +211,10 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
         sz = case[13] if len(case) > 13 else 0
         assert rep["wgmma"] == 16 * rows // 128 and rep["tma"] == 4 + (sz == 2), (case, rep)
         # wgmma serialized: C7515 (a non-wgmma definition of the accumulator), C7513 (of an
-        # operand register while a wgmma that reads it is in flight)
-        assert "C7515" not in rep["report"] and "C7513" not in rep["report"], (case, rep["report"])
+        # operand register while a wgmma that reads it is in flight), C7511 (too few registers
+        # for the pipeline: four consumer warpgroups with a 128-token accumulator)
+        assert not any(c in rep["report"] for c in ("C7515", "C7513", "C7511")), (
+            case, rep["report"])
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
         assert rep["shared"] <= 232448, case
         # PDL: griddepcontrol.wait before the epilogue's atomics, once per consumer warpgroup
