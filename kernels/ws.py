@@ -308,8 +308,10 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)
 
-        # the producer keeps 24-40 registers; with 4 consumers (17 warps) the launch's 120
-        # (65536 / 544, rounded down to 8) is all any partition can have
+        # the producer keeps 24-40 registers; with 4 consumers (17 warps, padded to 20) the
+        # launch has 96 per thread and setmaxnreg gives the consumers 120. The partition lists
+        # are spelled out: an argument tuple held in a variable turns its constexprs (the asm
+        # strings, BM, ...) into tensors in Triton 3.6, so it cannot be built once and reused
         PREG: gl.constexpr = 40 if REGS > 128 else 24
         if PERSIST or STREAM:
             if NC == 4:
