@@ -13,14 +13,15 @@ import triton
 import triton.language as tl
 
 
-def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False) -> str:
+def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
+         odd_shift: bool = False) -> str:
     """Dequantization of byte ``byte`` of two words (nibble planes 2b and 2b + 1): ``$4`` the
     scales, ``$5`` the zero terms (``zero``: u * s + zterm, one FMA) or, ``zero_offset``, the
     numbers magic + z of integer zero points z, subtracted before one multiply: (u - z) * s,
     exact before its one rounding. fp16 without ``zero_offset`` reads the odd plane in place:
     the mask 0x00F000F0 makes 1024 + 16 u, and one FMA by (1/16, -64) gives u (symmetric: -72,
     u - 8) exactly, where the even plane takes a shift and a subtract: the same numbers in
-    one instruction fewer."""
+    one instruction fewer (``odd_shift``: the shift, as bf16 does, for A/B timings)."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
@@ -28,7 +29,7 @@ def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False) -> str:
     finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero and not zero_offset
               else f"mul.rn.{ty} $OUT, t, $4;")
     o = "$5" if zero_offset else "o"
-    if bf16 or zero_offset:   # bf16's 7-bit mantissa cannot hold 16 u above its magic
+    if bf16 or zero_offset or odd_shift:   # bf16's 7 mantissa bits cannot hold 16 u
         odd = f"""shr.u32 p, p, 4;
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
 sub.rn.{ty} t, t, {o};"""

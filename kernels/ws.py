@@ -442,8 +442,8 @@ def _consumers(cfg: dict, rows: int, bm: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant_asm(bf16: bool, zero: bool, zero_offset: bool = False):
-    return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset)) for b in range(4))
+def _dequant_asm(bf16: bool, zero: bool, zero_offset: bool = False, odd_shift: bool = False):
+    return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset, odd_shift)) for b in range(4))
 
 
 def ws_supported(x2: torch.Tensor, p) -> bool:
@@ -510,7 +510,9 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     shared memory does too; default: all 168 the register file allows one program; only for
     128-row tiles of at most 64 tokens), WGS (4: the 256-row tile over four 64-row consumer
     warpgroups instead of two of 128, more warps to hide the dequantization behind; BN 256 and
-    at most 64 tokens, :func:`_consumers`). Call :func:`ws_supported` first."""
+    at most 64 tokens, :func:`_consumers`), ODD_SHIFT (the odd nibble planes shifted before
+    their mask, one instruction more per weight pair; :func:`~.dequant._asm`, kept for A/B
+    timings). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
@@ -542,7 +544,8 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
                                                     rank=2))
     z_desc = (TensorDescriptor(z_t, list(z_t.shape), [n, 1], [1, rows], w_l) if mode == 2
               else sz_desc)
-    a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None, mode == 2)
+    a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None, mode == 2,
+                                  bool(cfg.get("ODD_SHIFT")))
     out16 = atomic and cfg.get("OUT16", False) and x2.dtype == torch.float16
     out = torch.empty((m, n), device=x2.device,
                       dtype=x2.dtype if not atomic or out16 else torch.float32)

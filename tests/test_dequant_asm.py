@@ -85,10 +85,11 @@ def run_ptx(text: str, args: dict) -> dict:
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("mode", ["zero", "symmetric", "integer_zero"])
-def test_dequant_asm_matches_float64(bf16, mode):
+@pytest.mark.parametrize("odd_shift", [False, True])
+def test_dequant_asm_matches_float64(bf16, mode, odd_shift):
     rng = np.random.default_rng(0)
     for byte in range(4):
-        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero")
+        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero", odd_shift)
         for trial in range(48):
             words = [int(w) for w in rng.integers(0, 2**32, 2)]
             if trial < 16:   # every code in byte `byte` of both words
@@ -128,5 +129,6 @@ def test_fp16_odd_planes_need_no_shift():
     for byte in range(4):
         for zero in (False, True):
             assert "shr.u32" not in _asm(False, zero, byte)
+            assert "shr.u32" in _asm(False, zero, byte, odd_shift=True)
             assert "shr.u32" in _asm(True, zero, byte)
         assert "shr.u32" in _asm(False, True, byte, True)

@@ -782,6 +782,24 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=64, STAGES=4),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=5, WGS=4)])
+def test_gpu_ws_odd_planes_in_place_equal_the_shift(zero, cfg):
+    """fp16: the odd nibble planes read in place (one FMA by 1/16) give the same bits as the
+    shift, mask and subtract they replaced (ODD_SHIFT), and match the float32 reference."""
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(37, 1000, 1152, 128, zero, torch.float16, True)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    y = w4a16_matmul(x, p, b, cfg)
+    assert torch.equal(y, w4a16_matmul(x, p, b, dict(cfg, ODD_SHIFT=True)))
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("m", [1, 37, 300])
