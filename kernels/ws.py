@@ -277,7 +277,8 @@ if HAVE_GLUON:
         after :func:`~.pdl.zero_`'s kernel, it waits for that before adding. SZ: the scales'
         layout (:func:`w4a16_ws`; z_desc, the zero-point words, is read with SZ 2). REGS:
         the second consumer warpgroup's registers per thread (the first takes what the launch's
-        maxnreg leaves); below 232 the producer keeps 24."""
+        maxnreg leaves); below 232 the producer keeps 24. NC: consumer warpgroups, 2 (ROWS / 2
+        rows each) or 4 (64 rows each of a 256-row tile; REGS for the three worker ones)."""
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
