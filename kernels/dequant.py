@@ -6,8 +6,9 @@ Two adjacent packed words go through one PRMT that puts byte b of each into the 
 halves of a register; one LOP3 with 0x000F000F | 0x6400 (fp16) or 0x4300 (bf16) turns two
 nibbles into the half-precision numbers magic + u with no int-to-float conversion; one packed
 subtract and one packed FMA with (scale, -zero*scale) finish: about two instructions per
-weight (1.75 for fp16, whose odd planes need no shift: :func:`_asm`). Byte b of a word holds nibble planes 2b and 2b + 1 (``packing.py``). The interpreter
-runs the same arithmetic in plain Triton.
+weight (1.75 for fp16, whose odd planes need no shift: :func:`_asm`). Byte b of a word holds
+nibble planes 2b and 2b + 1 (``packing.py``). The interpreter runs the same arithmetic in plain
+Triton.
 """
 import triton
 import triton.language as tl

@@ -9,7 +9,8 @@ barriers:
   the chunk's scale / zero-term word per row (:func:`~.packing.pair_scales`, transposed; or
   the scales alone, symmetric, or the scales and 4-bit integer zero points:
   :func:`~.ops.ws_scales`), all counted on the stage's ``ready`` barrier;
-- two consumer warpgroups (half the rows each, one partition each) wait on ``ready``, load
+- two consumer warpgroups (half the rows each, one partition each; or, ``WGS`` 4, four of 64
+  rows over a 256-row tile) wait on ``ready``, load
   their words from shared memory straight into the wgmma A-operand layout (two adjacent words
   per thread, the pair the dequantization's PRMT joins), dequantize the eight nibble planes in
   registers (``dequant.py``'s asm: about two instructions per weight) and issue, per plane and
@@ -53,7 +54,8 @@ from .packing import cached_layout
 from .pdl import launch_options, zero_
 from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
-ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128)
+ROWS = 128   # rows per program by default: two consumer warpgroups of 64 (BN 256: of 128,
+             # or WGS 4: four of 64)
 SMEM = 232448 - 1024   # a block's 227 KB of shared memory, less room for the barriers
 
 

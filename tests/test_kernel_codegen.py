@@ -199,8 +199,9 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
 
 
 def test_ws_kernel_compiles_for_hopper(tmp_path):
-    """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two consumer partitions
-    issuing eight register-operand wgmma per chunk and 64 rows, four bulk tensor copies in the
+    """The warp-specialized Gluon kernel (kernels/ws.py) for sm_90a: two (or four) consumer
+    partitions issuing eight register-operand wgmma per chunk and 64 rows, four bulk tensor
+    copies in the
     producer, no spills, no serialized wgmma, its ring within the 227 KB of shared memory; the
     coalesced epilogue's 128-bit stores and vector atomics, and at 80 registers per thread at
     most half the register file (two programs per SM)."""
