@@ -35,13 +35,13 @@ def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
 sub.rn.{ty} t, t, {o};"""
     else:   # 1024 + 16 u, times 1/16 (0x2C00), minus 64 (0xD400) or 72 (0xD480): exact
-        odd = f"""mov.b32 o, 0x2C002C00;
-mov.b32 m, {"0xD400D400" if zero else "0xD480D480"};
-lop3.b32 t, p, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 t, t, o, m;"""
+        odd = f"""mov.b32 d, 0x2C002C00;
+mov.b32 c, {"0xD400D400" if zero else "0xD480D480"};
+lop3.b32 t, p, 0x00F000F0, m, 0xEA;
+fma.rn.f16x2 t, t, d, c;"""
     return f"""
 {{
-.reg .b32 p, t, m, o;
+.reg .b32 p, t, m, o, d, c;
 mov.b32 m, {magic};
 mov.b32 o, {offset};
 prmt.b32 p, $2, $3, {sel};
