@@ -177,20 +177,46 @@ def ws_shape_ok(n: int, k: int, group_size: int, capability) -> bool:
             and k % 128 == 0 and n % 4 == 0)
 
 
+# Hopper, shapes without a table row at M < 512 (NOTES.md, v41; H100, interleaved A/B against
+# the shape heuristic): (largest M, fewest weight elements N x K, the WS tile). Stream-K
+# balances any tile count, so one tile per M range serves every shape measured: 19-41 % faster
+# than the heuristic on 3584x18944 / 18944x3584 / 5120x13824 / 13824x5120 / 8192x8192 /
+# 8192x10240 at M = 16 / 64 / 256 and ahead of Humming on all of them. Below ~25 M weights the
+# heuristic's GEMV / MMA paths win at M <= 64 (2048x8192: 9.1 vs 9.2 us at M = 1, 11.1 vs
+# 12.3 at M = 64); the stream-K tiles still win from M = 128 (2048x8192: 14.1 vs 19.0 us).
+_WS_MID = (
+    (16, 24 << 20, dict(BM=16, BN=128, MAXNREG=80, STREAM=2, STAGES=4)),
+    (64, 24 << 20, dict(BM=64, BN=256, WGS=4, STREAM=1, STAGES=5)),
+    (256, 16 << 20, dict(BM=256, BN=128, STREAM=1, STAGES=3)),
+    (511, 16 << 20, dict(BM=128, BN=256, STREAM=1, STAGES=4)),
+)
+
+
 def ws_default(m: int, n: int, k: int, group_size: int, capability,
                num_sms: int = _NUM_SMS_DEFAULT) -> dict | None:
-    """The warp-specialized kernel (``WS``, :mod:`~.ws`) for shapes without a table row, where
-    the heuristic would dequantize and call cuBLAS: M >= 512 on a GPU of compute capability 9.0,
-    block 128, K a multiple of 128, N of 4, and at least half a wave of 128 x 256 tiles;
-    persistent (one program per SM walking its tiles). At M = 1024 it beat or tied the fused
-    kernel on every table shape of both cards, and the fused kernel beat dequantize + cuBLAS
-    there (NOTES.md, v13 / v18). On four shapes outside the tables (H100, v19 / v20) it beat
-    dequantize + cuBLAS and the fused tile at M = 512 / 1024, and dequantize + cuBLAS on three of
-    four at M = 4096; persistence gained 1-10 % on all eight M = 1024 / 4096 pairs. None
-    otherwise. Where the kernel cannot run after all (unaligned rows), the fused kernel takes
-    the same tile."""
-    if m < 512 or not ws_shape_ok(n, k, group_size, capability):
+    """The warp-specialized kernel (``WS``, :mod:`~.ws`) for shapes without a table row, on a
+    GPU of compute capability 9.0, block 128, K a multiple of 128, N of 4; None where the shape
+    heuristic (:func:`default_config`) is the better guess.
+
+    - M < 512, layers of at least 16-24 M weights: stream-K tiles by M range (``_WS_MID``),
+      measured on shapes outside the tables (NOTES.md, v41).
+    - M >= 512, at least half a wave of 128 x 256 tiles: persistent (one program per SM walking
+      its tiles). At M = 1024 it beat or tied the fused kernel on every table shape of both
+      cards, and the fused kernel beat dequantize + cuBLAS there (NOTES.md, v13 / v18). On four
+      shapes outside the tables (H100, v19 / v20) it beat dequantize + cuBLAS and the fused tile
+      at M = 512 / 1024, and dequantize + cuBLAS on three of four at M = 4096; persistence
+      gained 1-10 % on all eight M = 1024 / 4096 pairs.
+
+    Where the kernel cannot run after all (unaligned rows), the fused kernel takes the tile."""
+    if not ws_shape_ok(n, k, group_size, capability):
         return None
+    if m < 512:
+        for max_m, min_weights, tile in _WS_MID:
+            if m <= max_m:
+                if n * k < min_weights:
+                    return None
+                return dict(WS_FUSED_TILE, WS=True, COAL=True, OUT16=True, GROUP_N=8,
+                            SPLIT_K=1, **tile)
     if 2 * -(-n // 128) * -(-m // 256) < num_sms:   # a short grid: dequantize + cuBLAS
         return None
     return dict(WS_FUSED_TILE, WS=True, STAGES=3, GROUP_N=8, SPLIT_K=1, PERSIST=1)
@@ -199,8 +225,8 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     """The launch config for an [M, K] x [K, N] product: the ``MODELOPT_LITE_KERNEL_CONFIGS``
     table's row for the shape if there is one, else the GPU's shipped table's, else
-    :func:`default_config` (also where a row says ``{"DEFAULT": true}``), or on Hopper at large
-    M :func:`ws_default`."""
+    :func:`default_config` (also where a row says ``{"DEFAULT": true}``), or on Hopper
+    :func:`ws_default` where it names a tile."""
     user = os.environ.get(ENV_TABLE)
     rows = (_rows(_user_table(user), n, k) if user else None) or _rows(_table(_gpu_key(device)),
                                                                        n, k)

@@ -45,6 +45,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.errors import OutOfResources
     HAVE_GLUON = True
 except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
@@ -556,11 +557,17 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     pdl = zero_(out) if atomic else False
     coal = bool(cfg.get("COAL", atomic)) and _coal_fits(
         rows, bm, stages, x2.element_size(), out.element_size(), (4, 2, 6)[mode])
-    w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, z_desc, out,
-                          bias if bias is not None else out,
-                          m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
-                          GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
-                          ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
-                          COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, num_warps=4,
-                          **launch_options(pdl), **_consumers(cfg, rows, bm))
+    try:
+        w4a16_ws_kernel[grid](x_desc, q_desc, sz_desc, z_desc, out,
+                              bias if bias is not None else out,
+                              m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
+                              GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
+                              ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
+                              COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, num_warps=4,
+                              **launch_options(pdl), **_consumers(cfg, rows, bm))
+    except OutOfResources as err:   # a hand-written config whose ring does not fit
+        raise ValueError(
+            f"WS config {dict(cfg)} for a [{m}, {k}] x [{k}, {n}] product needs more "
+            f"{err.name} than the GPU has ({err.required} > {err.limit}): lower STAGES "
+            f"(ring depth, now {stages}) or BM (token tile, now {bm})") from err
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

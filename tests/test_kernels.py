@@ -425,12 +425,37 @@ def test_ws_default_for_large_m_on_hopper():
     assert cfg["FUSE_K"] and cfg["BN"] == 128                  # the fallback is a fused tile
     assert ws_default(512, 11008, 4096, 128, (9, 0))           # 86 x 2 tiles
     assert ws_default(512, 4096, 4096, 128, (9, 0)) is None    # 64 tiles: dequantize + cuBLAS
-    assert ws_default(256, 11008, 4096, 128, (9, 0)) is None   # M < 512: the fused heuristic
     assert ws_default(1024, 11008, 4096, 128, (8, 0)) is None  # no wgmma
     assert ws_default(1024, 11008, 4096, 128, (10, 0)) is None
     assert ws_default(1024, 11008, 4096, 64, (9, 0)) is None   # block 64
     assert ws_default(1024, 11006, 4096, 128, (9, 0)) is None  # N not a multiple of 4
     assert pick_config(1024, 11008, 4096, 128, None)["DEQUANT"]   # no GPU: unchanged
+
+
+def test_ws_default_below_512_tokens_by_m_range_and_layer_size():
+    """M < 512 on Hopper, shapes without a table row: a stream-K tile per M range on layers of
+    at least 24 M weights (M <= 64) or 16 M (M 65-511); the shape heuristic below that."""
+    from modelopt_lite.kernels.tuning import ws_default
+
+    def tile(m, n, k):
+        cfg = ws_default(m, n, k, 128, (9, 0))
+        return cfg and (cfg["BM"], cfg["BN"], cfg.get("WGS", 2), cfg["STREAM"])
+
+    for m, want in ((1, (16, 128, 2, 2)), (16, (16, 128, 2, 2)), (17, (64, 256, 4, 1)),
+                    (64, (64, 256, 4, 1)), (65, (256, 128, 2, 1)), (256, (256, 128, 2, 1)),
+                    (257, (128, 256, 2, 1)), (511, (128, 256, 2, 1))):
+        assert tile(m, 18944, 3584) == want, m
+    cfg = ws_default(1, 18944, 3584, 128, (9, 0))
+    assert cfg["WS"] and cfg["SPLIT_K"] == 1 and cfg["FUSE_K"] and cfg["MAXNREG"] == 80
+    assert "PERSIST" not in cfg
+    assert ws_default(64, 8192, 2048, 128, (9, 0)) is None     # 16.8 M weights: the heuristic
+    assert tile(65, 8192, 2048) == (256, 128, 2, 1)           # ... but not from M = 65
+    assert ws_default(128, 4096, 2048, 128, (9, 0)) is None    # 8.4 M weights
+    assert ws_default(64, 5120, 5120, 128, (9, 0))             # 26 M weights
+    assert ws_default(64, 18944, 3584, 128, (8, 9)) is None    # no wgmma
+    assert ws_default(64, 18944, 3584, 64, (9, 0)) is None     # block 64
+    assert ws_default(64, 18946, 3584, 128, (9, 0)) is None    # N not a multiple of 4
+    assert ws_default(64, 18944, 3600, 128, (9, 0)) is None    # K not a multiple of 128
 
 
 def test_ws_regs_only_where_the_tile_leaves_room():
@@ -915,6 +940,38 @@ def test_gpu_ws_short_k_and_combinations(k, cfg):
     if not ws_supported(x, p):
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
     assert _rel_err(w4a16_matmul(x, p, b, cfg), _ref32(x, p, b)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 13, 40, 100, 300])
+def test_gpu_ws_default_below_512_tokens(dtype, m):
+    """A layer without a table row (5124 x 5120, 26 M weights; N not a multiple of any tile)
+    at each of ws_default's M ranges: the config it picks runs and matches the reference."""
+    from modelopt_lite.kernels.tuning import ws_default
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(m, 5124, 5120, 128, True, dtype)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    cfg = pick_config(m, 5124, 5120, 128, x.device)
+    assert cfg == ws_default(m, 5124, 5120, 128, (9, 0)) and cfg["WS"]
+    assert _rel_err(w4a16_matmul(x, p, b), _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_ws_ring_too_deep_is_refused_with_the_fix():
+    """A WS config whose ring does not fit in shared memory (256-token tile, 6 stages): a
+    ValueError that names the config and what to lower, not Triton's bare OutOfResources."""
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(256, 512, 1024, 128, True, torch.float16)
+    if not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    with pytest.raises(ValueError, match="lower STAGES"):
+        w4a16_matmul(x, p, b, dict(WS_TILE, BM=256, STAGES=6))
 
 
 @pytest.mark.gpu

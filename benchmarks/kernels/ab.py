@@ -104,7 +104,14 @@ def main() -> None:
     graphs = {}
     for name, cfg in arms:
         fns = ours_fns(mk, packed, x, nc, cfg)
-        err = peers.check(fns[0](), ref)
+        try:
+            out = fns[0]()
+        except ValueError as e:     # a config the kernel refuses (e.g. a ring too deep)
+            if name == "shipped":
+                raise
+            print(f"{name}: skipped, {e}", flush=True)
+            continue
+        err = peers.check(out, ref)
         if err > 3e-3:
             raise SystemExit(f"{name} {cfg}: error {err:.2e} against the fp32 product")
         graphs[name] = (capture(fns), fns, cfg, err)  # fns keep the graph's tensors alive
