@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import ours_fns, problems  # noqa: E402
-from sweep_large import parse_twin, write_table  # noqa: E402
+from sweep_large import parse_twin  # noqa: E402
 from sweep_v5 import shipped  # noqa: E402
 import peers  # noqa: E402
 from common import capture, import_kernels, replay_median_us  # noqa: E402
@@ -43,7 +43,7 @@ def time_graph(graph, n_calls, reps, warm_ms):
 
 def adopt(a, k, n, m, rows):
     """``--write-table``: the fastest candidate arm that clears the margin in (nearly) every
-    round replaces the table's row for M (sweep_large.write_table's rule for which row)."""
+    round becomes the table's row for M (:func:`put_row`)."""
     ship = next(r for r in rows if r["arm"] == "shipped")["median_us"]
     need = a.rounds - 1 if a.min_wins is None else a.min_wins
     ok = [r for r in rows if r["arm"].startswith(("twin", "cfg"))
@@ -52,10 +52,30 @@ def adopt(a, k, n, m, rows):
         print(f"no arm clears {a.margin:.0%} in {need} of {a.rounds} rounds: table unchanged")
         return
     best = min(ok, key=lambda r: r["median_us"])
-    write_table(a.write_table, [dict(K=k, N=n, M=m, best_cfg=best["cfg"],
-                                     best_us=best["median_us"], shipped_us=ship,
-                                     shipped_us_2=ship)], a.margin)
-    print(f"{best['arm']} written to {a.write_table}: {ship} -> {best['median_us']} us")
+    what = put_row(a.write_table, f"{n}x{k}", m, best["cfg"], best["median_us"])
+    print(f"{best['arm']} written to {a.write_table} ({what}): {ship} -> {best['median_us']} us")
+
+
+def put_row(path, key, m, cfg, us):
+    """Row ``max_m = m`` of table ``key`` (N x K) takes ``cfg``: replaced where it exists, else
+    inserted in order, so that it serves the M between the row below and m; M >= 1024 replaces
+    the open-ended last row. Returns what was done."""
+    table = json.loads(Path(path).read_text())
+    if key not in table:
+        raise SystemExit(f"{path} has no row for {key} (N x K): add the shape first")
+    rows = table[key]
+    row = next((r for r in rows if r["max_m"] == m), None)
+    if row is None and m >= 1024 and rows and rows[-1]["max_m"] >= 1 << 30:
+        row = rows[-1]
+    if row is not None:
+        row.update(config=cfg, us=us)
+        what = f"row max_m {row['max_m']} replaced"
+    else:
+        rows.append(dict(max_m=m, config=cfg, us=us))
+        rows.sort(key=lambda r: r["max_m"])
+        what = f"row max_m {m} inserted"
+    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+    return what
 
 
 def main() -> None:
@@ -85,8 +105,8 @@ def main() -> None:
                          "(MODELOPT_LITE_WS_SCALES=pairs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-table", default=None, metavar="JSON",
-                    help="put the fastest twin / cfg arm into this config table (the row of "
-                         "this M) where its median is more than --margin below the shipped "
+                    help="put the fastest twin / cfg arm into this config table (row max_m = "
+                         "M, inserted if missing) where its median is more than --margin below the shipped "
                          "arm's and it beat the shipped arm in at least --min-wins rounds")
     ap.add_argument("--margin", type=float, default=0.03)
     ap.add_argument("--min-wins", type=int, default=None, help="default: all rounds but one")
