@@ -86,6 +86,8 @@ def tensor_tokens(ids: torch.Tensor, tokenizer, n_samples: int, seq_len: int,
 
 def source_texts(source) -> list[str] | None:
     """The texts of a text source, or None for a source of token batches."""
+    if isinstance(source, str) and _is_text(source):
+        return [source]
     if isinstance(source, (str, Path)):
         return [read_text_file(Path(source))]
     if is_dataset(source):
@@ -102,9 +104,26 @@ def source_texts(source) -> list[str] | None:
                                f"use {SUPPORTED}")
 
 
+def _is_text(source: str) -> bool:
+    """Whether a str source is the text itself rather than a file path: not an existing file,
+    and multi-line or longer than any path (e.g. ``wiki_text()``'s corpus). A short one-line
+    string stays a path, so that a mistyped file name is an error, not a calibration text."""
+    if "\n" not in source and len(source) <= 1024:
+        return False
+    try:
+        return not Path(source).is_file()
+    except (OSError, ValueError):   # too long a name for the file system, or a NUL byte
+        return True
+
+
 def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file; a string that is not a file is an error (wrap texts in a list)."""
-    if not path.is_file():
+    """Read a UTF-8 text file; a short one-line string that is not a file is an error (wrap
+    texts in a list)."""
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError):
+        exists = False
+    if not exists:
         raise CalibrationDataError(f"calibration file '{path}' does not exist: a str source is read "
                                    "as a file path; to calibrate on the string itself pass [text]")
     return path.read_text(encoding="utf-8")

@@ -54,14 +54,24 @@ def parse_overrides(cls, items) -> dict:
         _check_keys(cls, {key: None})
         default = defaults[key]
         if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
+            flag = value.lower()
+            if flag not in _TRUE + _FALSE:
+                raise ConfigError(f"{item!r}: {key} is a flag; use true or false")
+            out[key] = flag in _TRUE
         elif isinstance(default, tuple):
             out[key] = tuple(_number_or_text(v) for v in value.split(",") if v)
         elif default is None or default is dataclasses.MISSING:
             out[key] = _scalar(value)
         else:
-            out[key] = type(default)(value)
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ConfigError(f"{item!r}: {key} takes a {type(default).__name__} "
+                                  f"(default {default!r})") from None
     return out
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _scalar(value: str):
@@ -219,6 +229,13 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        for key in ("targets", "exclude", "module_types"):
+            value = getattr(self, key)
+            if isinstance(value, str):   # one pattern, not its characters
+                value = (value,)
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key} must be a tuple of strings, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
         _one_of("on_indivisible", self.on_indivisible, ON_INDIVISIBLE)
         if self.weight is None and self.input is None:
             raise ConfigError("a QuantConfig needs a weight or an input quantizer spec")
@@ -268,7 +285,7 @@ class QuantConfig:
         if "algorithm" in kwargs:
             kwargs["algorithm"] = algorithm_from_dict(kwargs["algorithm"])
         for key in ("targets", "exclude", "module_types"):
-            if key in kwargs:
+            if key in kwargs and not isinstance(kwargs[key], str):
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
 

@@ -161,6 +161,20 @@ def test_unsupported_source_lists_supported(source):
         calib_tokens(source, word_tokenizer())
 
 
+def test_a_long_or_multiline_str_is_the_text_itself(tmp_path):
+    """A str that cannot be a file path (multi-line, or longer than a path: a corpus such as
+    wiki_text()'s) is calibrated on as text; a file's contents read the same."""
+    text = " ".join(["the cat sat on the mat"] * 400)       # 8.8 KB, one line
+    want = calib_tokens([text], word_tokenizer(), n_samples=2, seq_len=8)
+    assert torch.equal(calib_tokens(text, word_tokenizer(), n_samples=2, seq_len=8), want)
+    lines = "the cat sat\n" * 40
+    assert torch.equal(calib_tokens(lines, word_tokenizer(), n_samples=2, seq_len=8),
+                       calib_tokens([lines], word_tokenizer(), n_samples=2, seq_len=8))
+    (tmp_path / "t.txt").write_text(text)
+    assert torch.equal(calib_tokens(str(tmp_path / "t.txt"), word_tokenizer(), n_samples=2,
+                                    seq_len=8), want)
+
+
 def test_missing_file_suggests_a_list(tmp_path):
     with pytest.raises(CalibrationDataError, match=r"pass \[text\]"):
         calib_tokens(str(tmp_path / "nope.txt"), word_tokenizer())

@@ -83,3 +83,21 @@ def test_parse_overrides_types_values_like_the_defaults():
         parse_overrides(AWQConfig, ["no_such_field=1"])
     with pytest.raises(ConfigError, match="FIELD=VALUE"):
         parse_overrides(AWQConfig, ["search_tokens"])
+    assert parse_overrides(AWQConfig, ["gqa_v_o=off"]) == {"gqa_v_o": False}
+    with pytest.raises(ConfigError, match="gqa_v_o is a flag; use true or false"):
+        parse_overrides(AWQConfig, ["gqa_v_o=flase"])        # a typo is not False
+    with pytest.raises(ConfigError, match="search_tokens takes a int"):
+        parse_overrides(AWQConfig, ["search_tokens=8k"])
+
+
+def test_targets_and_exclude_given_as_one_string_are_one_pattern():
+    """A str is one pattern (a recipe's "targets": "model.layers.0.*"), not its characters,
+    which would include a lone '*' that matches every layer."""
+    cfg = get_preset("w8a8").replace(targets="model.layers.0.*", exclude="*lm_head*")
+    assert cfg.targets == ("model.layers.0.*",) and cfg.exclude == ("*lm_head*",)
+    data = get_preset("w8a8").to_dict()
+    data.update(targets="model.layers.0.*", exclude=["*lm_head*", "*gate*"])
+    back = QuantConfig.from_dict(data)
+    assert back.targets == ("model.layers.0.*",) and back.exclude == ("*lm_head*", "*gate*")
+    with pytest.raises(ConfigError, match="targets must be a tuple of strings"):
+        get_preset("w8a8").replace(targets=("a", 3))

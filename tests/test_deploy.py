@@ -86,3 +86,25 @@ def test_deploy_refuses_inexact_sparse_asymmetric_and_changes_nothing():
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj.*symmetric"):
         mtl.deploy(model)
     assert sum(is_quantized(m) for m in model.modules()) == n_quant
+
+
+def test_deploy_names_the_layer_and_the_block_rule_and_changes_nothing():
+    """A block size the kernels do not take (not a multiple of 8): the error names the layer
+    and the rule, not a false divisibility claim, and no layer is swapped."""
+    model = ALL["llama"]()
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=4)), progress=False)
+    n_quant = sum(is_quantized(m) for m in model.modules())
+    assert n_quant
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: .*multiples of 8"
+                                         r".*got 4"):
+        mtl.deploy(model)
+    assert sum(is_quantized(m) for m in model.modules()) == n_quant
+
+
+def test_deploy_without_int4_layers_warns(caplog):
+    model = ALL["llama"]()
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    with caplog.at_level("WARNING"):
+        mtl.deploy(model)
+    assert "nothing deployed" in caplog.text

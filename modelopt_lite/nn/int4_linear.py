@@ -102,9 +102,13 @@ class Int4Linear(nn.Module):
                  bias: bool = True, symmetric: bool = False, pre_scale: bool = False,
                  dtype: torch.dtype = torch.float16, device=None):
         super().__init__()
-        if in_features % group_size or group_size % 8:
+        if group_size % 8 or group_size <= 0:
+            raise ValueError(f"the INT4 kernels take block sizes that are multiples of 8 "
+                             f"(32, 64, 128 are tuned), got {group_size}; quantize with "
+                             "another block size")
+        if in_features % group_size:
             raise ValueError(f"in_features {in_features} must be divisible by the block size "
-                             f"{group_size} (a multiple of 8); pick another block size")
+                             f"{group_size}; pick another block size")
         if dtype not in _HALF:
             raise TypeError(f"Int4Linear dtype must be float16 or bfloat16, got {dtype}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -239,7 +243,17 @@ def deploy_int4(model: nn.Module) -> nn.Module:
     Every layer is converted before any is swapped: a layer that cannot be deployed leaves the
     model as it was."""
     targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
-    built = [(name, _to_int4_linear(mod, name)) for name, mod in targets]
+    built = []
+    for name, mod in targets:
+        try:
+            built.append((name, _to_int4_linear(mod, name)))
+        except ValueError as err:
+            if name and not str(err).startswith(name):
+                raise ValueError(f"{name}: {err}") from err
+            raise
+    if not targets:
+        log.warning("deploy_int4: no INT4 block fake-quant linear layers in the model (INT8, "
+                    "per-channel INT4 and float layers stay as they are); nothing deployed")
     state = getattr(model, "_modelopt_lite", None)
     if built and built[0][0] and isinstance(state, dict):   # for modelopt_lite.save / load
         done = {r["name"]: r for r in state.get("deployed", [])}
