@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .nn.tensor_quantizer import CalibrationError
+
 COMMANDS: dict = {}
 AUTO_BLOCKS = (128, 64, 32)
 
@@ -180,7 +182,8 @@ def _load_plugins() -> None:
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
     parser = argparse.ArgumentParser(prog="modelopt-lite", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress, and show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -195,7 +198,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv or ["quantize"])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args._run(args)
+    try:
+        return args._run(args)
+    except _USER_ERRORS as err:   # bad input: one line and exit 2 (-v for the traceback)
+        if args.verbose:
+            raise
+        print(f"modelopt-lite {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# what a user's input can cause (configs, paths, data, models, layers; the project's error
+# types derive from ValueError), as opposed to a bug, which keeps its traceback
+_USER_ERRORS = (ValueError, OSError, ImportError, CalibrationError)
 
 
 if __name__ == "__main__":

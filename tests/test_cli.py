@@ -37,10 +37,16 @@ def test_quantize_then_eval(tiny_folder, capsys):
     assert lines[-2].startswith("float") and str(d / "out") in lines[-1]
 
 
-def test_bad_recipe_is_a_clear_error(tiny_folder):
+def test_bad_recipe_is_a_clear_error(tiny_folder, capsys):
+    """A user error is one line on stderr and exit status 2; -v shows the traceback."""
+    argv = ["quantize", "--model", str(tiny_folder / "tiny"), "--recipe", "int3", "--no-eval",
+            "--calib", str(tiny_folder / "calib.txt")]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("modelopt-lite quantize: error: ")
+    assert "unknown preset 'int3'" in err[0]
     with pytest.raises(ValueError, match="unknown preset 'int3'"):
-        main(["quantize", "--model", str(tiny_folder / "tiny"), "--recipe", "int3",
-              "--no-eval", "--calib", str(tiny_folder / "calib.txt")])
+        main(["-v"] + argv)
 
 
 def test_help_lists_subcommands():
