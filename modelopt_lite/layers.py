@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from .config import QuantConfig, QuantizerSpec
 from .nn.quant_modules import is_quantized, quant_class_for, wrap_module
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -77,6 +80,18 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         plans.append(_plan_one(name, module, config))
     if not plans:
         raise LayerSelectionError(_no_layers_message(model, config))
+    skipped = [p for p in plans if p.skipped]
+    if len(skipped) == len(plans) or 2 * len(skipped) > len(plans):
+        dims = sorted({_weight_2d_shape(p.module)[1] for p in skipped})
+        fits = [b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims)]
+        fix = (f"block {fits[0]} divides them all" if fits else
+               "no block size from 8 to 128 divides them all")
+        text = (f"{len(skipped)} of {len(plans)} matched layers would be skipped (first: "
+                f"{skipped[0].name}: {skipped[0].skipped}; input dims {dims[:6]}): {fix}, or "
+                "set on_indivisible='per_channel'")
+        if len(skipped) == len(plans):
+            raise LayerSelectionError(f"nothing to quantize: {text}")
+        log.warning(text)
     return plans
 
 

@@ -62,6 +62,31 @@ def test_indivisible_layer_is_skipped_with_reason_or_errors_when_named():
     assert fallback[0].weight_quantizer.spec.granularity == "per_channel"
 
 
+def test_every_layer_skipped_is_an_error_and_most_skipped_a_warning(caplog):
+    """A block size that divides no layer's input dim quantizes nothing: an error that says
+    which block would fit, not a silent no-op; more than half skipped: a warning."""
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=128))
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(160, 8))
+    with pytest.raises(LayerSelectionError, match=r"nothing to quantize: 2 of 2 .*block 32 "
+                                                  r"divides them all.*per_channel"):
+        mtl.quantize(model, cfg, progress=False)
+    assert not is_quantized(model[0]) and not is_quantized(model[2])
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 96), nn.Linear(96, 128),
+                          nn.Linear(128, 8))
+    with caplog.at_level("WARNING"):
+        mtl.quantize(model, cfg.replace(weight=QuantizerSpec(
+            num_bits=4, granularity="per_block", block_size=64)), progress=False)
+    assert "2 of 4 matched layers would be skipped" not in caplog.text   # half: no warning
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(96, 96), nn.Linear(96, 64),
+                          nn.Linear(64, 8))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        mtl.quantize(model, cfg.replace(weight=QuantizerSpec(
+            num_bits=4, granularity="per_block", block_size=64)), progress=False)
+    assert "3 of 4 matched layers would be skipped" in caplog.text and "block 32" in caplog.text
+    assert is_quantized(model[3])
+
+
 def test_no_matching_layers_names_what_exists():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(LayerSelectionError, match=r"matches no layer.*0 \(Linear\)"):
