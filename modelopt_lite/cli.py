@@ -66,21 +66,48 @@ def _auto_block(model, cfg) -> int:
 
 
 def _recipe(model, args):
-    from .config import resolve_config
+    """The QuantConfig of ``--recipe`` with ``--set`` and ``--block-size`` applied. The block
+    size: a number, or ``auto`` (the default for presets; a recipe file keeps its own unless
+    ``--block-size`` is given)."""
+    from .config import PRESETS, ConfigError, parse_overrides, resolve_config
 
     cfg = resolve_config(args.recipe)
     if getattr(args, "set", None):
-        from .config import ConfigError, parse_overrides
-
-        if cfg.algorithm is None:
-            raise ConfigError(f"--set: recipe {args.recipe!r} has no algorithm settings")
+        if cfg.algorithm is None or not dataclasses.fields(cfg.algorithm):
+            raise ConfigError(f"--set: recipe {args.recipe!r} has no algorithm settings (its "
+                              f"algorithm is {getattr(cfg.algorithm, 'name', None)!r})")
         cfg = cfg.replace(algorithm=dataclasses.replace(
             cfg.algorithm, **parse_overrides(type(cfg.algorithm), args.set)))
+    block_size = getattr(args, "block_size", None)
     w = cfg.weight
-    if w is None or w.granularity != "per_block" or args.block_size is None:
-        return cfg
-    block = _auto_block(model, cfg) if args.block_size == "auto" else int(args.block_size)
+    per_block = w is not None and w.granularity == "per_block"
+    if block_size is None:
+        if not per_block or str(args.recipe) not in PRESETS:
+            return cfg
+        block_size = "auto"
+    elif not per_block:
+        raise ConfigError(f"--block-size {block_size}: recipe {args.recipe!r} quantizes weights "
+                          f"{w.granularity if w else 'not at all'}, not per block; drop the option "
+                          "or pick an INT4 block recipe")
+    block = _auto_block(model, cfg) if block_size == "auto" else block_size
     return cfg.replace(weight=dataclasses.replace(w, block_size=block))
+
+
+def block_size_arg(value: str):
+    """``--block-size``: 'auto' or a positive integer (argparse type)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a block size such as 128, "
+                                         f"got {value!r}")
+    return int(value)
+
+
+def add_block_size(p) -> None:
+    p.add_argument("--block-size", default=None, type=block_size_arg,
+                   help="the INT4 block size: a number, or 'auto' (the largest of 128/64/32 "
+                        "that fits the model's layers); default: auto for presets, the file's "
+                        "own for a recipe file")
 
 
 def _calib_source(args):
@@ -95,9 +122,7 @@ def _quantize_args(p):
     _common(p)
     p.add_argument("--recipe", default="int4_awq",
                    help="preset name or JSON/YAML config file (default int4_awq)")
-    p.add_argument("--block-size", default="auto",
-                   help="override the recipe's INT4 block size: a number or 'auto' (the largest "
-                        "of 128/64/32 that fits the model's layers; default)")
+    add_block_size(p)
     p.add_argument("--calib", default="wiki",
                    help="'wiki' (the embedded Wikipedia calibration split) or a text file")
     p.add_argument("--n-samples", type=int, default=32)

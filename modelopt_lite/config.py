@@ -303,7 +303,7 @@ class QuantConfig:
     def from_file(cls, path: str | Path) -> QuantConfig:
         """Load a config from a ``.json`` or ``.yaml``/``.yml`` file."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             return cls.from_dict(yaml.safe_load(path.read_text()))
@@ -349,7 +349,10 @@ def resolve_config(config) -> QuantConfig:
         _load_builtins()
         if str(config) in PRESETS:
             return PRESETS[str(config)]
-        if Path(config).suffix in (".json", ".yaml", ".yml") and Path(config).exists():
+        if Path(config).suffix.lower() in (".json", ".yaml", ".yml"):
+            if not Path(config).is_file():
+                raise ConfigError(f"config file '{config}' does not exist (presets: "
+                                  f"{sorted(PRESETS)})")
             return QuantConfig.from_file(config)
         return get_preset(str(config))
     raise ConfigError(f"config must be a preset name, a QuantConfig, a dict or a JSON/YAML path; "

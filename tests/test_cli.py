@@ -67,3 +67,33 @@ def test_set_overrides_algorithm_fields_and_names_bad_keys(tiny_folder):
     args = parser.parse_args(["quantize", "--set", "no_such=1"])
     with pytest.raises(ConfigError, match="no_such"):
         _recipe(tiny_llama(), args)
+
+
+def test_block_size_auto_for_presets_a_file_keeps_its_own(tmp_path):
+    """Presets get the block that fits the model ('auto'); a recipe file keeps its block unless
+    --block-size is given; --block-size on a recipe without INT4 blocks is refused."""
+    from modelopt_lite.cli import _recipe
+    from modelopt_lite.config import ConfigError, QuantConfig, QuantizerSpec
+
+    model = tiny_llama()   # hidden 64: block 128 fits no layer, 'auto' picks 64
+    parser = build_parser()
+    cfg = _recipe(model, parser.parse_args(["quantize", "--recipe", "int4_weight_only"]))
+    assert cfg.weight.block_size == 64
+    path = tmp_path / "r32.JSON"
+    path.write_text(QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block",
+                                                     block_size=32)).to_json())
+    cfg = _recipe(model, parser.parse_args(["quantize", "--recipe", str(path)]))
+    assert cfg.weight.block_size == 32
+    for value, want in (("auto", 64), ("16", 16)):
+        args = parser.parse_args(["quantize", "--recipe", str(path), "--block-size", value])
+        assert _recipe(model, args).weight.block_size == want
+    with pytest.raises(ConfigError, match="--block-size 64: recipe 'w8a8' quantizes weights "
+                                          "per_channel, not per block"):
+        _recipe(model, parser.parse_args(["quantize", "--recipe", "w8a8", "--block-size", "64"]))
+    with pytest.raises(ConfigError, match="config file 'missing.json' does not exist"):
+        _recipe(model, parser.parse_args(["quantize", "--recipe", "missing.json"]))
+    with pytest.raises(ConfigError, match="has no algorithm settings.*'max'"):
+        _recipe(model, parser.parse_args(["quantize", "--recipe", "int8_weight_only",
+                                          "--set", "alpha=0.8"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "--block-size", "abc"])

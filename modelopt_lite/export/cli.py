@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_block_size
+
     p.add_argument("--model", default=None,
                    help="a registered model name (smollm2-135m, gemma3-270m) or a Hugging Face "
                         "folder; default: smollm2-135m, embedded")
@@ -24,6 +26,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--recipe", default="w8a8",
                      help="quantize first with this preset or config file (default w8a8); "
                           "it must be symmetric for TensorRT")
+    add_block_size(p)
     p.add_argument("--n-samples", type=int, default=16, help="calibration samples (recipe)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--out", default="model.onnx", help="the ONNX file to write")
@@ -42,8 +45,10 @@ def _quantized_model(args):
     if args.checkpoint:
         mtl.load(model, args.checkpoint)
     else:
-        mtl.quantize(model, args.recipe, calib=[wiki_text("calibration")], tokenizer=tokenizer,
-                     n_samples=args.n_samples, seq_len=args.seq_len)
+        from ..cli import _recipe
+
+        mtl.quantize(model, _recipe(model, args), calib=[wiki_text("calibration")],
+                     tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len)
     return model, tokenizer
 
 

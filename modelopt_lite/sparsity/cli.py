@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 
 def _args(p) -> None:
-    from ..cli import _common
+    from ..cli import _common, add_block_size
 
     _common(p)
     p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
@@ -24,6 +25,7 @@ def _args(p) -> None:
                    help="module-name patterns to leave dense (default: lm_head, embeddings)")
     p.add_argument("--then-quantize", default=None,
                    help="a quantization preset to apply after pruning (masks are kept)")
+    add_block_size(p)
     p.add_argument("--out", default="modelopt_lite_sparse", help="checkpoint folder to write")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
 
@@ -31,7 +33,7 @@ def _args(p) -> None:
 def _run(args) -> int:
     import modelopt_lite as mtl
 
-    from ..cli import _calib_source, _load, _ppl, _table
+    from ..cli import _calib_source, _load, _ppl, _recipe, _table
     from . import format_sparsity, sparsify
 
     model, tokenizer = _load(args.model)
@@ -44,7 +46,9 @@ def _run(args) -> int:
     print(format_sparsity(model))
     name = f"{args.pattern} {args.method}"
     if args.then_quantize:
-        mtl.quantize(model, args.then_quantize, calib=_calib_source(args), tokenizer=tokenizer,
+        cfg = _recipe(model, argparse.Namespace(recipe=args.then_quantize,
+                                                block_size=args.block_size))
+        mtl.quantize(model, cfg, calib=_calib_source(args), tokenizer=tokenizer,
                      n_samples=args.n_samples, seq_len=args.seq_len)
         mtl.print_summary(model)
         name += f" + {args.then_quantize}"
