@@ -41,8 +41,11 @@ def make_forward_loop(tokens: torch.Tensor, batch_size: int = 1, progress: bool 
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"calibration tokens must be a non-empty [n_samples, seq_len] tensor, "
                          f"got shape {tuple(tokens.shape)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
     def forward_loop(model: nn.Module) -> None:
+        _check_vocab(model, tokens)
         device = model_device(model)
         n = (tokens.shape[0] + batch_size - 1) // batch_size
         with torch.no_grad():
@@ -51,6 +54,23 @@ def make_forward_loop(tokens: torch.Tensor, batch_size: int = 1, progress: bool 
                 model(batch.to(device))
 
     return forward_loop
+
+
+def _check_vocab(model: nn.Module, tokens: torch.Tensor) -> None:
+    """Token ids outside the model's embedding table: a clear error, not an IndexError from
+    deep inside the embedding (a tokenizer for another model, or random ids too large)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None or tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"calibration token ids span {lo}..{hi}, but the model's embedding has "
+                         f"{vocab} rows: use the model's own tokenizer (or ids below {vocab})")
 
 
 def resolve_forward_loop(model, calib=None, forward_loop=None, tokenizer=None, n_samples=32,

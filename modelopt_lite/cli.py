@@ -35,8 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a registered model name (smollm2-135m, gemma3-270m) or a Hugging Face "
                         "folder; default: smollm2-135m, embedded")
     p.add_argument("--windows", type=int, default=4,
-                   help="2048-token test windows for perplexity (default 4)")
-    p.add_argument("--seq-len-eval", type=int, default=2048)
+                   help="test windows of --seq-len-eval tokens for perplexity (default 4)")
+    p.add_argument("--seq-len-eval", type=int, default=2048,
+                   help="tokens per perplexity window (default 2048)")
     p.add_argument("--eval-text", default=None,
                    help="a text file to measure perplexity on (default: the embedded Wikipedia "
                         "test split)")
@@ -125,8 +126,10 @@ def _quantize_args(p):
     add_block_size(p)
     p.add_argument("--calib", default="wiki",
                    help="'wiki' (the embedded Wikipedia calibration split) or a text file")
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-samples", type=int, default=32,
+                   help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per calibration sequence (default 512)")
     p.add_argument("--out", default="modelopt_lite_out", help="checkpoint folder to write")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -135,9 +138,22 @@ def _quantize_args(p):
                         "alpha)")
 
 
+def check_paths(args) -> None:
+    """Input files that must exist and an output folder that can be one, checked before the
+    model loads, so that a typo fails in a second, not after calibration."""
+    for opt in ("calib", "eval_text"):
+        value = getattr(args, opt, None)
+        if value and value != "wiki" and not Path(value).is_file():
+            raise FileNotFoundError(f"--{opt.replace('_', '-')} {value}: no such file")
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out}: a file is there; the output is a checkpoint folder")
+
+
 def _quantize_run(args) -> int:
     import modelopt_lite as mtl
 
+    check_paths(args)
     model, tokenizer = _load(args.model)
     cfg = _recipe(model, args)
     fp = None if args.no_eval else _ppl(model, tokenizer, args)
@@ -174,6 +190,7 @@ def _eval_args(p):
 def _eval_run(args) -> int:
     import modelopt_lite as mtl
 
+    check_paths(args)
     model, tokenizer = _load(args.model)
     rows = [("float", _ppl(model, tokenizer, args), "")]
     if args.checkpoint:
@@ -206,7 +223,10 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="modelopt-lite", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="modelopt-lite",
+        description="Post-training quantization and 2:4 sparsity for PyTorch / Hugging Face "
+                    "models: calibrate, quantize, evaluate, export to ONNX.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress, and show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)

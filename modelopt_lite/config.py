@@ -121,6 +121,15 @@ class QuantizerSpec:
     integer_zero: bool = False
 
     def __post_init__(self):
+        for name in ("symmetric", "dynamic", "integer_zero"):   # "no" in a YAML file is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"QuantizerSpec.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
+        if self.block_size is not None and (isinstance(self.block_size, bool)
+                                            or not isinstance(self.block_size, int)):
+            raise ConfigError(f"QuantizerSpec.block_size must be an int, got {self.block_size!r}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise ConfigError(f"QuantizerSpec.percentile must be a number, got {self.percentile!r}")
         _one_of("num_bits", self.num_bits, (4, 8))
         _one_of("granularity", self.granularity, GRANULARITIES)
         _one_of("calibrator", self.calibrator, CALIBRATORS)
@@ -282,6 +291,9 @@ class QuantConfig:
         for key in ("weight", "input"):
             if isinstance(kwargs.get(key), dict):
                 kwargs[key] = QuantizerSpec.from_dict(kwargs[key])
+            elif kwargs.get(key) is not None and not isinstance(kwargs[key], QuantizerSpec):
+                raise ConfigError(f"{key} must be a mapping of QuantizerSpec fields (or null), "
+                                  f"got {kwargs[key]!r}")
         if "algorithm" in kwargs:
             kwargs["algorithm"] = algorithm_from_dict(kwargs["algorithm"])
         for key in ("targets", "exclude", "module_types"):

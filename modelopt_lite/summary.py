@@ -27,13 +27,23 @@ def weight_sqnr_db(module) -> float:
 
 
 def summary_rows(model: nn.Module) -> list[dict]:
+    """One row per layer quantize() planned: name, shape, status ("quantized", "deployed" for
+    a layer deploy() swapped for an Int4Linear, or "skipped"), format, sqnr_db and a note."""
     state = getattr(model, "_modelopt_lite", None) or {}
     quantized = dict(quant_modules(model))
+    # layers that deploy() swapped for INT4 kernels (Int4Linear), by name
+    deployed = {n: m for n, m in model.named_modules() if type(m).__name__ == "Int4Linear"}
     rows = []
     for rec in state.get("layers", []):
         row = {"name": rec["name"], "shape": "x".join(map(str, rec["weight_shape"]))}
         module = quantized.get(rec["name"])
-        if rec["skipped"] or module is None:
+        if not rec["skipped"] and module is None and rec["name"] in deployed:
+            spec = deployed[rec["name"]].spec()
+            fmt = (f"W int4 block {spec['group_size']}"
+                   f"{' sym' if spec['symmetric'] else ''} (Int4Linear)")
+            row.update(status="deployed", format=fmt, sqnr_db=rec.get("weight_sqnr_db"),
+                       reason="packed INT4, runs on the W4A16 kernels")
+        elif rec["skipped"] or module is None:
             row.update(status="skipped", format="-", sqnr_db=None,
                        reason=rec["skipped"] or "not quantized")
         else:
@@ -63,7 +73,9 @@ def format_summary(model: nn.Module) -> str:
         lines.append(f"{r['name'][:44]:<44} {r['shape']:>11}  {r['status']:<9} "
                      f"{r['format'][:36]:<36} {sqnr:>7}  {r['reason']}")
     n_q = sum(r["status"] == "quantized" for r in rows)
-    lines.append(f"{n_q} layer(s) quantized, {len(rows) - n_q} skipped")
+    n_d = sum(r["status"] == "deployed" for r in rows)
+    lines.append(f"{n_q + n_d} layer(s) quantized" + (f" ({n_d} deployed)" if n_d else "")
+                 + f", {len(rows) - n_q - n_d} skipped")
     return "\n".join(lines)
 
 

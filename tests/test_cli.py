@@ -97,3 +97,15 @@ def test_block_size_auto_for_presets_a_file_keeps_its_own(tmp_path):
                                           "--set", "alpha=0.8"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "--block-size", "abc"])
+
+
+def test_bad_paths_fail_before_the_model_loads(tiny_folder, capsys, monkeypatch):
+    import modelopt_lite.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda name: pytest.fail("the model was loaded"))
+    (tiny_folder / "afile").write_text("x")
+    for extra, want in ((["--calib", "nofile.txt"], "--calib nofile.txt: no such file"),
+                        (["--eval-text", "nope.txt"], "--eval-text nope.txt: no such file"),
+                        (["--out", str(tiny_folder / "afile")], "a file is there")):
+        assert main(["quantize", "--model", str(tiny_folder / "tiny")] + extra) == 2
+        assert want in capsys.readouterr().err

@@ -101,3 +101,21 @@ def test_targets_and_exclude_given_as_one_string_are_one_pattern():
     assert back.targets == ("model.layers.0.*",) and back.exclude == ("*lm_head*", "*gate*")
     with pytest.raises(ConfigError, match="targets must be a tuple of strings"):
         get_preset("w8a8").replace(targets=("a", 3))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(symmetric="no"), "symmetric must be true or false"),
+    (dict(dynamic=1), "dynamic must be true or false"),
+    (dict(granularity="per_block", block_size="64"), "block_size must be an int"),
+    (dict(percentile="99"), "percentile must be a number"),
+])
+def test_quantizer_spec_types_are_checked(kwargs, match):
+    """A quoted YAML value ("no" is a true string) or a number given as text: a ConfigError
+    naming the field, not a silently wrong spec or a TypeError later."""
+    with pytest.raises(ConfigError, match=match):
+        QuantizerSpec(**kwargs)
+
+
+def test_from_dict_weight_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="weight must be a mapping"):
+        QuantConfig.from_dict({"weight": [4]})

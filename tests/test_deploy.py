@@ -35,6 +35,9 @@ def test_deploy_matches_fake_quant_model(arch, symmetric, integer_zero):
         assert n_int4 == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     zeros = [integer_zeros(m.packed) for m in model.modules() if isinstance(m, Int4Linear)]
     assert all((z is not None) == integer_zero for z in zeros)
+    text = mtl.format_summary(model)
+    assert f"{n_quant} layer(s) quantized ({n_quant} deployed), 0 skipped" in text
+    assert "(Int4Linear)" in text and "not quantized" not in text
     with torch.no_grad():
         out = model(tokens).logits
     # Int4Linear keeps scales and zero terms in fp16: agreement to fp16 rounding, not bit for

@@ -149,3 +149,18 @@ def test_unquantize_folds_an_explicit_smoothing_multiply():
     mtl.unquantize(model)
     assert not is_quantized(model[0])
     assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_bad_batch_size_and_out_of_vocab_ids_are_clear_errors():
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    vocab = model.get_input_embeddings().num_embeddings
+    ok = torch.randint(0, vocab, (2, 8))
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        mtl.quantize(model, "w8a8", calib=ok, batch_size=0, progress=False)
+    bad = ok.clone()
+    bad[1, 3] = vocab + 5
+    with pytest.raises(ValueError, match=rf"span .*\.\.{vocab + 5}.*{vocab} rows.*tokenizer"):
+        mtl.quantize(model, "w8a8", calib=bad, progress=False)
+    assert not any(is_quantized(m) for m in model.modules())

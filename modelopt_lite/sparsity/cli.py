@@ -19,8 +19,10 @@ def _args(p) -> None:
     p.add_argument("--method", default="sparsegpt", choices=("magnitude", "sparsegpt", "wanda"))
     p.add_argument("--calib", default="wiki",
                    help="'wiki' (the embedded Wikipedia calibration split) or a text file")
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-samples", type=int, default=32,
+                   help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per calibration sequence (default 512)")
     p.add_argument("--exclude", nargs="*", default=None,
                    help="module-name patterns to leave dense (default: lm_head, embeddings)")
     p.add_argument("--then-quantize", default=None,
@@ -33,9 +35,10 @@ def _args(p) -> None:
 def _run(args) -> int:
     import modelopt_lite as mtl
 
-    from ..cli import _calib_source, _load, _ppl, _recipe, _table
+    from ..cli import _calib_source, _load, _ppl, _recipe, _table, check_paths
     from . import format_sparsity, sparsify
 
+    check_paths(args)
     model, tokenizer = _load(args.model)
     rows = [] if args.no_eval else [("dense", _ppl(model, tokenizer, args), "")]
     start = time.time()
