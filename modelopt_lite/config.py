@@ -344,11 +344,23 @@ register_preset("w8a8_dynamic", QuantConfig(
     input=QuantizerSpec(num_bits=8, granularity="per_token", dynamic=True)))
 
 
-def get_preset(name: str) -> QuantConfig:
+def get_preset(name: str, block_size: int | None = None) -> QuantConfig:
+    """The preset ``name``; ``block_size`` replaces an INT4 preset's weight block size (e.g. 64
+    for models whose widths are not multiples of 128).
+
+        >>> get_preset("int4_awq", block_size=64).weight.block_size
+        64
+    """
     _load_builtins()
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
-    return PRESETS[name]
+    cfg = PRESETS[name]
+    if block_size is None:
+        return cfg
+    if cfg.weight is None or cfg.weight.granularity != "per_block":
+        raise ConfigError(f"block_size={block_size}: preset {name!r} does not quantize weights "
+                          "per block")
+    return cfg.replace(weight=dataclasses.replace(cfg.weight, block_size=block_size))
 
 
 def resolve_config(config) -> QuantConfig:

@@ -119,3 +119,11 @@ def test_quantizer_spec_types_are_checked(kwargs, match):
 def test_from_dict_weight_must_be_a_mapping():
     with pytest.raises(ConfigError, match="weight must be a mapping"):
         QuantConfig.from_dict({"weight": [4]})
+
+
+def test_get_preset_with_a_block_size():
+    cfg = get_preset("int4_awq", block_size=64)
+    assert cfg.weight.block_size == 64 and cfg.algorithm == get_preset("int4_awq").algorithm
+    assert get_preset("int4_awq").weight.block_size == 128          # the preset is unchanged
+    with pytest.raises(ConfigError, match="'w8a8' does not quantize weights per block"):
+        get_preset("w8a8", block_size=64)
