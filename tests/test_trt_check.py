@@ -130,3 +130,10 @@ def test_cli_check_counts_first_and_exits_nonzero(tmp_path, capsys):
                for line in out)
     assert main(["check", str(build(tmp_path, name="good.onnx"))]) == 0
     assert capsys.readouterr().out.startswith("0 error(s)")
+
+
+def test_cli_check_on_a_file_that_is_not_onnx_exits_2(tmp_path, capsys):
+    bad = tmp_path / "junk.onnx"
+    bad.write_bytes(b"\x08\x07garbage\xff\xff\xff")
+    assert main(["check", str(bad)]) == 2
+    assert "is not a readable ONNX model" in capsys.readouterr().err

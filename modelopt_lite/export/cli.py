@@ -86,7 +86,12 @@ def _check_run(args) -> int:
     if not Path(args.path).is_file():
         print(f"error: {args.path} is not a file")
         return 2
-    findings = trt_check(args.path, info=not args.no_info)
+    from google.protobuf.message import DecodeError
+
+    try:
+        findings = trt_check(args.path, info=not args.no_info)
+    except DecodeError as err:   # not an ONNX model at all: exit 2, not 1 ("TensorRT rejects")
+        raise ValueError(f"{args.path} is not a readable ONNX model ({err})") from err
     print(format_findings(findings, args.path))
     return 1 if any(f.severity == "error" for f in findings) else 0
 
