@@ -70,6 +70,12 @@ def unquantize(model: nn.Module) -> nn.Module:
     into the weight's input columns."""
     from .models import scale_linear_inputs_, unrotate_linear_input_
 
+    deployed = [n for n, m in model.named_modules() if type(m).__name__ == "Int4Linear"]
+    if deployed:   # packed INT4: the float weights are gone; refuse before changing anything
+        raise ValueError(f"{len(deployed)} layer(s) were deployed as packed INT4 (first: "
+                         f"{deployed[0]}), whose float weights are gone; unquantize works "
+                         "before deploy(): reload the float model (and modelopt_lite.load a "
+                         "checkpoint onto it) instead")
     for _, module in quant_modules(model):
         pqs = module.input_quantizer.pre_quant_scale
         if pqs is not None and module.weight.dim() == 2:

@@ -111,3 +111,13 @@ def test_deploy_without_int4_layers_warns(caplog):
     with caplog.at_level("WARNING"):
         mtl.deploy(model)
     assert "nothing deployed" in caplog.text
+
+
+def test_unquantize_after_deploy_is_refused_and_keeps_the_state():
+    model = ALL["llama"]()
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32)), progress=False)
+    mtl.deploy(model)
+    with pytest.raises(ValueError, match=r"deployed as packed INT4 \(first: model\.layers\.0"):
+        mtl.unquantize(model)
+    assert model._modelopt_lite["deployed"]            # save() still has what it needs
