@@ -50,7 +50,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     try:
         apply(model, cfg, loop, progress)
     except BaseException:
-        unquantize(model)
+        _remove_quantizers(model)
         raise
     _record(model, cfg, plans)
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
@@ -68,14 +68,19 @@ def unquantize(model: nn.Module) -> nn.Module:
     """Remove every fake quantizer; the float function stays: smoothing folds remain, and an
     unfolded smoothing multiply (``pre_quant_scale``) and an online input rotation are folded
     into the weight's input columns."""
-    from .models import scale_linear_inputs_, unrotate_linear_input_
-
     deployed = [n for n, m in model.named_modules() if type(m).__name__ == "Int4Linear"]
     if deployed:   # packed INT4: the float weights are gone; refuse before changing anything
         raise ValueError(f"{len(deployed)} layer(s) were deployed as packed INT4 (first: "
                          f"{deployed[0]}), whose float weights are gone; unquantize works "
                          "before deploy(): reload the float model (and modelopt_lite.load a "
                          "checkpoint onto it) instead")
+    return _remove_quantizers(model)
+
+
+def _remove_quantizers(model: nn.Module) -> nn.Module:
+    """:func:`unquantize` without its check (quantize()'s restore on failure)."""
+    from .models import scale_linear_inputs_, unrotate_linear_input_
+
     for _, module in quant_modules(model):
         pqs = module.input_quantizer.pre_quant_scale
         if pqs is not None and module.weight.dim() == 2:
