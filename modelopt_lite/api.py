@@ -35,7 +35,9 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     ``config``: a preset name (``"int8_weight_only"``, ``"int4_weight_only"``, ``"w8a8"``,
     ...), a :class:`QuantConfig`, a dict, or a JSON/YAML path. Calibration data comes from
     ``calib`` (strings, a text file, a ``datasets.Dataset``, a DataLoader or a token tensor;
-    strings need ``tokenizer``) or from ``forward_loop(model)``. Every check runs before the
+    strings need ``tokenizer``) or from ``forward_loop(model)``. ``n_samples`` windows of
+    ``seq_len`` tokens are drawn from texts and 1-D token streams, and cut from batches; a 2-D
+    ``[rows, tokens]`` tensor is used whole, as given. Every check runs before the
     model changes; on failure the model is restored to float.
     """
     cfg = resolve_config(config)
