@@ -7,7 +7,8 @@ import os
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .packing import PackedInt4, cached_layout, integer_zeros, pair_scales, zero_words
+from .packing import (PackedInt4, cached_layout, check_group_size, integer_zeros, pair_scales,
+                      zero_words)
 from .tuning import WS_FUSED_TILE, _num_sms, pick_config
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -17,8 +18,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(x: torch.Tensor, p: PackedInt4):
+def _check(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None):
     n, k = p.shape
+    check_group_size(p.group_size)
+    if not all(t is None or t.is_contiguous() for t in (p.qweight, p.scale, p.zterm)):
+        raise ValueError("the packed weight's qweight / scale / zterm must be contiguous: build "
+                         "it with pack_weight()")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}] (one per output feature), got {tuple(bias.shape)}")
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features, the INT4 weight expects {k}")
     if x.dtype not in _ACT_DTYPES:
@@ -61,7 +68,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     from .ptx import mma_constraints, mma_fs_constraints
     from .w4a16 import w4a16_kernel
 
-    _check(x, p)
+    _check(x, p, bias)
+    if bias is not None and not bias.is_contiguous():   # the kernels index it as [N]
+        bias = bias.contiguous()
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # Triton launches on the current device: a layer on another GPU (device_map="auto")
         # runs there, with that device's stream

@@ -77,10 +77,22 @@ def unpack_int4(qweight: torch.Tensor, in_features: int | None = None) -> torch.
     return codes[:, : in_features or kw * 8].to(torch.uint8)
 
 
+def check_group_size(group_size: int) -> None:
+    """The block sizes the kernels read: 32, 64 or a multiple of 128 (each 128-wide chunk of K
+    takes whole blocks, or lies inside one)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (
+            group_size in (32, 64) or (group_size > 0 and group_size % 128 == 0)):
+        raise ValueError(f"the INT4 kernels take block sizes 32, 64 or a multiple of 128, got "
+                         f"{group_size!r}; quantize with one of those (128 is the fastest)")
+
+
 def pack_weight(codes, scale, zero, group_size: int, dtype=torch.float16) -> PackedInt4:
     """Pack the quantizer's (codes, scale, zero) triple; ``zero=None`` means symmetric."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [out_features, in_features], got {codes.dim()}-D")
     n, k = codes.shape
-    if group_size <= 0 or k % group_size:
+    check_group_size(group_size)
+    if k % group_size:
         raise ValueError(f"in_features {k} is not divisible by the block size {group_size}; "
                          "pick a block size that divides it or skip this layer")
     if tuple(scale.shape) != (n, k // group_size):

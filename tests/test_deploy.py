@@ -92,15 +92,15 @@ def test_deploy_refuses_inexact_sparse_asymmetric_and_changes_nothing():
 
 
 def test_deploy_names_the_layer_and_the_block_rule_and_changes_nothing():
-    """A block size the kernels do not take (not a multiple of 8): the error names the layer
-    and the rule, not a false divisibility claim, and no layer is swapped."""
+    """A block size the kernels do not read correctly (16: not 32, 64 or a multiple of 128):
+    the error names the layer and the rule, and no layer is swapped."""
     model = ALL["llama"]()
     mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
-        num_bits=4, granularity="per_block", block_size=4)), progress=False)
+        num_bits=4, granularity="per_block", block_size=16)), progress=False)
     n_quant = sum(is_quantized(m) for m in model.modules())
     assert n_quant
-    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: .*multiples of 8"
-                                         r".*got 4"):
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: .*32, 64 "
+                                         r"or a multiple of 128, got 16"):
         mtl.deploy(model)
     assert sum(is_quantized(m) for m in model.modules()) == n_quant
 

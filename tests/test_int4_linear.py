@@ -73,6 +73,35 @@ def test_from_codes_bad_block_explains():
         Int4Linear.from_codes(torch.zeros(4, 96, dtype=torch.uint8), torch.ones(4, 1), None, 64)
 
 
+@pytest.mark.parametrize("g", [8, 16, 48, 96, 0])
+def test_block_sizes_the_kernels_misread_are_refused(g):
+    """The kernels read blocks of 32, 64 or multiples of 128 (a 128-wide chunk of K holds whole
+    blocks or lies inside one); 16 or 48 would give wrong products on the GPU."""
+    from modelopt_lite.kernels import pack_weight
+
+    k = 384
+    with pytest.raises(ValueError, match=rf"32, 64 or a multiple of 128, got {g}"):
+        Int4Linear(k, 8, group_size=g)
+    with pytest.raises(ValueError, match=rf"32, 64 or a multiple of 128, got {g}"):
+        pack_weight(torch.zeros(8, k, dtype=torch.uint8), torch.ones(8, 1), None, g)
+
+
+def test_bad_inputs_to_the_layer_and_the_matmul():
+    from modelopt_lite.kernels import w4a16_matmul
+
+    codes, scale, zero = quantize_rtn(torch.randn(16, 128), 32, False)
+    mod = Int4Linear.from_codes(codes, scale, zero, 32, bias=torch.randn(16))
+    with pytest.raises(TypeError, match="floating-point activations, got torch.int8"):
+        mod(torch.ones(2, 128, dtype=torch.int8))
+    x = torch.randn(2, 128, dtype=torch.float16)
+    for bad in (torch.randn(1, dtype=torch.float16), torch.randn(8, dtype=torch.float16)):
+        with pytest.raises(ValueError, match=r"bias must be \[16\]"):
+            w4a16_matmul(x, mod.packed, bad)
+    skewed = mod.packed._replace(scale=mod.packed.scale.t().contiguous().t())
+    with pytest.raises(ValueError, match="must be contiguous"):
+        w4a16_matmul(x, skewed)
+
+
 def test_state_dict_roundtrip():
     w = torch.randn(16, 64)
     mod = Int4Linear.from_codes(*quantize_rtn(w, 32), 32, bias=torch.randn(16))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from modelopt_lite.kernels import PackedInt4, dequantize, pack_weight, w4a16_reference
-from modelopt_lite.kernels.packing import padded_k
+from modelopt_lite.kernels.packing import check_group_size, padded_k
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -102,10 +102,7 @@ class Int4Linear(nn.Module):
                  bias: bool = True, symmetric: bool = False, pre_scale: bool = False,
                  dtype: torch.dtype = torch.float16, device=None):
         super().__init__()
-        if group_size % 8 or group_size <= 0:
-            raise ValueError(f"the INT4 kernels take block sizes that are multiples of 8 "
-                             f"(32, 64, 128 are tuned), got {group_size}; quantize with "
-                             "another block size")
+        check_group_size(group_size)
         if in_features % group_size:
             raise ValueError(f"in_features {in_features} must be divisible by the block size "
                              f"{group_size}; pick another block size")
@@ -164,6 +161,8 @@ class Int4Linear(nn.Module):
         return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"Int4Linear takes floating-point activations, got {x.dtype}")
         in_dtype = x.dtype
         x = x.to(self.scale.dtype)
         if self.pre_scale is not None:
