@@ -100,6 +100,10 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if cfg.get("DEQUANT", False):  # large M: dequantize once, then one cuBLAS GEMM
         w = dequantize_fp(p, x.dtype, cfg)
         return torch.nn.functional.linear(x2, w, bias).reshape(out_shape)
+    if "BN" not in cfg:
+        raise ValueError(f"config {cfg} has no BN (rows per program); a config names at least BN "
+                         "and one path (GEMV, MMA, FUSE_K with BM, DEQUANT or WS): see "
+                         "kernels/configs/h100.json")
     split_k = max(1, min(int(cfg.get("SPLIT_K", 1)), triton_cdiv(k, 128)))
     gemv = cfg.get("GEMV", False)
     mma = cfg.get("MMA", False)

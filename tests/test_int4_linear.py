@@ -100,6 +100,8 @@ def test_bad_inputs_to_the_layer_and_the_matmul():
     skewed = mod.packed._replace(scale=mod.packed.scale.t().contiguous().t())
     with pytest.raises(ValueError, match="must be contiguous"):
         w4a16_matmul(x, skewed)
+    with pytest.raises(ValueError, match="has no BN"):
+        w4a16_matmul(x, mod.packed, None, {"BM": 16})
 
 
 def test_state_dict_roundtrip():
