@@ -73,6 +73,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         os.replace(tmp, directory / tensor_name)
     finally:
         tmp.unlink(missing_ok=True)
+    if state.get("deployed"):   # the layers as they are now (a .to(torch.bfloat16) since deploy)
+        live = {n: m for n, m in model.named_modules() if hasattr(m, "spec")
+                and type(m).__name__ == "Int4Linear"}
+        state = dict(state, deployed=[{"name": r["name"], **live[r["name"]].spec()}
+                                      if r["name"] in live else r for r in state["deployed"]])
     manifest = {"format_version": FORMAT_VERSION, "config_version": CONFIG_VERSION,
                 "tensors": tensor_name, **state}
     _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))

@@ -121,3 +121,30 @@ def test_unquantize_after_deploy_is_refused_and_keeps_the_state():
     with pytest.raises(ValueError, match=r"deployed as packed INT4 \(first: model\.layers\.0"):
         mtl.unquantize(model)
     assert model._modelopt_lite["deployed"]            # save() still has what it needs
+
+
+def test_dtype_casts_after_deploy_and_save_load(tmp_path):
+    """model.float() keeps the INT4 layers' scales in half precision (and the model runs);
+    .to(torch.bfloat16) turns them bf16, and a checkpoint saved then loads bf16 layers."""
+    from modelopt_lite.nn.int4_linear import Int4Linear
+
+    def fresh():
+        return ALL["llama"]()
+
+    model = fresh()
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32)), progress=False)
+    mtl.deploy(model)
+    tokens = random_tokens(n=1, seq=8)
+    with torch.no_grad():
+        ref = model(tokens).logits
+        model.float()
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        assert all(m.scale.dtype == torch.float16 for m in layers)
+        assert torch.equal(model(tokens).logits, ref)
+        model.to(torch.bfloat16)
+        assert all(m.scale.dtype == torch.bfloat16 for m in layers)
+        mtl.save(model, tmp_path / "ck")
+        loaded = mtl.load(fresh(), tmp_path / "ck")
+    got = [m for m in loaded.modules() if isinstance(m, Int4Linear)]
+    assert len(got) == len(layers) and all(m.scale.dtype == torch.bfloat16 for m in got)

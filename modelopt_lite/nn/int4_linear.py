@@ -160,6 +160,19 @@ class Int4Linear(nn.Module):
     def packed(self) -> PackedInt4:
         return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features)
 
+    def _apply(self, fn, recurse=True):
+        """``model.float()`` / ``.double()`` leave the scales in half precision (the kernels
+        read fp16 or bf16; the layer takes float32 inputs as they are); ``.to(torch.bfloat16)``
+        and device moves apply."""
+        dtype = self.scale.dtype
+        out = super()._apply(fn, recurse)
+        if self.scale.dtype not in _HALF:
+            for name in ("scale", "zterm", "bias", "pre_scale"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.to(dtype))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"Int4Linear takes floating-point activations, got {x.dtype}")
