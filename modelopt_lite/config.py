@@ -46,6 +46,7 @@ def parse_overrides(cls, items) -> dict:
     numbers or names, an empty value for an empty tuple; where the default is None: ``none``,
     a number, or else text). For command-line ``--set`` style options."""
     defaults = {f.name: f.default for f in fields(cls)}
+    types = {f.name: str(f.type) for f in fields(cls)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -62,6 +63,10 @@ def parse_overrides(cls, items) -> dict:
             out[key] = tuple(_number_or_text(v) for v in value.split(",") if v)
         elif default is None or default is dataclasses.MISSING:
             out[key] = _scalar(value)
+            # an optional number (``alpha: float | None``): text is a typo, not a value
+            kind = next((k for k in ("float", "int") if k in types[key]), None)
+            if kind and isinstance(out[key], str):
+                raise ConfigError(f"{item!r}: {key} takes a {kind} or none")
         else:
             try:
                 out[key] = type(default)(value)

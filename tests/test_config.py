@@ -88,6 +88,8 @@ def test_parse_overrides_types_values_like_the_defaults():
         parse_overrides(AWQConfig, ["gqa_v_o=flase"])        # a typo is not False
     with pytest.raises(ConfigError, match="search_tokens takes a int"):
         parse_overrides(AWQConfig, ["search_tokens=8k"])
+    with pytest.raises(ConfigError, match="alpha takes a float or none"):
+        parse_overrides(SmoothQuantConfig, ["alpha=abc"])
 
 
 def test_targets_and_exclude_given_as_one_string_are_one_pattern():
