@@ -2,7 +2,7 @@
 GEMM kernels. Importing this package does not import Triton; :func:`w4a16_matmul` does."""
 from .packing import (PackedInt4, dequantize, pack_int4, pack_weight, unpack_int4,
                       w4a16_reference)
-from .tuning import allow_tiled_copies
+from .tuning import allow_tiled_copies, pick_config
 
 
 def w4a16_matmul(x, packed, bias=None, config=None):
@@ -13,4 +13,4 @@ def w4a16_matmul(x, packed, bias=None, config=None):
 
 
 __all__ = ["PackedInt4", "allow_tiled_copies", "dequantize", "pack_int4", "pack_weight",
-           "unpack_int4", "w4a16_reference", "w4a16_matmul"]
+           "pick_config", "unpack_int4", "w4a16_reference", "w4a16_matmul"]

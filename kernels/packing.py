@@ -74,7 +74,10 @@ def unpack_int4(qweight: torch.Tensor, in_features: int | None = None) -> torch.
     w = (qweight.to(torch.int64) & 0xFFFFFFFF).view(n, kw // 16, 1, 16)
     shifts = 4 * torch.arange(8, device=w.device, dtype=torch.int64).view(1, 1, 8, 1)
     codes = ((w >> shifts) & 0xF).reshape(n, kw * 8)
-    return codes[:, : in_features or kw * 8].to(torch.uint8)
+    if in_features is not None and not 0 <= in_features <= kw * 8:
+        raise ValueError(f"in_features must be in [0, {kw * 8}] for {kw} words per row, got "
+                         f"{in_features}")
+    return codes[:, : kw * 8 if in_features is None else in_features].to(torch.uint8)
 
 
 def check_group_size(group_size: int) -> None:

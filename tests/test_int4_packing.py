@@ -66,3 +66,11 @@ def test_bad_inputs_raise_clear_errors():
         pack_int4(torch.zeros(1, 7, dtype=torch.uint8))
     with pytest.raises(ValueError, match="block size"):
         pack_weight(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), None, 64)
+
+
+def test_unpack_in_features_zero_and_out_of_range():
+    packed = pack_int4(torch.randint(0, 16, (3, 128), dtype=torch.uint8))
+    assert unpack_int4(packed, 0).shape == (3, 0)       # 0 is a width, not "not given"
+    assert unpack_int4(packed).shape == (3, 128)
+    with pytest.raises(ValueError, match=r"in_features must be in \[0, 128\]"):
+        unpack_int4(packed, 129)
