@@ -148,3 +148,18 @@ def test_dtype_casts_after_deploy_and_save_load(tmp_path):
         loaded = mtl.load(fresh(), tmp_path / "ck")
     got = [m for m in loaded.modules() if isinstance(m, Int4Linear)]
     assert len(got) == len(layers) and all(m.scale.dtype == torch.bfloat16 for m in got)
+
+
+def test_cpu_float32_activations_keep_their_range():
+    """On CPU a deployed fp16 layer computes in float32 (the reference), so float32 inputs
+    beyond fp16's 65504 stay finite and match the fake-quant model."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(256, 64))
+    mtl.quantize(model, "int4_weight_only", progress=False)
+    x = torch.full((1, 256), 1e5)
+    with torch.no_grad():
+        ref = model(x)
+        out = mtl.deploy(model)(x)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3   # fp16 scales, as deployed

@@ -177,7 +177,8 @@ class Int4Linear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Int4Linear takes floating-point activations, got {x.dtype}")
         in_dtype = x.dtype
-        x = x.to(self.scale.dtype)
+        if x.is_cuda:   # the kernels take the scales' half precision; the CPU reference
+            x = x.to(self.scale.dtype)   # computes in float32 and keeps the input's range
         if self.pre_scale is not None:
             x = x * self.pre_scale
         needs_grad = torch.is_grad_enabled() and (
