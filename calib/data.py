@@ -108,22 +108,21 @@ def _is_text(source: str) -> bool:
     """Whether a str source is the text itself rather than a file path: not an existing file,
     and multi-line or longer than any path (e.g. ``wiki_text()``'s corpus). A short one-line
     string stays a path, so that a mistyped file name is an error, not a calibration text."""
-    if "\n" not in source and len(source) <= 1024:
-        return False
+    return ("\n" in source or len(source) > 1024) and not _is_file(Path(source))
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name no file can have (too long, or a NUL byte)."""
     try:
-        return not Path(source).is_file()
-    except (OSError, ValueError):   # too long a name for the file system, or a NUL byte
-        return True
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def read_text_file(path: Path) -> str:
     """Read a UTF-8 text file; a short one-line string that is not a file is an error (wrap
     texts in a list)."""
-    try:
-        exists = path.is_file()
-    except (OSError, ValueError):
-        exists = False
-    if not exists:
+    if not _is_file(path):
         raise CalibrationDataError(f"calibration file '{path}' does not exist: a str source is read "
                                    "as a file path; to calibrate on the string itself pass [text]")
     return path.read_text(encoding="utf-8")

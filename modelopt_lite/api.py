@@ -70,7 +70,9 @@ def unquantize(model: nn.Module) -> nn.Module:
     """Remove every fake quantizer; the float function stays: smoothing folds remain, and an
     unfolded smoothing multiply (``pre_quant_scale``) and an online input rotation are folded
     into the weight's input columns."""
-    deployed = [n for n, m in model.named_modules() if type(m).__name__ == "Int4Linear"]
+    from .nn.int4_linear import int4_layers
+
+    deployed = list(int4_layers(model))
     if deployed:   # packed INT4: the float weights are gone; refuse before changing anything
         raise ValueError(f"{len(deployed)} layer(s) were deployed as packed INT4 (first: "
                          f"{deployed[0]}), whose float weights are gone; unquantize works "

@@ -74,8 +74,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     if state.get("deployed"):   # the layers as they are now (a .to(torch.bfloat16) since deploy)
-        live = {n: m for n, m in model.named_modules() if hasattr(m, "spec")
-                and type(m).__name__ == "Int4Linear"}
+        from .nn.int4_linear import int4_layers
+
+        live = int4_layers(model)
         state = dict(state, deployed=[{"name": r["name"], **live[r["name"]].spec()}
                                       if r["name"] in live else r for r in state["deployed"]])
     manifest = {"format_version": FORMAT_VERSION, "config_version": CONFIG_VERSION,

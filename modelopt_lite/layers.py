@@ -81,7 +81,7 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     if not plans:
         raise LayerSelectionError(_no_layers_message(model, config))
     skipped = [p for p in plans if p.skipped]
-    if len(skipped) == len(plans) or 2 * len(skipped) > len(plans):
+    if 2 * len(skipped) > len(plans):   # more than half, or all
         dims = sorted({_weight_2d_shape(p.module)[1] for p in skipped})
         fits = [b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims)]
         fix = (f"block {fits[0]} divides them all" if fits else

@@ -31,8 +31,9 @@ def summary_rows(model: nn.Module) -> list[dict]:
     a layer deploy() swapped for an Int4Linear, or "skipped"), format, sqnr_db and a note."""
     state = getattr(model, "_modelopt_lite", None) or {}
     quantized = dict(quant_modules(model))
-    # layers that deploy() swapped for INT4 kernels (Int4Linear), by name
-    deployed = {n: m for n, m in model.named_modules() if type(m).__name__ == "Int4Linear"}
+    from .nn.int4_linear import int4_layers
+
+    deployed = int4_layers(model)   # layers deploy() swapped for INT4 kernels
     rows = []
     for rec in state.get("layers", []):
         row = {"name": rec["name"], "shape": "x".join(map(str, rec["weight_shape"]))}

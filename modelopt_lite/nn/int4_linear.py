@@ -245,6 +245,11 @@ def _to_int4_linear(module: nn.Module, name: str = "") -> Int4Linear:
                                  bias=bias, dtype=dtype, pre_scale=pre_scale)
 
 
+def int4_layers(model: nn.Module) -> dict[str, "Int4Linear"]:
+    """The model's deployed layers (``Int4Linear``), by dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+
+
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule ``name`` (dotted) of ``model``."""
     parent, _, child = name.rpartition(".")
