@@ -76,37 +76,56 @@ def _tile_of(t, num_pn, num_pm, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _row_words(q_ptr, pid_n, N, kt_total, BN: tl.constexpr):
-    """Row tile pid_n: its rows rn, the same wrapped into [0, N) for loads (rn_safe), and the
-    [BN, 16] pointers to their chunk-0 packed words (chunk kt: + 16 kt)."""
+def _row_words(q_ptr, pid_n, N, kt_total, BN: tl.constexpr, TR: tl.constexpr = 0):
+    """Row tile pid_n: its rows rn, the same wrapped into [0, N) for loads (rn_safe), the
+    [BN, 16] pointers to their chunk-0 packed words and the step to the next chunk's (16, or
+    with TR > 0, words laid out in row blocks of TR (``packing.tile_words``): 16 x the block's
+    rows, per row)."""
     rn = pid_n * BN + tl.arange(0, BN)
     rn_safe = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
-    q_ptrs = q_ptr + rn_safe[:, None] * (kt_total * 16) + tl.arange(0, 16)[None, :]
-    return rn, rn_safe, q_ptrs
+    q_ptrs, qs = _word_ptrs(q_ptr, rn_safe, N, kt_total, TR)
+    return rn, rn_safe, q_ptrs, qs
 
 
 @triton.jit
-def _words_first(q_ptrs, kt0, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr, QE: tl.constexpr):
+def _word_ptrs(q_ptr, rows, N, kt_total, TR: tl.constexpr):
+    """[BN, 16] pointers to chunk 0's words of rows (in [0, N)) and the chunk step: 16, or with
+    TR > 0 (tiled words) 16 x the rows of each row's block, [BN, 1]."""
+    rj = tl.arange(0, 16)[None, :]
+    if TR == 0:
+        q_ptrs = q_ptr + rows[:, None] * (kt_total * 16) + rj
+        qs = 16
+    else:
+        first = (rows // TR) * TR    # the row block's first row
+        q_ptrs = q_ptr + (first * (kt_total * 16) + (rows - first) * 16)[:, None] + rj
+        qs = (tl.minimum(N - first, TR) * 16)[:, None]
+    return q_ptrs, qs
+
+
+@triton.jit
+def _words_first(q_ptrs, qs, kt0, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr,
+                 QE: tl.constexpr):
     """The word loop's prologue: with PREFETCH, chunk kt0's [BN, 16] words start loading
-    (masked off for an empty K slice); without, nothing is in flight (a placeholder)."""
+    (masked off for an empty K slice); without, nothing is in flight (a placeholder). qs: the
+    chunk step (:func:`_row_words`)."""
     q_next = 0
     if PREFETCH:
-        q_next = tl.load(q_ptrs + kt0 * 16, mask=kt0 < kt1, other=0, cache_modifier=QC,
+        q_next = tl.load(q_ptrs + kt0 * qs, mask=kt0 < kt1, other=0, cache_modifier=QC,
                          eviction_policy=QE)
     return q_next
 
 
 @triton.jit
-def _words_next(q_ptrs, q_next, kt, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr,
+def _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH: tl.constexpr, QC: tl.constexpr,
                 QE: tl.constexpr):
     """Chunk kt's words and what stays in flight: with PREFETCH the words loaded one step
     earlier, while chunk kt + 1's load is issued; without, chunk kt's words loaded now."""
     if PREFETCH:
         q = q_next
-        q_next = tl.load(q_ptrs + (kt + 1) * 16, mask=kt + 1 < kt1, other=0, cache_modifier=QC,
+        q_next = tl.load(q_ptrs + (kt + 1) * qs, mask=kt + 1 < kt1, other=0, cache_modifier=QC,
                          eviction_policy=QE)
     else:
-        q = tl.load(q_ptrs + kt * 16, cache_modifier=QC, eviction_policy=QE)
+        q = tl.load(q_ptrs + kt * qs, cache_modifier=QC, eviction_policy=QE)
     return q, q_next
 
 
@@ -229,16 +248,17 @@ def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.
 def w4a16_dequant_kernel(
     q_ptr, s_ptr, z_ptr, w_ptr, N, K, n_groups, CHUNKS,
     GROUP: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr,
-    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, TR: tl.constexpr = 0,
 ):
     """W_hat [N, K] in the activation dtype, CHUNKS 128-chunks of BN rows per program (for
-    large M, where one dequantization feeds a cuBLAS GEMM)."""
+    large M, where one dequantization feeds a cuBLAS GEMM). TR: the words' row blocks
+    (``packing.tile_words``; 0 row by row)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     kt_total = tl.cdiv(K, 128)
     kt0 = pid_k * CHUNKS
     kt1 = tl.minimum(kt0 + CHUNKS, kt_total)
-    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
+    rn, rn_safe, q_ptrs, qs = _row_words(q_ptr, pid_n, N, kt_total, BN, TR)
     rj = tl.arange(0, 16)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rj[None, :]
     s_rows = s_ptr + rn_safe * n_groups
@@ -246,7 +266,7 @@ def w4a16_dequant_kernel(
     rmask = (rn < N)[:, None]
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
     for kt in range(kt0, kt1):
-        q = tl.load(q_ptrs + kt * 16)
+        q = tl.load(q_ptrs + kt * qs)
         for b in tl.static_range(4):
             if (b * 32) % (128 // GPC) == 0:
                 s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,

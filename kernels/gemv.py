@@ -9,7 +9,7 @@ H100 table's shapes.
 import triton
 import triton.language as tl
 
-from .dequant import _k_slice, _row_words, _words_first, _words_next
+from .dequant import _k_slice, _row_words, _word_ptrs, _words_first, _words_next
 from .ptx import gemv_asm, xprep_asm
 
 
@@ -202,22 +202,25 @@ def _gemv_chunk(acc, q, sa, za, kt, x_ptrs, s_rows, z_rows, n_groups, K, GROUP: 
 
 
 @triton.jit
-def _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN: tl.constexpr):
-    """Word pointers [BN, 16] (chunk 0) and scale / zero row pointers [BN, 1] of row block rb
-    (rows past N clamped to N - 1: they are loaded, never written)."""
+def _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN: tl.constexpr,
+               TR: tl.constexpr = 0):
+    """Word pointers [BN, 16] (chunk 0) and their chunk step (``dequant._word_ptrs``), and
+    scale / zero row pointers [BN, 1] of row block rb (rows past N clamped to N - 1: they are
+    loaded, never written)."""
     rows = tl.minimum(rb * BN + tl.arange(0, BN), N - 1)
-    q_ptrs = q_ptr + rows[:, None] * (kt_total * 16) + tl.arange(0, 16)[None, :]
-    return q_ptrs, s_ptr + rows[:, None] * n_groups, z_ptr + rows[:, None] * n_groups
+    q_ptrs, qs = _word_ptrs(q_ptr, rows, N, kt_total, TR)
+    return q_ptrs, qs, s_ptr + rows[:, None] * n_groups, z_ptr + rows[:, None] * n_groups
 
 
 @triton.jit
 def _gemv_fetch(q_ptr, s_ptr, z_ptr, rb, kt, ok, N, kt_total, n_groups, GROUP: tl.constexpr,
                 BN: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
-                USE_ASM: tl.constexpr):
+                USE_ASM: tl.constexpr, TR: tl.constexpr = 0):
     """Words of chunk kt of row block rb (zeros unless ok) and its first group's scale."""
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
-    q_ptrs, s_rows, z_rows = _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN)
-    q = tl.load(q_ptrs + kt * 16, mask=ok, other=0)
+    q_ptrs, qs, s_rows, z_rows = _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN,
+                                            TR)
+    q = tl.load(q_ptrs + kt * qs, mask=ok, other=0)
     ktc = tl.minimum(kt, kt_total - 1)
     g = ktc * GPC if GROUP < 128 else (ktc * 128) // GROUP
     s, zc = _gemv_scales(s_rows, z_rows, g, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
@@ -242,7 +245,7 @@ def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, str
                      stride_om, n_groups, SPLIT_K, GROUP: tl.constexpr, BN: tl.constexpr,
                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                      ATOMIC: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr,
-                     AHEAD: tl.constexpr):
+                     AHEAD: tl.constexpr, TR: tl.constexpr = 0):
     """The GEMV with a persistent grid (``PERSIST``; see :func:`w4a16_gemv_kernel`).
 
     Work items are (row block, K slice of kt_per chunks), numbered with the slice fastest
@@ -270,14 +273,14 @@ def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, str
     l_kt0 = (p - l_rb * SPLIT_K) * kt_per
     l_c = zero
     q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt0, (l_it < items) & (l_kt0 < kt_total),
-                             N, kt_total, n_groups, GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+                             N, kt_total, n_groups, GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM, TR)
     l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
     q2, s2, z2 = q1, s1, z1
     if AHEAD == 2:
         l_kt = l_kt0 + l_c
         q2, s2, z2 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
                                  (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
-                                 GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+                                 GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM, TR)
         l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
 
     # compute cursor
@@ -293,16 +296,17 @@ def _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, m, N, K, str
             q1, s1, z1 = q2, s2, z2
             q2, s2, z2 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
                                      (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
-                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM, TR)
         else:
             q1, s1, z1 = _gemv_fetch(q_ptr, s_ptr, z_ptr, l_rb, l_kt,
                                      (l_it < items) & (l_kt < kt_total), N, kt_total, n_groups,
-                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM)
+                                     GROUP, BN, HAS_ZERO, EVEN_K, USE_ASM, TR)
         l_c, l_it, l_rb, l_kt0 = _cursor_next(l_c, l_it, l_rb, l_kt0, kt_per, P, SPLIT_K)
 
         kt = c_pk * kt_per + c_c
         if kt < kt_total:  # the last K slice can be short
-            c_q, c_s, c_z = _gemv_rows(q_ptr, s_ptr, z_ptr, c_rb, N, kt_total, n_groups, BN)
+            c_q, c_qs, c_s, c_z = _gemv_rows(q_ptr, s_ptr, z_ptr, c_rb, N, kt_total, n_groups,
+                                             BN, TR)
             acc = _gemv_chunk(acc, q, sa, za, kt, x_ptrs, c_s, c_z, n_groups, K, GROUP,
                               HAS_ZERO, EVEN_K, USE_ASM, IS_BF16)
         c_c += 1
@@ -334,6 +338,7 @@ def w4a16_gemv_kernel(
     IS_BF16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     K_FAST: tl.constexpr = True, PERSIST: tl.constexpr = False, AHEAD: tl.constexpr = 1,
     PIPE: tl.constexpr = None, QC: tl.constexpr = "", QE: tl.constexpr = "",
+    TR: tl.constexpr = 0,
 ):
     """Decode path (one token per program along grid axis 0): CUDA-core GEMV.
 
@@ -348,15 +353,16 @@ def w4a16_gemv_kernel(
 
     PERSIST: grid (M, P) of persistent programs, each walking a strided list of
     (row block, K slice) items with its word loads AHEAD steps ahead (:func:`_gemv_persistent`).
+    TR: the words' row blocks (``packing.tile_words``; 0 row by row).
     """
     if PERSIST:
         _gemv_persistent(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, tl.program_id(0), N, K,
                          stride_xm, stride_om, n_groups, SPLIT_K, GROUP, BN, HAS_ZERO, HAS_BIAS,
-                         EVEN_K, ATOMIC, USE_ASM, IS_BF16, AHEAD)
+                         EVEN_K, ATOMIC, USE_ASM, IS_BF16, AHEAD, TR)
     else:
         _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
                    n_groups, SPLIT_K, GROUP, BN, HAS_ZERO, HAS_BIAS, EVEN_K, ATOMIC, USE_ASM,
-                   IS_BF16, PREFETCH, K_FAST, PIPE, QC, QE)
+                   IS_BF16, PREFETCH, K_FAST, PIPE, QC, QE, TR)
 
 
 @triton.jit
@@ -365,7 +371,7 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
                HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                ATOMIC: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr,
                PREFETCH: tl.constexpr, K_FAST: tl.constexpr, PIPE: tl.constexpr,
-               QC: tl.constexpr, QE: tl.constexpr):
+               QC: tl.constexpr, QE: tl.constexpr, TR: tl.constexpr = 0):
     """The GEMV over a grid of one (token, K slice, row block) per program (PERSIST off)."""
     # Grid (M, SPLIT_K, row blocks) with K_FAST: programs that run together read whole rows
     # (contiguous memory); with the split slowest they read one K slice of every row instead,
@@ -378,7 +384,7 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
     kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
-    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
+    rn, rn_safe, q_ptrs, qs = _row_words(q_ptr, pid_n, N, kt_total, BN, TR)
     rj = tl.arange(0, 16)[None, :]                                     # word in chunk
     x_ptrs = x_ptr + m * stride_xm + rj
     s_rows = s_ptr + rn_safe[:, None] * n_groups
@@ -388,13 +394,13 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     # PREFETCH 1: the next chunk's words load during this chunk; 2: its scales too (block 128)
     SPF: tl.constexpr = PREFETCH == 2 and GPC == 1
-    q_next = _words_first(q_ptrs, kt0, kt1, PREFETCH, QC, QE)
+    q_next = _words_first(q_ptrs, qs, kt0, kt1, PREFETCH, QC, QE)
     if SPF:
         g_first = (tl.minimum(kt0, kt_total - 1) * 128) // GROUP
         s_next, z_next = _gemv_scales(s_rows, z_rows, g_first, n_groups, HAS_ZERO, EVEN_K,
                                       USE_ASM)
     for kt in tl.range(kt0, kt1, num_stages=PIPE):
-        q, q_next = _words_next(q_ptrs, q_next, kt, kt1, PREFETCH, QC, QE)
+        q, q_next = _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH, QC, QE)
         g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
         if SPF:
             sa, za = s_next, z_next

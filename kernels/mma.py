@@ -177,7 +177,7 @@ def w4a16_mma_kernel(
     CONSTRAINTS: tl.constexpr = "", DOT_F32: tl.constexpr = False, ROWS: tl.constexpr = 2,
     XTB: tl.constexpr = 0, PIPE: tl.constexpr = None, FS: tl.constexpr = 0,
     QC: tl.constexpr = "", QE: tl.constexpr = "", SV: tl.constexpr = 1,
-    PAIRS: tl.constexpr = False, PDL: tl.constexpr = False,
+    PAIRS: tl.constexpr = False, PDL: tl.constexpr = False, TR: tl.constexpr = 0,
 ):
     """Small-M path (M = 2..16 tokens per program): every packed word is dequantized once and
     multiplied with all the tokens on the tensor cores (``mma.sync`` m16n8k16 in inline asm,
@@ -200,7 +200,8 @@ def w4a16_mma_kernel(
     load (block 128 only, checked by the launcher); FS = 1 / 2 applies the scales in float32
     after the MMAs (:func:`~.ptx.mma_fs_asm`, block >= 128). PAIRS (with SV > 1 and zero points):
     s_ptr holds :func:`~.packing.pair_scales`, and one 8- or 16-byte load per row brings the SV
-    chunks' scales and zterms together.
+    chunks' scales and zterms together. TR: the words' row blocks (``packing.tile_words``; 0
+    row by row).
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -208,7 +209,7 @@ def w4a16_mma_kernel(
     m0 = pid_m * 16
     m_left = tl.minimum(M - m0, 16)
     kt_total, kt0, kt1 = _k_slice(K, pid_k, SPLIT_K)
-    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
+    rn, rn_safe, q_ptrs, qs = _row_words(q_ptr, pid_n, N, kt_total, BN, TR)
     rj = tl.arange(0, 16)
     s_rows = s_ptr + rn_safe[:, None] * n_groups
     z_rows = z_ptr + rn_safe[:, None] * n_groups
@@ -221,11 +222,11 @@ def w4a16_mma_kernel(
     if SV > 1:  # SV chunks per step: their words, then one SV-wide load of scales and zterms
         # (block 128, SV | K slice, SV | groups per row: the launcher checks)
         for kt2 in range(kt0, kt1, SV):
-            qa = tl.load(q_ptrs + kt2 * 16, cache_modifier=QC, eviction_policy=QE)
-            qb = tl.load(q_ptrs + (kt2 + 1) * 16, cache_modifier=QC, eviction_policy=QE)
+            qa = tl.load(q_ptrs + kt2 * qs, cache_modifier=QC, eviction_policy=QE)
+            qb = tl.load(q_ptrs + (kt2 + 1) * qs, cache_modifier=QC, eviction_policy=QE)
             if SV == 4:
-                qc = tl.load(q_ptrs + (kt2 + 2) * 16, cache_modifier=QC, eviction_policy=QE)
-                qd = tl.load(q_ptrs + (kt2 + 3) * 16, cache_modifier=QC, eviction_policy=QE)
+                qc = tl.load(q_ptrs + (kt2 + 2) * qs, cache_modifier=QC, eviction_policy=QE)
+                qd = tl.load(q_ptrs + (kt2 + 3) * qs, cache_modifier=QC, eviction_policy=QE)
             if PAIRS:
                 s0, s1, s2, s3, z0, z1, z2, z3 = _load_pairs(s_rows + kt2, SV,
                                                              x_ptr.dtype.element_ty)
@@ -250,9 +251,9 @@ def w4a16_mma_kernel(
                                      HAS_ZERO, IS_BF16)
         kt1 = kt0   # done: the general loop below runs no iteration
     if not PAIRS:  # (PAIRS comes with SV > 1: the loop above did every chunk)
-        q_next = _words_first(q_ptrs, kt0, kt1, PREFETCH, QC, QE)
+        q_next = _words_first(q_ptrs, qs, kt0, kt1, PREFETCH, QC, QE)
         for kt in tl.range(kt0, kt1, num_stages=PIPE):
-            q, q_next = _words_next(q_ptrs, q_next, kt, kt1, PREFETCH, QC, QE)
+            q, q_next = _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH, QC, QE)
             g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
             if USE_ASM and FS > 0:  # one group per chunk; scales applied in float32 (mma_fs_asm)
                 gs = g0

@@ -7,8 +7,8 @@ import os
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .packing import (PackedInt4, cached_layout, check_group_size, integer_zeros, pair_scales,
-                      zero_words)
+from .packing import (PackedInt4, cached_layout, check_group_size, check_tile_rows,
+                      integer_zeros, pair_scales, zero_words)
 from .tuning import WS_FUSED_TILE, _num_sms, pick_config
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -21,6 +21,8 @@ def _interpreting() -> bool:
 def _check(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None):
     n, k = p.shape
     check_group_size(p.group_size)
+    if p.tile_rows:
+        check_tile_rows(p.tile_rows)
     if not all(t is None or t.is_contiguous() for t in (p.qweight, p.scale, p.zterm)):
         raise ValueError("the packed weight's qweight / scale / zterm must be contiguous: build "
                          "it with pack_weight()")
@@ -92,7 +94,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     if cfg.get("WS", False):
         from .ws import w4a16_ws, ws_supported
 
-        if not _interpreting() and ws_supported(x2, p):
+        if not _interpreting() and ws_supported(x2, p, cfg):
             compact = cfg.get("SCALES", "compact" if m <= 8 else "pairs") == "compact"
             y = w4a16_ws(x2, p, ws_scales(p, compact), bias, cfg)
             return y.reshape(out_shape)
@@ -123,7 +125,7 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     common = dict(GROUP=p.group_size, BN=cfg["BN"], HAS_ZERO=p.zterm is not None,
                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
                   USE_ASM=cfg.get("USE_ASM", True) and not _interpreting(),
-                  EVEN_K=k % 128 == 0, ATOMIC=atomic,
+                  EVEN_K=k % 128 == 0, ATOMIC=atomic, TR=p.tile_rows,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     if mma:  # up to 16 tokens per program, one dequantization per word for all of them
         nw = cfg.get("num_warps", 4)
@@ -300,7 +302,7 @@ def dequantize_fp(p: PackedInt4, dtype=torch.float16, config: dict | None = None
         n, k, k // p.group_size, chunks,
         GROUP=p.group_size, BN=bn, HAS_ZERO=p.zterm is not None,
         IS_BF16=dtype == torch.bfloat16, USE_ASM=not _interpreting(), EVEN_K=k % 128 == 0,
-        num_warps=cfg.get("DQ_WARPS", 4), num_stages=2)
+        TR=p.tile_rows, num_warps=cfg.get("DQ_WARPS", 4), num_stages=2)
     return w
 
 

@@ -11,6 +11,11 @@ Packed form (what checkpoints hold and the Triton kernels load):
   ``k = 128c + 16i + j`` sits in word ``16c + j``, nibble ``i`` (bits 4i .. 4i+3). So nibble i
   of a chunk's 16 words is one 16-wide K slice: the kernel turns each nibble plane into one
   [N, 16] operand of a tensor-core product, with no data reshuffle in registers.
+  With ``tile_rows`` R > 0 (what ``deploy`` stores, :func:`tile_words`) the same words are
+  laid out tile by tile: row block (R rows; the last may hold fewer), then chunk, then the
+  block's rows' 16 words, so that one chunk of a block is one contiguous run of memory (the
+  tensor copies of the Hopper kernel read it in one piece; every kernel reads both layouts).
+  The tensor keeps its [N, Kp/8] shape; ``PackedInt4.tile_rows`` says which layout it holds.
 * ``scale`` [N, K/B] in the activation dtype.
 * ``zterm`` [N, K/B] = ``-z * s`` in the activation dtype (the product with the stored,
   rounded scale, rounded once), or ``None`` for symmetric weights (z = 8), so the zero point
@@ -29,6 +34,7 @@ import torch
 
 CHUNK = 128
 SYMMETRIC_ZERO = 8
+TILE_ROWS = 256   # the tiled layout's row block: the Hopper kernel's tallest tile
 
 
 class PackedInt4(NamedTuple):
@@ -37,10 +43,23 @@ class PackedInt4(NamedTuple):
     zterm: Optional[torch.Tensor]  # [N, K/B] = -zero * scale, or None (symmetric)
     group_size: int
     in_features: int
+    tile_rows: int = 0             # 0: row by row; R: tile by tile (tile_words)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.qweight.shape[0], self.in_features
+
+    def tiled(self, rows: int = TILE_ROWS) -> "PackedInt4":
+        """The same weight with its words laid out tile by tile (:func:`tile_words`)."""
+        if self.tile_rows == rows:
+            return self
+        return self._replace(qweight=tile_words(self.row_words(), rows), tile_rows=rows)
+
+    def row_words(self) -> torch.Tensor:
+        """The packed words row by row, int32 [N, Kp/8] (a new tensor when tiled)."""
+        if not self.tile_rows:
+            return self.qweight
+        return untile_words(self.qweight, self.tile_rows)
 
 
 def padded_k(k: int) -> int:
@@ -78,6 +97,53 @@ def unpack_int4(qweight: torch.Tensor, in_features: int | None = None) -> torch.
         raise ValueError(f"in_features must be in [0, {kw * 8}] for {kw} words per row, got "
                          f"{in_features}")
     return codes[:, : kw * 8 if in_features is None else in_features].to(torch.uint8)
+
+
+def check_tile_rows(rows: int) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0 or rows % 128:
+        raise ValueError(f"tile_rows must be a positive multiple of 128 (the kernels' row "
+                         f"tiles are 128 or 256 rows), got {rows!r}")
+
+
+def tile_words(qweight: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
+    """Row-by-row words int32 [N, Kp/8] -> the tiled layout, same shape: row blocks of
+    ``rows`` rows (the last holds what is left), in each block chunk after chunk, in each
+    chunk the block's rows' 16 words. Word j of chunk c of row r0 + r (r0 the block's first
+    row, nb its row count) sits at flat index ``r0 Kp/8 + 16 (c nb + r) + j``."""
+    return _relayout(qweight, rows, tile=True)
+
+
+def untile_words(qt: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
+    """The inverse of :func:`tile_words`: int32 [N, Kp/8] row by row."""
+    return _relayout(qt, rows, tile=False)
+
+
+def _relayout(q: torch.Tensor, rows: int, tile: bool) -> torch.Tensor:
+    """Row-by-row words to tiled (``tile``) or back: the whole row blocks in one copy, the
+    last partial one in another."""
+    check_tile_rows(rows)
+    if q.dim() != 2 or q.shape[1] % 16:
+        raise ValueError(f"packed words must be [N, Kp/8] with Kp/8 a multiple of 16, got "
+                         f"{tuple(q.shape)}")
+    n, kw = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    full = n // rows * rows
+
+    def move(r0: int, r1: int) -> None:
+        nb = min(rows, r1 - r0)
+        rows_view = (-1, nb, kw // 16, 16)          # [blocks, rows, chunks, 16]
+        tiled_view = (-1, kw // 16, nb, 16)         # [blocks, chunks, rows, 16]
+        if tile:
+            out[r0:r1].view(tiled_view).copy_(q[r0:r1].view(rows_view).transpose(1, 2))
+        else:
+            out[r0:r1].view(rows_view).copy_(q[r0:r1].view(tiled_view).transpose(1, 2))
+
+    if full:
+        move(0, full)
+    if full < n:
+        move(full, n)
+    return out
 
 
 def check_group_size(group_size: int) -> None:
@@ -167,7 +233,7 @@ def zero_words(z: torch.Tensor) -> torch.Tensor:
 
 def dequantize(p: PackedInt4, dtype=torch.float32) -> torch.Tensor:
     """W_hat [N, K] = u * s + zterm (or (u - 8) * s when symmetric), in ``dtype``."""
-    u = unpack_int4(p.qweight, p.in_features).to(torch.float32)
+    u = unpack_int4(p.row_words(), p.in_features).to(torch.float32)
     s = p.scale.to(torch.float32).repeat_interleave(p.group_size, dim=1)
     if p.zterm is None:
         return ((u - SYMMETRIC_ZERO) * s).to(dtype)

@@ -9,12 +9,13 @@ precedence when the environment variable ``MODELOPT_LITE_KERNEL_CONFIGS`` names 
 
     MODELOPT_LITE_KERNEL_CONFIGS=my_gpu.json python serve.py
 
-Configs with ``TILED`` (the warp-specialized kernel reading a tile-by-tile copy of the packed
-words) keep that copy beside the weight, one per tile height a shape's configs use: two or
-three times the INT4 word memory of the layers they serve (three on the H100 table's
-28672x8192, whose TILED rows use 128- and 256-row tiles). They take it only after
-:func:`allow_tiled_copies` (or ``MODELOPT_LITE_TILED=1``); otherwise they run the same config
-on the packed words as they are.
+Packed weights whose words are tiled already (``PackedInt4.tiled``; what ``deploy`` stores in
+``Int4Linear``) are read tile by tile by every config, with no copy. For words packed row by
+row (``pack_weight``'s output), configs with ``TILED`` (the warp-specialized kernel reading a
+tile-by-tile copy of the packed words) keep that copy beside the weight, one per tile height a
+shape's configs use: two or three times the INT4 word memory of the layers they serve. They
+take it only after :func:`allow_tiled_copies` (or ``MODELOPT_LITE_TILED=1``); otherwise they
+run the same config on the packed words as they are.
 """
 from __future__ import annotations
 
@@ -31,16 +32,17 @@ _TILED_COPIES: bool | None = None   # None: the environment decides
 
 
 def allow_tiled_copies(enabled: bool = True) -> None:
-    """Let configs with ``TILED`` keep a tile-by-tile copy of each packed weight they serve
-    (``kernels.ws.tiled_words``; as large as the packed words, one per tile height, kept while
-    the weight lives) in exchange for faster small-batch calls on the largest shapes (H100:
-    28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``, v32;
-    v36: 52.1 -> 49.0 us at M = 1). Off by default; the environment variable
-    ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made stay until their weights are
-    freed.
+    """Let configs with ``TILED`` keep a tile-by-tile copy of each row-by-row packed weight
+    they serve (``kernels.ws.tiled_words``; as large as the packed words, one per tile height,
+    kept while the weight lives) in exchange for faster small-batch calls on the largest shapes
+    (H100: 28672x8192 at M = 1-16 52.6-55.7 -> 49.3-49.9 us; ``benchmarks/kernels/NOTES.md``,
+    v32; v36: 52.1 -> 49.0 us at M = 1). Deployed layers (``Int4Linear``) need none of it:
+    their words are tiled already (``PackedInt4.tiled``) and read in place. Off by default;
+    the environment variable ``MODELOPT_LITE_TILED=1`` turns it on too. Copies already made
+    stay until their weights are freed.
 
         >>> from modelopt_lite.kernels import allow_tiled_copies
-        >>> allow_tiled_copies()        # before serving: trade weight memory for speed
+        >>> allow_tiled_copies()        # for pack_weight() output: trade memory for speed
     """
     global _TILED_COPIES
     _TILED_COPIES = bool(enabled)

@@ -49,6 +49,7 @@ def w4a16_kernel(
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr = False, FUSE_K: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    TR: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -60,7 +61,7 @@ def w4a16_kernel(
     if kt0 >= kt1:  # an empty K slice (split-K tail); returning here also keeps ptxas from
         return      # serializing the wgmma pipeline (the zero-trip path's zeroed accumulator)
 
-    rn, rn_safe, q_ptrs = _row_words(q_ptr, pid_n, N, kt_total, BN)
+    rn, rn_safe, q_ptrs, qs = _row_words(q_ptr, pid_n, N, kt_total, BN, TR)
     rm = pid_m * BM + tl.arange(0, BM)
     rm_safe = rm % M
     rj = tl.arange(0, 16)
@@ -77,7 +78,7 @@ def w4a16_kernel(
     rk = tl.arange(0, 128)
     xf_ptrs = x_ptr + rm_safe[:, None] * stride_xm + rk[None, :]    # [BM, 128], k contiguous
     for kt in range(kt0, kt1):
-        q = tl.load(q_ptrs + kt * 16)
+        q = tl.load(q_ptrs + kt * qs)
         for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
             if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
                 if PAIRS:

@@ -25,9 +25,10 @@ program), STREAM (stream-K: equal runs of the tiles' K chunks per program, parti
 with atomics), BN 256, COAL (the epilogue through shared memory into whole-line stores and
 ``v8.f16`` atomics; on by default with a split or STREAM), MAXNREG (fewer registers per thread,
 so that two programs share an SM at small M), WGS (4: a 256-row tile's rows over four consumer
-warpgroups of 64 instead of two of 128) and TILED (the words read from a tile-by-tile copy,
-:func:`tiled_words`; opt-in, see :func:`~.tuning.allow_tiled_copies`); NOTES.md, v19-v38, has
-what each gained where. Needs
+warpgroups of 64 instead of two of 128) and TILED (the words read tile by tile from a copy,
+:func:`tiled_words`, opt-in, see :func:`~.tuning.allow_tiled_copies`; a packed weight whose
+words are tiled already, ``deploy``'s layout, :func:`~.packing.tile_words`, is always read in
+place, whatever the config says); NOTES.md, v19-v38, has what each gained where. Needs
 sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
 :func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
 config otherwise. Gluon kernels do not run in the interpreter.
@@ -64,15 +65,21 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty, off_n,
                   off_m, kt0, k_chunks, it0, STAGES: gl.constexpr, TILED: gl.constexpr = False,
-                  kc_all=0, SZ: gl.constexpr = 0):
+                  kc_all=0, SZ: gl.constexpr = 0, TR: gl.constexpr = 0, NR=0):
         """Chunks kt0 .. kt0 + k_chunks - 1 of one tile into the ring, from ring position it0
         (the chunks the program filled before). TILED: the words are laid out tile by tile
-        (:func:`tiled_words`: row block, then chunk, then [rows, 16]), so that a chunk's box is
-        one contiguous run of memory; kc_all is K / 128. SZ 2: each chunk's zero-point words
-        too (the word of its 8-chunk run; the 7 repeats come from L2)."""
+        (row blocks of TR rows, NR rows in all, the last block holding what is left; in a
+        block chunk after chunk; :func:`~.packing.tile_words`, or the padded copy
+        :func:`tiled_words`), so that a chunk's box is one contiguous run of memory; kc_all is
+        K / 128. SZ 2: each chunk's zero-point words too (the word of its 8-chunk run; the 7
+        repeats come from L2)."""
         nbytes: gl.constexpr = (2 * x_desc.block_type.nbytes + q_desc.block_type.nbytes
                                 + sz_desc.block_type.nbytes)
         zbytes: gl.constexpr = z_desc.block_type.nbytes if SZ == 2 else 0
+        if TILED:   # the tile's row block: its first word row, its rows, the tile's offset in it
+            first = (off_n // TR) * TR
+            nb = gl.minimum(NR - first, TR)
+            base = first * kc_all + off_n - first
         for kt in range(k_chunks):
             it = it0 + kt
             s = it % STAGES
@@ -85,8 +92,7 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128], bar, xlo.index(s))
             tma.async_copy_global_to_shared(x_desc, [off_m, c * 128 + 64], bar, xhi.index(s))
             if TILED:
-                tma.async_copy_global_to_shared(q_desc, [off_n * kc_all + c * qb.shape[1], 0],
-                                                bar, qb.index(s))
+                tma.async_copy_global_to_shared(q_desc, [base + c * nb, 0], bar, qb.index(s))
             else:
                 tma.async_copy_global_to_shared(q_desc, [off_n, c * 16], bar, qb.index(s))
             tma.async_copy_global_to_shared(sz_desc, [c, off_n], bar, szb.index(s))
@@ -226,7 +232,7 @@ if HAVE_GLUON:
     def _producer_tiles(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
                         num_pn, num_pm, k_chunks, GROUP_N: gl.constexpr, BM: gl.constexpr,
                         STAGES: gl.constexpr, STREAM: gl.constexpr, TILED: gl.constexpr,
-                        SZ: gl.constexpr):
+                        SZ: gl.constexpr, TR: gl.constexpr, NR):
         """PERSIST: the program's tiles p, p + P, ... one after another through one ring, so
         the next tile's first chunks load while the consumers finish and store this one.
         STREAM: the program's run of chunks (:func:`_work`), tile by tile."""
@@ -236,7 +242,7 @@ if HAVE_GLUON:
             off_n, off_m = _tile(t, num_pn, num_pm, GROUP_N, BM, qb.shape[1])
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _producer(x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready, empty,
-                      off_n, off_m, kt0, n, it0, STAGES, TILED, k_chunks, SZ)
+                      off_n, off_m, kt0, n, it0, STAGES, TILED, k_chunks, SZ, TR, NR)
             it0 += n
 
     @gluon.jit
@@ -268,14 +274,15 @@ if HAVE_GLUON:
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
                         STREAM: gl.constexpr = False, TILED: gl.constexpr = False,
                         PDL: gl.constexpr = False, SZ: gl.constexpr = 0,
-                        NC: gl.constexpr = 2):
+                        NC: gl.constexpr = 2, TR: gl.constexpr = 0, NR=0):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
         of fewer programs than tiles, no split): program p takes tiles p, p + P, ... through one
         ring (:func:`_producer_tiles`). STREAM (stream-K; with ATOMIC and a 1-D grid): the
         tiles' chunks in equal runs, one per program, partial tiles added with atomics
-        (:func:`_work`). TILED: q_desc views :func:`tiled_words`. COAL: the coalesced
+        (:func:`_work`). TILED: q_desc views words laid out in row blocks of TR, NR rows in
+        all (:func:`_producer`). COAL: the coalesced
         epilogue (:func:`_consumer`). PDL (with ATOMIC): launched with ``launch_pdl`` right
         after :func:`~.pdl.zero_`'s kernel, it waits for that before adding. SZ: the scales'
         layout (:func:`w4a16_ws`; z_desc, the zero-point words, is read with SZ 2). REGS:
@@ -338,7 +345,7 @@ if HAVE_GLUON:
                                        SZ, NC)),
                     (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
                                        ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
-                                       STAGES, STREAM, TILED, SZ)),
+                                       STAGES, STREAM, TILED, SZ, TR, NR)),
                 ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
             else:
                 gl.warp_specialize([
@@ -352,7 +359,7 @@ if HAVE_GLUON:
                                        SZ)),
                     (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
                                        ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
-                                       STAGES, STREAM, TILED, SZ)),
+                                       STAGES, STREAM, TILED, SZ, TR, NR)),
                 ], [4, 1], [REGS, PREG])
             return
         kc_all = gl.cdiv(K, 128)
@@ -371,7 +378,8 @@ if HAVE_GLUON:
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 3, BM, STAGES,
                              HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
                 (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
-                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ)),
+                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ, TR,
+                             NR)),
             ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
         else:
             gl.warp_specialize([
@@ -382,7 +390,8 @@ if HAVE_GLUON:
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES,
                              HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
                 (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
-                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ)),
+                             empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ, TR,
+                             NR)),
             ], [4, 1], [REGS, PREG])
 
 
@@ -450,11 +459,19 @@ def _dequant_asm(bf16: bool, zero: bool, zero_offset: bool = False, odd_shift: b
     return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset, odd_shift)) for b in range(4))
 
 
-def ws_supported(x2: torch.Tensor, p) -> bool:
+def ws_rows(cfg: dict) -> int:
+    """Rows per program of a WS config: 256 with BN 256, else 128."""
+    return 256 if cfg.get("BN") == 256 else ROWS
+
+
+def ws_supported(x2: torch.Tensor, p, cfg: dict | None = None) -> bool:
     """Whether ``w4a16_ws_kernel`` can run ``x2 [M, K] @ p``: Gluon present, a GPU of compute
     capability 9.0 (wgmma), block 128, K a multiple of 128, N a multiple of 4 (the transposed
-    pairs' rows), and 16-byte aligned bases and rows for the tensor copies."""
+    pairs' rows), 16-byte aligned bases and rows for the tensor copies, and (``cfg`` given)
+    tiled words in row blocks that hold whole tiles of the config's rows."""
     if not HAVE_GLUON or x2.device.type != "cuda":
+        return False
+    if cfg is not None and p.tile_rows % ws_rows(cfg):
         return False
     n, k = p.shape
     q = p.qweight
@@ -521,7 +538,7 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     n = p.shape[0]
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
-    rows = 256 if cfg.get("BN") == 256 else ROWS
+    rows = ws_rows(cfg)
     if rows == 256:   # a 128-row warpgroup's accumulator: 128 registers at 128 tokens
         bm = min(bm, 128)
     grid, split, persist, stream = _launch(cfg, -(-n // rows) * -(-m // bm), k // 128,
@@ -531,11 +548,18 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64],
                               gl.NVMMASharedLayout.get_default_for([bm, 64], dt))
     q_l = gl.NVMMASharedLayout.get_default_for([rows, 16], gl.int32)
-    qt = None
-    if cfg.get("TILED") and tiled_copies_allowed():
+    qt, tr, nr = None, 0, 0
+    if p.tile_rows:   # words laid out in row blocks (packing.tile_words): read in place
+        qt, tr, nr = p.qweight.view(-1, 16), p.tile_rows, n
+        if tr % rows:
+            raise ValueError(f"words tiled in blocks of {tr} rows cannot feed {rows}-row tiles; "
+                             f"tile them in blocks of a multiple of {rows} (packing.tile_words)")
+    elif cfg.get("TILED") and tiled_copies_allowed():
         # under CUDA-graph capture a copy would only be recorded, not made: use one made before
         capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
         qt = tiled_words(p.qweight, rows, build=not capturing)
+        if qt is not None:   # blocks of `rows`, the last one zero-padded
+            tr, nr = rows, qt.shape[0] // (k // 128)
     tiled = qt is not None
     if tiled:
         q_desc = TensorDescriptor(qt, list(qt.shape), [16, 1], [rows, 16], q_l)
@@ -563,7 +587,8 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
                               m, n, k, out.stride(0), split, BM=bm, STAGES=stages,
                               GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                               ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
-                              COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, num_warps=4,
+                              COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, TR=tr, NR=nr,
+                              num_warps=4,
                               **launch_options(pdl), **_consumers(cfg, rows, bm))
     except OutOfResources as err:   # a hand-written config whose ring does not fit
         raise ValueError(

@@ -113,6 +113,40 @@ def test_state_dict_roundtrip():
     assert torch.equal(fresh(x), mod(x))
 
 
+def test_words_tiled_by_default_and_old_state_dicts_convert():
+    """Deployed layers hold their words tile by tile (row blocks of 256, N = 600: two whole
+    blocks and a partial one); the state dict records the layout, and a state dict without it
+    (row by row, as saved before) or with another layout is converted on load."""
+    from modelopt_lite.kernels.packing import pack_weight, tile_words
+
+    w = torch.randn(600, 256)
+    q = quantize_rtn(w, 128)
+    mod = Int4Linear.from_codes(*q, 128, bias=torch.randn(600))
+    rows = pack_weight(*q, 128).qweight
+    assert mod.tile_rows == 256 and mod.packed.tile_rows == 256 and mod.spec()["tile_rows"] == 256
+    assert torch.equal(mod.qweight, tile_words(rows, 256))
+    x = torch.randn(3, 256)
+    y = mod(x)
+    flat = Int4Linear.from_codes(*q, 128, bias=mod.bias, tile_rows=0)
+    assert torch.equal(flat.qweight, rows) and torch.equal(flat(x), y)
+
+    sd = mod.state_dict()
+    assert sd["_extra_state"].tolist() == [256]
+    old = {k: v for k, v in sd.items() if k != "_extra_state"}
+    old["qweight"] = rows.clone()               # a state dict from before the layout was saved
+    fresh = Int4Linear(256, 600, 128)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.qweight, mod.qweight) and torch.equal(fresh(x), y)
+    into_rows = Int4Linear(256, 600, 128, tile_rows=0)
+    into_rows.load_state_dict(sd)               # tiled -> row by row
+    assert torch.equal(into_rows.qweight, rows) and torch.equal(into_rows(x), y)
+    into_128 = Int4Linear(256, 600, 128, tile_rows=128)
+    into_128.load_state_dict(into_rows.state_dict())
+    assert torch.equal(into_128.qweight, tile_words(rows, 128)) and torch.equal(into_128(x), y)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        Int4Linear(256, 600, 128, tile_rows=64)
+
+
 def _model(pre_scale):
     torch.manual_seed(0)
     return nn.Sequential(

@@ -74,3 +74,37 @@ def test_unpack_in_features_zero_and_out_of_range():
     assert unpack_int4(packed).shape == (3, 128)
     with pytest.raises(ValueError, match=r"in_features must be in \[0, 128\]"):
         unpack_int4(packed, 129)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 700), chunks=st.integers(1, 4), rows=st.sampled_from([128, 256, 384]),
+       seed=st.integers(0, 2**31 - 1))
+def test_tiled_words_roundtrip_and_layout(n, chunks, rows, seed):
+    """tile_words puts word j of chunk c of row r0 + r (r0 its row block's first row, nb that
+    block's rows, the last block partial) at flat index r0 Kp/8 + 16 (c nb + r) + j, and
+    untile_words inverts it."""
+    from modelopt_lite.kernels.packing import tile_words, untile_words
+
+    g = torch.Generator().manual_seed(seed)
+    kw = 16 * chunks
+    q = torch.randint(-2**31, 2**31 - 1, (n, kw), generator=g, dtype=torch.int32)
+    t = tile_words(q, rows)
+    assert t.shape == q.shape and torch.equal(untile_words(t, rows), q)
+    flat = t.view(-1)
+    for row in {0, n - 1, n // 2, min(rows, n - 1)}:
+        r0 = row // rows * rows
+        nb = min(rows, n - r0)
+        for c in range(chunks):
+            idx = r0 * kw + 16 * (c * nb + row - r0) + torch.arange(16)
+            assert torch.equal(flat[idx], q[row, 16 * c:16 * c + 16])
+
+
+def test_tiled_words_bad_inputs():
+    from modelopt_lite.kernels.packing import tile_words
+
+    q = torch.zeros(4, 32, dtype=torch.int32)
+    for rows in (0, 100, True, 64):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            tile_words(q, rows)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tile_words(torch.zeros(4, 24, dtype=torch.int32), 128)

@@ -42,7 +42,7 @@ for i, (bm, bn, warps, stages, pairs, bf16) in enumerate(cases):
            "stride_xm": "i32", "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
     const = dict(GROUP=128, BN=bn, BM=bm, GROUP_N=8, HAS_ZERO=True, HAS_BIAS=False,
                  IS_BF16=bf16, USE_ASM=True, EVEN_K=True, ATOMIC=False, DOT_F32=False,
-                 FUSE_K=True, PAIRS=pairs)
+                 FUSE_K=True, PAIRS=pairs, TR=0)
     params = list(inspect.signature(w4a16_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     src = ASTSource(w4a16_kernel, sig,
@@ -112,6 +112,7 @@ for i, case in enumerate(cases):
     pdl = len(case) > 12 and case[12]
     sz = case[13] if len(case) > 13 else 0
     nc = case[14] if len(case) > 14 else 2
+    tr = case[15] if len(case) > 15 else (rows if tiled else 0)   # the words' row blocks
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -129,9 +130,10 @@ for i, case in enumerate(cases):
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
                  REGS=120 if nc == 4 else regs or 232, STREAM=stream, TILED=tiled, PDL=pdl,
-                 SZ=sz, NC=nc)
+                 SZ=sz, NC=nc, TR=tr)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
+    sig["NR"] = "i32"
     # the launch's specialization of 16-divisible pointers and sizes, as on a GPU
     src = GluonASTSource(ws.w4a16_ws_kernel, sig,
                          constexprs={(params.index(k),): v for k, v in const.items()},
@@ -195,6 +197,11 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (64, 6, False, True, True, False, False, 256, True, 0, False, True, False, 0, 4),
     (64, 4, True, True, False, True, False, 256, True, 0, True, False, True, 2, 4),
     (16, 4, False, False, False, True, False, 256, True, 0, False, True, True, 1, 4),
+    # deploy's tiled words read in place, row blocks of 256 (the 16th field): 128-row tiles
+    # inside them, and 256-row ones
+    (16, 4, False, True, False, True, False, 128, True, 80, True, True, True, 0, 2, 256),
+    (64, 5, False, True, False, True, False, 256, True, 0, True, True, True, 0, 4, 256),
+    (256, 3, False, True, True, True, False, 128, True, 0, True, True, False, 2, 2, 256),
 ]
 
 

@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
 
-from modelopt_lite.kernels import pack_weight, w4a16_matmul, w4a16_reference  # noqa: E402
+from modelopt_lite.kernels import (dequantize, pack_weight, w4a16_matmul,  # noqa: E402
+                                   w4a16_reference)
 from modelopt_lite.kernels.tuning import (default_config, fused_smem_bytes,  # noqa: E402
                                           pick_config)
 
@@ -127,6 +128,36 @@ def test_kernel_matches_reference(dtype, zero, m, n, k, group, cfg):
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows,m,k,group,cfg", [
+    (256, 1, 256, 128, GEMV), (128, 2, 576, 32, GEMV_SPLIT), (256, 1, 640, 128, GEMV_PERSIST_A2),
+    (128, 1, 640, 128, GEMV_PERSIST_A2), (128, 3, 384, 32, SPLIT), (256, 7, 320, 32, FUSED),
+    (128, 19, 448, 64, PAIRS_T), (256, 5, 384, 128, PAIRS), (128, 5, 320, 64, DEQUANT),
+    (256, 7, 448, 64, MMA_SPLIT), (128, 13, 384, 128, MMA_XPERM_ROWS4),
+    (256, 13, 384, 128, MMA_FS_SV), (128, 7, 448, 32, MMA_PIPE),
+    (256, 33, 384, 128, dict(BIG_TILE, SPLIT_K=1, WS=True, STAGES=3))])
+def test_tiled_words_through_every_kernel_path(rows, m, k, group, cfg):
+    """Words laid out tile by tile (``PackedInt4.tiled``, deploy's layout; N = 300: two or one
+    whole row blocks and a partial last one) give the same outputs as row by row, bit for bit,
+    on every Triton path."""
+    x, p, b = _problem(m, 300, k, group, True, torch.float16)
+    pt = p.tiled(rows)
+    assert pt.tile_rows == rows and pt.shape == p.shape
+    assert not torch.equal(pt.qweight, p.qweight)
+    y = w4a16_matmul(x, pt, b, cfg)
+    assert torch.equal(y, w4a16_matmul(x, p, b, cfg))
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[torch.float16]
+
+
+def test_tiled_words_checks():
+    x, p, b = _problem(2, 72, 256, 128, True, torch.float16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        w4a16_matmul(x, p._replace(tile_rows=100), b)
+    pt = p.tiled(128)
+    assert torch.equal(dequantize(pt), dequantize(p))
+    assert pt.tiled(128) is pt and torch.equal(pt.tiled(256).qweight, p.tiled(256).qweight)
+    assert torch.equal(p.tiled(256).row_words(), p.qweight) and p.row_words() is p.qweight
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -266,7 +297,7 @@ def test_ws_dispatch_picks_scale_layout(monkeypatch, m, cfg, mode):
 
     seen = {}
     monkeypatch.setattr(ops, "_interpreting", lambda: False)
-    monkeypatch.setattr(ws, "ws_supported", lambda x2, p: True)
+    monkeypatch.setattr(ws, "ws_supported", lambda x2, p, cfg=None: True)
     monkeypatch.setattr(ws, "w4a16_ws", lambda x2, p, scales, bias, c: (
         seen.update(mode=scales[0]), x2.new_zeros(x2.shape[0], p.shape[0]))[1])
     p, _ = _int_zero_problem(64, 256, torch.float16)
@@ -802,6 +833,45 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
     y = w4a16_matmul(x, p, b, cfg)
     assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [388, 1000, 4096])
+@pytest.mark.parametrize("m", [1, 37, 300])
+@pytest.mark.parametrize("cfg", [dict(WS_TILE, BM=256, STAGES=3),
+                                 dict(WS_TILE, BM=16, STAGES=4, SPLIT_K=3, OUT16=True,
+                                      MAXNREG=80),
+                                 dict(WS_TILE, BM=16, STAGES=4, STREAM=2, OUT16=True,
+                                      MAXNREG=80, TILED=True),
+                                 dict(WS_TILE, BN=256, BM=128, STAGES=4, STREAM=1),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, PERSIST=1),
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=5, SPLIT_K=4, OUT16=True,
+                                      WGS=4),
+                                 dict(MMA=True, BN=128, SPLIT_K=4, num_warps=4, PAIRS=True,
+                                      SV=4, QE="evict_first", OUT16=True, MAXNREG=80),
+                                 dict(GEMV=True, BN=64, SPLIT_K=2, PERSIST=1, AHEAD=2)])
+def test_gpu_tiled_words_read_in_place(dtype, n, m, cfg):
+    """Deploy's tiled words (row blocks of 256; N = 388 and 1000 end in a partial block) read
+    in place by the warp-specialized kernel's tensor copies, 128- and 256-row tiles, and by the
+    Triton paths: the row-by-row words' output (bit for bit without atomics), and the float32
+    reference."""
+    from modelopt_lite.kernels.ws import ws_supported
+
+    x, p, b = _problem(m, n, 2048, 128, True, dtype)
+    if cfg.get("WS") and not ws_supported(x, p):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and Gluon")
+    if cfg.get("GEMV") and m > 16:
+        pytest.skip("the GEMV path is for decode batches")
+    pt = p.tiled()
+    y = w4a16_matmul(x, pt, b, cfg)
+    y0 = w4a16_matmul(x, p, b, cfg)
+    if cfg.get("SPLIT_K", 1) > 1 or cfg.get("STREAM"):   # atomics: the order of the additions
+        assert _rel_err(y, y0) < TOL[dtype]
+    else:
+        assert torch.equal(y, y0)
     assert _rel_err(y, _ref32(x, p, b)) < TOL[dtype]
 
 

@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--pairs-arm", action="store_true",
                     help="one more arm: the shipped config reading the scale / zero-term pairs "
                          "(MODELOPT_LITE_WS_SCALES=pairs)")
+    ap.add_argument("--rows-arm", action="store_true",
+                    help="the shipped config on the words packed row by row (the arms read "
+                         "them tile by tile, as deploy stores them)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-table", default=None, metavar="JSON",
                     help="put the fastest twin / cfg arm into this config table (row max_m = "
@@ -150,6 +153,10 @@ def main() -> None:
         fns = [lambda f=f: (torch.zeros((m, n), device="cuda", dtype=x.dtype), f())[1]
                for f in fns]
         graphs["zeros"] = (capture(fns), fns, None, None)
+    if a.rows_arm:   # the words row by row (TILED configs: a cached tile-by-tile copy)
+        flat = packed._replace(qweight=packed.row_words(), tile_rows=0)
+        fns = ours_fns(mk, flat, x, nc, base)
+        graphs["rows"] = (capture(fns), fns, None, peers.check(fns[0](), ref))
     if a.humming:
         fns = peers.humming(w16, 128, x, nc)
         graphs["humming"] = (capture(fns), fns, None, None)

@@ -16,6 +16,7 @@ import datetime
 import importlib
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,16 +62,23 @@ def gemv_candidates():
                    OUT16=o16)
 
 
+ENV_WORDS = "MODELOPT_LITE_BENCH_WORDS"
+
+
 def make_problem(mk, k, n, group=GROUP, seed=0, integer_zero=False, symmetric=False):
     """Random weights [N, K] quantized asymmetric: float zero points (this toolkit's min/max
     quantizers; the kernels read a 16-bit zero term) or, ``integer_zero``, rounded ones (as
     AutoAWQ / GPTQ / Humming store them; the warp-specialized kernel reads 4 bits); or
-    ``symmetric`` (no zero points)."""
+    ``symmetric`` (no zero points). The words are laid out tile by tile as ``deploy`` stores
+    them (``PackedInt4.tiled``); ``MODELOPT_LITE_BENCH_WORDS=rows`` keeps them row by row (then
+    the tables' TILED configs read a tile-by-tile copy unless ``MODELOPT_LITE_TILED=0``)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
     codes, scale, zero = importlib.import_module(mk.__name__ + ".packing").quantize_rtn(
         w, group, symmetric=symmetric, integer_zero=integer_zero)
     packed = mk.pack_weight(codes, scale, zero, group, torch.float16)
+    if os.environ.get(ENV_WORDS, "tiled") != "rows":   # deploy's layout, as Int4Linear holds it
+        packed = packed.tiled()
     w_hat = mk.dequantize(packed, torch.float16)
     return w_hat, codes, scale, zero, packed
 

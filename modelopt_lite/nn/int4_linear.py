@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from modelopt_lite.kernels import PackedInt4, dequantize, pack_weight, w4a16_reference
-from modelopt_lite.kernels.packing import check_group_size, padded_k
+from modelopt_lite.kernels.packing import (TILE_ROWS, check_group_size, check_tile_rows, padded_k,
+                                           tile_words, untile_words)
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -48,23 +49,24 @@ def _compiling() -> bool:
 @torch.library.custom_op("modelopt_lite::w4a16_linear", mutates_args=())
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
-                 in_features: int) -> torch.Tensor:
+                 in_features: int, tile_rows: int = 0) -> torch.Tensor:
     """``Int4Linear``'s product as one opaque operator, so that ``torch.compile`` traces a
     model through it (no graph break; CUDA graphs with ``mode="reduce-overhead"``), with the
     gradients of :func:`_backward`. Eager calls that need no gradient skip the operator's
     dispatch and run the kernel directly."""
-    return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features), bias)
+    return _matmul(x, PackedInt4(qweight, scale, zterm, group_size, in_features, tile_rows),
+                   bias)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scale, zterm, bias, group_size, in_features):
+def _(x, qweight, scale, zterm, bias, group_size, in_features, tile_rows=0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scale, zterm, bias, group_size, in_features = inputs
+    x, qweight, scale, zterm, bias, group_size, in_features, tile_rows = inputs
     ctx.save_for_backward(qweight, scale, zterm)
-    ctx.packing = (group_size, in_features)
+    ctx.packing = (group_size, in_features, tile_rows)
     ctx.has_bias = bias is not None
 
 
@@ -78,7 +80,7 @@ def _backward(ctx, grad):
         gx = grad @ w
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return gx, None, None, None, gb, None, None
+    return gx, None, None, None, gb, None, None, None
 
 
 w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -88,21 +90,28 @@ class Int4Linear(nn.Module):
     """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
 
     Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, Kp/8] (Kp = K
-    rounded up to 128), ``scale`` and ``zterm`` (= -zero * scale; absent when symmetric)
+    rounded up to 128; laid out tile by tile in row blocks of ``tile_rows``, by default 256,
+    :func:`~modelopt_lite.kernels.packing.tile_words`, which every kernel reads and the Hopper
+    one reads fastest; 0: row by row), ``scale`` and ``zterm`` (= -zero * scale; absent when symmetric)
     [N, K/B] in ``dtype``, optional ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the
     Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the
     product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``. The packed weight
     is frozen; an input (or bias) that requires grad gets its gradient (``grad @ W_hat``, the
     weight dequantized in the backward), so adapters trained before an INT4 layer learn.
+    The state dict records the words' layout (``_extra_state``); one without it (saved before
+    the layout was recorded) holds them row by row and is converted on load.
 
         >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
                  bias: bool = True, symmetric: bool = False, pre_scale: bool = False,
-                 dtype: torch.dtype = torch.float16, device=None):
+                 dtype: torch.dtype = torch.float16, device=None, tile_rows: int = TILE_ROWS):
         super().__init__()
         check_group_size(group_size)
+        if tile_rows:
+            check_tile_rows(tile_rows)
+        self.tile_rows = int(tile_rows)
         if in_features % group_size:
             raise ValueError(f"in_features {in_features} must be divisible by the block size "
                              f"{group_size}; pick another block size")
@@ -124,14 +133,16 @@ class Int4Linear(nn.Module):
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                    group_size: int, bias: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float16,
-                   pre_scale: torch.Tensor | None = None) -> "Int4Linear":
+                   pre_scale: torch.Tensor | None = None,
+                   tile_rows: int = TILE_ROWS) -> "Int4Linear":
         """Build from quantizer output: codes uint8 [N, K] in 0..15, scale/zero [N, K/B]
         (zero=None: symmetric, z=8), W_hat = (codes - zero) * scale."""
         n, k = codes.shape
         p = pack_weight(codes, scale, zero, group_size, dtype)
         mod = cls(k, n, group_size, bias=bias is not None, symmetric=zero is None,
-                  pre_scale=pre_scale is not None, dtype=dtype, device=codes.device)
-        mod.qweight.copy_(p.qweight)
+                  pre_scale=pre_scale is not None, dtype=dtype, device=codes.device,
+                  tile_rows=tile_rows)
+        mod.qweight.copy_(p.tiled(tile_rows).qweight if tile_rows else p.qweight)
         mod.scale.copy_(p.scale)
         if p.zterm is not None:
             mod.zterm.copy_(p.zterm)
@@ -148,17 +159,44 @@ class Int4Linear(nn.Module):
         return dict(in_features=self.in_features, out_features=self.out_features,
                     group_size=self.group_size, bias=self.bias is not None,
                     symmetric=self.zterm is None, pre_scale=self.pre_scale is not None,
-                    dtype=str(self.scale.dtype).removeprefix("torch."))
+                    dtype=str(self.scale.dtype).removeprefix("torch."), tile_rows=self.tile_rows)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "Int4Linear":
-        """An empty layer of :meth:`spec`'s shape, to load a state dict into."""
+        """An empty layer of :meth:`spec`'s shape, to load a state dict into (whatever the
+        saved layout of its words: the load converts them)."""
         kw = {k: v for k, v in spec.items() if k != "dtype"}
         return cls(**kw, dtype=getattr(torch, spec.get("dtype", "float16")), device=device)
 
     @property
     def packed(self) -> PackedInt4:
-        return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features)
+        return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features,
+                          self.tile_rows)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The words' layout, saved beside them: [tile_rows] (a tensor, for safetensors)."""
+        return torch.tensor([self.tile_rows], dtype=torch.int32)
+
+    def set_extra_state(self, state) -> None:
+        pass   # the words were converted to this layer's layout before they were copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Words saved in another layout (another ``tile_rows``, or row by row: a state dict
+        without ``_extra_state``) are converted to this layer's."""
+        key, qkey = prefix + "_extra_state", prefix + "qweight"
+        saved = state_dict.get(key)
+        rows = int(saved.reshape(-1)[0]) if isinstance(saved, torch.Tensor) else 0
+        q = state_dict.get(qkey)
+        if (isinstance(q, torch.Tensor) and rows != self.tile_rows
+                and tuple(q.shape) == tuple(self.qweight.shape)):
+            if rows:
+                check_tile_rows(rows)
+                q = untile_words(q, rows)
+            state_dict[qkey] = tile_words(q, self.tile_rows) if self.tile_rows else q
+        state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         """``model.float()`` / ``.double()`` leave the scales in half precision (the kernels
@@ -187,7 +225,7 @@ class Int4Linear(nn.Module):
         # compute none)
         if _compiling() or needs_grad:
             y = w4a16_linear(x, self.qweight, self.scale, self.zterm, self.bias, self.group_size,
-                             self.in_features)
+                             self.in_features, self.tile_rows)
         else:
             y = _matmul(x, self.packed, self.bias)
         return y.to(in_dtype)
