@@ -27,8 +27,9 @@ with atomics), BN 256, COAL (the epilogue through shared memory into whole-line 
 so that two programs share an SM at small M), WGS (4: a 256-row tile's rows over four consumer
 warpgroups of 64 instead of two of 128) and TILED (the words read tile by tile from a copy,
 :func:`tiled_words`, opt-in, see :func:`~.tuning.allow_tiled_copies`; a packed weight whose
-words are tiled already, ``deploy``'s layout, :func:`~.packing.tile_words`, is always read in
-place, whatever the config says); NOTES.md, v19-v38, has what each gained where. Needs
+words are tiled already, ``deploy``'s layout, :func:`~.packing.tile_words`, is read in place
+whatever the config says, where its row blocks hold whole tiles: :func:`ws_supported`);
+NOTES.md, v19-v38, has what each gained where. Needs
 sm_90 (wgmma), block 128, K a multiple of 128, N a multiple of 4 and 16-byte aligned rows;
 :func:`ws_supported` checks, and ``ops.w4a16_matmul`` runs the fused kernel with the same
 config otherwise. Gluon kernels do not run in the interpreter.

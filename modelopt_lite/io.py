@@ -28,7 +28,7 @@ from .config import CONFIG_VERSION, QuantizerSpec
 from .layers import quant_modules
 from .nn.quant_modules import wrap_module
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: deployed Int4Linear words tile by tile (version 1's, row by row, load)
 MANIFEST = "modelopt_lite.json"
 
 

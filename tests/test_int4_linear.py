@@ -113,7 +113,7 @@ def test_state_dict_roundtrip():
     assert torch.equal(fresh(x), mod(x))
 
 
-def test_words_tiled_by_default_and_old_state_dicts_convert():
+def test_words_tiled_by_default_and_old_state_dicts_convert(caplog):
     """Deployed layers hold their words tile by tile (row blocks of 256, N = 600: two whole
     blocks and a partial one); the state dict records the layout, and a state dict without it
     (row by row, as saved before) or with another layout is converted on load."""
@@ -135,7 +135,9 @@ def test_words_tiled_by_default_and_old_state_dicts_convert():
     old = {k: v for k, v in sd.items() if k != "_extra_state"}
     old["qweight"] = rows.clone()               # a state dict from before the layout was saved
     fresh = Int4Linear(256, 600, 128)
-    fresh.load_state_dict(old)
+    with caplog.at_level("WARNING"):
+        fresh.load_state_dict(old)
+    assert "taken as row by row" in caplog.text
     assert torch.equal(fresh.qweight, mod.qweight) and torch.equal(fresh(x), y)
     into_rows = Int4Linear(256, 600, 128, tile_rows=0)
     into_rows.load_state_dict(sd)               # tiled -> row by row
@@ -204,11 +206,12 @@ def test_compile_traces_int4_linear_as_one_operator():
 def test_w4a16_linear_operator_checks(symmetric):
     """The operator's schema, fake (meta) implementation and dynamic-shape tracing
     (torch.library.opcheck)."""
-    mod = Int4Linear.from_codes(*quantize_rtn(torch.randn(16, 64), 32, symmetric), 32,
-                                bias=torch.randn(16))
-    x = torch.randn(2, 3, 64).half()
-    torch.library.opcheck(torch.ops.modelopt_lite.w4a16_linear.default,
-                          (x, mod.qweight, mod.scale, mod.zterm, mod.bias, 32, 64))
+    mod = Int4Linear.from_codes(*quantize_rtn(torch.randn(300, 256), 32, symmetric), 32,
+                                bias=torch.randn(300))   # two chunks: tiling moves words
+    x = torch.randn(2, 3, 256).half()
+    args = (x, mod.qweight, mod.scale, mod.zterm, mod.bias, 32, 256, mod.tile_rows)
+    torch.library.opcheck(torch.ops.modelopt_lite.w4a16_linear.default, args)
+    assert torch.equal(torch.ops.modelopt_lite.w4a16_linear(*args), mod(x))
 
 
 @pytest.mark.gpu

@@ -49,7 +49,7 @@ def _compiling() -> bool:
 @torch.library.custom_op("modelopt_lite::w4a16_linear", mutates_args=())
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
-                 in_features: int, tile_rows: int = 0) -> torch.Tensor:
+                 in_features: int, tile_rows: int) -> torch.Tensor:
     """``Int4Linear``'s product as one opaque operator, so that ``torch.compile`` traces a
     model through it (no graph break; CUDA graphs with ``mode="reduce-overhead"``), with the
     gradients of :func:`_backward`. Eager calls that need no gradient skip the operator's
@@ -59,7 +59,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scale, zterm, bias, group_size, in_features, tile_rows=0):
+def _(x, qweight, scale, zterm, bias, group_size, in_features, tile_rows):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -92,9 +92,9 @@ class Int4Linear(nn.Module):
     Buffers follow :mod:`modelopt_lite.kernels.packing`: ``qweight`` int32 [N, Kp/8] (Kp = K
     rounded up to 128; laid out tile by tile in row blocks of ``tile_rows``, by default 256,
     :func:`~modelopt_lite.kernels.packing.tile_words`, which every kernel reads and the Hopper
-    one reads fastest; 0: row by row), ``scale`` and ``zterm`` (= -zero * scale; absent when symmetric)
-    [N, K/B] in ``dtype``, optional ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs run the
-    Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the
+    one reads fastest; 0: row by row), ``scale`` and ``zterm`` (= -zero * scale; absent when
+    symmetric) [N, K/B] in ``dtype``, optional ``bias`` [N] and ``pre_scale`` [K]. CUDA inputs
+    run the Triton kernel; CPU inputs run the plain-torch reference. Under ``torch.compile`` the
     product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``. The packed weight
     is frozen; an input (or bias) that requires grad gets its gradient (``grad @ W_hat``, the
     weight dequantized in the backward), so adapters trained before an INT4 layer learn.
@@ -188,6 +188,12 @@ class Int4Linear(nn.Module):
         saved = state_dict.get(key)
         rows = int(saved.reshape(-1)[0]) if isinstance(saved, torch.Tensor) else 0
         q = state_dict.get(qkey)
+        if saved is None and isinstance(q, torch.Tensor) and self.tile_rows:
+            log.warning("%s: the state dict does not record its INT4 words' layout "
+                        "(%s_extra_state); they are taken as row by row, as saved before the "
+                        "layout was recorded. Load the whole state dict of a deployed model, "
+                        "with its _extra_state entries.", prefix.rstrip(".") or "Int4Linear",
+                        prefix)
         if (isinstance(q, torch.Tensor) and rows != self.tile_rows
                 and tuple(q.shape) == tuple(self.qweight.shape)):
             if rows:
