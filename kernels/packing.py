@@ -50,16 +50,16 @@ class PackedInt4(NamedTuple):
         return self.qweight.shape[0], self.in_features
 
     def tiled(self, rows: int = TILE_ROWS) -> "PackedInt4":
-        """The same weight with its words laid out tile by tile (:func:`tile_words`)."""
+        """The same weight with its words laid out tile by tile in row blocks of ``rows``
+        (:func:`tile_words`; 0: row by row). Itself where the layout is that already."""
         if self.tile_rows == rows:
             return self
-        return self._replace(qweight=tile_words(self.row_words(), rows), tile_rows=rows)
+        return self._replace(qweight=relayout_words(self.qweight, self.tile_rows, rows),
+                             tile_rows=rows)
 
     def row_words(self) -> torch.Tensor:
         """The packed words row by row, int32 [N, Kp/8] (a new tensor when tiled)."""
-        if not self.tile_rows:
-            return self.qweight
-        return untile_words(self.qweight, self.tile_rows)
+        return relayout_words(self.qweight, self.tile_rows, 0)
 
 
 def padded_k(k: int) -> int:
@@ -116,6 +116,16 @@ def tile_words(qweight: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
 def untile_words(qt: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
     """The inverse of :func:`tile_words`: int32 [N, Kp/8] row by row."""
     return _relayout(qt, rows, tile=False)
+
+
+def relayout_words(q: torch.Tensor, src_rows: int, dst_rows: int) -> torch.Tensor:
+    """Packed words in row blocks of ``src_rows`` -> row blocks of ``dst_rows`` (either 0: row
+    by row; :func:`tile_words`). ``q`` itself where the two agree, else a new tensor."""
+    if src_rows == dst_rows:
+        return q
+    if src_rows:
+        q = untile_words(q, src_rows)
+    return tile_words(q, dst_rows) if dst_rows else q
 
 
 def _relayout(q: torch.Tensor, rows: int, tile: bool) -> torch.Tensor:

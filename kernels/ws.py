@@ -53,7 +53,7 @@ except ImportError:  # an older Triton: the fused kernel serves WS configs
     HAVE_GLUON = False
 
 from .dequant import _asm, _k_slice, _tile_of
-from .packing import cached_layout
+from .packing import cached_layout, tile_words
 from .pdl import launch_options, zero_
 from .tuning import _num_sms, tiled_copies_allowed, ws_shape_ok
 
@@ -410,16 +410,10 @@ def tiled_words(qweight: torch.Tensor, rows: int, build: bool = True) -> torch.T
     that bypass it (``.data`` assignments, raw pointers). ``build=False``: None where no copy
     is there yet."""
 
-    def make():
-        n, kw = qweight.shape
-        nb = -(-n // rows)
-        out = qweight.new_zeros((nb, kw // 16, rows, 16))   # fresh storage: no view of the key
-        full = n // rows   # whole row blocks: [rows, K/8] -> [K/128, rows, 16] each
-        out[:full].copy_(qweight[:full * rows].view(full, rows, kw // 16, 16).permute(0, 2, 1, 3))
-        if full < nb:      # the last, partial block
-            out[full, :, :n - full * rows].copy_(
-                qweight[full * rows:].view(-1, kw // 16, 16).transpose(0, 1))
-        return out.view(-1, 16)
+    def make():   # tile_words of the words zero-padded to whole blocks (fresh storage)
+        pad = -qweight.shape[0] % rows
+        q = torch.nn.functional.pad(qweight, (0, 0, 0, pad)) if pad else qweight
+        return tile_words(q, rows).view(-1, 16)
 
     return cached_layout(_TILED, qweight, (qweight._version, qweight.data_ptr()), rows, make,
                          build)

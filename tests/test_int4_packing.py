@@ -99,6 +99,29 @@ def test_tiled_words_roundtrip_and_layout(n, chunks, rows, seed):
             assert torch.equal(flat[idx], q[row, 16 * c:16 * c + 16])
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 600), src=st.sampled_from([0, 128, 256]),
+       dst=st.sampled_from([0, 128, 256, 384]), seed=st.integers(0, 2**31 - 1))
+def test_relayout_words_between_any_two_layouts(n, src, dst, seed):
+    """relayout_words(q, src, dst) equals tiling the row-by-row words in blocks of dst (0: row
+    by row) whatever layout q is in; PackedInt4.tiled / row_words go through it."""
+    from modelopt_lite.kernels import pack_weight
+    from modelopt_lite.kernels.packing import relayout_words, tile_words
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2**31, 2**31 - 1, (n, 32), generator=g, dtype=torch.int32)
+    q_src = tile_words(q, src) if src else q
+    want = tile_words(q, dst) if dst else q
+    out = relayout_words(q_src, src, dst)
+    assert torch.equal(out, want)
+    assert (out is q_src) == (src == dst)
+    codes = torch.randint(0, 16, (n, 256), generator=g, dtype=torch.uint8)
+    p = pack_weight(codes, torch.rand(n, 2) + 0.1, None, 128)
+    ps = p.tiled(src)
+    assert ps.tile_rows == src and torch.equal(ps.tiled(dst).qweight, p.tiled(dst).qweight)
+    assert torch.equal(ps.row_words(), p.qweight) and ps.tiled(0).tile_rows == 0
+
+
 def test_tiled_words_bad_inputs():
     from modelopt_lite.kernels.packing import tile_words
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from modelopt_lite.kernels import PackedInt4, dequantize, pack_weight, w4a16_reference
 from modelopt_lite.kernels.packing import (TILE_ROWS, check_group_size, check_tile_rows, padded_k,
-                                           tile_words, untile_words)
+                                           relayout_words)
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -142,7 +142,7 @@ class Int4Linear(nn.Module):
         mod = cls(k, n, group_size, bias=bias is not None, symmetric=zero is None,
                   pre_scale=pre_scale is not None, dtype=dtype, device=codes.device,
                   tile_rows=tile_rows)
-        mod.qweight.copy_(p.tiled(tile_rows).qweight if tile_rows else p.qweight)
+        mod.qweight.copy_(p.tiled(tile_rows).qweight)
         mod.scale.copy_(p.scale)
         if p.zterm is not None:
             mod.zterm.copy_(p.zterm)
@@ -196,10 +196,7 @@ class Int4Linear(nn.Module):
                         prefix)
         if (isinstance(q, torch.Tensor) and rows != self.tile_rows
                 and tuple(q.shape) == tuple(self.qweight.shape)):
-            if rows:
-                check_tile_rows(rows)
-                q = untile_words(q, rows)
-            state_dict[qkey] = tile_words(q, self.tile_rows) if self.tile_rows else q
+            state_dict[qkey] = relayout_words(q, rows, self.tile_rows)   # checks `rows`
         state_dict[key] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
