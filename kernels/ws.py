@@ -113,7 +113,8 @@ if HAVE_GLUON:
                   STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                   A0: gl.constexpr, A1: gl.constexpr,
                   A2: gl.constexpr, A3: gl.constexpr, COAL: gl.constexpr = False,
-                  PDL: gl.constexpr = False, SZ: gl.constexpr = 0, NC: gl.constexpr = 2):
+                  PDL: gl.constexpr = False, SZ: gl.constexpr = 0, NC: gl.constexpr = 2,
+                  WPERM: gl.constexpr = False):
         """Rows (ROWS / NC) WG .. (ROWS / NC) (WG + 1) - 1 of one tile (NC consumer
         warpgroups, 2 or 4) over k_chunks chunks from ring position it0,
         then its store (or, ATOMIC, its addition; PDL: after the zeroing kernel before this
@@ -137,7 +138,11 @@ if HAVE_GLUON:
             it = it0 + kt
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            q = qb.index(s).slice(HALF * WG, HALF).load(a_l)               # [HALF, 16] words
+            if WPERM:   # column 8a + 2t + b reads word 4t + 2a + b: 16 contiguous bytes a thread
+                q = (qb.index(s).reshape([NC * HALF, 4, 2, 2]).permute((0, 2, 1, 3))
+                     .reshape([NC * HALF, 16]).slice(HALF * WG, HALF).load(a_l))
+            else:
+                q = qb.index(s).slice(HALF * WG, HALF).load(a_l)           # [HALF, 16] words
             sz = (szb.index(s).reshape([NC * HALF]).slice(HALF * WG, HALF)
                   .load(gl.SliceLayout(1, a_l)))
             if SZ == 0:
@@ -252,7 +257,8 @@ if HAVE_GLUON:
                         BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                         A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr,
                         A3: gl.constexpr, COAL: gl.constexpr, STREAM: gl.constexpr,
-                        PDL: gl.constexpr, SZ: gl.constexpr, NC: gl.constexpr = 2):
+                        PDL: gl.constexpr, SZ: gl.constexpr, NC: gl.constexpr = 2,
+                        WPERM: gl.constexpr = False):
         """PERSIST / STREAM: :func:`_consumer` for each of the program's tiles (STREAM: its
         chunks of them, added with atomics; the bias with a tile's first chunk), in the
         producer's order."""
@@ -263,7 +269,7 @@ if HAVE_GLUON:
             kt0, n = _chunks(t, u0, u1, k_chunks, STREAM)
             _consumer(xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om, M, N,
                       off_n, off_m, kt0, kt0, n, it0, WG, BM, STAGES, HAS_BIAS, STREAM, A0, A1,
-                      A2, A3, COAL, PDL, SZ, NC)
+                      A2, A3, COAL, PDL, SZ, NC, WPERM)
             it0 += n
 
     @gluon.jit
@@ -275,7 +281,8 @@ if HAVE_GLUON:
                         COAL: gl.constexpr = False, REGS: gl.constexpr = 232,
                         STREAM: gl.constexpr = False, TILED: gl.constexpr = False,
                         PDL: gl.constexpr = False, SZ: gl.constexpr = 0,
-                        NC: gl.constexpr = 2, TR: gl.constexpr = 0, NR=0):
+                        NC: gl.constexpr = 2, TR: gl.constexpr = 0, NR=0,
+                        WPERM: gl.constexpr = False):
         """Program (p, pid_k): K slice pid_k of output tile p, the tiles taken GROUP_N row tiles
         at a time over all token tiles (as the fused kernel); see the module docstring. With
         ATOMIC (SPLIT_K > 1) the slices add into the output with atomics. PERSIST (a 1-D grid
@@ -331,19 +338,19 @@ if HAVE_GLUON:
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ, NC)),
+                                       SZ, NC, WPERM)),
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ, NC)),
+                                       SZ, NC, WPERM)),
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 2, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ, NC)),
+                                       SZ, NC, WPERM)),
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 3, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ, NC)),
+                                       SZ, NC, WPERM)),
                     (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
                                        ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
                                        STAGES, STREAM, TILED, SZ, TR, NR)),
@@ -353,11 +360,11 @@ if HAVE_GLUON:
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 0, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ)),
+                                       SZ, 2, WPERM)),
                     (_consumer_tiles, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr,
                                        stride_om, M, N, num_pn, num_pm, k_chunks, 1, GROUP_N,
                                        BM, STAGES, HAS_BIAS, A0, A1, A2, A3, COAL, STREAM, PDL,
-                                       SZ)),
+                                       SZ, 2, WPERM)),
                     (_producer_tiles, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb,
                                        ready, empty, num_pn, num_pm, k_chunks, GROUP_N, BM,
                                        STAGES, STREAM, TILED, SZ, TR, NR)),
@@ -368,16 +375,16 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC, WPERM)),
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC, WPERM)),
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 2, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC, WPERM)),
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 3, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, NC, WPERM)),
                 (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
                              empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ, TR,
                              NR)),
@@ -386,10 +393,10 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 0, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, 2, WPERM)),
                 (_consumer, (xlo, xhi, qb, szb, zb, ready, empty, out_ptr, bias_ptr, stride_om,
                              M, N, off_n, off_m, pid_k, kt0, k_chunks, 0, 1, BM, STAGES,
-                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ)),
+                             HAS_BIAS, ATOMIC, A0, A1, A2, A3, COAL, PDL, SZ, 2, WPERM)),
                 (_producer, (x_desc, q_desc, sz_desc, z_desc, xlo, xhi, qb, szb, zb, ready,
                              empty, off_n, off_m, kt0, k_chunks, 0, STAGES, TILED, kc_all, SZ, TR,
                              NR)),
@@ -417,6 +424,15 @@ def tiled_words(qweight: torch.Tensor, rows: int, build: bool = True) -> torch.T
 
     return cached_layout(_TILED, qweight, (qweight._version, qweight.data_ptr()), rows, make,
                          build)
+
+
+def wperm_activations(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with K permuted inside each 16-wide block as the ``WPERM`` consumers read the
+    words: column 8a + 2t + b of a block takes column 4t + 2a + b (a < 2, t < 4, b < 2), the
+    same reshape / permute the kernel applies to its shared-memory word tile. A new
+    contiguous tensor."""
+    m, k = x2.shape
+    return x2.reshape(m, k // 16, 4, 2, 2).permute(0, 1, 3, 2, 4).reshape(m, k).contiguous()
 
 
 def _regs(cfg: dict, rows: int, bm: int) -> dict:
@@ -528,9 +544,16 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     warpgroups instead of two of 128, more warps to hide the dequantization behind; BN 256 and
     at most 64 tokens, :func:`_consumers`), ODD_SHIFT (the odd nibble planes shifted before
     their mask, one instruction more per weight pair; :func:`~.dequant._asm`, kept for A/B
-    timings). Call :func:`ws_supported` first."""
+    timings), WPERM (each consumer thread reads its words of a row as one 16-byte load instead of
+    two 8-byte ones, which the swizzled word tile serves without bank conflicts, by taking
+    word 4t + 2a + b for the A-layout column 8a + 2t + b; the activations' K is permuted the
+    same way inside each 16-wide block first, :func:`wperm_activations`; an experiment, see
+    ``benchmarks/kernels/NOTES.md``, v48). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
+    wperm = bool(cfg.get("WPERM", False))
+    if wperm:
+        x2 = wperm_activations(x2)
     bm = min(int(cfg.get("BM", 256)), max(16, 1 << (m - 1).bit_length()))
     stages = int(cfg.get("STAGES", 3))
     rows = ws_rows(cfg)
@@ -583,6 +606,7 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
                               GROUP_N=int(cfg.get("GROUP_N", 8)), HAS_BIAS=bias is not None,
                               ATOMIC=atomic, A0=a0, A1=a1, A2=a2, A3=a3, PERSIST=persist,
                               COAL=coal, STREAM=stream, TILED=tiled, SZ=mode, TR=tr, NR=nr,
+                              WPERM=wperm,
                               num_warps=4,
                               **launch_options(pdl), **_consumers(cfg, rows, bm))
     except OutOfResources as err:   # a hand-written config whose ring does not fit

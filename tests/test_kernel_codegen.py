@@ -113,6 +113,7 @@ for i, case in enumerate(cases):
     sz = case[13] if len(case) > 13 else 0
     nc = case[14] if len(case) > 14 else 2
     tr = case[15] if len(case) > 15 else (rows if tiled else 0)   # the words' row blocks
+    wperm = len(case) > 16 and case[16]
     dt, ds = (gl.bfloat16, "bf16") if bf16 else (gl.float16, "fp16")
     od = "fp32" if atomic and bf16 else ds   # bf16 splits add into a float32 buffer
     x_l = gl.NVMMASharedLayout.get_default_for([bm, 64], dt)
@@ -130,7 +131,7 @@ for i, case in enumerate(cases):
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
                  REGS=120 if nc == 4 else regs or 232, STREAM=stream, TILED=tiled, PDL=pdl,
-                 SZ=sz, NC=nc, TR=tr)
+                 SZ=sz, NC=nc, TR=tr, WPERM=wperm)
     params = list(inspect.signature(ws.w4a16_ws_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     sig["NR"] = "i32"
@@ -149,6 +150,7 @@ for i, case in enumerate(cases):
     reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
                         shared=k.metadata.shared, wgmma=ptx_text.count("wgmma.mma_async"),
                         tma=ptx_text.count("cp.async.bulk.tensor"),
+                        lds_v4=ptx_text.count("ld.shared.v4"),
                         gdc=ptx_text.count("griddepcontrol.wait"),
                         stores=sorted(set(re.findall(r"st\.global[.a-z0-9]*", ptx_text))),
                         atomics=sorted(set(re.findall(r"atom\.global[.a-z0-9]*", ptx_text))),
@@ -202,6 +204,11 @@ WS_CASES = [   # BM, stages, bf16, zero points, bias, split-K, persistent, rows 
     (16, 4, False, True, False, True, False, 128, True, 80, True, True, True, 0, 2, 256),
     (64, 5, False, True, False, True, False, 256, True, 0, True, True, True, 0, 4, 256),
     (256, 3, False, True, True, True, False, 128, True, 0, True, True, False, 2, 2, 256),
+    # WPERM (the 17th field): each thread's words of a row as one 16-byte shared load; no
+    # coalesced epilogue, whose conversion reads 16 bytes too, so that only the words do
+    (64, 6, False, True, False, False, False, 256, False, 0, False, True, False, 0, 4, 256, True),
+    (256, 3, False, True, True, False, False, 128, False, 0, False, True, False, 0, 2, 256, True),
+    (64, 6, False, True, False, False, False, 256, False, 0, False, True, False, 0, 4, 256),
 ]
 
 
@@ -238,3 +245,5 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
         assert rep["threads"] * rep["regs"] <= (32768 if regs else 65536), (case, rep)
         if regs:
             assert rep["regs"] <= regs, (case, rep)
+        if not coal:   # 16-byte shared loads: the words with WPERM, nothing without
+            assert (rep["lds_v4"] > 0) == (len(case) > 16 and case[16]), (case, rep["lds_v4"])

@@ -489,6 +489,23 @@ def test_ws_default_below_512_tokens_by_m_range_and_layer_size():
     assert ws_default(64, 18944, 3600, 128, (9, 0)) is None    # K not a multiple of 128
 
 
+def test_wperm_activations_match_the_kernels_word_view():
+    """WPERM: the consumer reads its [rows, 16] word tile through reshape [rows, 4, 2, 2],
+    permute (0, 2, 1, 3), reshape [rows, 16] (emulated here on word indices); the activations'
+    16-wide K blocks must be permuted the same way, so that the product is unchanged."""
+    from modelopt_lite.kernels.ws import wperm_activations
+
+    view = torch.arange(16).reshape(4, 2, 2).permute(1, 0, 2).reshape(16)   # column -> word
+    x = torch.randn(5, 256, dtype=torch.float64)
+    w = torch.randn(7, 256, dtype=torch.float64)
+    xp = wperm_activations(x)
+    assert xp.is_contiguous() and torch.equal(xp.view(5, 16, 16), x.view(5, 16, 16)[:, :, view])
+    # the kernel's A tile: plane column c of each 16-wide block holds word view[c]
+    wp = w.view(7, 16, 16)[:, :, view].reshape(7, 256)
+    torch.testing.assert_close(xp @ wp.t(), x @ w.t())
+    assert view.tolist() == [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15]
+
+
 def test_ws_regs_only_where_the_tile_leaves_room():
     from modelopt_lite.kernels.ws import _regs
 
@@ -819,7 +836,11 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                  dict(WS_TILE, BN=256, BM=64, STAGES=5, SPLIT_K=4, OUT16=True,
                                       WGS=4),
                                  dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, TILED=True),
-                                 dict(WS_TILE, BN=256, BM=16, STAGES=4, STREAM=1, WGS=4)])
+                                 dict(WS_TILE, BN=256, BM=16, STAGES=4, STREAM=1, WGS=4),
+                                 # 16-byte word loads, the activations permuted to match
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, WPERM=True),
+                                 dict(WS_TILE, BM=256, STAGES=3, STREAM=1, OUT16=True,
+                                      WPERM=True)])
 def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
     """The warp-specialized kernel (kernels/ws.py) on Hopper: N and M tails (rows and tokens
     past the tile are zero-filled by the copies and masked at the store), bias, bf16, split-K."""
