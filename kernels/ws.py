@@ -126,7 +126,9 @@ if HAVE_GLUON:
         k_chunks - 1 along K; SZ is the scales' layout (:func:`w4a16_ws`): 0 one word of scale
         and zero term per row, 1 the scale alone (symmetric), 2 the scale and the 4-bit zero
         point of zero-point words, subtracted from the codes before the scale's multiply
-        (integers: W_hat = (u - z) * s is rounded once, within an ulp of u * s + zterm)."""
+        (integers: W_hat = (u - z) * s is rounded once, within an ulp of u * s + zterm).
+        WPERM: the words through a permuted view of the tile, 16 contiguous bytes a thread
+        (:func:`wperm_activations` permutes the activations to match)."""
         dt: gl.constexpr = xlo.dtype
         MAGIC: gl.constexpr = 0x4300 if dt == gl.bfloat16 else 0x6400
         HALF: gl.constexpr = qb.shape[1] // NC   # this warpgroup's rows: ROWS / NC
