@@ -15,14 +15,17 @@ import triton.language as tl
 
 
 def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
-         odd_shift: bool = False) -> str:
+         odd_shift: bool = False, swapped: bool = False) -> str:
     """Dequantization of byte ``byte`` of two words (nibble planes 2b and 2b + 1): ``$4`` the
     scales, ``$5`` the zero terms (``zero``: u * s + zterm, one FMA) or, ``zero_offset``, the
     numbers magic + z of integer zero points z, subtracted before one multiply: (u - z) * s,
     exact before its one rounding. fp16 without ``zero_offset`` reads the odd plane in place:
     the mask 0x00F000F0 makes 1024 + 16 u, and one FMA by (1/16, -64) gives u (symmetric: -72,
     u - 8) exactly, where the even plane takes a shift and a subtract: the same numbers in
-    one instruction fewer (``odd_shift``: the shift, as bf16 does, for A/B timings)."""
+    one instruction fewer (``odd_shift``: the shift, as bf16 does, for A/B timings).
+    ``swapped``: the words of the tiled layout (``packing.swap_pair_bytes``), where byte b of
+    the pair is byte b mod 2 of word b // 2 and its other copy two bytes up: a move or an
+    8-bit shift instead of the byte permute."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
@@ -30,6 +33,11 @@ def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
     finish = (f"fma.rn.{ty} $OUT, t, $4, $5;" if zero and not zero_offset
               else f"mul.rn.{ty} $OUT, t, $4;")
     o = "$5" if zero_offset else "o"
+    if swapped:
+        word = "$2" if byte < 2 else "$3"
+        gather = f"shr.u32 p, {word}, 8;" if byte % 2 else f"mov.b32 p, {word};"
+    else:
+        gather = f"prmt.b32 p, $2, $3, {sel};"
     if bf16 or zero_offset or odd_shift:   # bf16's 7 mantissa bits cannot hold 16 u
         odd = f"""shr.u32 p, p, 4;
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
@@ -44,7 +52,7 @@ fma.rn.f16x2 t, t, d, c;"""
 .reg .b32 p, t, m, o, d, c;
 mov.b32 m, {magic};
 mov.b32 o, {offset};
-prmt.b32 p, $2, $3, {sel};
+{gather}
 lop3.b32 t, p, 0x000F000F, m, 0xEA;
 sub.rn.{ty} t, t, {o};
 {finish.replace("$OUT", "$0")}
@@ -129,9 +137,10 @@ def _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH: tl.constexpr, QC: tl.cons
     return q, q_next
 
 
-# the asm of byte b for (dtype, zero points): index 8 bf16 + 4 zero + b
-_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b) for bf16 in (False, True)
-                                  for zero in (False, True) for b in range(4)))
+# the asm of byte b for (word layout, dtype, zero points): index 16 swapped + 8 bf16 + 4 zero + b
+_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b, swapped=sw) for sw in (False, True)
+                                  for bf16 in (False, True) for zero in (False, True)
+                                  for b in range(4)))
 
 
 @triton.jit
@@ -147,14 +156,26 @@ def _asm_bf16(q, s, z, asm: tl.constexpr):
 
 
 @triton.jit
-def _dequant_byte_asm(q, s, z, b: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr):
-    """Nibble planes 2b and 2b+1 of q as two [BN, 16] half-precision tiles."""
-    asm: tl.constexpr = _DEQUANT_ASM[8 * IS_BF16 + 4 * HAS_ZERO + b]
+def _dequant_byte_asm(q, s, z, b: tl.constexpr, HAS_ZERO: tl.constexpr, IS_BF16: tl.constexpr,
+                      SWAP: tl.constexpr = False):
+    """Nibble planes 2b and 2b+1 of q as two [BN, 16] half-precision tiles (SWAP: words of the
+    tiled layout, their pairs' bytes swapped)."""
+    asm: tl.constexpr = _DEQUANT_ASM[16 * SWAP + 8 * IS_BF16 + 4 * HAS_ZERO + b]
     if IS_BF16:
         lo, hi = _asm_bf16(q, s, z, asm)
     else:
         lo, hi = _asm_f16(q, s, z, asm)
     return lo, hi
+
+
+@triton.jit
+def _swap_pairs(q):
+    """``packing.swap_pair_bytes`` of a [BN, 16] word tile (its own inverse): the tiled
+    layout's words as row-by-row ones, for the paths that read whole words."""
+    a, b = tl.split(tl.reshape(q, [q.shape[0], q.shape[1] // 2, 2]))
+    lo = (a & 0xFFFF) | (b << 16)
+    hi = ((a >> 16) & 0xFFFF) | (b & -65536)
+    return tl.reshape(tl.join(lo, hi), q.shape)
 
 
 @triton.jit
@@ -233,12 +254,15 @@ def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
 
 @triton.jit
 def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  IS_BF16: tl.constexpr):
-    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized."""
+                  IS_BF16: tl.constexpr, SWAP: tl.constexpr = False):
+    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized (SWAP: words of
+    the tiled layout, ``packing.swap_pair_bytes``)."""
     if USE_ASM:
         lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape), tl.broadcast_to(z, q.shape),
-                                   b, HAS_ZERO, IS_BF16)
+                                   b, HAS_ZERO, IS_BF16, SWAP)
     else:
+        if SWAP:
+            q = _swap_pairs(q)
         lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
         hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
     return lo, hi
@@ -271,7 +295,7 @@ def w4a16_dequant_kernel(
             if (b * 32) % (128 // GPC) == 0:
                 s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,
                                          HAS_ZERO)
-            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
+            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16, TR > 0)
             k_lo = kt * 128 + 32 * b
             if EVEN_K:
                 tl.store(w_ptrs + k_lo, lo, mask=rmask)

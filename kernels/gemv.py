@@ -9,7 +9,7 @@ H100 table's shapes.
 import triton
 import triton.language as tl
 
-from .dequant import _k_slice, _row_words, _word_ptrs, _words_first, _words_next
+from .dequant import _k_slice, _row_words, _swap_pairs, _word_ptrs, _words_first, _words_next
 from .ptx import gemv_asm, xprep_asm
 
 
@@ -221,6 +221,8 @@ def _gemv_fetch(q_ptr, s_ptr, z_ptr, rb, kt, ok, N, kt_total, n_groups, GROUP: t
     q_ptrs, qs, s_rows, z_rows = _gemv_rows(q_ptr, s_ptr, z_ptr, rb, N, kt_total, n_groups, BN,
                                             TR)
     q = tl.load(q_ptrs + kt * qs, mask=ok, other=0)
+    if TR > 0:   # the tiled layout's byte-swapped pairs back to whole words
+        q = _swap_pairs(q)
     ktc = tl.minimum(kt, kt_total - 1)
     g = ktc * GPC if GROUP < 128 else (ktc * 128) // GROUP
     s, zc = _gemv_scales(s_rows, z_rows, g, n_groups, HAS_ZERO, EVEN_K, USE_ASM)
@@ -401,6 +403,8 @@ def _gemv_grid(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
                                       USE_ASM)
     for kt in tl.range(kt0, kt1, num_stages=PIPE):
         q, q_next = _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH, QC, QE)
+        if TR > 0:   # the tiled layout's byte-swapped pairs back to whole words
+            q = _swap_pairs(q)
         g0 = kt * GPC if GROUP < 128 else (kt * 128) // GROUP
         if SPF:
             sa, za = s_next, z_next

@@ -298,7 +298,7 @@ def w4a16_mma_kernel(
                         s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
                                                  z_ptr + rn_safe * n_groups, kt, b, n_groups, GPC,
                                                  GROUP, EVEN_K, HAS_ZERO)
-                    lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
+                    lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16, TR > 0)
                     for h in tl.static_range(2):
                         kk = kt * 128 + 32 * b + 16 * h
                         if XTB > 0:

@@ -146,11 +146,11 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             asm, cons = "", ""
         elif fs:
             asm = _mma_fs_asm(x.dtype == torch.bfloat16, p.zterm is not None, n_tiles,
-                              k % 128 == 0, rows, xperm, fs == 2)
+                              k % 128 == 0, rows, xperm, fs == 2, p.tile_rows > 0)
             cons = mma_fs_constraints(rows)
         else:
             asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
-                           n_tiles, k % 128 == 0, rows, xperm)
+                           n_tiles, k % 128 == 0, rows, xperm, p.tile_rows > 0)
             cons = mma_constraints(rows)
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
         sv = _scale_vector(cfg, p, split_k, use_asm)
@@ -340,19 +340,19 @@ def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int,
-             xperm: bool = False) -> str:
+             xperm: bool = False, swapped: bool = False) -> str:
     from .ptx import mma_asm
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
-                   xperm)
+                   xperm, swapped)
 
 
 @functools.lru_cache(maxsize=None)
 def _mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int,
-                xperm: bool = False, fold: bool = False) -> str:
+                xperm: bool = False, fold: bool = False, swapped: bool = False) -> str:
     from .ptx import mma_fs_asm
 
-    return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold)
+    return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold, swapped)
 
 
 def _scale_vector(cfg: dict, p: PackedInt4, split_k: int, use_asm: bool) -> int:

@@ -15,6 +15,11 @@ Packed form (what checkpoints hold and the Triton kernels load):
   laid out tile by tile: row block (R rows; the last may hold fewer), then chunk, then the
   block's rows' 16 words, so that one chunk of a block is one contiguous run of memory (the
   tensor copies of the Hopper kernel read it in one piece; every kernel reads both layouts).
+  The tiled layout also swaps bytes inside each pair of neighbouring words (2j, 2j + 1) of a
+  chunk (:func:`swap_pair_bytes`): the first word holds the low halves of both (nibbles 0-3 of
+  word 2j, then of 2j + 1), the second their high halves, so that byte b of the two words,
+  which a tensor-core fragment takes as one register of two columns, is one byte of one word
+  (a shift, where the row-by-row words need a byte permute per register).
   The tensor keeps its [N, Kp/8] shape; ``PackedInt4.tile_rows`` says which layout it holds.
 * ``scale`` [N, K/B] in the activation dtype.
 * ``zterm`` [N, K/B] = ``-z * s`` in the activation dtype (the product with the stored,
@@ -105,11 +110,26 @@ def check_tile_rows(rows: int) -> None:
                          f"tiles are 128 or 256 rows), got {rows!r}")
 
 
+def swap_pair_bytes(q: torch.Tensor) -> torch.Tensor:
+    """Words (w0, w1) of each neighbouring pair along the last dimension -> (lo, hi): lo the
+    low 16 bits of w0 then of w1, hi the high 16 bits of w0 then of w1. Its own inverse; the
+    tiled layout's word pairs (:func:`tile_words`). A new tensor."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"word pairs need an even last dimension, got {tuple(q.shape)}")
+    w = q.reshape(*q.shape[:-1], -1, 2).to(torch.int64) & 0xFFFFFFFF
+    w0, w1 = w[..., 0], w[..., 1]
+    lo = (w0 & 0xFFFF) | ((w1 & 0xFFFF) << 16)
+    hi = (w0 >> 16) | (w1 & 0xFFFF0000)
+    out = torch.stack((lo, hi), dim=-1).reshape(q.shape)
+    return (out - ((out >> 31) << 32)).to(torch.int32)   # wrap to signed 32-bit
+
+
 def tile_words(qweight: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
     """Row-by-row words int32 [N, Kp/8] -> the tiled layout, same shape: row blocks of
     ``rows`` rows (the last holds what is left), in each block chunk after chunk, in each
-    chunk the block's rows' 16 words. Word j of chunk c of row r0 + r (r0 the block's first
-    row, nb its row count) sits at flat index ``r0 Kp/8 + 16 (c nb + r) + j``."""
+    chunk the block's rows' 16 words, their neighbouring pairs byte-swapped
+    (:func:`swap_pair_bytes`). Word j of chunk c of row r0 + r (r0 the block's first row, nb
+    its row count) sits at flat index ``r0 Kp/8 + 16 (c nb + r) + j``."""
     return _relayout(qweight, rows, tile=True)
 
 
@@ -130,13 +150,13 @@ def relayout_words(q: torch.Tensor, src_rows: int, dst_rows: int) -> torch.Tenso
 
 def _relayout(q: torch.Tensor, rows: int, tile: bool) -> torch.Tensor:
     """Row-by-row words to tiled (``tile``) or back: the whole row blocks in one copy, the
-    last partial one in another."""
+    last partial one in another; the word pairs' bytes swapped (:func:`swap_pair_bytes`)."""
     check_tile_rows(rows)
     if q.dim() != 2 or q.shape[1] % 16:
         raise ValueError(f"packed words must be [N, Kp/8] with Kp/8 a multiple of 16, got "
                          f"{tuple(q.shape)}")
     n, kw = q.shape
-    q = q.contiguous()
+    q = swap_pair_bytes(q)
     out = torch.empty_like(q)
     full = n // rows * rows
 

@@ -125,8 +125,15 @@ def _x_address_ptx(xperm: bool, n_tiles: int, xaddr: str, mm1: str, stride: str)
     return lines
 
 
-def _prmt_ptx(b: int, rows: int, q: list[str]) -> list[str]:
-    """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}."""
+def _prmt_ptx(b: int, rows: int, q: list[str], swapped: bool = False) -> list[str]:
+    """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}
+    (``swapped``: the tiled layout's pairs, ``packing.swap_pair_bytes``, where it is byte
+    b mod 2 of word b // 2 and two bytes up: a move or a shift)."""
+    if swapped:
+        op = "shr.u32" if b % 2 else "mov.b32"
+        tail = ", 8;" if b % 2 else ";"
+        return [f"{op} p{pr}_{f}, {q[4 * (2 * pr + slot) + w + b // 2]}{tail}"
+                for pr in range(rows // 2) for f, (slot, w) in enumerate(_FRAG_SRC)]
     sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
     return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w]}, "
             f"{q[4 * (2 * pr + slot) + w + 1]}, {sel};"
@@ -151,7 +158,7 @@ def _x_load_ptx(i: int, tile: int, n_tiles: int, xperm: bool, even_k: bool,
 
 
 def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
-            rows: int = 2, xperm: bool = False) -> str:
+            rows: int = 2, xperm: bool = False, swapped: bool = False) -> str:
     """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
 
     Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
@@ -160,7 +167,8 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     ``mma.m16n8k16`` with mma rows (g, g + 8) = slots (2p, 2p + 1) and, for nibble plane i,
     mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3): K is a
     sum, so any fixed permutation of it works when the activations follow it. One PRMT per
-    word pair and byte puts byte b of both words in the two halves of a register; LOP3 with
+    word pair and byte puts byte b of both words in the two halves of a register (``swapped``,
+    the tiled layout's byte-swapped pairs: a move or an 8-bit shift of one word); LOP3 with
     the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as f16x2; a
     packed subtract and FMA with (scale, zterm) finish the weight, exactly as in :func:`_asm`.
     The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte load per
@@ -197,7 +205,7 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     # A fragment sources per row pair p (_FRAG_SRC): (slot, first word) for a0 (row g, k 2t..),
     # a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
     for b in range(4):
-        lines += _prmt_ptx(b, rows, q)
+        lines += _prmt_ptx(b, rows, q, swapped)
         for i in (2 * b, 2 * b + 1):
             grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
             for tile in range(n_tiles):
@@ -236,7 +244,7 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
 
 
 def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2,
-               xperm: bool = False, fold: bool = False) -> str:
+               xperm: bool = False, fold: bool = False, swapped: bool = False) -> str:
     """:func:`mma_asm` with the scale applied in float32 after the products (``FS``; one group
     per chunk, i.e. block >= 128).
 
@@ -278,7 +286,7 @@ def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2
     zq = "{zf, zf, zf, zf}"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     for b in range(4):
-        lines += _prmt_ptx(b, rows, q)
+        lines += _prmt_ptx(b, rows, q, swapped)
         for i in (2 * b, 2 * b + 1):
             odd16 = i % 2 == 1 and not bf16     # fp16 odd plane read in place (16 u)
             for tile in range(n_tiles):

@@ -87,7 +87,7 @@ def w4a16_kernel(
                 else:
                     s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP,
                                              EVEN_K, HAS_ZERO)
-            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16)
+            lo, hi = _dequant_byte(q, s, z, b, USE_ASM, HAS_ZERO, IS_BF16, TR > 0)
             if FUSE_K:  # collect the planes into one [BN, 128] operand, one product per chunk
                 if b == 0:
                     p0 = tl.join(lo, hi)

@@ -41,3 +41,19 @@ def test_put_row_m1024_takes_the_open_ended_row(tmp_path):
 def test_put_row_unknown_shape_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no row for 8192x4096"):
         ab.put_row(_table(tmp_path), "8192x4096", 64, {}, 1.0)
+
+
+def test_ceiling_variants_replace_only_the_byte_gather():
+    """ceiling.py's timing variants: ``prmt`` is the row-by-row words' asm (what tiled words
+    ran before their pairs were byte-swapped), ``noprmt`` the swapped words' shipped asm, and
+    both keep the rest of the dequantization."""
+    ceiling = pytest.importorskip("ceiling")
+    from modelopt_lite.kernels.dequant import _asm
+
+    for bf16 in (False, True):
+        prmt = ceiling.variant_asm("prmt", bf16, True, False, False, True)
+        assert prmt == tuple(_asm(bf16, True, b) for b in range(4))
+        noprmt = ceiling.variant_asm("noprmt", bf16, True)
+        shipped = tuple(_asm(bf16, True, b, swapped=True) for b in range(4))
+        assert [a.replace("shr.b32", "shr.u32") for a in noprmt] == list(shipped)
+        assert ceiling.variant_asm("moves", bf16, True) == (ceiling.MOVES,) * 4

@@ -12,7 +12,10 @@ import re
 import numpy as np
 import pytest
 
+import torch
+
 from modelopt_lite.kernels.dequant import _asm
+from modelopt_lite.kernels.packing import swap_pair_bytes
 
 
 def _round_half(x: float, bf16: bool) -> int:
@@ -86,10 +89,13 @@ def run_ptx(text: str, args: dict) -> dict:
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("mode", ["zero", "symmetric", "integer_zero"])
 @pytest.mark.parametrize("odd_shift", [False, True])
-def test_dequant_asm_matches_float64(bf16, mode, odd_shift):
+@pytest.mark.parametrize("swapped", [False, True])
+def test_dequant_asm_matches_float64(bf16, mode, odd_shift, swapped):
+    """``swapped``: the tiled layout's word pairs (``packing.swap_pair_bytes``) go in, and
+    the planes of the row-by-row words must come out."""
     rng = np.random.default_rng(0)
     for byte in range(4):
-        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero", odd_shift)
+        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero", odd_shift, swapped)
         for trial in range(48):
             words = [int(w) for w in rng.integers(0, 2**32, 2)]
             if trial < 16:   # every code in byte `byte` of both words
@@ -107,7 +113,12 @@ def test_dequant_asm_matches_float64(bf16, mode, odd_shift):
                 zreg = (magic | zint[0]) | (magic | zint[1]) << 16
             else:
                 zreg = 0
-            out = run_ptx(text, {"$2": words[0], "$3": words[1], "$4": _pack(*scales, bf16),
+            fed = words
+            if swapped:
+                fed = [int(w) & 0xFFFFFFFF for w in
+                       swap_pair_bytes(torch.tensor(words, dtype=torch.int64)
+                                       .to(torch.int32)).tolist()]
+            out = run_ptx(text, {"$2": fed[0], "$3": fed[1], "$4": _pack(*scales, bf16),
                                  "$5": zreg})
             for plane, reg in ((2 * byte, "$0"), (2 * byte + 1, "$1")):
                 got = [out[reg] & 0xFFFF, out[reg] >> 16]
@@ -132,3 +143,14 @@ def test_fp16_odd_planes_need_no_shift():
             assert "shr.u32" in _asm(False, zero, byte, odd_shift=True)
             assert "shr.u32" in _asm(True, zero, byte)
         assert "shr.u32" in _asm(False, True, byte, True)
+
+
+def test_swapped_words_need_no_byte_permute():
+    """The tiled layout's byte-swapped pairs: byte b of both words is one byte of one word
+    (a move or an 8-bit shift), so the asm has no PRMT; the row-by-row words keep one."""
+    for bf16 in (False, True):
+        for zero in (False, True):
+            for byte in range(4):
+                assert "prmt" not in _asm(bf16, zero, byte, swapped=True)
+                assert "prmt" in _asm(bf16, zero, byte)
+                assert ("shr.u32 p, $" in _asm(bf16, zero, byte, swapped=True)) == (byte % 2 == 1)

@@ -131,7 +131,7 @@ def test_words_tiled_by_default_and_old_state_dicts_convert(caplog):
     assert torch.equal(flat.qweight, rows) and torch.equal(flat(x), y)
 
     sd = mod.state_dict()
-    assert sd["_extra_state"].tolist() == [256]
+    assert sd["_extra_state"].tolist() == [256, 2]   # tile rows, layout version
     old = {k: v for k, v in sd.items() if k != "_extra_state"}
     old["qweight"] = rows.clone()               # a state dict from before the layout was saved
     fresh = Int4Linear(256, 600, 128)
@@ -145,8 +145,28 @@ def test_words_tiled_by_default_and_old_state_dicts_convert(caplog):
     into_128 = Int4Linear(256, 600, 128, tile_rows=128)
     into_128.load_state_dict(into_rows.state_dict())
     assert torch.equal(into_128.qweight, tile_words(rows, 128)) and torch.equal(into_128(x), y)
+    # version 1 (tile rows alone): tiled words whose pairs were not byte-swapped yet
+    v1 = dict(sd, _extra_state=torch.tensor([256], dtype=torch.int32))
+    v1["qweight"] = _tiled_unswapped(rows, 256)
+    into_v1 = Int4Linear(256, 600, 128, tile_rows=128)
+    into_v1.load_state_dict(v1)
+    assert torch.equal(into_v1.qweight, tile_words(rows, 128)) and torch.equal(into_v1(x), y)
     with pytest.raises(ValueError, match="multiple of 128"):
         Int4Linear(256, 600, 128, tile_rows=64)
+
+
+def _tiled_unswapped(rows: torch.Tensor, r: int) -> torch.Tensor:
+    """Row-by-row words tiled as layout version 1 did: row blocks of r, chunk by chunk, each
+    row's 16 words as they are (built here by index, independently of packing.tile_words)."""
+    n, kw = rows.shape
+    out = torch.empty(n * kw, dtype=rows.dtype)
+    for r0 in range(0, n, r):
+        nb = min(r, n - r0)
+        for c in range(kw // 16):
+            for i in range(nb):
+                start = r0 * kw + 16 * (c * nb + i)
+                out[start:start + 16] = rows[r0 + i, 16 * c:16 * c + 16]
+    return out.view(n, kw)
 
 
 def _model(pre_scale):

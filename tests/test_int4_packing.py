@@ -81,8 +81,9 @@ def test_unpack_in_features_zero_and_out_of_range():
        seed=st.integers(0, 2**31 - 1))
 def test_tiled_words_roundtrip_and_layout(n, chunks, rows, seed):
     """tile_words puts word j of chunk c of row r0 + r (r0 its row block's first row, nb that
-    block's rows, the last block partial) at flat index r0 Kp/8 + 16 (c nb + r) + j, and
-    untile_words inverts it."""
+    block's rows, the last block partial) at flat index r0 Kp/8 + 16 (c nb + r) + j, each pair
+    (2i, 2i + 1) byte-swapped: the first holds the low 16 bits of both words, the second the
+    high 16 bits; untile_words inverts it."""
     from modelopt_lite.kernels.packing import tile_words, untile_words
 
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +97,12 @@ def test_tiled_words_roundtrip_and_layout(n, chunks, rows, seed):
         nb = min(rows, n - r0)
         for c in range(chunks):
             idx = r0 * kw + 16 * (c * nb + row - r0) + torch.arange(16)
-            assert torch.equal(flat[idx], q[row, 16 * c:16 * c + 16])
+            got = [int(v) & 0xFFFFFFFF for v in flat[idx]]
+            words = [int(v) & 0xFFFFFFFF for v in q[row, 16 * c:16 * c + 16]]
+            for i in range(8):
+                w0, w1 = words[2 * i], words[2 * i + 1]
+                assert got[2 * i] == (w0 & 0xFFFF) | (w1 & 0xFFFF) << 16
+                assert got[2 * i + 1] == w0 >> 16 | (w1 >> 16) << 16
 
 
 @settings(max_examples=25, deadline=None)
@@ -131,3 +137,21 @@ def test_tiled_words_bad_inputs():
             tile_words(q, rows)
     with pytest.raises(ValueError, match="multiple of 16"):
         tile_words(torch.zeros(4, 24, dtype=torch.int32), 128)
+
+
+def test_swap_pair_bytes_is_its_own_inverse_and_keeps_byte_planes():
+    """Byte b of the pair (w0, w1) is byte b mod 2 of word b // 2 after the swap (the copy of
+    w1 two bytes above it), so nibble plane pairs stay whole."""
+    from modelopt_lite.kernels.packing import swap_pair_bytes
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-2**31, 2**31 - 1, (7, 48), generator=g, dtype=torch.int32)
+    s = swap_pair_bytes(q)
+    assert s.dtype == torch.int32 and torch.equal(swap_pair_bytes(s), q)
+    u = lambda t: t.to(torch.int64) & 0xFFFFFFFF   # noqa: E731
+    for b in range(4):
+        src = u(s[:, 0::2] if b < 2 else s[:, 1::2]) >> (8 * (b % 2))
+        assert torch.equal(src & 0xFF, (u(q[:, 0::2]) >> 8 * b) & 0xFF)
+        assert torch.equal((src >> 16) & 0xFF, (u(q[:, 1::2]) >> 8 * b) & 0xFF)
+    with pytest.raises(ValueError, match="even"):
+        swap_pair_bytes(q[:, :3])

@@ -127,7 +127,7 @@ for i, case in enumerate(cases):
            "z_desc": w_desc, "out_ptr": "*" + od,
            "bias_ptr": "*" + ds, "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
            "SPLIT_K": "i32"}
-    a = ws._dequant_asm(bf16, zero, sz == 2)
+    a = ws._dequant_asm(bf16, zero, sz == 2, False, bool(tiled or tr))   # tiled: swapped pairs
     const = dict(BM=bm, STAGES=stages, GROUP_N=8, HAS_BIAS=bias, ATOMIC=atomic,
                  PERSIST=persist, A0=a[0], A1=a[1], A2=a[2], A3=a[3], COAL=coal,
                  REGS=120 if nc == 4 else regs or 232, STREAM=stream, TILED=tiled, PDL=pdl,

@@ -652,8 +652,9 @@ def test_tiled_copies_opt_in(monkeypatch):
 
 def test_ws_tiled_words_layout():
     """tiled_words: word (n, j) of chunk c = j // 16 at row (n // R * K/128 + c) * R + n % R,
-    column j % 16; the last row block zero-padded; cached per weight and R; rebuilt after an
-    in-place change."""
+    column j % 16, the pairs' bytes swapped (packing.swap_pair_bytes); the last row block
+    zero-padded; cached per weight and R; rebuilt after an in-place change."""
+    from modelopt_lite.kernels.packing import swap_pair_bytes
     from modelopt_lite.kernels.ws import tiled_words
 
     g = torch.Generator().manual_seed(3)
@@ -665,11 +666,11 @@ def test_ws_tiled_words_layout():
         n = torch.arange(300).repeat_interleave(64)
         j = torch.arange(64).repeat(300)
         rows = (n // r * 4 + j // 16) * r + n % r
-        assert torch.equal(t[rows, j % 16], q.flatten())
+        assert torch.equal(t[rows, j % 16], swap_pair_bytes(q).flatten())
         assert int((t != 0).sum()) <= 300 * 64 and tiled_words(q, r) is t
     q[0, 0] += 1
     assert tiled_words(q, 128, build=False) is None          # stale: not handed out
-    assert tiled_words(q, 128)[0, 0] == q[0, 0]
+    assert tiled_words(q, 128)[0, 0] == swap_pair_bytes(q)[0, 0]
     assert tiled_words(q, 256, build=False) is None          # dropped with the stale entry
     # K = 128 and whole row blocks: the layout is the words' own, still a copy (a view of
     # the key would keep the weight alive through the weak cache)
@@ -678,7 +679,7 @@ def test_ws_tiled_words_layout():
 
     q2 = torch.zeros(256, 16, dtype=torch.int32)
     t2 = tiled_words(q2, 128)
-    assert torch.equal(t2, q2) and t2.data_ptr() != q2.data_ptr()
+    assert torch.equal(t2, swap_pair_bytes(q2)) and t2.data_ptr() != q2.data_ptr()
     ref = weakref.ref(q2)
     del q2, t2
     gc.collect()

@@ -11,7 +11,7 @@ from torch import nn
 
 from modelopt_lite.kernels import PackedInt4, dequantize, pack_weight, w4a16_reference
 from modelopt_lite.kernels.packing import (TILE_ROWS, check_group_size, check_tile_rows, padded_k,
-                                           relayout_words)
+                                           relayout_words, swap_pair_bytes)
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -86,6 +86,9 @@ def _backward(ctx, grad):
 w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+LAYOUT_VERSION = 2   # tiled words' pairs byte-swapped (packing.swap_pair_bytes); 1: not
+
+
 class Int4Linear(nn.Module):
     """y = (x * pre_scale) @ W_hat^T + bias with W_hat = u * scale + zterm held as packed INT4.
 
@@ -98,8 +101,10 @@ class Int4Linear(nn.Module):
     product is the custom operator ``torch.ops.modelopt_lite.w4a16_linear``. The packed weight
     is frozen; an input (or bias) that requires grad gets its gradient (``grad @ W_hat``, the
     weight dequantized in the backward), so adapters trained before an INT4 layer learn.
-    The state dict records the words' layout (``_extra_state``); one without it (saved before
-    the layout was recorded) holds them row by row and is converted on load.
+    The state dict records the words' layout (``_extra_state``: tile rows, layout version); one
+    without it (saved before the layout was recorded) holds them row by row, one with tile rows
+    alone holds tiled words whose pairs are not byte-swapped yet (before version 2); both are
+    converted on load.
 
         >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
@@ -174,8 +179,9 @@ class Int4Linear(nn.Module):
                           self.tile_rows)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The words' layout, saved beside them: [tile_rows] (a tensor, for safetensors)."""
-        return torch.tensor([self.tile_rows], dtype=torch.int32)
+        """The words' layout, saved beside them: [tile_rows, LAYOUT_VERSION] (a tensor, for
+        safetensors)."""
+        return torch.tensor([self.tile_rows, LAYOUT_VERSION], dtype=torch.int32)
 
     def set_extra_state(self, state) -> None:
         pass   # the words were converted to this layer's layout before they were copied
@@ -187,7 +193,11 @@ class Int4Linear(nn.Module):
         key, qkey = prefix + "_extra_state", prefix + "qweight"
         saved = state_dict.get(key)
         rows = int(saved.reshape(-1)[0]) if isinstance(saved, torch.Tensor) else 0
+        version = (int(saved.reshape(-1)[1]) if isinstance(saved, torch.Tensor)
+                   and saved.numel() > 1 else 1)
         q = state_dict.get(qkey)
+        if rows and version < 2 and isinstance(q, torch.Tensor):
+            q = state_dict[qkey] = swap_pair_bytes(q)   # tiled before the pairs were swapped
         if saved is None and isinstance(q, torch.Tensor) and self.tile_rows:
             log.warning("%s: the state dict does not record its INT4 words' layout "
                         "(%s_extra_state); they are taken as row by row, as saved before the "
