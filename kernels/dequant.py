@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
-         odd_shift: bool = False, swapped: bool = False) -> str:
+         odd_shift: bool = False, swapped: bool = False, shift: bool = True) -> str:
     """Dequantization of byte ``byte`` of two words (nibble planes 2b and 2b + 1): ``$4`` the
     scales, ``$5`` the zero terms (``zero``: u * s + zterm, one FMA) or, ``zero_offset``, the
     numbers magic + z of integer zero points z, subtracted before one multiply: (u - z) * s,
@@ -24,8 +24,9 @@ def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
     u - 8) exactly, where the even plane takes a shift and a subtract: the same numbers in
     one instruction fewer (``odd_shift``: the shift, as bf16 does, for A/B timings).
     ``swapped``: the words of the tiled layout (``packing.swap_pair_bytes``), where byte b of
-    the pair is byte b mod 2 of word b // 2 and its other copy two bytes up: a move or an
-    8-bit shift instead of the byte permute."""
+    the pair is byte b mod 2 of word b // 2 and its other copy two bytes up: with ``shift`` a
+    move or an 8-bit shift gathers it (no instruction for even bytes), without it one PRMT of
+    that word alone (the instruction count of the row-by-row words' gather)."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     offset = magic if zero else ("0x43084308" if bf16 else "0x64086408")
@@ -35,7 +36,10 @@ def _asm(bf16: bool, zero: bool, byte: int, zero_offset: bool = False,
     o = "$5" if zero_offset else "o"
     if swapped:
         word = "$2" if byte < 2 else "$3"
-        gather = f"shr.u32 p, {word}, 8;" if byte % 2 else f"mov.b32 p, {word};"
+        if shift:
+            gather = f"shr.u32 p, {word}, 8;" if byte % 2 else f"mov.b32 p, {word};"
+        else:   # bytes (b mod 2, b mod 2, b mod 2 + 2, b mod 2 + 2) of the one word
+            gather = f"prmt.b32 p, {word}, {word}, {'0x3311' if byte % 2 else '0x2200'};"
     else:
         gather = f"prmt.b32 p, $2, $3, {sel};"
     if bf16 or zero_offset or odd_shift:   # bf16's 7 mantissa bits cannot hold 16 u
@@ -138,7 +142,9 @@ def _words_next(q_ptrs, qs, q_next, kt, kt1, PREFETCH: tl.constexpr, QC: tl.cons
 
 
 # the asm of byte b for (word layout, dtype, zero points): index 16 swapped + 8 bf16 + 4 zero + b
-_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b, swapped=sw) for sw in (False, True)
+# (swapped words gathered by PRMT: the instruction stream these kernels were tuned with)
+_DEQUANT_ASM = tl.constexpr(tuple(_asm(bf16, zero, b, swapped=sw, shift=False)
+                                  for sw in (False, True)
                                   for bf16 in (False, True) for zero in (False, True)
                                   for b in range(4)))
 

@@ -56,9 +56,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16
     copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
-    ``TILED``, ``COAL``, ``MAXNREG``, ``WGS``, ``WPERM``, ``SCALES``: :func:`ws_scales`); where it cannot run
-    (another GPU, the interpreter, block 32 / 64, K not a multiple of 128) the fused kernel
-    takes the same config.
+    ``TILED``, ``COAL``, ``MAXNREG``, ``WGS``, ``WPERM``, ``GATHER``, ``SCALES``:
+    :func:`ws_scales`); where it cannot run (another GPU, the interpreter, block 32 / 64, K not
+    a multiple of 128) the fused kernel takes the same config.
 
         >>> y = w4a16_matmul(x, packed)                              # doctest: +SKIP
         >>> y = w4a16_matmul(x, packed, config=dict(BM=64, BN=128, SPLIT_K=1, num_warps=8,

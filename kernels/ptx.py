@@ -128,11 +128,12 @@ def _x_address_ptx(xperm: bool, n_tiles: int, xaddr: str, mm1: str, stride: str)
 def _prmt_ptx(b: int, rows: int, q: list[str], swapped: bool = False) -> list[str]:
     """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}
     (``swapped``: the tiled layout's pairs, ``packing.swap_pair_bytes``, where it is byte
-    b mod 2 of word b // 2 and two bytes up: a move or a shift)."""
+    b mod 2 of word b // 2 and two bytes up: one PRMT of that word, as many instructions as
+    the row-by-row words take)."""
     if swapped:
-        op = "shr.u32" if b % 2 else "mov.b32"
-        tail = ", 8;" if b % 2 else ";"
-        return [f"{op} p{pr}_{f}, {q[4 * (2 * pr + slot) + w + b // 2]}{tail}"
+        sel = "0x3311" if b % 2 else "0x2200"
+        return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w + b // 2]}, "
+                f"{q[4 * (2 * pr + slot) + w + b // 2]}, {sel};"
                 for pr in range(rows // 2) for f, (slot, w) in enumerate(_FRAG_SRC)]
     sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
     return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w]}, "
@@ -168,7 +169,7 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3): K is a
     sum, so any fixed permutation of it works when the activations follow it. One PRMT per
     word pair and byte puts byte b of both words in the two halves of a register (``swapped``,
-    the tiled layout's byte-swapped pairs: a move or an 8-bit shift of one word); LOP3 with
+    the tiled layout's byte-swapped pairs: a PRMT of one word); LOP3 with
     the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as f16x2; a
     packed subtract and FMA with (scale, zterm) finish the weight, exactly as in :func:`_asm`.
     The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte load per

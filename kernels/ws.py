@@ -469,10 +469,11 @@ def _consumers(cfg: dict, rows: int, bm: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _dequant_asm(bf16: bool, zero: bool, zero_offset: bool = False, odd_shift: bool = False,
-                 swapped: bool = False):
+                 swapped: bool = False, shift: bool = False):
     """The consumer's four byte asm strings (``dequant._asm``; ``swapped``: tiled words, whose
-    pairs' bytes are swapped, ``packing.swap_pair_bytes``)."""
-    return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset, odd_shift, swapped))
+    pairs' bytes are swapped, ``packing.swap_pair_bytes``, gathered by a move or a shift with
+    ``shift``, else by one PRMT)."""
+    return tuple(gl.constexpr(_asm(bf16, zero, b, zero_offset, odd_shift, swapped, shift))
                  for b in range(4))
 
 
@@ -556,8 +557,10 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     same way inside each 16-wide block first, :func:`wperm_activations`; an experiment, slower
     end to end: the kernel gains 1-2 % at 64-256 tokens but the activations' permutation is
     one more copy per call, see ``benchmarks/kernels/NOTES.md``, v48c). Tiled words (TILED or
-    ``PackedInt4.tile_rows``) have their pairs byte-swapped (``packing.swap_pair_bytes``) and
-    take the PRMT-free asm. Call :func:`ws_supported` first."""
+    ``PackedInt4.tile_rows``) have their pairs byte-swapped (``packing.swap_pair_bytes``):
+    GATHER "shift" takes byte b of a pair with a move or an 8-bit shift instead of a PRMT
+    (v49: 3-4 % faster at 64 tokens on the large shapes, 0.5-1 % slower at 16 and 256; ignored
+    for row-by-row words). Call :func:`ws_supported` first."""
     m, k = x2.shape
     n = p.shape[0]
     wperm = bool(cfg.get("WPERM", False))
@@ -600,7 +603,8 @@ def w4a16_ws(x2: torch.Tensor, p, scales: tuple, bias: torch.Tensor | None,
     z_desc = (TensorDescriptor(z_t, list(z_t.shape), [n, 1], [1, rows], w_l) if mode == 2
               else sz_desc)
     a0, a1, a2, a3 = _dequant_asm(x2.dtype == torch.bfloat16, p.zterm is not None, mode == 2,
-                                  bool(cfg.get("ODD_SHIFT")), tiled)
+                                  bool(cfg.get("ODD_SHIFT")), tiled,
+                                  tiled and cfg.get("GATHER") == "shift")
     out16 = atomic and cfg.get("OUT16", False) and x2.dtype == torch.float16
     out = torch.empty((m, n), device=x2.device,
                       dtype=x2.dtype if not atomic or out16 else torch.float32)

@@ -89,13 +89,15 @@ def run_ptx(text: str, args: dict) -> dict:
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("mode", ["zero", "symmetric", "integer_zero"])
 @pytest.mark.parametrize("odd_shift", [False, True])
-@pytest.mark.parametrize("swapped", [False, True])
-def test_dequant_asm_matches_float64(bf16, mode, odd_shift, swapped):
-    """``swapped``: the tiled layout's word pairs (``packing.swap_pair_bytes``) go in, and
-    the planes of the row-by-row words must come out."""
+@pytest.mark.parametrize("swapped,shift", [(False, False), (True, True), (True, False)])
+def test_dequant_asm_matches_float64(bf16, mode, odd_shift, swapped, shift):
+    """``swapped``: the tiled layout's word pairs (``packing.swap_pair_bytes``) go in, gathered
+    by a move / shift (``shift``) or one PRMT, and the planes of the row-by-row words must come
+    out."""
     rng = np.random.default_rng(0)
     for byte in range(4):
-        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero", odd_shift, swapped)
+        text = _asm(bf16, mode != "symmetric", byte, mode == "integer_zero", odd_shift, swapped,
+                    shift)
         for trial in range(48):
             words = [int(w) for w in rng.integers(0, 2**32, 2)]
             if trial < 16:   # every code in byte `byte` of both words
@@ -147,10 +149,34 @@ def test_fp16_odd_planes_need_no_shift():
 
 def test_swapped_words_need_no_byte_permute():
     """The tiled layout's byte-swapped pairs: byte b of both words is one byte of one word
-    (a move or an 8-bit shift), so the asm has no PRMT; the row-by-row words keep one."""
+    (a move or an 8-bit shift), so the shift gather has no PRMT and the PRMT gather reads one
+    word; the row-by-row words' PRMT reads two."""
     for bf16 in (False, True):
         for zero in (False, True):
             for byte in range(4):
-                assert "prmt" not in _asm(bf16, zero, byte, swapped=True)
-                assert "prmt" in _asm(bf16, zero, byte)
-                assert ("shr.u32 p, $" in _asm(bf16, zero, byte, swapped=True)) == (byte % 2 == 1)
+                shift = _asm(bf16, zero, byte, swapped=True)
+                assert "prmt" not in shift
+                assert ("shr.u32 p, $" in shift) == (byte % 2 == 1)
+                word = "$2" if byte < 2 else "$3"
+                assert f"prmt.b32 p, {word}, {word}," in _asm(bf16, zero, byte, swapped=True,
+                                                             shift=False)
+                assert "prmt.b32 p, $2, $3," in _asm(bf16, zero, byte)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_mma_gather_on_swapped_words_matches_row_words(rows):
+    """The small-M MMA asm's byte gather (``ptx._prmt_ptx``): on the tiled layout's swapped
+    pairs it must build the very registers the row-by-row words' PRMT builds."""
+    from modelopt_lite.kernels.ptx import _prmt_ptx
+
+    rng = np.random.default_rng(1)
+    n = 4 * rows
+    words = [int(w) for w in rng.integers(0, 2**32, n)]
+    swapped = [int(w) & 0xFFFFFFFF for w in
+               swap_pair_bytes(torch.tensor(words, dtype=torch.int64).to(torch.int32)).tolist()]
+    q = [f"$q{i}" for i in range(n)]
+    for b in range(4):
+        want = run_ptx("\n".join(_prmt_ptx(b, rows, q)), dict(zip(q, words)))
+        got = run_ptx("\n".join(_prmt_ptx(b, rows, q, swapped=True)), dict(zip(q, swapped)))
+        regs = [f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4)]
+        assert [got[r] for r in regs] == [want[r] for r in regs], b

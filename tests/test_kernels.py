@@ -838,6 +838,11 @@ WS_TILE = dict(BN=128, SPLIT_K=1, num_warps=8, num_stages=3, FUSE_K=True, PAIRS=
                                       WGS=4),
                                  dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, TILED=True),
                                  dict(WS_TILE, BN=256, BM=16, STAGES=4, STREAM=1, WGS=4),
+                                 # tiled words' byte gather by move / shift (GATHER)
+                                 dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, TILED=True,
+                                      GATHER="shift"),
+                                 dict(WS_TILE, BM=128, STAGES=4, SPLIT_K=3, TILED=True,
+                                      GATHER="shift"),
                                  # 16-byte word loads, the activations permuted to match
                                  dict(WS_TILE, BN=256, BM=64, STAGES=6, WGS=4, WPERM=True),
                                  dict(WS_TILE, BM=256, STAGES=3, STREAM=1, OUT16=True,

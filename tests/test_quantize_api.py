@@ -125,6 +125,9 @@ def test_double_quantize_is_refused():
 
 
 def test_conv2d_per_channel():
+    # seeded: calibrated on 4 random images, the error on 2 others ranges 0.009-0.046 over
+    # seeds (median 0.013), and an unseeded run inherits whatever the tests before it left
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     x = torch.randn(2, 3, 12, 12)
     ref = model(x)
