@@ -247,3 +247,61 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
             assert rep["regs"] <= regs, (case, rep)
         if not coal:   # 16-byte shared loads: the words with WPERM, nothing without
             assert (rep["lds_v4"] > 0) == (len(case) > 16 and case[16]), (case, rep["lds_v4"])
+
+
+_MMA_SCRIPT = r"""
+import inspect, json, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modelopt_lite.kernels.mma import w4a16_mma_kernel
+from modelopt_lite.kernels.ops import _mma_asm, _mma_fs_asm
+from modelopt_lite.kernels.ptx import mma_constraints, mma_fs_constraints
+
+ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+reports = []
+for i, (tr, rows, fs, bf16) in enumerate(cases):
+    act = "*bf16" if bf16 else "*fp16"
+    if fs:
+        asm = _mma_fs_asm(bf16, True, 1, True, rows, False, fs == 2, tr > 0)
+        cons = mma_fs_constraints(rows)
+    else:
+        asm = _mma_asm(bf16, True, 128, 1, True, rows, False, tr > 0)
+        cons = mma_constraints(rows)
+    sig = {"x_ptr": act, "q_ptr": "*i32", "s_ptr": act, "z_ptr": act, "bias_ptr": act,
+           "out_ptr": act, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
+    const = dict(GROUP=128, BN=16 * rows, HAS_ZERO=True, HAS_BIAS=False, EVEN_K=True,
+                 ATOMIC=True, USE_ASM=True, IS_BF16=bf16, PREFETCH=False, ASM=asm,
+                 CONSTRAINTS=cons, DOT_F32=False, ROWS=rows, XTB=0, PIPE=None, FS=fs, QC="",
+                 QE="evict_first", SV=1, PAIRS=False, PDL=False, TR=tr)
+    params = list(inspect.signature(w4a16_mma_kernel.fn).parameters)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(w4a16_mma_kernel, sig,
+                    constexprs={(params.index(k),): v for k, v in const.items()},
+                    attrs={(j,): [["tt.divisibility", 16]] for j in (0, 1, 2, 3, 4, 5, 8, 9, 10)})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2))
+    ptx = f"{work}/m{i}.ptx"
+    open(ptx, "w").write(k.asm["ptx"])
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/m{i}.cubin"],
+                         capture_output=True, text=True)
+    reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
+                        prmt=len(re.findall(r"prmt\.b32", k.asm["ptx"]))))
+print(json.dumps(reports))
+"""
+
+
+def test_mma_kernel_reads_tiled_words_with_as_many_byte_permutes(tmp_path):
+    """The small-M MMA kernel (kernels/mma.py) for sm_90a on the tiled layout's byte-swapped
+    word pairs: its inline PTX compiles, with no spills, and gathers each fragment byte with
+    one PRMT of one word, as many as the row-by-row words' PRMT of two (v47's instruction
+    count); fp16 / bf16, 2 / 4 rows per thread, scales applied after the products (FS)."""
+    cases = [(tr, rows, fs, bf16) for rows, fs, bf16 in ((2, 0, False), (4, 0, False),
+                                                        (2, 1, False), (2, 2, True))
+             for tr in (0, 256)]
+    reps = _compile_reports(_MMA_SCRIPT, cases, tmp_path)
+    for case, rep in zip(cases, reps):
+        assert rep["rc"] == 0, (case, rep["report"])
+        assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
+    for i in range(0, len(cases), 2):   # (row by row, tiled) pairs
+        assert reps[i]["prmt"] == reps[i + 1]["prmt"] > 0, (cases[i], reps[i], reps[i + 1])
