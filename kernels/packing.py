@@ -116,12 +116,10 @@ def swap_pair_bytes(q: torch.Tensor) -> torch.Tensor:
     tiled layout's word pairs (:func:`tile_words`). A new tensor."""
     if q.shape[-1] % 2:
         raise ValueError(f"word pairs need an even last dimension, got {tuple(q.shape)}")
-    w = q.reshape(*q.shape[:-1], -1, 2).to(torch.int64) & 0xFFFFFFFF
-    w0, w1 = w[..., 0], w[..., 1]
-    lo = (w0 & 0xFFFF) | ((w1 & 0xFFFF) << 16)
-    hi = (w0 >> 16) | (w1 & 0xFFFF0000)
-    out = torch.stack((lo, hi), dim=-1).reshape(q.shape)
-    return (out - ((out >> 31) << 32)).to(torch.int32)   # wrap to signed 32-bit
+    # a pair is the 16-bit halves (w0 low, w0 high, w1 low, w1 high): transposed as a 2 x 2
+    # block they are (w0 low, w1 low, w0 high, w1 high), no arithmetic and no wider copy
+    halves = q.contiguous().view(torch.int16).reshape(*q.shape[:-1], -1, 2, 2)
+    return halves.transpose(-1, -2).contiguous().view(torch.int32).reshape(q.shape)
 
 
 def tile_words(qweight: torch.Tensor, rows: int = TILE_ROWS) -> torch.Tensor:
