@@ -53,7 +53,9 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     split-K partial sums are added with fp16 atomics straight into the output, instead of a
     float32 buffer and a conversion pass. On Hopper the split outputs (fp16 or float32) of the
     WS and ``MMA`` kernels are zeroed by a kernel they overlap (:mod:`~.pdl`; not with
-    ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``DEQUANT`` configs allocate an fp16
+    ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``PARTNER`` (``MMA`` on tiled words):
+    each byte's PRMT names both words of its pair, which the selector reads one of; the same
+    instructions, a register allocation like the row-by-row words' (``mma_regs.py``). ``DEQUANT`` configs allocate an fp16
     copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
     ``TILED``, ``COAL``, ``MAXNREG``, ``WGS``, ``WPERM``, ``GATHER``, ``SCALES``:
@@ -142,18 +144,22 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
             args = (xp,) + args[1:]
         # FS: scales applied in float32 after the products (one group per chunk: block >= 128)
         fs = int(cfg.get("FS", 0)) if p.group_size >= 128 else 0
+        sv = _scale_vector(cfg, p, split_k, use_asm)
+        # PARTNER: on tiled words the gather names both words of a pair (ptx._prmt_ptx), as the
+        # row-by-row gather does; ptxas then allocates registers as for those (mma_regs.py)
+        swapped = p.tile_rows > 0
+        partner = swapped and bool(cfg.get("PARTNER", False))
         if not use_asm:
             asm, cons = "", ""
         elif fs:
             asm = _mma_fs_asm(x.dtype == torch.bfloat16, p.zterm is not None, n_tiles,
-                              k % 128 == 0, rows, xperm, fs == 2, p.tile_rows > 0)
+                              k % 128 == 0, rows, xperm, fs == 2, swapped, partner)
             cons = mma_fs_constraints(rows)
         else:
             asm = _mma_asm(x.dtype == torch.bfloat16, p.zterm is not None, p.group_size,
-                           n_tiles, k % 128 == 0, rows, xperm, p.tile_rows > 0)
+                           n_tiles, k % 128 == 0, rows, xperm, swapped, partner)
             cons = mma_constraints(rows)
         grid = (triton_cdiv(m, 16), split_k, triton_cdiv(n, cfg["BN"]))
-        sv = _scale_vector(cfg, p, split_k, use_asm)
         # PAIRS: one 8- / 16-byte load brings the SV chunks' scales and zterms (zero points only)
         pairs = bool(cfg.get("PAIRS", False)) and sv > 1 and p.zterm is not None
         if pairs:
@@ -340,19 +346,20 @@ def permute_x(x2: torch.Tensor, tb: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _mma_asm(bf16: bool, zero: bool, group: int, n_tiles: int, even_k: bool, rows: int,
-             xperm: bool = False, swapped: bool = False) -> str:
+             xperm: bool = False, swapped: bool = False, partner: bool = False) -> str:
     from .ptx import mma_asm
 
     return mma_asm(bf16, zero, 128 // group if group < 128 else 1, n_tiles, even_k, rows,
-                   xperm, swapped)
+                   xperm, swapped, partner)
 
 
 @functools.lru_cache(maxsize=None)
 def _mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int,
-                xperm: bool = False, fold: bool = False, swapped: bool = False) -> str:
+                xperm: bool = False, fold: bool = False, swapped: bool = False,
+                partner: bool = False) -> str:
     from .ptx import mma_fs_asm
 
-    return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold, swapped)
+    return mma_fs_asm(bf16, zero, n_tiles, even_k, rows, xperm, fold, swapped, partner)
 
 
 def _scale_vector(cfg: dict, p: PackedInt4, split_k: int, use_asm: bool) -> int:

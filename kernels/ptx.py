@@ -125,15 +125,20 @@ def _x_address_ptx(xperm: bool, n_tiles: int, xaddr: str, mm1: str, stride: str)
     return lines
 
 
-def _prmt_ptx(b: int, rows: int, q: list[str], swapped: bool = False) -> list[str]:
+def _prmt_ptx(b: int, rows: int, q: list[str], swapped: bool = False,
+              partner: bool = False) -> list[str]:
     """PTX: byte b of each A fragment's word pair into the halves of p{pair}_{fragment}
     (``swapped``: the tiled layout's pairs, ``packing.swap_pair_bytes``, where it is byte
     b mod 2 of word b // 2 and two bytes up: one PRMT of that word, as many instructions as
-    the row-by-row words take)."""
+    the row-by-row words take). ``partner``: the pair's other word as the PRMT's second
+    operand, which the selector never reads; it keeps both words in use until byte 3 as the
+    row-by-row gather does, and with it ptxas's register allocation (2 warps, 4 rows a thread,
+    SV 4, up to 8 tokens: 128 instead of 132 registers, 8 programs per SM instead of 7)."""
     if swapped:
         sel = "0x3311" if b % 2 else "0x2200"
+        other = (1 - b // 2) if partner else b // 2
         return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w + b // 2]}, "
-                f"{q[4 * (2 * pr + slot) + w + b // 2]}, {sel};"
+                f"{q[4 * (2 * pr + slot) + w + other]}, {sel};"
                 for pr in range(rows // 2) for f, (slot, w) in enumerate(_FRAG_SRC)]
     sel = hex(b | b << 4 | (4 + b) << 8 | (4 + b) << 12)
     return [f"prmt.b32 p{pr}_{f}, {q[4 * (2 * pr + slot) + w]}, "
@@ -159,7 +164,8 @@ def _x_load_ptx(i: int, tile: int, n_tiles: int, xperm: bool, even_k: bool,
 
 
 def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k: bool,
-            rows: int = 2, xperm: bool = False, swapped: bool = False) -> str:
+            rows: int = 2, xperm: bool = False, swapped: bool = False,
+            partner: bool = False) -> str:
     """One chunk (128 k) of the small-M tensor-core GEMV for one thread: ``rows`` rows x 4 words.
 
     Thread layout (the [BN, 16] int32 tile's blocked layout: 4 consecutive words of a row
@@ -169,7 +175,8 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     mma k (2t, 2t+1) = words (4t, 4t+1) and k (2t+8, 2t+9) = words (4t+2, 4t+3): K is a
     sum, so any fixed permutation of it works when the activations follow it. One PRMT per
     word pair and byte puts byte b of both words in the two halves of a register (``swapped``,
-    the tiled layout's byte-swapped pairs: a PRMT of one word); LOP3 with
+    the tiled layout's byte-swapped pairs: a PRMT of one word, ``partner`` as in
+    :func:`_prmt_ptx`); LOP3 with
     the half-precision magic gives plane 2b (then plane 2b+1 after a shift) as f16x2; a
     packed subtract and FMA with (scale, zterm) finish the weight, exactly as in :func:`_asm`.
     The B fragment of plane i is x[token][16i + 4t .. 16i + 4t + 3], one 8-byte load per
@@ -206,7 +213,7 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
     # A fragment sources per row pair p (_FRAG_SRC): (slot, first word) for a0 (row g, k 2t..),
     # a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..)
     for b in range(4):
-        lines += _prmt_ptx(b, rows, q, swapped)
+        lines += _prmt_ptx(b, rows, q, swapped, partner)
         for i in (2 * b, 2 * b + 1):
             grp = {1: 0, 2: i // 4, 4: i // 2}[groups_per_chunk]
             for tile in range(n_tiles):
@@ -245,7 +252,8 @@ def mma_asm(bf16: bool, zero: bool, groups_per_chunk: int, n_tiles: int, even_k:
 
 
 def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2,
-               xperm: bool = False, fold: bool = False, swapped: bool = False) -> str:
+               xperm: bool = False, fold: bool = False, swapped: bool = False,
+               partner: bool = False) -> str:
     """:func:`mma_asm` with the scale applied in float32 after the products (``FS``; one group
     per chunk, i.e. block >= 128).
 
@@ -287,7 +295,7 @@ def mma_fs_asm(bf16: bool, zero: bool, n_tiles: int, even_k: bool, rows: int = 2
     zq = "{zf, zf, zf, zf}"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     for b in range(4):
-        lines += _prmt_ptx(b, rows, q, swapped)
+        lines += _prmt_ptx(b, rows, q, swapped, partner)
         for i in (2 * b, 2 * b + 1):
             odd16 = i % 2 == 1 and not bf16     # fp16 odd plane read in place (16 u)
             for tile in range(n_tiles):

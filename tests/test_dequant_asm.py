@@ -163,10 +163,12 @@ def test_swapped_words_need_no_byte_permute():
                 assert "prmt.b32 p, $2, $3," in _asm(bf16, zero, byte)
 
 
+@pytest.mark.parametrize("partner", [False, True])
 @pytest.mark.parametrize("rows", [2, 4])
-def test_mma_gather_on_swapped_words_matches_row_words(rows):
+def test_mma_gather_on_swapped_words_matches_row_words(rows, partner):
     """The small-M MMA asm's byte gather (``ptx._prmt_ptx``): on the tiled layout's swapped
-    pairs it must build the very registers the row-by-row words' PRMT builds."""
+    pairs it must build the very registers the row-by-row words' PRMT builds (``partner``:
+    the pair's other word as the second operand, never selected)."""
     from modelopt_lite.kernels.ptx import _prmt_ptx
 
     rng = np.random.default_rng(1)
@@ -177,6 +179,9 @@ def test_mma_gather_on_swapped_words_matches_row_words(rows):
     q = [f"$q{i}" for i in range(n)]
     for b in range(4):
         want = run_ptx("\n".join(_prmt_ptx(b, rows, q)), dict(zip(q, words)))
-        got = run_ptx("\n".join(_prmt_ptx(b, rows, q, swapped=True)), dict(zip(q, swapped)))
+        text = "\n".join(_prmt_ptx(b, rows, q, swapped=True, partner=partner))
+        got = run_ptx(text, dict(zip(q, swapped)))
+        if partner:   # both words of every pair named
+            assert all(len(set(line.split(", ")[1:3])) == 2 for line in text.splitlines()), text
         regs = [f"p{pr}_{f}" for pr in range(rows // 2) for f in range(4)]
         assert [got[r] for r in regs] == [want[r] for r in regs], b

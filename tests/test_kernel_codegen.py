@@ -260,13 +260,15 @@ from modelopt_lite.kernels.ptx import mma_constraints, mma_fs_constraints
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
-for i, (tr, rows, fs, bf16) in enumerate(cases):
+for i, case in enumerate(cases):
+    tr, rows, fs, bf16 = case[:4]
+    sv, partner = (case[4], case[5]) if len(case) > 4 else (1, False)
     act = "*bf16" if bf16 else "*fp16"
     if fs:
-        asm = _mma_fs_asm(bf16, True, 1, True, rows, False, fs == 2, tr > 0)
+        asm = _mma_fs_asm(bf16, True, 1, True, rows, False, fs == 2, tr > 0, partner)
         cons = mma_fs_constraints(rows)
     else:
-        asm = _mma_asm(bf16, True, 128, 1, True, rows, False, tr > 0)
+        asm = _mma_asm(bf16, True, 128, 1, True, rows, False, tr > 0, partner)
         cons = mma_constraints(rows)
     sig = {"x_ptr": act, "q_ptr": "*i32", "s_ptr": act, "z_ptr": act, "bias_ptr": act,
            "out_ptr": act, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
@@ -274,7 +276,7 @@ for i, (tr, rows, fs, bf16) in enumerate(cases):
     const = dict(GROUP=128, BN=16 * rows, HAS_ZERO=True, HAS_BIAS=False, EVEN_K=True,
                  ATOMIC=True, USE_ASM=True, IS_BF16=bf16, PREFETCH=False, ASM=asm,
                  CONSTRAINTS=cons, DOT_F32=False, ROWS=rows, XTB=0, PIPE=None, FS=fs, QC="",
-                 QE="evict_first", SV=1, PAIRS=False, PDL=False, TR=tr)
+                 QE="evict_first", SV=sv, PAIRS=False, PDL=False, TR=tr)
     params = list(inspect.signature(w4a16_mma_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
     src = ASTSource(w4a16_mma_kernel, sig,
@@ -285,8 +287,10 @@ for i, (tr, rows, fs, bf16) in enumerate(cases):
     open(ptx, "w").write(k.asm["ptx"])
     out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/m{i}.cubin"],
                          capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
     reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
-                        prmt=len(re.findall(r"prmt\.b32", k.asm["ptx"]))))
+                        prmt=len(re.findall(r"prmt\.b32", k.asm["ptx"])),
+                        regs=int(regs.group(1)) if regs else None))
 print(json.dumps(reports))
 """
 
@@ -305,3 +309,17 @@ def test_mma_kernel_reads_tiled_words_with_as_many_byte_permutes(tmp_path):
         assert "0 bytes spill stores" in rep["report"], (case, rep["report"])
     for i in range(0, len(cases), 2):   # (row by row, tiled) pairs
         assert reps[i]["prmt"] == reps[i + 1]["prmt"] > 0, (cases[i], reps[i], reps[i + 1])
+
+
+def test_mma_partner_gather_keeps_row_words_registers(tmp_path):
+    """``PARTNER`` (the pair's other word as each PRMT's unread second operand) on the tiled
+    words: the 2-warp, 4-rows-a-thread, SV 4 kernel compiles to the row-by-row words' register
+    count (128 with this ptxas), where the one-word gather takes more (132: 7 programs per SM
+    instead of 8), with as many PRMT."""
+    cases = [(0, 4, 0, False, 4, False), (256, 4, 0, False, 4, False),
+             (256, 4, 0, False, 4, True), (256, 4, 0, True, 4, True)]
+    reps = _compile_reports(_MMA_SCRIPT, cases, tmp_path)
+    for case, rep in zip(cases, reps):
+        assert rep["rc"] == 0 and "0 bytes spill stores" in rep["report"], (case, rep["report"])
+        assert rep["prmt"] == reps[0]["prmt"], (case, rep["prmt"])
+    assert reps[2]["regs"] <= reps[0]["regs"] < reps[1]["regs"], [r["regs"] for r in reps]

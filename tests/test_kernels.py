@@ -879,6 +879,11 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
                                       WGS=4),
                                  dict(MMA=True, BN=128, SPLIT_K=4, num_warps=4, PAIRS=True,
                                       SV=4, QE="evict_first", OUT16=True, MAXNREG=80),
+                                 # 4 rows a thread, both words of a pair named in each PRMT
+                                 dict(MMA=True, BN=64, SPLIT_K=8, num_warps=2, SV=4,
+                                      QE="evict_first", OUT16=True, PARTNER=True),
+                                 dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, SV=2,
+                                      XPERM=True, FS=2, PARTNER=True),
                                  dict(GEMV=True, BN=64, SPLIT_K=2, PERSIST=1, AHEAD=2)])
 def test_gpu_tiled_words_read_in_place(dtype, n, m, cfg):
     """Deploy's tiled words (row blocks of 256; N = 388 and 1000 end in a partial block) read

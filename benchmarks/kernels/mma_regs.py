@@ -3,8 +3,8 @@ for sm_90a off the GPU, one line per case, to compare layouts and configs withou
 
     python benchmarks/kernels/mma_regs.py --cases '[[256,4,2,4,1,0],[256,4,2,4,0,0]]'
 
-A case is [tile rows (0: row by row), rows per thread, num_warps, SV, swapped pairs, XPERM];
-fp16 activations, block 128, zero points, split-K atomics. Registers per thread set how many
+A case is [tile rows (0: row by row), rows per thread, num_warps, SV, swapped pairs, XPERM,
+token tiles (optional, 1; 2 for M = 9-16), PARTNER (optional, 0)]; fp16 activations, block 128, zero points, split-K atomics. Registers per thread set how many
 2-warp programs fit on an SM (65,536 registers, allocated per warp in steps of 256), which is
 what the memory-bound M = 1-16 rows are sensitive to (NOTES.md, v49b-v49e)."""
 import argparse
@@ -28,16 +28,16 @@ OPS = ("LDG", "PRMT", "HMMA", "LOP3", "HFMA2", "SHF", "IMAD")
 
 
 def compile_case(work: str, i: int, tr: int, rows: int, warps: int, sv: int, swapped: bool,
-                 xperm: bool) -> dict:
+                 xperm: bool, n_tiles: int = 1, partner: bool = False) -> dict:
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
            "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
     const = dict(GROUP=128, BN=8 * rows * warps, HAS_ZERO=True, HAS_BIAS=False, EVEN_K=True,
                  ATOMIC=True, USE_ASM=True, IS_BF16=False, PREFETCH=False,
-                 ASM=_mma_asm(False, True, 128, 1, True, rows, xperm, swapped),
+                 ASM=_mma_asm(False, True, 128, n_tiles, True, rows, xperm, swapped, partner),
                  CONSTRAINTS=mma_constraints(rows), DOT_F32=False, ROWS=rows,
-                 XTB=8 if xperm else 0, PIPE=None, FS=0, QC="", QE="evict_first", SV=sv,
+                 XTB=8 * n_tiles if xperm else 0, PIPE=None, FS=0, QC="", QE="evict_first", SV=sv,
                  PAIRS=False, PDL=False, TR=tr)
     params = list(inspect.signature(w4a16_mma_kernel.fn).parameters)
     sig.update({k: "constexpr" for k in const})
@@ -56,7 +56,8 @@ def compile_case(work: str, i: int, tr: int, rows: int, warps: int, sv: int, swa
     count = Counter(o.split(".")[0] for o in ops)
     regs = int(re.search(r"Used (\d+) registers", rep.stdout + rep.stderr).group(1))
     per_warp = -(-regs * 32 // 256) * 256
-    return dict(case=[tr, rows, warps, sv, int(swapped), int(xperm)], regs=regs,
+    return dict(case=[tr, rows, warps, sv, int(swapped), int(xperm), n_tiles, int(partner)],
+                regs=regs,
                 programs_per_sm=min(32, 65536 // per_warp // warps), sass=len(ops),
                 ops={o: count[o] for o in OPS})
 
@@ -69,8 +70,11 @@ def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryDirectory() as work:
         for i, case in enumerate(json.loads(args.cases)):
-            tr, rows, warps, sv, sw, xp = case
-            print(json.dumps(compile_case(work, i, tr, rows, warps, sv, bool(sw), bool(xp))))
+            tr, rows, warps, sv, sw, xp = case[:6]
+            n_tiles = case[6] if len(case) > 6 else 1
+            partner = len(case) > 7 and bool(case[7])
+            print(json.dumps(compile_case(work, i, tr, rows, warps, sv, bool(sw), bool(xp),
+                                          n_tiles, partner)))
 
 
 if __name__ == "__main__":
