@@ -261,14 +261,14 @@ def _pair_scale_zero(sz_rows, kt, b: tl.constexpr, n_groups, GPC: tl.constexpr,
 @triton.jit
 def _dequant_byte(q, s, z, b: tl.constexpr, USE_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
                   IS_BF16: tl.constexpr, SWAP: tl.constexpr = False):
-    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized (SWAP: words of
-    the tiled layout, ``packing.swap_pair_bytes``)."""
+    """The two nibble planes (2b, 2b + 1) of every word of ``q``, dequantized. SWAP: the asm
+    reads the tiled layout's words as they are (``packing.swap_pair_bytes``); the plain-Triton
+    planes read whole words, so callers swap a tiled chunk back once (:func:`_swap_pairs`)
+    before its four bytes."""
     if USE_ASM:
         lo, hi = _dequant_byte_asm(q, tl.broadcast_to(s, q.shape), tl.broadcast_to(z, q.shape),
                                    b, HAS_ZERO, IS_BF16, SWAP)
     else:
-        if SWAP:
-            q = _swap_pairs(q)
         lo = _dequant_plane(q, s, z, 2 * b, HAS_ZERO, IS_BF16)
         hi = _dequant_plane(q, s, z, 2 * b + 1, HAS_ZERO, IS_BF16)
     return lo, hi
@@ -297,6 +297,8 @@ def w4a16_dequant_kernel(
     GPC: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
     for kt in range(kt0, kt1):
         q = tl.load(q_ptrs + kt * qs)
+        if TR > 0 and not USE_ASM:   # the plain planes read whole words: pairs back once
+            q = _swap_pairs(q)
         for b in tl.static_range(4):
             if (b * 32) % (128 // GPC) == 0:
                 s, z = _chunk_scale_zero(s_rows, z_rows, kt, b, n_groups, GPC, GROUP, EVEN_K,

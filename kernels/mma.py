@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .dequant import (_chunk_scale_zero, _dequant_byte, _half, _k_slice, _row_words,
-                      _words_first, _words_next)
+                      _swap_pairs, _words_first, _words_next)
 from .pdl import gdc_wait
 
 
@@ -286,6 +286,8 @@ def w4a16_mma_kernel(
                     [q, sa, sb, sc, sd, za, zb, zc, zd, acc, xa, mm1, stride_b, krem],
                     dtype=tl.float32, is_pure=True, pack=4 * ROWS)
             else:
+                if TR > 0:   # the plain planes read whole words: the tiled pairs back once
+                    q = _swap_pairs(q)
                 if XTB > 0:  # k 16 i + 4 t + e of load j = i // 2 at [j, token, t, i % 2, e]
                     tmask = (tok < XTB)[None, :]
                     x_ptrs = (x_ptr + (pid_m * kt_total + kt) * (128 * XTB) + tok[None, :] * 32
@@ -298,7 +300,7 @@ def w4a16_mma_kernel(
                         s, z = _chunk_scale_zero(s_ptr + rn_safe * n_groups,
                                                  z_ptr + rn_safe * n_groups, kt, b, n_groups, GPC,
                                                  GROUP, EVEN_K, HAS_ZERO)
-                    lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16, TR > 0)
+                    lo, hi = _dequant_byte(q, s, z, b, False, HAS_ZERO, IS_BF16)
                     for h in tl.static_range(2):
                         kk = kt * 128 + 32 * b + 16 * h
                         if XTB > 0:

@@ -55,8 +55,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     WS and ``MMA`` kernels are zeroed by a kernel they overlap (:mod:`~.pdl`; not with
     ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``PARTNER`` (``MMA`` on tiled words):
     each byte's PRMT names both words of its pair, which the selector reads one of; the same
-    instructions, a register allocation like the row-by-row words' (``mma_regs.py``). ``DEQUANT`` configs allocate an fp16
-    copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
+    instructions, a register allocation like the row-by-row words' (``mma_regs.py``).
+    ``DEQUANT`` configs allocate an fp16 copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
     ``TILED``, ``COAL``, ``MAXNREG``, ``WGS``, ``WPERM``, ``GATHER``, ``SCALES``:
     :func:`ws_scales`); where it cannot run (another GPU, the interpreter, block 32 / 64, K not

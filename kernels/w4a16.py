@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .dequant import (_chunk_scale_zero, _dequant_byte, _k_slice, _pair_scale_zero,
-                      _row_words, _tile_of)
+                      _row_words, _swap_pairs, _tile_of)
 
 
 @triton.jit
@@ -79,6 +79,8 @@ def w4a16_kernel(
     xf_ptrs = x_ptr + rm_safe[:, None] * stride_xm + rk[None, :]    # [BM, 128], k contiguous
     for kt in range(kt0, kt1):
         q = tl.load(q_ptrs + kt * qs)
+        if TR > 0 and not USE_ASM:   # the plain planes read whole words: pairs back once
+            q = _swap_pairs(q)
         for b in tl.static_range(4):          # byte b holds nibble planes 2b and 2b + 1
             if (b * 32) % (128 // GPC) == 0:  # first byte of a new group: fetch its scale
                 if PAIRS:

@@ -4,9 +4,10 @@ for sm_90a off the GPU, one line per case, to compare layouts and configs withou
     python benchmarks/kernels/mma_regs.py --cases '[[256,4,2,4,1,0],[256,4,2,4,0,0]]'
 
 A case is [tile rows (0: row by row), rows per thread, num_warps, SV, swapped pairs, XPERM,
-token tiles (optional, 1; 2 for M = 9-16), PARTNER (optional, 0)]; fp16 activations, block 128, zero points, split-K atomics. Registers per thread set how many
-2-warp programs fit on an SM (65,536 registers, allocated per warp in steps of 256), which is
-what the memory-bound M = 1-16 rows are sensitive to (NOTES.md, v49b-v49e)."""
+token tiles (optional, 1; 2 for M = 9-16), PARTNER (optional, 0)]; fp16 activations, block
+128, zero points, split-K atomics. Registers per thread set how many programs fit on an SM
+(65,536 registers, allocated per warp in steps of 256), which the memory-bound M = 1-16 rows
+are sensitive to (NOTES.md, v49b-v49e)."""
 import argparse
 import inspect
 import json
