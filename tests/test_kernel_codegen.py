@@ -250,47 +250,16 @@ def test_ws_kernel_compiles_for_hopper(tmp_path):
 
 
 _MMA_SCRIPT = r"""
-import inspect, json, re, subprocess, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from modelopt_lite.kernels.mma import w4a16_mma_kernel
-from modelopt_lite.kernels.ops import _mma_asm, _mma_fs_asm
-from modelopt_lite.kernels.ptx import mma_constraints, mma_fs_constraints
+import json, sys
+from modelopt_lite.kernels.codegen import mma_report
 
 ptxas, work, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reports = []
 for i, case in enumerate(cases):
     tr, rows, fs, bf16 = case[:4]
     sv, partner = (case[4], case[5]) if len(case) > 4 else (1, False)
-    act = "*bf16" if bf16 else "*fp16"
-    if fs:
-        asm = _mma_fs_asm(bf16, True, 1, True, rows, False, fs == 2, tr > 0, partner)
-        cons = mma_fs_constraints(rows)
-    else:
-        asm = _mma_asm(bf16, True, 128, 1, True, rows, False, tr > 0, partner)
-        cons = mma_constraints(rows)
-    sig = {"x_ptr": act, "q_ptr": "*i32", "s_ptr": act, "z_ptr": act, "bias_ptr": act,
-           "out_ptr": act, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-           "stride_om": "i32", "n_groups": "i32", "SPLIT_K": "i32"}
-    const = dict(GROUP=128, BN=16 * rows, HAS_ZERO=True, HAS_BIAS=False, EVEN_K=True,
-                 ATOMIC=True, USE_ASM=True, IS_BF16=bf16, PREFETCH=False, ASM=asm,
-                 CONSTRAINTS=cons, DOT_F32=False, ROWS=rows, XTB=0, PIPE=None, FS=fs, QC="",
-                 QE="evict_first", SV=sv, PAIRS=False, PDL=False, TR=tr)
-    params = list(inspect.signature(w4a16_mma_kernel.fn).parameters)
-    sig.update({k: "constexpr" for k in const})
-    src = ASTSource(w4a16_mma_kernel, sig,
-                    constexprs={(params.index(k),): v for k, v in const.items()},
-                    attrs={(j,): [["tt.divisibility", 16]] for j in (0, 1, 2, 3, 4, 5, 8, 9, 10)})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2))
-    ptx = f"{work}/m{i}.ptx"
-    open(ptx, "w").write(k.asm["ptx"])
-    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", f"{work}/m{i}.cubin"],
-                         capture_output=True, text=True)
-    regs = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
-    reports.append(dict(rc=out.returncode, report=out.stdout + out.stderr,
-                        prmt=len(re.findall(r"prmt\.b32", k.asm["ptx"])),
-                        regs=int(regs.group(1)) if regs else None))
+    reports.append(mma_report(work, f"m{i}", tr=tr, rows=rows, warps=2, sv=sv, partner=partner,
+                              fs=fs, bf16=bf16))
 print(json.dumps(reports))
 """
 
