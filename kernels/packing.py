@@ -141,20 +141,24 @@ def relayout_words(q: torch.Tensor, src_rows: int, dst_rows: int) -> torch.Tenso
     by row; :func:`tile_words`). ``q`` itself where the two agree, else a new tensor."""
     if src_rows == dst_rows:
         return q
+    if src_rows and dst_rows:   # tiled to tiled: the pairs stay swapped (chunks move whole)
+        return _relayout(_relayout(q, src_rows, tile=False, swap=False), dst_rows, tile=True,
+                         swap=False)
     if src_rows:
-        q = untile_words(q, src_rows)
-    return tile_words(q, dst_rows) if dst_rows else q
+        return untile_words(q, src_rows)
+    return tile_words(q, dst_rows)
 
 
-def _relayout(q: torch.Tensor, rows: int, tile: bool) -> torch.Tensor:
+def _relayout(q: torch.Tensor, rows: int, tile: bool, swap: bool = True) -> torch.Tensor:
     """Row-by-row words to tiled (``tile``) or back: the whole row blocks in one copy, the
-    last partial one in another; the word pairs' bytes swapped (:func:`swap_pair_bytes`)."""
+    last partial one in another; the word pairs' bytes swapped (:func:`swap_pair_bytes`)
+    unless ``swap`` is off (16-word chunks move whole, so a pair's swap survives the move)."""
     check_tile_rows(rows)
     if q.dim() != 2 or q.shape[1] % 16:
         raise ValueError(f"packed words must be [N, Kp/8] with Kp/8 a multiple of 16, got "
                          f"{tuple(q.shape)}")
     n, kw = q.shape
-    q = swap_pair_bytes(q)
+    q = swap_pair_bytes(q) if swap else q.contiguous()
     out = torch.empty_like(q)
     full = n // rows * rows
 
