@@ -224,11 +224,44 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
     return dict(WS_FUSED_TILE, WS=True, STAGES=3, GROUP_N=8, SPLIT_K=1, PERSIST=1)
 
 
+# Hopper, shapes without a table row at M <= 4 (NOTES.md, v51; H200, interleaved A/B): the
+# 4-warp tensor-core GEMV (64 rows a program, several blocks' scales per load, evict-first
+# words) with the K split nearest 14 programs per SM beat the warp-specialized 16-token tile
+# and the shape heuristic on 8 shapes of 16-64 M weights (3584x18944 ... 2048x8192): 1.5-25 %
+# faster at M = 1 and 4, within 0.7 % at worst, ahead of Humming on all; then on 9 held-out
+# (shape, M) pairs, 2-28 % faster on every one (4096x6144, 5120x27648, 2560x9728, 11008x4096
+# with 2 blocks' scales per load, ...). The tables' rows for the Llama-3-70B shapes took the
+# same kernel (splits 4 and 7-28, v50).
+_GEMV_MMA = dict(MMA=True, BN=64, num_warps=4, PREFETCH=False, OUT16=True, QE="evict_first")
+_GEMV_MMA_PER_SM = 14
+
+
+def gemv_mma_default(m: int, n: int, k: int, group_size: int, capability,
+                     num_sms: int = _NUM_SMS_DEFAULT) -> dict | None:
+    """The small-M tensor-core GEMV for 1-4 tokens on shapes without a table row, on a GPU of
+    compute capability 9.0, block 128, layers of at least 16 M weights; None elsewhere (the
+    measured range). ``SV`` (blocks whose scales one load brings) is 4 where the layer's
+    128-blocks per row are a multiple of 4, else 2 where they are even; the K split cuts them
+    into slices of a multiple of SV blocks, nearest ``_GEMV_MMA_PER_SM`` programs per SM. An
+    odd number of blocks per row gives None."""
+    if (m > 4 or tuple(capability) != (9, 0) or group_size != 128 or k <= 0 or k % 128
+            or n * k < 16 << 20):
+        return None
+    k_blocks, tiles = k // 128, -(-n // _GEMV_MMA["BN"])
+    for sv in (4, 2):
+        splits = [s for s in range(1, k_blocks + 1)
+                  if k_blocks % s == 0 and (k_blocks // s) % sv == 0]
+        if splits:
+            split = min(splits, key=lambda s: abs(tiles * s - _GEMV_MMA_PER_SM * num_sms))
+            return dict(_GEMV_MMA, SV=sv, SPLIT_K=split)
+    return None
+
+
 def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     """The launch config for an [M, K] x [K, N] product: the ``MODELOPT_LITE_KERNEL_CONFIGS``
     table's row for the shape if there is one, else the GPU's shipped table's, else
     :func:`default_config` (also where a row says ``{"DEFAULT": true}``), or on Hopper
-    :func:`ws_default` where it names a tile."""
+    :func:`gemv_mma_default` (1-4 tokens) or :func:`ws_default` where they name a config."""
     user = os.environ.get(ENV_TABLE)
     rows = (_rows(_user_table(user), n, k) if user else None) or _rows(_table(_gpu_key(device)),
                                                                        n, k)
@@ -241,8 +274,9 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         import torch
 
-        ws = ws_default(m, n, k, group_size, torch.cuda.get_device_capability(device),
-                        _num_sms(device))
-        if ws:
-            return ws
+        cap, sms = torch.cuda.get_device_capability(device), _num_sms(device)
+        cfg = (gemv_mma_default(m, n, k, group_size, cap, sms)
+               or ws_default(m, n, k, group_size, cap, sms))
+        if cfg:
+            return cfg
     return default_config(m, n, k, _num_sms(device), _smem_bytes(device))

@@ -489,6 +489,42 @@ def test_ws_default_below_512_tokens_by_m_range_and_layer_size():
     assert ws_default(64, 18944, 3600, 128, (9, 0)) is None    # K not a multiple of 128
 
 
+def test_gemv_mma_default_for_1_to_4_tokens_on_hopper():
+    """M <= 4 on Hopper, shapes without a table row, layers of >= 16 M weights: the 4-warp MMA
+    GEMV, its K split in slices of a multiple of SV blocks nearest 14 programs per SM."""
+    from modelopt_lite.kernels.tuning import gemv_mma_default
+
+    def pick(m, n, k, **kw):
+        cfg = gemv_mma_default(m, n, k, 128, kw.pop("cap", (9, 0)), **kw)
+        return cfg and (cfg["SV"], cfg["SPLIT_K"])
+
+    assert pick(1, 18944, 3584) == (4, 7)      # 28 blocks: 296 tiles x 7 = 2072 programs
+    assert pick(4, 3584, 18944) == (4, 37)     # 148 blocks = 37 x 4
+    assert pick(1, 28672, 8192) == (4, 4)      # the H100 table's row (v50)
+    assert pick(1, 8192, 28672) == (4, 14)
+    assert pick(2, 4096, 11008) == (2, 43)     # 86 blocks: 2 blocks' scales per load
+    assert pick(1, 28672, 8192, num_sms=66) == (4, 2)    # half the SMs, half the split
+    cfg = gemv_mma_default(3, 14336, 4096, 128, (9, 0))
+    assert cfg["MMA"] and cfg["BN"] == 64 and cfg["num_warps"] == 4 and cfg["OUT16"]
+    assert pick(5, 18944, 3584) is None                  # measured up to 4 tokens
+    assert pick(1, 18944, 3584, cap=(8, 0)) is None      # Hopper only
+    assert gemv_mma_default(1, 18944, 3584, 64, (9, 0)) is None   # block 64
+    assert pick(1, 2048, 4096) is None                   # 8.4 M weights
+    assert pick(1, 4096, 5504) is None                   # 43 blocks per row: odd
+    assert pick(1, 4096, 4000) is None                   # K not a multiple of 128
+    assert pick_config(1, 18944, 3584, 128, None).get("GEMV")   # no GPU: the heuristic
+
+
+def test_gemv_mma_default_config_runs():
+    """The rule's SV 2 config (86 blocks split 43 ways) against the float32 reference, with
+    N ending in a partial tile and 3 tokens, in the interpreter on CPU."""
+    from modelopt_lite.kernels.tuning import gemv_mma_default
+
+    cfg = gemv_mma_default(3, 4096, 11008, 128, (9, 0))
+    x, p, b = _problem(3, 72, 11008, 128, True, torch.float16)
+    assert _rel_err(w4a16_matmul(x, p.tiled(), b, cfg), _ref32(x, p, b)) < TOL[torch.float16]
+
+
 def test_wperm_activations_match_the_kernels_word_view():
     """WPERM: the consumer reads its [rows, 16] word tile through reshape [rows, 4, 2, 2],
     permute (0, 2, 1, 3), reshape [rows, 16] (emulated here on word indices); the activations'
@@ -884,6 +920,9 @@ def test_gpu_ws_kernel(dtype, zero, bias, m, n, cfg, monkeypatch):
                                       QE="evict_first", OUT16=True, PARTNER=True),
                                  dict(MMA=True, BN=64, SPLIT_K=2, num_warps=2, SV=2,
                                       XPERM=True, FS=2, PARTNER=True),
+                                 # tuning.gemv_mma_default's kind (SV 2: 2 blocks a slice)
+                                 dict(MMA=True, BN=64, SPLIT_K=8, num_warps=4, SV=2,
+                                      QE="evict_first", OUT16=True, PREFETCH=False),
                                  dict(GEMV=True, BN=64, SPLIT_K=2, PERSIST=1, AHEAD=2)])
 def test_gpu_tiled_words_read_in_place(dtype, n, m, cfg):
     """Deploy's tiled words (row blocks of 256; N = 388 and 1000 end in a partial block) read

@@ -5,7 +5,7 @@
 # to the 4-warp MMA GEMV (BN 64, SV 4, evict-first word loads) with a K split of about 7-14
 # programs per SM (v50). Interleaved A/B of the shipped choice against that GEMV at two splits
 # (the K splits nearest 7 and 14 programs per SM that keep SV 4), Humming as an arm. The
-# results decide a Hopper default for M <= 4. On an H100:
+# results decide a Hopper default for M <= 4 (run on an H200 on 2026-11-28: NOTES.md, v51). On Hopper:
 #   OUT=/tmp/v51 bash benchmarks/kernels/v51_unseen_small_m.sh
 set -u
 O=${OUT:-/tmp/v51}; mkdir -p "$O/ab"
