@@ -515,14 +515,16 @@ def test_gemv_mma_default_for_1_to_4_tokens_on_hopper():
     assert pick_config(1, 18944, 3584, 128, None).get("GEMV")   # no GPU: the heuristic
 
 
-def test_gemv_mma_default_config_runs():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero", [True, False])
+def test_gemv_mma_default_config_runs(dtype, zero):
     """The rule's SV 2 config (86 blocks split 43 ways) against the float32 reference, with
     N ending in a partial tile and 3 tokens, in the interpreter on CPU."""
     from modelopt_lite.kernels.tuning import gemv_mma_default
 
     cfg = gemv_mma_default(3, 4096, 11008, 128, (9, 0))
-    x, p, b = _problem(3, 72, 11008, 128, True, torch.float16)
-    assert _rel_err(w4a16_matmul(x, p.tiled(), b, cfg), _ref32(x, p, b)) < TOL[torch.float16]
+    x, p, b = _problem(3, 72, 11008, 128, zero, dtype)
+    assert _rel_err(w4a16_matmul(x, p.tiled(), b, cfg), _ref32(x, p, b)) < TOL[dtype]
 
 
 def test_wperm_activations_match_the_kernels_word_view():
