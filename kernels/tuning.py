@@ -1,7 +1,9 @@
 """Tuned launch configs per GPU (JSON tables in configs/), with a safe default elsewhere.
 
 A table maps "NxK" (or "*") to a list of {"max_m": int, "config": {...}} rows sorted by max_m;
-the first row whose max_m >= M wins. Unknown GPUs and shapes fall back to :func:`default_config`.
+the first row whose max_m >= M wins. Shapes without a row (and rows that say
+``{"DEFAULT": true}``) fall back to the defaults: on Hopper :func:`gemv_mma_default` (1-4
+tokens) or :func:`ws_default` where they name a config, else :func:`default_config`.
 
 A table of your own (say, tuned on a GPU without a shipped one by
 ``benchmarks/kernels/bench_w4a16.py --tune my_gpu.json --tune-only --shapes KxN,...``) takes
@@ -226,12 +228,14 @@ def ws_default(m: int, n: int, k: int, group_size: int, capability,
 
 # Hopper, shapes without a table row at M <= 4 (NOTES.md, v51; H200, interleaved A/B): the
 # 4-warp tensor-core GEMV (64 rows a program, several blocks' scales per load, evict-first
-# words) with the K split nearest 14 programs per SM beat the warp-specialized 16-token tile
-# and the shape heuristic on 8 shapes of 16-64 M weights (3584x18944 ... 2048x8192): 1.5-25 %
-# faster at M = 1 and 4, within 0.7 % at worst, ahead of Humming on all; then on 9 held-out
-# (shape, M) pairs, 2-28 % faster on every one (4096x6144, 5120x27648, 2560x9728, 11008x4096
-# with 2 blocks' scales per load, ...). The tables' rows for the Llama-3-70B shapes took the
-# same kernel (splits 4 and 7-28, v50).
+# words) with the K split nearest 14 programs per SM against the warp-specialized 16-token tile
+# and the shape heuristic, on 8 shapes of 16-64 M weights (3584x18944 ... 2048x8192) at M = 1
+# and 4: faster on 14 of 16 pairs (1.2-25 %), 0.7 % and 0.2 % slower on the other two, ahead
+# of Humming on all. Then on 14 held-out (shape, M) pairs of 9 shapes (4096x6144, 5120x27648,
+# 2560x9728, 11008x4096 with 2 blocks' scales per load, ...): 1.6-28 % faster on every one.
+# On the H100 the tables' rows for the Llama-3-70B shapes took the same kernel (v50: splits 4
+# and 7, the split nearest 14 per SM within 1 % of 7); shapes outside them are measured on the
+# H200 only.
 _GEMV_MMA = dict(MMA=True, BN=64, num_warps=4, PREFETCH=False, OUT16=True, QE="evict_first")
 _GEMV_MMA_PER_SM = 14
 
@@ -268,7 +272,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
     if rows:
         for row in rows:
             if m <= row["max_m"]:
-                if row["config"].get("DEFAULT"):  # this M range keeps the shape heuristic
+                if row["config"].get("DEFAULT"):  # this M range takes the defaults below
                     break
                 return dict(row["config"])
     if device is not None and getattr(device, "type", "cpu") == "cuda":

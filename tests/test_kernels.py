@@ -511,20 +511,49 @@ def test_gemv_mma_default_for_1_to_4_tokens_on_hopper():
     assert gemv_mma_default(1, 18944, 3584, 64, (9, 0)) is None   # block 64
     assert pick(1, 2048, 4096) is None                   # 8.4 M weights
     assert pick(1, 4096, 5504) is None                   # 43 blocks per row: odd
-    assert pick(1, 4096, 4000) is None                   # K not a multiple of 128
+    assert pick(1, 4096, 4160) is None                   # K not a multiple of 128
+    assert pick(2, 4096, 4096) == (4, 8)       # 16 M weights: the smallest layer it takes
     assert pick_config(1, 18944, 3584, 128, None).get("GEMV")   # no GPU: the heuristic
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("zero", [True, False])
 def test_gemv_mma_default_config_runs(dtype, zero):
-    """The rule's SV 2 config (86 blocks split 43 ways) against the float32 reference, with
-    N ending in a partial tile and 3 tokens, in the interpreter on CPU."""
+    """The rule's config for 86 blocks a row (split 43 ways, 2 blocks a slice) against the
+    float32 reference, with N ending in a partial tile and 3 tokens, in the interpreter on CPU
+    (where SV falls back to 1: the compiled SV 2 load runs in the GPU tests)."""
     from modelopt_lite.kernels.tuning import gemv_mma_default
 
     cfg = gemv_mma_default(3, 4096, 11008, 128, (9, 0))
+    assert cfg is not None and (cfg["SV"], cfg["SPLIT_K"]) == (2, 43)
     x, p, b = _problem(3, 72, 11008, 128, zero, dtype)
     assert _rel_err(w4a16_matmul(x, p.tiled(), b, cfg), _ref32(x, p, b)) < TOL[dtype]
+
+
+def test_pick_config_on_hopper_without_a_row(monkeypatch):
+    """pick_config on a (pretended) H200: a table row wins; a shape without one takes the
+    1-4 token GEMV rule, then the WS tile from 5 tokens; a DEFAULT row takes the same chain;
+    on an sm_80 GPU (no table) the shape heuristic."""
+    from modelopt_lite.kernels import tuning
+
+    cap = [(9, 0)]
+    monkeypatch.setattr(tuning, "_gpu_key", lambda device: "h200")
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "_smem_bytes", lambda device: 227 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    dev = torch.device("cuda")
+    row = tuning._rows(tuning._table("h200"), 28672, 8192)[0]
+    assert row["max_m"] == 1 and tuning.pick_config(1, 28672, 8192, 128, dev) == row["config"]
+    cfg = tuning.pick_config(1, 18944, 3584, 128, dev)               # no row for this shape
+    assert cfg["MMA"] and not cfg.get("WS") and (cfg["SV"], cfg["SPLIT_K"]) == (4, 7)
+    assert tuning.pick_config(5, 18944, 3584, 128, dev)["WS"]         # ws_default from 5 tokens
+    assert [r["config"] for r in tuning._rows(tuning._table("h200"), 4096, 4096)
+            if r["max_m"] == 2] == [{"DEFAULT": True}]
+    assert tuning.pick_config(2, 4096, 4096, 128, dev)["SPLIT_K"] == 8   # DEFAULT row: the rule
+    monkeypatch.setattr(tuning, "_gpu_key", lambda device: "default")
+    cap[0] = (8, 0)
+    assert tuning.pick_config(1, 18944, 3584, 128, dev) == tuning.default_config(
+        1, 18944, 3584, 132, 227 * 1024)
 
 
 def test_wperm_activations_match_the_kernels_word_view():
