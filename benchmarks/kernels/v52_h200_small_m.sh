@@ -5,6 +5,10 @@
 # shipped M = 1 tiles, `mma_regs.py`; registers 72 -> 88 / 92 at 4 warps x 2 rows, 7 -> 5
 # programs per SM; 128 -> 137 / 142 at 2 warps x 4 rows, 8 -> 7): interleaved A/B against each
 # shipped row that is an MMA config (FS means nothing to the WS kernel), Humming as an arm.
+# XPERM (activations permuted once per call, one 16-byte B-fragment load for two planes) cuts
+# the loop's loads 52 -> 36 at 4 warps x 2 rows with no register cost: the activation loads
+# are 32 of the 44 loads per 4 chunks there (one 8-byte load per mma), a lead if the H200's
+# limit is load issue rather than arithmetic.
 # On an H200:
 #   OUT=/tmp/v52 bash benchmarks/kernels/v52_h200_small_m.sh
 set -u
@@ -21,7 +25,7 @@ sys.exit(0 if cfg.get("MMA") and not cfg.get("WS") else 1)
 PY
     echo "== $sh M=$m"
     timeout 120 python3 benchmarks/kernels/ab.py --shape "$sh" --m "$m" --rounds 7 --humming \
-      --twin FS=1 --twin FS=2 --out "$O/ab/ab_${sh}_m$m.json" 2>&1 | grep -v Warn | tail -4 \
+      --twin FS=1 --twin FS=2 --twin XPERM=true --twin XPERM=true,FS=2 --out "$O/ab/ab_${sh}_m$m.json" 2>&1 | grep -v Warn | tail -4 \
       | cut -c1-100
   done
 done
