@@ -6,9 +6,9 @@
 # programs per SM; 128 -> 137 / 142 at 2 warps x 4 rows, 8 -> 7): interleaved A/B against each
 # shipped row that is an MMA config (FS means nothing to the WS kernel), Humming as an arm.
 # XPERM (activations permuted once per call, one 16-byte B-fragment load for two planes) cuts
-# the loop's loads per 4 chunks 44 -> 28 at 4 warps x 2 rows with no register cost: the activation loads
-# are 32 of the 44 loads per 4 chunks there (one 8-byte load per mma), a lead if the H200's
-# limit is load issue rather than arithmetic.
+# the loop's loads per 4 chunks from 44 (32 of them 8-byte activation loads, one per mma) to 28
+# at 4 warps x 2 rows, at the same registers: a lead if the H200's limit is load issue rather
+# than arithmetic.
 # On an H200:
 #   OUT=/tmp/v52 bash benchmarks/kernels/v52_h200_small_m.sh
 set -u
