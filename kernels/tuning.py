@@ -275,12 +275,13 @@ def pick_config(m: int, n: int, k: int, group_size: int, device=None) -> dict:
                 if row["config"].get("DEFAULT"):  # this M range takes the defaults below
                     break
                 return dict(row["config"])
+    sms = _num_sms(device)
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         import torch
 
-        cap, sms = torch.cuda.get_device_capability(device), _num_sms(device)
+        cap = torch.cuda.get_device_capability(device)
         cfg = (gemv_mma_default(m, n, k, group_size, cap, sms)
                or ws_default(m, n, k, group_size, cap, sms))
         if cfg:
             return cfg
-    return default_config(m, n, k, _num_sms(device), _smem_bytes(device))
+    return default_config(m, n, k, sms, _smem_bytes(device))

@@ -17,16 +17,17 @@ cd "$(dirname "$0")/../.."
 for sh in ${SHAPES:-8192x28672 28672x8192 4096x14336 14336x4096}; do
   for m in ${MS:-1 4 16}; do
     python3 - "$sh" "$m" <<'PY' || { echo "== $sh M=$m: not an MMA row, skipped"; continue; }
-import json, sys
-k, n = map(int, sys.argv[1].split("x")); m = int(sys.argv[2])
-rows = json.load(open("kernels/configs/h200.json"))[f"{n}x{k}"]
-cfg = next(r for r in rows if m <= r["max_m"])["config"]
+import sys
+sys.path.insert(0, "benchmarks/kernels")
+from sweep_large import table_config
+k, n = map(int, sys.argv[1].split("x"))
+cfg = table_config("kernels/configs/h200.json", int(sys.argv[2]), n, k) or {}
 sys.exit(0 if cfg.get("MMA") and not cfg.get("WS") else 1)
 PY
     echo "== $sh M=$m"
     timeout 120 python3 benchmarks/kernels/ab.py --shape "$sh" --m "$m" --rounds 7 --humming \
-      --twin FS=1 --twin FS=2 --twin XPERM=true --twin XPERM=true,FS=2 --out "$O/ab/ab_${sh}_m$m.json" 2>&1 | grep -v Warn | tail -4 \
-      | cut -c1-100
+      --twin FS=1 --twin FS=2 --twin XPERM=true --twin XPERM=true,FS=2 \
+      --out "$O/ab/ab_${sh}_m$m.json" 2>&1 | grep -v Warn | tail -4 | cut -c1-100
   done
 done
 exit 0
