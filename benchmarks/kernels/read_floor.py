@@ -10,6 +10,7 @@ memory floor" should be read against (NOTES.md).
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import sys
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--out", default="read_floor.json")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
@@ -66,7 +68,7 @@ def main() -> None:
         copies = [torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int32, device="cuda")
                   for _ in range(copies_for(nbytes))]
         dst = [torch.empty_like(c) for c in copies]
-        row = {"K": k, "N": n, "bytes": nbytes, "gpu": gpu, "copies": len(copies)}
+        row = {"K": k, "N": n, "bytes": nbytes, "gpu": gpu, "date": date, "copies": len(copies)}
         row["copy_us"] = round(graph_time_us([lambda s=s, d=d: d.copy_(s)
                                               for s, d in zip(copies, dst)]), 2)
         del dst
