@@ -18,6 +18,7 @@ from .algorithms import get_applier
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
+from .moe import has_linear_experts, left_in_float, unfuse_experts
 from .nn.quant_modules import unwrap_module
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,18 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     ``seq_len`` tokens are drawn from texts and 1-D token streams, and cut from batches; a 2-D
     ``[rows, tokens]`` tensor is used whole, as given. Every check runs before the
     model changes; on failure the model is restored to float.
+
+    Mixture-of-experts models whose experts are fused 3-D weights (transformers 5's Mixtral,
+    Qwen-MoE, DeepSeek, GPT-OSS, ...) get one ``nn.Linear`` per expert projection first
+    (:func:`modelopt_lite.moe.unfuse_experts`, which leaves the float function unchanged), so
+    every expert is quantized; experts that no calibration token reaches get ranges from their
+    weights and from their sibling experts' inputs.
     """
     cfg = resolve_config(config)
     if quant_modules(model):
         raise AlreadyQuantizedError("this model already has fake-quant layers; quantize a fresh "
                                     "float model (or call modelopt_lite.unquantize(model) first)")
+    prepare_experts(model)
     plans = plan_layers(model, cfg)
     loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
                                 batch_size, seed, progress)
@@ -60,10 +68,23 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     return model
 
 
+def prepare_experts(model: nn.Module) -> None:
+    """Unfuse fused MoE experts into per-expert linears; warn about expert weights that stay
+    in float because their layout is not one :mod:`modelopt_lite.moe` reads."""
+    unfuse_experts(model)
+    rest = left_in_float(model)
+    if rest:
+        logger.warning("%d module(s) hold expert weights outside nn.Linear in a layout "
+                       "modelopt_lite does not read; they stay in float: %s", len(rest),
+                       ", ".join(rest[:4]) + (", ..." if len(rest) > 4 else ""))
+
+
 def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
     kept = {k: v for k, v in (getattr(model, "_modelopt_lite", None) or {}).items()
             if k == "sparsity"}  # masks recorded by sparsify() stay with the model
     model._modelopt_lite = {**kept, "config": cfg.to_dict(), "layers": [p.record() for p in plans]}
+    if has_linear_experts(model):
+        model._modelopt_lite["experts_unfused"] = True
 
 
 def unquantize(model: nn.Module) -> nn.Module:

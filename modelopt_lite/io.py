@@ -106,6 +106,10 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     manifest = read_manifest(directory)
     if quant_modules(model):
         raise CheckpointError("load() needs a fresh float model; this one is already quantized")
+    if manifest.get("experts_unfused"):   # saved with per-expert linears: make them here too
+        from .moe import unfuse_experts
+
+        unfuse_experts(model)
     modules = dict(model.named_modules())
     layers = [r for r in manifest.get("layers", []) if not r["skipped"]]
     _check_layers(layers, modules)
@@ -124,8 +128,8 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
     _check_missing_are_tied(model, tied)
-    model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity", "deployed")
-                            if k in manifest}
+    model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity", "deployed",
+                                                     "experts_unfused") if k in manifest}
     return model
 
 

@@ -69,3 +69,52 @@ ALL = {"llama": tiny_llama, "gemma3": tiny_gemma3, "opt": tiny_opt, "gpt2": tiny
 def random_tokens(n=4, seq=32, seed=None):
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     return torch.randint(0, VOCAB, (n, seq), generator=g)
+
+
+# --- mixture-of-experts (transformers 5 keeps the experts as fused 3-D weights) ---
+
+def _moe(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():   # fused expert weights and biases: make every one non-trivial
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    return _finish(model, seed)
+
+
+def tiny_mixtral(seed=0, hidden=128, inter=256, experts=4, top_k=2, layers=2):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=experts, num_experts_per_tok=top_k,
+                        max_position_embeddings=256)
+    return _moe(MixtralForCausalLM(cfg), seed)
+
+
+def tiny_qwen2_moe(seed=0, hidden=128, inter=128, experts=8, top_k=2, layers=2):
+    """Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=256,
+                         moe_intermediate_size=inter, shared_expert_intermediate_size=256,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_experts=experts, num_experts_per_tok=top_k,
+                         max_position_embeddings=256, decoder_sparse_step=1)
+    return _moe(Qwen2MoeForCausalLM(cfg), seed)
+
+
+def tiny_gpt_oss(seed=0, hidden=128, inter=128, experts=4, top_k=2, layers=2):
+    """GPT-OSS: transposed, interleaved gate/up expert weights with biases and a clamped
+    SwiGLU of its own."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, num_local_experts=experts, num_experts_per_tok=top_k,
+                       max_position_embeddings=256, sliding_window=32,
+                       layer_types=["sliding_attention", "full_attention"][:layers])
+    return _moe(GptOssForCausalLM(cfg), seed)

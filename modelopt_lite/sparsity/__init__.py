@@ -21,6 +21,7 @@ from torch import nn
 
 from ..calib.runner import resolve_forward_loop
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
+from ..moe import has_linear_experts
 from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -44,8 +45,11 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     """
     from ..config import DEFAULT_EXCLUDE
 
+    from ..api import prepare_experts
+
     cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
                          on_indivisible=on_indivisible, block_size=block_size, percdamp=percdamp)
+    prepare_experts(model)   # fused MoE experts -> per-expert nn.Linear (function unchanged)
     plans = plan_sparsity(model, cfg)
     loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
                                 batch_size, seed, progress)
@@ -94,6 +98,8 @@ def _record(model: nn.Module, cfg: SparsityConfig, plans: list[SparsePlan], seco
     state = getattr(model, "_modelopt_lite", None) or {}
     state["sparsity"] = {"config": cfg.to_dict(), "seconds": round(seconds, 3),
                          "layers": [p.record() for p in plans]}
+    if has_linear_experts(model):
+        state["experts_unfused"] = True
     model._modelopt_lite = state
 
 
