@@ -18,7 +18,7 @@ from .algorithms import get_applier
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
-from .moe import has_linear_experts, left_in_float, unfuse_experts
+from .moe import all_experts_calibrate, has_linear_experts, left_in_float, unfuse_experts
 from .nn.quant_modules import unwrap_module
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     Mixture-of-experts models whose experts are fused 3-D weights (transformers 5's Mixtral,
     Qwen-MoE, DeepSeek, GPT-OSS, ...) get one ``nn.Linear`` per expert projection first
     (:func:`modelopt_lite.moe.unfuse_experts`, which leaves the float function unchanged), so
-    every expert is quantized; experts that no calibration token reaches get ranges from their
-    weights and from their sibling experts' inputs.
+    every expert is quantized. During calibration every expert runs on every token (the
+    model's outputs still come from the routed experts only), so each expert's statistics,
+    rarely routed ones included, come from the whole calibration set.
     """
     cfg = resolve_config(config)
     if quant_modules(model):
@@ -58,7 +59,8 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     apply = get_applier(cfg.algorithm.name)
     insert_quantizers(plans)
     try:
-        apply(model, cfg, loop, progress)
+        with all_experts_calibrate(model):   # MoE: every expert's statistics from every token
+            apply(model, cfg, loop, progress)
     except BaseException:
         _remove_quantizers(model)
         raise

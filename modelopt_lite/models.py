@@ -77,8 +77,18 @@ _GEMMA2 = Arch("model.layers", (
                ("mlp", "post_feedforward_layernorm"),
                ("mlp.down_proj", "post_feedforward_layernorm")))
 
+# Mixture-of-experts decoders with Llama-named attention: the attention groups (and the dense
+# MLP of layers that have one) fold as in Llama; a shared expert's up -> down folds. The MoE
+# input norm also feeds the router, so it folds nothing; the routed experts' groups come from
+# ``expert_groups`` (one set per expert, see there).
+_LLAMA_MOE = Arch("model.layers", _LLAMA.groups + tuple(
+    Group(f"mlp.{shared}.up_proj", (f"mlp.{shared}.down_proj",), f"mlp.{shared}.down_proj")
+    for shared in ("shared_expert", "shared_experts")))
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+    **{t: _LLAMA_MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
+                               "gpt_oss", "granitemoe", "minimax", "hunyuan_v1_moe")},
     "gemma2": _GEMMA2, "gemma3": _GEMMA2, "gemma3_text": _GEMMA2,
     "phi3": Arch("model.layers", (
         Group("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
@@ -141,12 +151,37 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
     ``kv_tied``: include groups that fold only with a scale tied over repeated key/value heads
     (``v_proj -> o_proj`` under grouped-query attention, see :func:`tie_scale`)."""
     arch = get_arch(model)
+    experts = expert_groups(layer)
     if arch is None:
         logger.warning("%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
                        "its own with an explicit multiply (no fold). Add a row to fold scales.",
                        model_type(model) or type(model).__name__)
-        return [Group(None, (n,), n) for n, m in layer.named_modules() if _is_linear(m)]
-    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)]
+        covered = {n for g in experts for n in g.linears}
+        return [Group(None, (n,), n) for n, m in layer.named_modules()
+                if _is_linear(m) and n not in covered] + experts
+    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)] + experts
+
+
+def expert_groups(layer: nn.Module) -> list[Group]:
+    """The groups of every routed expert (:class:`~modelopt_lite.moe.LinearExperts`) inside
+    ``layer``: its gate and up projections share the expert's input, scaled by an explicit
+    multiply (the input also feeds the router and the other experts, so nothing upstream can
+    fold an expert's scale); up -> down folds exactly into the up projection's rows when the
+    gating is ``act(gate) * up`` (linear in ``up``), else down gets an explicit multiply."""
+    from .moe import LinearExperts
+
+    groups = []
+    for path, moe in layer.named_modules():
+        if not isinstance(moe, LinearExperts):
+            continue
+        for e, expert in enumerate(moe.experts()):
+            p = f"{path}.{e}"
+            inputs = (f"{p}.gate_proj", f"{p}.up_proj") if moe.has_gate else (f"{p}.up_proj",)
+            groups.append(Group(None, inputs, p))
+            linear_in_up = moe.has_gate and moe._default_gate
+            groups.append(Group(f"{p}.up_proj" if linear_in_up else None, (f"{p}.down_proj",),
+                                f"{p}.down_proj"))
+    return groups
 
 
 def block_post_norm(model: nn.Module, layer: nn.Module, block: str | None) -> nn.Module | None:

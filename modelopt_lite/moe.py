@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ class LinearExperts(nn.Module):
         self.num_experts = _num_experts(fused)
         self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = layout
         self.fused_type = type(fused).__name__
+        self.calibrate_all = False   # see all_experts_calibrate()
         self._default_gate = _uses_default_gate(fused)
         experts = _split(fused, self.num_experts, layout)
         norm = getattr(fused, "post_expert_norm", None) if getattr(
@@ -109,11 +111,14 @@ class LinearExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()
-        for e in hit:
+        every = self.calibrate_all
+        for e in range(self.num_experts) if every else hit:
             if not 0 <= e < self.num_experts:   # an expert-parallel sentinel: not on this rank
                 continue
             token, slot = torch.where(top_k_index == e)
-            y = self[e](hidden_states[token])
+            y = self[e](hidden_states if every else hidden_states[token])
+            if every:   # every token ran through the expert; the routed ones count
+                y = y[token]
             if hasattr(self, "post_expert_norm"):
                 y = self.post_expert_norm(y)
             y = y * top_k_weights[token, slot, None]
@@ -153,6 +158,22 @@ def unfuse_experts(model: nn.Module, progress: bool = False) -> list[str]:
         logger.info("unfused %d experts module(s) into nn.Linear experts (first: %s, %d experts)",
                     len(fused), fused[0][0], model.get_submodule(fused[0][0]).num_experts)
     return [n for n, _ in fused]
+
+
+@contextmanager
+def all_experts_calibrate(model: nn.Module):
+    """Context: every expert of every :class:`LinearExperts` runs on every token, so the
+    statistics hooks of all experts see the whole calibration set, rarely routed experts
+    included; each token's output still sums only its routed experts, so the model computes
+    what it computes outside. Costs ``num_experts / top_k`` times the expert work."""
+    mods = [m for m in model.modules() if isinstance(m, LinearExperts)]
+    for m in mods:
+        m.calibrate_all = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.calibrate_all = False
 
 
 def left_in_float(model: nn.Module) -> list[str]:

@@ -64,12 +64,40 @@ def summary_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
+def _collapse_experts(model: nn.Module, rows: list[dict]) -> list[dict]:
+    """One line for the same projection of every expert of a MoE layer (``experts.*.up_proj``)
+    when they share shape, status and format; its SQNR is the worst expert's."""
+    from .moe import LinearExperts
+
+    paths = {n for n, m in model.named_modules() if isinstance(m, LinearExperts)}
+    if not paths:
+        return rows
+    out, merged = [], {}
+    for r in rows:
+        head, _, proj = r["name"].rpartition(".")
+        base, _, idx = head.rpartition(".")
+        if base not in paths or not idx.isdigit():
+            out.append(r)
+            continue
+        key = (base, proj, r["shape"], r["status"], r["format"], r["reason"])
+        if key not in merged:
+            merged[key] = dict(r, name=f"{base}.*.{proj}", _rows=[])
+            out.append(merged[key])
+        merged[key]["_rows"].append(r)
+    for m in merged.values():
+        sq = [r["sqnr_db"] for r in m["_rows"] if r["sqnr_db"] is not None]
+        m["sqnr_db"] = min(sq) if sq else None
+        n = len(m.pop("_rows"))
+        m["reason"] = f"{n} experts, worst SQNR" + (f"; {m['reason']}" if m["reason"] else "")
+    return out
+
+
 def format_summary(model: nn.Module) -> str:
     rows = summary_rows(model)
     if not rows:
         return "model is not quantized by modelopt_lite"
     lines = [f"{'layer':<44} {'shape':>11}  {'status':<9} {'format':<36} {'W SQNR':>7}  note"]
-    for r in rows:
+    for r in _collapse_experts(model, rows):
         sqnr = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:6.1f}dB"
         lines.append(f"{r['name'][:44]:<44} {r['shape']:>11}  {r['status']:<9} "
                      f"{r['format'][:36]:<36} {sqnr:>7}  {r['reason']}")

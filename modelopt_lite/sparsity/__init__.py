@@ -21,7 +21,7 @@ from torch import nn
 
 from ..calib.runner import resolve_forward_loop
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
-from ..moe import has_linear_experts
+from ..moe import all_experts_calibrate, has_linear_experts
 from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -58,7 +58,8 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
                          "tokenizer= for strings) or forward_loop=; method='magnitude' needs none")
     start = time.perf_counter()
     if method in CALIBRATED:
-        _prune_calibrated(model, plans, loop, cfg, progress)
+        with all_experts_calibrate(model):   # MoE: every expert's Hessian from every token
+            _prune_calibrated(model, plans, loop, cfg, progress)
     else:
         for p in plans:
             if not p.skipped:
