@@ -108,6 +108,8 @@ class LinearExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return self._dense(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()
@@ -123,6 +125,19 @@ class LinearExperts(nn.Module):
                 y = self.post_expert_norm(y)
             y = y * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def _dense(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """The same sum with static shapes, for graph capture (torch.export, ONNX,
+        torch.compile): every expert runs on every token, weighted by its routing weight
+        (zero where the token did not pick it). ``num_experts / top_k`` times the work."""
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            w = (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(-1, keepdim=True)
+            y = self[e](hidden_states)
+            if hasattr(self, "post_expert_norm"):
+                y = self.post_expert_norm(y)
+            out = out + (y * w).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
