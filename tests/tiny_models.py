@@ -116,5 +116,6 @@ def tiny_gpt_oss(seed=0, hidden=128, inter=128, experts=4, top_k=2, layers=2):
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=32, num_local_experts=experts, num_experts_per_tok=top_k,
                        max_position_embeddings=256, sliding_window=32,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                        layer_types=["sliding_attention", "full_attention"][:layers])
     return _moe(GptOssForCausalLM(cfg), seed)

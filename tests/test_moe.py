@@ -1,0 +1,256 @@
+"""Mixture-of-experts models: fused 3-D experts unfused into per-expert linears, then quantized,
+sparsified, saved, deployed and exported like any other linear."""
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import modelopt_lite as mtl
+from modelopt_lite.moe import (LinearExperts, UnsupportedExpertsError, all_experts_calibrate,
+                               left_in_float, unfuse_experts)
+from modelopt_lite.nn import is_quantized
+from test_quantizer_math import reference_fake_quant
+from tiny_models import random_tokens, tiny_gpt_oss, tiny_llama, tiny_mixtral, tiny_qwen2_moe
+
+MOE = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "gpt_oss": tiny_gpt_oss}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _experts(model, layer=0) -> LinearExperts:
+    return model.model.layers[layer].mlp.experts
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_unfused_model_computes_what_the_fused_one_does(arch):
+    fused = MOE[arch]().double()
+    fused.set_experts_implementation("eager")   # transformers' own loop, in float64
+    ids = random_tokens(2, 24, seed=1)
+    ref = _logits(fused, ids)
+    model = MOE[arch]().double()
+    names = unfuse_experts(model)
+    assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert not any(p.dim() == 3 for p in model.parameters())
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-12, atol=1e-12)
+    with all_experts_calibrate(model):   # every expert runs on every token; outputs unchanged
+        torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-12, atol=1e-12)
+    assert unfuse_experts(model) == []   # idempotent
+
+
+def test_float32_unfused_matches_transformers_default_kernel():
+    ids = random_tokens(2, 24, seed=3)
+    ref = _logits(tiny_mixtral(), ids)   # transformers' default (grouped) experts kernel
+    model = tiny_mixtral()
+    unfuse_experts(model)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt_oss_transposed_interleaved_layout_is_read_right():
+    fused = tiny_gpt_oss()
+    f = fused.model.layers[0].mlp.experts
+    gate_up, bias = f.gate_up_proj.detach().clone(), f.gate_up_proj_bias.detach().clone()
+    down = f.down_proj.detach().clone()
+    unfuse_experts(fused)
+    e = _experts(fused)[2]
+    # [E, in, 2I] with gate in the even and up in the odd output columns
+    torch.testing.assert_close(e.gate_proj.weight, gate_up[2][:, 0::2].t(), rtol=0, atol=0)
+    torch.testing.assert_close(e.up_proj.weight, gate_up[2][:, 1::2].t(), rtol=0, atol=0)
+    torch.testing.assert_close(e.gate_proj.bias, bias[2][0::2], rtol=0, atol=0)
+    torch.testing.assert_close(e.up_proj.bias, bias[2][1::2], rtol=0, atol=0)
+    torch.testing.assert_close(e.down_proj.weight, down[2].t(), rtol=0, atol=0)
+
+
+def test_graph_path_matches_the_routed_loop():
+    model = tiny_qwen2_moe().double()
+    unfuse_experts(model)
+    moe = _experts(model)
+    x = torch.randn(10, 128, dtype=torch.float64)
+    idx = torch.randint(0, moe.num_experts, (10, 2))
+    w = torch.rand(10, 2, dtype=torch.float64)
+    torch.testing.assert_close(moe._dense(x, idx, w), moe(x, idx, w), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["int4_awq", "w8a8", "int8_smoothquant", "int4_weight_only"])
+def test_quantize_reaches_every_expert_even_unrouted_ones(preset, caplog):
+    """One calibration token routes to 2 of 4 experts per layer; every expert still gets
+    statistics (all experts calibrate on every token) and every expert linear is quantized."""
+    model = tiny_mixtral()
+    ids = random_tokens(2, 16, seed=1)
+    with caplog.at_level(logging.WARNING):
+        mtl.quantize(model, preset, calib=random_tokens(1, 1, seed=2), progress=False)
+    assert "not in modelopt_lite.models.ARCHITECTURES" not in caplog.text
+    names = [n for n, m in model.named_modules() if is_quantized(m)]
+    expert_linears = [n for n in names if ".experts." in n]
+    assert len(expert_linears) == 2 * 4 * 3 and len(names) == 2 * 4 + 2 * 4 * 3
+    for _, m in model.named_modules():
+        if is_quantized(m) and m.input_quantizer.enabled and not m.input_quantizer.spec.dynamic:
+            assert m.input_quantizer.amax is not None and torch.isfinite(
+                m.input_quantizer.amax).all()
+    assert torch.isfinite(_logits(model, ids)).all()
+    assert model._modelopt_lite["experts_unfused"] is True
+
+
+def test_int4_rtn_expert_weights_match_float64_reference_on_the_fused_slices():
+    model = tiny_mixtral()
+    fused = model.model.layers[1].mlp.experts.gate_up_proj.detach().double().clone()
+    down = model.model.layers[1].mlp.experts.down_proj.detach().double().clone()
+    mtl.quantize(model, "int4_weight_only", progress=False)
+    spec = model.model.layers[1].mlp.experts[3].up_proj.weight_quantizer.spec
+    for name, ref_w in (("gate_proj", fused[3, :256]), ("up_proj", fused[3, 256:]),
+                        ("down_proj", down[3])):
+        lin = getattr(_experts(model, 1)[3], name)
+        with torch.no_grad():
+            got = lin.weight_quantizer(lin.weight_2d()).double()
+        ref = reference_fake_quant(ref_w, 4, spec.symmetric, spec.block_size)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+def _expert_error(model, float_model, x, layer=0) -> float:
+    q, f = _experts(model, layer), _experts(float_model, layer)
+    with torch.no_grad():
+        return sum(((q[e](x) - f[e](x)).pow(2).sum() / f[e](x).pow(2).sum()).item()
+                   for e in range(q.num_experts)) / q.num_experts
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_awq_and_smoothquant_search_lower_each_experts_error(arch):
+    """Per expert, on the same float inputs: AWQ's scales and clips beat plain RTN and
+    SmoothQuant's smoothing beats plain W8A8 (the searches act expert by expert)."""
+    calib = random_tokens(8, 32, seed=2)
+    float_model = MOE[arch]()
+    unfuse_experts(float_model)
+    seen = {}
+    hook = _experts(float_model).register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("x", args[0]))
+    float_model(calib[:4])
+    hook.remove()
+    err = {}
+    for preset in ("int4_weight_only", "int4_awq_asym", "w8a8", "int8_smoothquant"):
+        model = MOE[arch]()
+        mtl.quantize(model, preset, calib=calib, progress=False)
+        err[preset] = _expert_error(model, float_model, seen["x"])
+    assert err["int4_awq_asym"] < 0.8 * err["int4_weight_only"], err
+    assert err["int8_smoothquant"] < 0.5 * err["w8a8"], err
+
+
+def test_gate_up_share_a_scale_and_up_down_folds():
+    model = tiny_mixtral()
+    mtl.quantize(model, "int4_awq", calib=random_tokens(4, 32, seed=2), progress=False)
+    e = _experts(model)[1]
+    g, u, d = (lin.input_quantizer.pre_quant_scale
+               for lin in (e.gate_proj, e.up_proj, e.down_proj))
+    assert g is not None and torch.equal(g, u)   # one explicit multiply for the shared input
+    assert d is None                              # folded into up_proj's rows
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant"])
+def test_scales_fold_exactly_the_float_function_survives_unquantize(arch, preset):
+    """AWQ/SmoothQuant on the table's MoE rows (attention folds, per-expert groups): with
+    the quantizers removed (explicit multiplies folded back) the model is the float one."""
+    ids = random_tokens(2, 16, seed=1)
+    float_model = MOE[arch]()
+    unfuse_experts(float_model)
+    ref = _logits(float_model, ids)
+    model = MOE[arch]()
+    cfg = mtl.get_preset(preset)
+    cfg = cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, gptq=False))  # float weights
+    mtl.quantize(model, cfg, calib=random_tokens(4, 32, seed=2), progress=False)
+    mtl.unquantize(model)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_save_load_and_deploy_round_trip(tmp_path):
+    model = tiny_gpt_oss()
+    ids = random_tokens(2, 16, seed=1)
+    mtl.quantize(model, "int4_awq", calib=random_tokens(4, 32, seed=2), progress=False)
+    fake = _logits(model, ids)
+    mtl.save(model, tmp_path / "q")
+    loaded = mtl.load(tiny_gpt_oss(), tmp_path / "q")
+    assert isinstance(_experts(loaded), LinearExperts)
+    torch.testing.assert_close(_logits(loaded, ids), fake, rtol=0, atol=0)
+    mtl.deploy(model)
+    from modelopt_lite.nn.int4_linear import Int4Linear
+
+    assert isinstance(_experts(model, 1)[3].down_proj, Int4Linear)
+    torch.testing.assert_close(_logits(model, ids), fake, rtol=1e-3, atol=2e-3)
+    mtl.save(model, tmp_path / "d")
+    again = mtl.load(tiny_gpt_oss(), tmp_path / "d")
+    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "int4_awq"])
+def test_onnx_export_of_a_moe_model_matches_onnxruntime(preset, tmp_path):
+    from modelopt_lite.export.onnx import export_onnx
+    from modelopt_lite.export.verify import compare_with_torch
+
+    model = tiny_mixtral(layers=1)
+    mtl.quantize(model, preset, calib=random_tokens(4, 32, seed=2), progress=False)
+    result = export_onnx(model, random_tokens(1, 8, seed=1), tmp_path / "m.onnx")
+    assert result.qdq_nodes > 0
+    err = compare_with_torch(model, random_tokens(2, 11, seed=5), result.path)  # other shape
+    assert err["max_abs"] < 1e-4, err
+
+
+def test_sparsify_prunes_every_expert():
+    model = tiny_mixtral()
+    mtl.sparsify(model, method="sparsegpt", calib=random_tokens(4, 32, seed=2), progress=False)
+    for e in _experts(model, 1).experts():
+        for lin in (e.gate_proj, e.up_proj, e.down_proj):
+            groups = (lin.weight.detach() != 0).reshape(lin.weight.shape[0], -1, 4).sum(-1)
+            assert groups.max() <= 2
+    assert model._modelopt_lite["experts_unfused"] is True
+
+
+def test_summary_folds_experts_into_one_line_per_projection():
+    model = tiny_qwen2_moe()
+    mtl.quantize(model, "int4_weight_only", progress=False)
+    text = mtl.format_summary(model)
+    assert "model.layers.0.mlp.experts.*.down_proj" in text and "8 experts" in text
+    assert "mlp.experts.3.up_proj" not in text
+    assert text.splitlines()[-1].startswith(f"{2 * (4 + 8 * 3 + 3 + 1)} layer(s) quantized")
+
+
+def test_expert_parallel_experts_are_refused_before_any_change():
+    model = tiny_mixtral()
+    model.model.layers[1].mlp.experts._is_expert_parallel = True
+    with pytest.raises(UnsupportedExpertsError, match=r"layers\.1\.mlp\.experts.*expert paral"):
+        mtl.quantize(model, "int4_weight_only", progress=False)
+    assert not isinstance(_experts(model, 0), LinearExperts)   # nothing unfused
+
+
+def test_unreadable_expert_layouts_are_reported_as_left_in_float(caplog):
+    class OddExperts(nn.Module):   # a layout without the transformers decorator's attributes
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 64, 64))
+
+        def forward(self, x):
+            return x + (x @ self.w).mean(0)
+
+    model = tiny_llama()
+    model.model.layers[0].mlp.experts = OddExperts()
+    assert left_in_float(model) == ["model.layers.0.mlp.experts"]
+    with caplog.at_level(logging.WARNING):
+        mtl.quantize(model, "int8_weight_only", progress=False)
+    assert "stay in float: model.layers.0.mlp.experts" in caplog.text
+
+
+def test_qat_trains_expert_weights():
+    from modelopt_lite.qat import prepare_qat
+
+    model = tiny_mixtral()
+    prepare_qat(model, "int4_weight_only", progress=False)
+    ids = random_tokens(2, 16, seed=1)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [e.down_proj.weight.grad for e in _experts(model).experts()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
