@@ -234,6 +234,11 @@ def _check(name: str, fused: nn.Module) -> None:
             "model with every expert on each rank (load it without an expert-parallel plan)")
     e = _num_experts(fused)
     up = fused.gate_up_proj if has_gate else fused.up_proj
+    if up.is_meta:
+        raise UnsupportedExpertsError(
+            f"{name}: the fused experts are on the meta device. Streaming a MoE model from a "
+            "safetensors folder (load_streaming) is not supported yet: load the model in CPU "
+            "memory and calibrate with stream_layers(model, 'cuda') instead")
     down = fused.down_proj
     up_in, up_out = (up.shape[1], up.shape[2]) if transposed else (up.shape[2], up.shape[1])
     down_in, down_out = (down.shape[1], down.shape[2]) if transposed else (down.shape[2],

@@ -254,3 +254,44 @@ def test_qat_trains_expert_weights():
     grads = [e.down_proj.weight.grad for e in _experts(model).experts()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_experts_on_the_meta_device_are_refused_with_the_way_out():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(
+            vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+    with pytest.raises(UnsupportedExpertsError, match="meta device.*stream_layers"):
+        unfuse_experts(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_deployed_moe_runs_on_the_int4_kernels_on_gpu(arch):
+    """Expert by expert on the same input (routing cannot flip): the INT4 kernels compute
+    what the fake-quant experts do; and the deployed model runs eagerly and compiled."""
+    import copy
+
+    from modelopt_lite.nn.int4_linear import int4_layers
+
+    model = MOE[arch]()
+    mtl.quantize(model, "int4_awq", calib=random_tokens(4, 32, seed=2), progress=False)
+    model = model.cuda().half()
+    fake = copy.deepcopy(model)
+    mtl.deploy(model)
+    assert sum(".experts." in n for n in int4_layers(model)) == 2 * 4 * 3
+    x = torch.randn(7, 128, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        for e in range(4):
+            want, got = _experts(fake, 1)[e](x).float(), _experts(model, 1)[e](x).float()
+            assert ((got - want).norm() / want.norm()).item() < 1e-2
+    ids = random_tokens(2, 16, seed=1).cuda()
+    eager = _logits(model, ids).float()
+    assert torch.isfinite(eager).all()
+    with torch.no_grad():   # the static-shape expert path under torch.compile
+        compiled = torch.compile(model)(ids).logits.float()
+    per_token = (compiled - eager).norm(dim=-1) / eager.norm(dim=-1)
+    assert per_token.median().item() < 1e-2
