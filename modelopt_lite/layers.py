@@ -101,6 +101,13 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
             f"{name}: weight dtype {module.weight.dtype} is not supported; quantize a model in "
             "float32, float16 or bfloat16 (e.g. model.float() first)")
     plan = LayerPlan(name, module, config.weight, config.input)
+    custom = _custom_forward(module)
+    if custom is not None:
+        if _explicit(name, config.targets):
+            raise LayerSelectionError(
+                f"{name}: {custom}. Fix: quantize the linears it calls instead, or leave it out")
+        plan.skipped = custom
+        return plan
     w = config.weight
     if w is None or w.granularity != "per_block":
         return plan
@@ -118,6 +125,17 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
         return plan
     plan.skipped = reason
     return plan
+
+
+def _custom_forward(module: nn.Module) -> str | None:
+    """Why a subclass of Linear/Conv2d that defines its own ``forward`` (a MoE router that
+    returns top-k ids and weights, an adapter) cannot be wrapped: the fake-quant class's
+    forward would replace it. None for the plain layers and Hugging Face's Conv1D."""
+    for base in (nn.Linear, nn.Conv2d):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return (f"{type(module).__name__} subclasses {base.__name__} with a forward of its "
+                    "own, which a fake-quant wrapper would replace")
+    return None
 
 
 def _no_layers_message(model: nn.Module, config: QuantConfig) -> str:

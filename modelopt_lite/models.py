@@ -85,10 +85,18 @@ _LLAMA_MOE = Arch("model.layers", _LLAMA.groups + tuple(
     Group(f"mlp.{shared}.up_proj", (f"mlp.{shared}.down_proj",), f"mlp.{shared}.down_proj")
     for shared in ("shared_expert", "shared_experts")))
 
+# DeepSeek-V2/V3 multi-head latent attention: the input norm feeds the query (low-rank or full)
+# and the joint key/value down-projection.
+_DEEPSEEK = Arch("model.layers", _LLAMA_MOE.groups + (
+    Group("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),
+    Group("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),
+))
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
     **{t: _LLAMA_MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
                                "gpt_oss", "granitemoe", "minimax", "hunyuan_v1_moe")},
+    "deepseek_v2": _DEEPSEEK, "deepseek_v3": _DEEPSEEK,
     "gemma2": _GEMMA2, "gemma3": _GEMMA2, "gemma3_text": _GEMMA2,
     "phi3": Arch("model.layers", (
         Group("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
@@ -159,7 +167,25 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
         covered = {n for g in experts for n in g.linears}
         return [Group(None, (n,), n) for n, m in layer.named_modules()
                 if _is_linear(m) and n not in covered] + experts
-    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)] + experts
+    routed = _routed_blocks(layer)
+    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)
+            and not _feeds_a_router(layer, g, routed)] + experts
+
+
+def _routed_blocks(layer: nn.Module) -> set[str]:
+    """Paths of the modules that hold routed experts (the MoE blocks) inside ``layer``."""
+    from .moe import LinearExperts
+
+    return {n.rpartition(".")[0] for n, m in layer.named_modules()
+            if isinstance(m, LinearExperts)}
+
+
+def _feeds_a_router(layer: nn.Module, group: Group, routed: set[str]) -> bool:
+    """A norm producer whose consumers sit in a MoE block also feeds its router and experts:
+    dividing it would change the routing, so such a group cannot fold."""
+    prev = _get(layer, group.prev)
+    return prev is not None and not _is_linear(prev) and any(
+        lin.startswith(block + ".") for block in routed for lin in group.linears)
 
 
 def expert_groups(layer: nn.Module) -> list[Group]:

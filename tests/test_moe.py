@@ -13,7 +13,8 @@ from modelopt_lite.moe import (LinearExperts, UnsupportedExpertsError, all_exper
                                left_in_float, unfuse_experts)
 from modelopt_lite.nn import is_quantized
 from test_quantizer_math import reference_fake_quant
-from tiny_models import random_tokens, tiny_gpt_oss, tiny_llama, tiny_mixtral, tiny_qwen2_moe
+from tiny_models import (random_tokens, tiny_gpt_oss, tiny_llama, tiny_mixtral,
+                         tiny_moe_from_config, tiny_qwen2_moe)
 
 MOE = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "gpt_oss": tiny_gpt_oss}
 
@@ -41,6 +42,57 @@ def test_unfused_model_computes_what_the_fused_one_does(arch):
     with all_experts_calibrate(model):   # every expert runs on every token; outputs unchanged
         torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-12, atol=1e-12)
     assert unfuse_experts(model) == []   # idempotent
+
+
+# gated and ungated experts, shared experts, latent attention, dense first layers, biases,
+# post-norms: one tiny model of each family, built from its transformers config
+FAMILIES = ["deepseek_v3", "olmoe", "qwen3_moe", "glm4_moe", "phimoe", "granitemoe",
+            "nemotron_h", "ernie4_5_moe", "minimax_m2", "hunyuan_v1_moe"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_moe_families_unfuse_exactly_and_quantize_every_expert(model_type):
+    ids = random_tokens(2, 12, seed=1)
+    ref_model = tiny_moe_from_config(model_type)
+    ref_model.set_experts_implementation("eager")
+    ref = _logits(ref_model, ids)
+    model = tiny_moe_from_config(model_type)
+    fused = {n: (m.num_experts if hasattr(m, "num_experts") else m.down_proj.shape[0],
+                 2 + bool(m.has_gate)) for n, m in model.named_modules()
+             if hasattr(m, "has_gate") and hasattr(m, "down_proj")}
+    assert fused, "the fixture should have fused experts"
+    cfg = mtl.get_preset("int4_awq")
+    cfg = cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, gptq=False))
+    mtl.quantize(model, cfg, calib=random_tokens(2, 16, seed=2), progress=False)
+    names = {n for n, m in model.named_modules() if is_quantized(m)}
+    for path, (n_experts, n_proj) in fused.items():
+        assert sum(n.startswith(path + ".") for n in names) == n_experts * n_proj
+    assert torch.isfinite(_logits(model, ids)).all()
+    mtl.unquantize(model)   # every AWQ scale folded or multiplied back: the float model
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_routers_stay_in_float_and_custom_forward_linears_are_skipped_with_the_reason():
+    model = tiny_qwen2_moe()   # shared_expert_gate: a plain nn.Linear(hidden, 1) gate
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    names = {n for n, m in model.named_modules() if is_quantized(m)}
+    assert not any("gate" in n and "gate_proj" not in n for n in names)
+
+    class TopKRouter(nn.Linear):   # returns (logits, weights, ids), as PhiMoE's router does
+        def forward(self, x):
+            logits = super().forward(x)
+            w, i = logits.softmax(-1).topk(2, dim=-1)
+            return logits, w, i
+
+    net = nn.Sequential(nn.Linear(64, 64))
+    net.add_module("picker", TopKRouter(64, 8))
+    plans = {r["name"]: r for r in mtl.quantize(
+        net, "int8_weight_only", progress=False)._modelopt_lite["layers"]}
+    assert "forward of its own" in plans["picker"]["skipped"] and not plans["0"]["skipped"]
+    assert len(net[1](torch.randn(3, 64))) == 3   # still the router
+    with pytest.raises(mtl.layers.LayerSelectionError, match="0: TopKRouter.*forward of its own"):
+        mtl.quantize(nn.Sequential(TopKRouter(64, 8)), mtl.get_preset("int8_weight_only").replace(
+            targets=("0",)), progress=False)
 
 
 def test_float32_unfused_matches_transformers_default_kernel():

@@ -119,3 +119,27 @@ def tiny_gpt_oss(seed=0, hidden=128, inter=128, experts=4, top_k=2, layers=2):
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                        layer_types=["sliding_attention", "full_attention"][:layers])
     return _moe(GptOssForCausalLM(cfg), seed)
+
+
+_MOE_SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                  moe_intermediate_size=128, shared_expert_intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=256, n_group=1, topk_group=1, first_k_dense_replace=1,
+                  kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                  v_head_dim=32)
+
+
+def tiny_moe_from_config(model_type: str, seed=0):
+    """A tiny MoE decoder of any transformers ``model_type`` whose config takes the usual size
+    fields (DeepSeek's latent-attention dims included; its first layer stays dense)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type)
+    for key, value in _MOE_SIZES.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    if model_type.startswith("deepseek"):
+        cfg.head_dim = cfg.qk_rope_head_dim
+    torch.manual_seed(seed)
+    return _moe(AutoModelForCausalLM.from_config(cfg), seed)

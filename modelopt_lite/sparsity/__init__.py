@@ -39,7 +39,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     (OBS updates from the layer Hessian). Calibrated methods need ``calib`` (strings with
     ``tokenizer``, a text file, a dataset, a token tensor) or ``forward_loop(model)``.
     ``targets`` / ``exclude``: fnmatch patterns over module names, as in ``QuantConfig``
-    (``lm_head`` and embeddings are excluded by default). A layer whose input dim is not a
+    (``lm_head``, embeddings and MoE routers are excluded by default). A layer whose input dim is not a
     multiple of M is skipped and listed (an error when named in ``targets`` or with
     ``on_indivisible="error"``).
     """
