@@ -266,7 +266,7 @@ def test_summary_folds_experts_into_one_line_per_projection():
     text = mtl.format_summary(model)
     assert "model.layers.0.mlp.experts.*.down_proj" in text and "8 experts" in text
     assert "mlp.experts.3.up_proj" not in text
-    assert text.splitlines()[-1].startswith(f"{2 * (4 + 8 * 3 + 3 + 1)} layer(s) quantized")
+    assert text.splitlines()[-1].startswith(f"{2 * (4 + 8 * 3 + 3)} layer(s) quantized")
 
 
 def test_expert_parallel_experts_are_refused_before_any_change():
