@@ -18,7 +18,8 @@ from .algorithms import get_applier
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
-from .moe import all_experts_calibrate, has_linear_experts, left_in_float, unfuse_experts
+from .moe import (all_experts_calibrate, fuse_experts, has_linear_experts, left_in_float,
+                  unfuse_experts)
 from .nn.quant_modules import unwrap_module
 
 logger = logging.getLogger(__name__)
@@ -52,17 +53,18 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     if quant_modules(model):
         raise AlreadyQuantizedError("this model already has fake-quant layers; quantize a fresh "
                                     "float model (or call modelopt_lite.unquantize(model) first)")
-    prepare_experts(model)
-    plans = plan_layers(model, cfg)
-    loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
-                                batch_size, seed, progress)
-    apply = get_applier(cfg.algorithm.name)
-    insert_quantizers(plans)
+    unfused = prepare_experts(model)
     try:
+        plans = plan_layers(model, cfg)
+        loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
+                                    batch_size, seed, progress)
+        apply = get_applier(cfg.algorithm.name)
+        insert_quantizers(plans)
         with all_experts_calibrate(model):   # MoE: every expert's statistics from every token
             apply(model, cfg, loop, progress)
     except BaseException:
         _remove_quantizers(model)
+        fuse_experts(model, unfused)   # the model as it came, fused experts included
         raise
     _record(model, cfg, plans)
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
@@ -70,15 +72,17 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     return model
 
 
-def prepare_experts(model: nn.Module) -> None:
-    """Unfuse fused MoE experts into per-expert linears; warn about expert weights that stay
-    in float because their layout is not one :mod:`modelopt_lite.moe` reads."""
-    unfuse_experts(model)
+def prepare_experts(model: nn.Module) -> list[str]:
+    """Unfuse fused MoE experts into per-expert linears (return their names); warn about
+    expert weights that stay in float because their layout is not one
+    :mod:`modelopt_lite.moe` reads."""
+    unfused = unfuse_experts(model)
     rest = left_in_float(model)
     if rest:
         logger.warning("%d module(s) hold expert weights outside nn.Linear in a layout "
                        "modelopt_lite does not read; they stay in float: %s", len(rest),
                        ", ".join(rest[:4]) + (", ..." if len(rest) > 4 else ""))
+    return unfused
 
 
 def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
@@ -120,6 +124,8 @@ def _remove_quantizers(model: nn.Module) -> nn.Module:
         del model._modelopt_lite
         if sparsity:  # the weight_mask buffers are still there
             model._modelopt_lite = {"sparsity": sparsity}
+            if has_linear_experts(model):
+                model._modelopt_lite["experts_unfused"] = True
     return model
 
 

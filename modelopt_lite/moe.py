@@ -87,6 +87,37 @@ class LinearExperts(nn.Module):
         for e, (gate, up, down) in enumerate(experts):
             self.add_module(str(e), Expert(gate, up, down, self))
 
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """The original fused module with its 3-D weights rebuilt from the expert linears."""
+        fused = self.gating
+        t = self.is_transposed
+        lay = (lambda w: w.t()) if t else (lambda w: w)
+        ups, up_b, downs, down_b = [], [], [], []
+        for ex in self.experts():
+            w, b = ex.up_proj.weight, ex.up_proj.bias
+            if self.has_gate:
+                gw, gb = ex.gate_proj.weight, ex.gate_proj.bias
+                if self.is_concatenated:
+                    w = torch.cat((gw, w))
+                    b = None if b is None else torch.cat((gb, b))
+                else:
+                    w = torch.stack((gw, w), 1).flatten(0, 1)
+                    b = None if b is None else torch.stack((gb, b), 1).flatten()
+            ups.append(lay(w))
+            up_b.append(b)
+            downs.append(lay(ex.down_proj.weight))
+            down_b.append(ex.down_proj.bias)
+        up_name = "gate_up_proj" if self.has_gate else "up_proj"
+        fused.register_parameter(up_name, nn.Parameter(torch.stack(ups)))
+        fused.register_parameter("down_proj", nn.Parameter(torch.stack(downs)))
+        if self.has_bias:
+            fused.register_parameter(f"{up_name}_bias", nn.Parameter(torch.stack(up_b)))
+            fused.register_parameter("down_proj_bias", nn.Parameter(torch.stack(down_b)))
+        if hasattr(self, "post_expert_norm"):
+            fused.post_expert_norm = self.post_expert_norm
+        return fused
+
     def __getitem__(self, e: int) -> Expert:
         return self._modules[str(e)]
 
@@ -173,6 +204,27 @@ def unfuse_experts(model: nn.Module, progress: bool = False) -> list[str]:
         logger.info("unfused %d experts module(s) into nn.Linear experts (first: %s, %d experts)",
                     len(fused), fused[0][0], model.get_submodule(fused[0][0]).num_experts)
     return [n for n, _ in fused]
+
+
+def fuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Undo :func:`unfuse_experts`: put the original fused modules back (3-D weights rebuilt
+    from the expert linears, in the model's own layout), in place; return their names.
+    ``names`` limits it to those modules. The expert linears must be plain float
+    ``nn.Linear`` layers (call :func:`modelopt_lite.unquantize` first)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearExperts)
+             and (names is None or n in names)]
+    for name, moe in found:
+        bad = [f"{name}.{e}.{p}" for e in range(moe.num_experts)
+               for p, lin in moe[e].named_children() if type(lin) is not nn.Linear]
+        if bad:
+            raise UnsupportedExpertsError(
+                f"{bad[0]} is a {type(moe.get_submodule(bad[0][len(name) + 1:])).__name__}, not "
+                "a float nn.Linear: unquantize the model (or reload it) before fusing experts")
+    for name, moe in found:
+        parent, _, leaf = name.rpartition(".")
+        with torch.no_grad():
+            model.get_submodule(parent).register_module(leaf, moe.fuse())
+    return [n for n, _ in found]
 
 
 @contextmanager

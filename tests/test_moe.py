@@ -347,3 +347,33 @@ def test_deployed_moe_runs_on_the_int4_kernels_on_gpu(arch):
         compiled = torch.compile(model)(ids).logits.float()
     per_token = (compiled - eager).norm(dim=-1) / eager.norm(dim=-1)
     assert per_token.median().item() < 1e-2
+
+
+def test_a_failed_quantize_gives_the_model_back_fused():
+    model = tiny_mixtral()
+    ids = random_tokens(2, 12, seed=1)
+    ref = _logits(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mtl.nn.CalibrationError):   # AWQ without calibration data
+        mtl.quantize(model, "int4_awq", progress=False)
+    assert not isinstance(_experts(model), LinearExperts)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_fuse_experts_restores_the_original_layout(arch):
+    from modelopt_lite.moe import fuse_experts
+
+    model = MOE[arch]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    unfuse_experts(model)
+    assert fuse_experts(model) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert model.state_dict().keys() == state.keys()
+    for k, v in state.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    quantized = MOE[arch]()
+    mtl.quantize(quantized, "int8_weight_only", progress=False)
+    with pytest.raises(UnsupportedExpertsError, match="not a float nn.Linear: unquantize"):
+        fuse_experts(quantized)
