@@ -26,7 +26,7 @@ ON_INDIVISIBLE = ("skip", "error", "per_channel")
 # the output head and embeddings, and MoE routers (a router's small error changes which
 # experts run; every MoE toolkit keeps it in float)
 DEFAULT_EXCLUDE = ("*lm_head*", "*embed*", "*wte*", "*wpe*", "*router*", "*mlp.gate",
-                   "*block_sparse_moe.gate", "*shared_expert_gate*")
+                   "*mlp.gate.*", "*block_sparse_moe.gate", "*shared_expert_gate*")
 DEFAULT_MODULE_TYPES = ("Linear", "Conv1D", "Conv2d")
 
 

@@ -106,15 +106,23 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     manifest = read_manifest(directory)
     if quant_modules(model):
         raise CheckpointError("load() needs a fresh float model; this one is already quantized")
+    unfused = []
     if manifest.get("experts_unfused"):   # saved with per-expert linears: make them here too
         from .moe import unfuse_experts
 
-        unfuse_experts(model)
+        unfused = unfuse_experts(model)
     modules = dict(model.named_modules())
     layers = [r for r in manifest.get("layers", []) if not r["skipped"]]
-    _check_layers(layers, modules)
-    tensors = load_file(str(Path(directory) / manifest["tensors"]))
-    _check_shapes(model, tensors, layers, modules)
+    try:
+        _check_layers(layers, modules)
+        tensors = load_file(str(Path(directory) / manifest["tensors"]))
+        _check_shapes(model, tensors, layers, modules)
+    except BaseException:
+        if unfused:   # the caller's model as it came
+            from .moe import fuse_experts
+
+            fuse_experts(model, unfused)
+        raise
     deployed = {rec["name"]: rec for rec in manifest.get("deployed", [])}
     for rec in layers:
         if rec["name"] in deployed:

@@ -71,11 +71,17 @@ def _explicit(name: str, patterns) -> bool:
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     """Decide, for every candidate layer, its specs or the reason it is skipped."""
-    plans = []
+    from .moe import router_linears
+
+    plans, routers = [], router_linears(model)
     for name, module in model.named_modules():
         if not name or is_quantized(module) or not _type_matches(module, config.module_types):
             continue
         if not _matches(name, config.targets) or _matches(name, config.exclude):
+            continue
+        if name in routers and not _explicit(name, config.targets):
+            plans.append(LayerPlan(name, module, None, None,
+                                   skipped="MoE router: routing stays in float"))
             continue
         plans.append(_plan_one(name, module, config))
     if not plans:
@@ -128,14 +134,39 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
 
 
 def _custom_forward(module: nn.Module) -> str | None:
-    """Why a subclass of Linear/Conv2d that defines its own ``forward`` (a MoE router that
-    returns top-k ids and weights, an adapter) cannot be wrapped: the fake-quant class's
-    forward would replace it. None for the plain layers and Hugging Face's Conv1D."""
+    """Why a subclass of Linear/Conv2d with a ``forward`` of its own cannot be wrapped (the
+    fake-quant class's forward would replace it), or None. A Linear subclass whose forward
+    is still ``x W^T + b`` (Falcon's ``FalconLinear``) is fine: one probe per class on a
+    random input decides; a router returning top-k ids and weights is not."""
     for base in (nn.Linear, nn.Conv2d):
-        if isinstance(module, base) and type(module).forward is not base.forward:
-            return (f"{type(module).__name__} subclasses {base.__name__} with a forward of its "
-                    "own, which a fake-quant wrapper would replace")
+        if not isinstance(module, base) or type(module).forward is base.forward:
+            continue
+        if base is nn.Linear and _acts_as_linear(module):
+            return None
+        return (f"{type(module).__name__} subclasses {base.__name__} with a forward of its "
+                "own, which a fake-quant wrapper would replace")
     return None
+
+
+_PROBED: dict[type, bool] = {}
+
+
+@torch.no_grad()
+def _acts_as_linear(module: nn.Linear) -> bool:
+    cls = type(module)
+    if cls not in _PROBED:
+        w = module.weight
+        if w.is_meta:
+            return True   # nothing to run; the class is probed on a materialized instance
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w)
+        try:
+            out = module(x)
+        except Exception:  # noqa: BLE001 - any failure means: not a drop-in linear
+            out = None
+        ref = torch.nn.functional.linear(x, w, module.bias)
+        _PROBED[cls] = (isinstance(out, torch.Tensor) and out.shape == ref.shape
+                        and torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-3))
+    return _PROBED[cls]
 
 
 def _no_layers_message(model: nn.Module, config: QuantConfig) -> str:

@@ -109,11 +109,13 @@ class LinearExperts(nn.Module):
             downs.append(lay(ex.down_proj.weight))
             down_b.append(ex.down_proj.bias)
         up_name = "gate_up_proj" if self.has_gate else "up_proj"
-        fused.register_parameter(up_name, nn.Parameter(torch.stack(ups)))
-        fused.register_parameter("down_proj", nn.Parameter(torch.stack(downs)))
+        trains = self[0].up_proj.weight.requires_grad   # as the weights were when unfused
+        param = lambda ts: nn.Parameter(torch.stack(ts), requires_grad=trains)  # noqa: E731
+        fused.register_parameter(up_name, param(ups))
+        fused.register_parameter("down_proj", param(downs))
         if self.has_bias:
-            fused.register_parameter(f"{up_name}_bias", nn.Parameter(torch.stack(up_b)))
-            fused.register_parameter("down_proj_bias", nn.Parameter(torch.stack(down_b)))
+            fused.register_parameter(f"{up_name}_bias", param(up_b))
+            fused.register_parameter("down_proj_bias", param(down_b))
         if hasattr(self, "post_expert_norm"):
             fused.post_expert_norm = self.post_expert_norm
         return fused
@@ -141,7 +143,7 @@ class LinearExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return self._dense(hidden_states, top_k_index, top_k_weights)
-        out = torch.zeros_like(hidden_states)
+        out = self._accumulator(hidden_states, top_k_weights)
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()
         every = self.calibrate_all
@@ -156,20 +158,28 @@ class LinearExperts(nn.Module):
                 y = self.post_expert_norm(y)
             y = y * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
-        return out
+        return out.to(hidden_states.dtype)
+
+    @staticmethod
+    def _accumulator(hidden_states, top_k_weights) -> torch.Tensor:
+        """Zeros to sum the experts' weighted outputs in: the wider of the activations' and
+        the routing weights' dtypes (a float32 router's weights keep a bf16 model's sum in
+        float32, as transformers' grouped kernels do), rounded once at the end."""
+        dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        return torch.zeros(hidden_states.shape, dtype=dtype, device=hidden_states.device)
 
     def _dense(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """The same sum with static shapes, for graph capture (torch.export, ONNX,
         torch.compile): every expert runs on every token, weighted by its routing weight
         (zero where the token did not pick it). ``num_experts / top_k`` times the work."""
-        out = torch.zeros_like(hidden_states)
+        out = self._accumulator(hidden_states, top_k_weights)
         for e in range(self.num_experts):
             w = (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(-1, keepdim=True)
             y = self[e](hidden_states)
             if hasattr(self, "post_expert_norm"):
                 y = self.post_expert_norm(y)
             out = out + (y * w).to(out.dtype)
-        return out
+        return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, from={self.fused_type}, "
@@ -224,7 +234,22 @@ def fuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
         parent, _, leaf = name.rpartition(".")
         with torch.no_grad():
             model.get_submodule(parent).register_module(leaf, moe.fuse())
+    _forget_expert_records(model, [n for n, _ in found])
     return [n for n, _ in found]
+
+
+def _forget_expert_records(model: nn.Module, fused: list[str]) -> None:
+    """After fusing: drop the unfused flag (when no unfused experts remain) and the sparsity
+    records of expert linears that no longer exist (their zeros stay in the fused weights)."""
+    state = getattr(model, "_modelopt_lite", None)
+    if not state or not fused:
+        return
+    if not has_linear_experts(model):
+        state.pop("experts_unfused", None)
+    sparsity = state.get("sparsity")
+    if sparsity:
+        inside = lambda n: any(n.startswith(f + ".") for f in fused)  # noqa: E731
+        sparsity["layers"] = [r for r in sparsity["layers"] if not inside(r["name"])]
 
 
 @contextmanager
@@ -254,6 +279,22 @@ def left_in_float(model: nn.Module) -> list[str]:
                 "expert" in name.lower() or "expert" in type(module).__name__.lower()):
             out.append(name)
     return out
+
+
+def router_linears(model: nn.Module) -> set[str]:
+    """Names of the linears inside a MoE block that score its experts: outside the experts
+    and any shared expert, with one output per expert (``mlp.gate.wg`` in HunYuan-MoE)."""
+    names = set()
+    for path, moe in model.named_modules():
+        if not isinstance(moe, LinearExperts):
+            continue
+        block, _, leaf = path.rpartition(".")
+        for name, m in model.get_submodule(block).named_modules():
+            first = name.split(".")[0]
+            if (first != leaf and "shared" not in first and isinstance(m, nn.Linear)
+                    and m.weight.shape[0] == moe.num_experts):
+                names.add(f"{block}.{name}" if block else name)
+    return names
 
 
 def has_linear_experts(model: nn.Module) -> bool:

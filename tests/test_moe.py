@@ -377,3 +377,53 @@ def test_fuse_experts_restores_the_original_layout(arch):
     mtl.quantize(quantized, "int8_weight_only", progress=False)
     with pytest.raises(UnsupportedExpertsError, match="not a float nn.Linear: unquantize"):
         fuse_experts(quantized)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_bf16_experts_round_once_like_transformers_default_kernels(impl):
+    """A float32 router's weights with bf16 experts: the sum stays float32 and is rounded
+    once, as transformers' own grouped and batched kernels do (bit for bit)."""
+    import copy
+
+    model = tiny_moe_from_config("deepseek_v3").to(torch.bfloat16)
+    model.set_experts_implementation(impl)
+    fused = _experts(model, 1)
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(64)])
+    w = torch.rand(64, 2)
+    want = fused(x, idx, w)
+    unfused = copy.deepcopy(model)
+    unfuse_experts(unfused)
+    got = _experts(unfused, 1)(x, idx, w)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_falcon_linear_subclass_still_quantizes_and_structural_routers_stay_float():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4)).eval()
+    mtl.quantize(falcon, "int8_weight_only", progress=False)   # FalconLinear: x W^T + b
+    assert sum(is_quantized(m) for m in falcon.modules()) == 8
+
+    model = tiny_mixtral()
+    unfuse_experts(model)
+    model.model.layers[0].mlp.add_module("scorer", nn.Linear(128, 4, bias=False))  # 4 experts
+    from modelopt_lite.moe import router_linears
+
+    assert router_linears(model) == {"model.layers.0.mlp.scorer"}
+    layers = {r["name"]: r for r in mtl.quantize(
+        model, "int8_weight_only", progress=False)._modelopt_lite["layers"]}
+    assert layers["model.layers.0.mlp.scorer"]["skipped"] == "MoE router: routing stays in float"
+
+
+def test_a_failed_load_gives_the_model_back_fused(tmp_path):
+    model = tiny_mixtral()
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    mtl.save(model, tmp_path)
+    other = tiny_mixtral(experts=8)   # not the checkpoint's model
+    with pytest.raises(mtl.io.CheckpointError):
+        mtl.load(other, tmp_path)
+    assert not isinstance(_experts(other), LinearExperts)
