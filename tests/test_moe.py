@@ -427,3 +427,25 @@ def test_a_failed_load_gives_the_model_back_fused(tmp_path):
     with pytest.raises(mtl.io.CheckpointError):
         mtl.load(other, tmp_path)
     assert not isinstance(_experts(other), LinearExperts)
+
+
+def test_sparsify_checks_before_unfusing_and_fused_back_keeps_the_zeros(tmp_path):
+    from modelopt_lite.moe import fuse_experts
+
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        mtl.sparsify(model, method="sparsegpt", progress=False)
+    assert not isinstance(_experts(model), LinearExperts)
+    ids = random_tokens(2, 12, seed=1)
+    mtl.sparsify(model, progress=False)   # magnitude 2:4
+    sparse = _logits(model, ids)
+    fuse_experts(model)   # back to the Hugging Face layout for save_pretrained
+    assert "experts_unfused" not in model._modelopt_lite
+    assert not any(".experts." in r["name"] for r in model._modelopt_lite["sparsity"]["layers"])
+    torch.testing.assert_close(_logits(model, ids), sparse, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    from transformers import MixtralForCausalLM
+
+    again = MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again, ids), sparse, rtol=1e-5, atol=1e-5)
+    assert (again.model.layers[0].mlp.experts.down_proj == 0).float().mean().item() >= 0.5

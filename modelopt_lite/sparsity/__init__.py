@@ -21,7 +21,7 @@ from torch import nn
 
 from ..calib.runner import resolve_forward_loop
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
-from ..moe import all_experts_calibrate, has_linear_experts
+from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts
 from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -43,19 +43,28 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     multiple of M is skipped and listed (an error when named in ``targets`` or with
     ``on_indivisible="error"``).
     """
-    from ..config import DEFAULT_EXCLUDE
-
     from ..api import prepare_experts
+    from ..config import DEFAULT_EXCLUDE
 
     cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
                          on_indivisible=on_indivisible, block_size=block_size, percdamp=percdamp)
-    prepare_experts(model)   # fused MoE experts -> per-expert nn.Linear (function unchanged)
-    plans = plan_sparsity(model, cfg)
-    loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
-                                batch_size, seed, progress)
-    if method in CALIBRATED and loop is None:
-        raise ValueError(f"method={method!r} needs calibration data: pass calib= (with "
-                         "tokenizer= for strings) or forward_loop=; method='magnitude' needs none")
+    unfused = prepare_experts(model)   # fused MoE experts -> per-expert nn.Linear
+    try:
+        plans = plan_sparsity(model, cfg)
+        loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
+                                    batch_size, seed, progress)
+        if method in CALIBRATED and loop is None:
+            raise ValueError(f"method={method!r} needs calibration data: pass calib= (with "
+                             "tokenizer= for strings) or forward_loop=; method='magnitude' "
+                             "needs none")
+    except BaseException:
+        fuse_experts(model, unfused)   # the model as it came
+        raise
+    if unfused:
+        logger.warning("the MoE experts of %d module(s) are now per-expert nn.Linear layers: "
+                       "save with modelopt_lite.save (or quantize next); before save_pretrained "
+                       "call modelopt_lite.moe.fuse_experts(model), which keeps the zeros and "
+                       "drops the masks", len(unfused))
     start = time.perf_counter()
     if method in CALIBRATED:
         with all_experts_calibrate(model):   # MoE: every expert's Hessian from every token
