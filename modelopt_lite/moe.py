@@ -281,6 +281,25 @@ def left_in_float(model: nn.Module) -> list[str]:
     return out
 
 
+def shared_input_key(layer: nn.Module, name: str) -> str | None:
+    """For the first projection (gate, or up when ungated) of expert ``e`` of a
+    :class:`LinearExperts` inside ``layer`` that calibrates every expert on every token: the
+    name of expert 0's same projection, which reads the very same tensor (so statistics and
+    Hessians can be kept once, not once per expert). Else None."""
+    path, _, proj = name.rpartition(".")
+    block, _, idx = path.rpartition(".")
+    if not idx.isdigit():
+        return None
+    try:
+        moe = layer.get_submodule(block)
+    except AttributeError:
+        return None
+    first = "gate_proj" if getattr(moe, "has_gate", False) else "up_proj"
+    if not isinstance(moe, LinearExperts) or not moe.calibrate_all or proj != first:
+        return None
+    return f"{block}.0.{proj}"
+
+
 def router_linears(model: nn.Module) -> set[str]:
     """Names of the linears inside a MoE block that score its experts: outside the experts
     and any shared expert, with one output per expert (``mlp.gate.wg`` in HunYuan-MoE)."""

@@ -449,3 +449,60 @@ def test_sparsify_checks_before_unfusing_and_fused_back_keeps_the_zeros(tmp_path
     again = MixtralForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(again, ids), sparse, rtol=1e-5, atol=1e-5)
     assert (again.model.layers[0].mlp.experts.down_proj == 0).float().mean().item() >= 0.5
+
+
+def test_awq_keeps_one_set_of_statistics_for_the_input_all_experts_share():
+    """Every expert calibrates on every token, so the experts' gate/up input is one tensor:
+    its statistics and GPTQ Hessian are kept once per MoE block, not once per expert
+    (256 experts x hidden^2 float64 Hessians would not fit in memory)."""
+    from modelopt_lite.algorithms import awq
+
+    seen = []
+    real = awq._capture
+
+    def spy(*args, **kwargs):
+        cap = real(*args, **kwargs)
+        seen.append((dict(cap.hessian), dict(cap.absmean)))   # the layer's run clears them
+        return cap
+
+    model = tiny_qwen2_moe()
+    awq._capture = spy
+    try:
+        mtl.quantize(model, "int4_awq", calib=random_tokens(2, 16, seed=2), progress=False)
+    finally:
+        awq._capture = real
+    hessian, absmean = seen[0]
+    gate = [k for k in hessian if k.endswith("gate_proj") and ".experts." in k]
+    down = [k for k in hessian if k.endswith("down_proj") and ".experts." in k]
+    assert len(gate) == len(down) == 8
+    assert len({id(hessian[k]) for k in gate}) == 1
+    assert len({id(hessian[k]) for k in down}) == 8   # each expert's own product
+    assert all(absmean[k] is absmean[gate[0]] for k in gate)
+
+
+def test_smoothquant_gptq_replays_in_chunks_under_a_hessian_budget(monkeypatch):
+    """Under a budget of one Hessian, each input set gets its own replay (later sets see the
+    earlier ones already rounded, as in sequential GPTQ); every weight still lands on its
+    grid. The default budget keeps a dense layer in one replay."""
+    from modelopt_lite.algorithms import smoothquant
+
+    mods = {f"l{i}": nn.Linear(256, 8) for i in range(3)}
+    for m in mods.values():
+        m.in_features_2d = 256
+    assert len(smoothquant._hessian_chunks([["l0"], ["l1"], ["l2"]], mods)) == 1
+    monkeypatch.setattr(smoothquant, "HESSIAN_BYTES", 8 * 256 * 256)
+    assert smoothquant._hessian_chunks([["l0"], ["l1"], ["l2"]], mods) == [
+        [["l0"]], [["l1"]], [["l2"]]]
+    chunks = []
+    real = smoothquant._hessian_chunks
+    monkeypatch.setattr(smoothquant, "_hessian_chunks",
+                        lambda sets, mods: chunks.append(real(sets, mods)) or chunks[-1])
+    model = tiny_mixtral()
+    mtl.quantize(model, "int8_smoothquant", calib=random_tokens(2, 16, seed=2), progress=False)
+    # replays per decoder layer: six 128-wide sets (qkv, o, 4 experts' gate+up) at a quarter
+    # of the budget each make 2 chunks; the 4 experts' 256-wide down_proj one chunk each
+    assert [len(c) for c in chunks] == [2 + 4] * 2
+    for lin in (_experts(model, 1)[2].down_proj, model.model.layers[1].self_attn.o_proj):
+        with torch.no_grad():
+            w = lin.weight_2d()
+            torch.testing.assert_close(lin.weight_quantizer(w), w, rtol=0, atol=1e-6)

@@ -39,6 +39,7 @@ from ..calib.distributed import (broadcast_, global_offset, local_indices, rank,
                                 reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
 from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups, tie_scale
+from ..moe import shared_input_key
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
@@ -257,7 +258,13 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
     for g in groups:
         keys.setdefault(g.linears[0], list(g.linears))
     stats, handles, blocks, hess = {}, [], {g.block: [] for g in groups}, {}
-    for key, members in keys.items():
+    same = {k: shared_input_key(layer, k) for k in keys}   # MoE experts that read one tensor
+    for key, members in sorted(keys.items(), key=lambda kv: same[kv[0]] not in (None, kv[0])):
+        if same[key] is not None and same[key] in stats:   # one set of statistics for all
+            stats[key] = stats[same[key]]
+            if same[key] in hess:
+                hess[key] = hess[same[key]]
+            continue
         quant = [linears[n] for n in members if n in linears]
         width = S.block_width(quant[0].weight_quantizer.spec, quant[0].in_features_2d) if (
             quant and quant[0].weight_quantizer.spec.granularity != "per_tensor") else 0
@@ -281,9 +288,10 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
     finally:
         for h in handles:
             h.remove()
-    return _Capture({k: st.absmean() for k, st in stats.items()},
-                    {k: reduce_sum_(st.gram).float() for k, st in stats.items() if st.width},
-                    blocks, {}, hess)
+    absmean = {id(st): st.absmean() for st in stats.values()}   # each shared set reduced once
+    gram = {id(st): reduce_sum_(st.gram).float() for st in stats.values() if st.width}
+    return _Capture({k: absmean[id(st)] for k, st in stats.items()},
+                    {k: gram[id(st)] for k, st in stats.items() if st.width}, blocks, {}, hess)
 
 
 def _first(out):

@@ -453,25 +453,43 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
         return
     sets = _shared_input_sets(mods, groups)
     device = next(layer.parameters()).device
-    accs = {names[0]: HessianAccumulator(mods[names[0]].in_features_2d, device=device,
-                                         exact=True) for names in sets}
+    for chunk in _hessian_chunks(sets, mods):   # MoE layers: many experts, bounded memory
+        accs = {names[0]: HessianAccumulator(mods[names[0]].in_features_2d, device=device,
+                                             exact=True) for names in chunk}
 
-    def hook(acc):
-        def add(module, args):
-            acc.add(module.input_quantizer(args[0]))
-        return add
+        def hook(acc):
+            def add(module, args):
+                acc.add(module.input_quantizer(args[0]))
+            return add
 
-    handles = [mods[n].register_forward_pre_hook(hook(acc)) for n, acc in accs.items()]
-    try:
-        inputs.feed(layer)
-    finally:
-        for h in handles:
-            h.remove()
+        handles = [mods[n].register_forward_pre_hook(hook(acc)) for n, acc in accs.items()]
+        try:
+            inputs.feed(layer)
+        finally:
+            for h in handles:
+                h.remove()
+        for names in chunk:
+            members = [mods[n] for n in names]
+            for m in members:
+                m.weight_quantizer.init_from_weight(m.weight_2d().detach())
+            gptq_round_linears(members, accs.pop(names[0]).hessian().float(), percdamp)
+
+
+HESSIAN_BYTES = 8 << 30   # float64 Hessians held at once by gptq_layer (one replay per chunk)
+
+
+def _hessian_chunks(sets: list[list[str]], mods: dict) -> list[list[list[str]]]:
+    """``sets`` split so each chunk's float64 Hessians fit in :data:`HESSIAN_BYTES` (a dense
+    layer is one chunk; a MoE layer with hundreds of experts replays once per chunk)."""
+    chunks, size = [[]], 0
     for names in sets:
-        members = [mods[n] for n in names]
-        for m in members:
-            m.weight_quantizer.init_from_weight(m.weight_2d().detach())
-        gptq_round_linears(members, accs[names[0]].hessian().float(), percdamp)
+        n = mods[names[0]].in_features_2d
+        if chunks[-1] and size + 8 * n * n > HESSIAN_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(names)
+        size += 8 * n * n
+    return chunks
 
 
 def _shared_input_sets(mods: dict, groups) -> list[list[str]]:
