@@ -506,3 +506,33 @@ def test_smoothquant_gptq_replays_in_chunks_under_a_hessian_budget(monkeypatch):
         with torch.no_grad():
             w = lin.weight_2d()
             torch.testing.assert_close(lin.weight_quantizer(w), w, rtol=0, atol=1e-6)
+
+
+def test_sparsegpt_shares_the_experts_input_hessian_and_splits_the_stack(monkeypatch):
+    """All experts' gate/up read one tensor while calibrating: one Hessian per MoE block.
+    Pruning the shared group in several parts gives the same masks (rows are independent)."""
+    from modelopt_lite.sparsity import prune
+
+    made = []
+    real = prune.HessianAccumulator
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(prune, "HessianAccumulator", Counting)
+    calib = random_tokens(2, 16, seed=2)
+    whole = tiny_mixtral()
+    mtl.sparsify(whole, method="sparsegpt", calib=calib, progress=False)
+    # per layer: qkv, o, the experts' shared gate/up input, 4 down_proj inputs
+    assert len(made) == 2 * (2 + 1 + 4)
+    monkeypatch.setattr(prune, "STACK_BYTES", 4 * 256 * 128)   # one linear per part
+    split = tiny_mixtral()
+    mtl.sparsify(split, method="sparsegpt", calib=calib, progress=False)
+    for e in range(4):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            a = getattr(_experts(whole, 1)[e], name)
+            b = getattr(_experts(split, 1)[e], name)
+            assert torch.equal(a.weight_mask, b.weight_mask)
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -209,8 +210,9 @@ def prune_group(plans: list[SparsePlan], acc: HessianAccumulator | None, cfg: Sp
 class _InputCollector:
     """Forward pre-hooks that accumulate ``X^T X`` of each planned linear's input.
 
-    Linears that read the very same input tensor (q/k/v, gate/up) share one accumulator: the
-    first batch decides the sharing, so the Hessian is computed once per distinct input. When
+    Linears that read the very same input tensor (q/k/v, gate/up, every MoE expert's gate/up
+    while all experts calibrate) share one accumulator: the first batch decides the sharing,
+    so the Hessian is computed once per distinct input. When
     the replay reports batch ends (:meth:`end_batch`) and the first batch called every hooked
     linear once, later batches stop right after the last one's input is recorded
     (:class:`~modelopt_lite.calib.sequential.StopForward`): the rest of the forward, such as
@@ -221,7 +223,7 @@ class _InputCollector:
         self.accs: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}
         self.handles = []
-        self._last = None
+        self._inputs: list = []   # (weak ref to an input tensor, its owner), first batch
         self._calls: list[str] | None = []  # call order in the first batch
         self._stop_at: str | None = None
         for p in plans:
@@ -233,12 +235,11 @@ class _InputCollector:
         def hook(module, args):
             x = args[0]
             if name not in self.owner:
-                last = self._last
-                shared = last is not None and last[0] is x
-                self.owner[name] = last[1] if shared else name
-                if not shared:
+                owner = next((o for ref, o in reversed(self._inputs) if ref() is x), None)
+                self.owner[name] = owner or name
+                if owner is None:
                     self.accs[name] = HessianAccumulator(x.shape[-1], module.weight.device)
-            self._last = (x, self.owner[name])
+                self._inputs.append((weakref.ref(x), self.owner[name]))
             if self.owner[name] == name:
                 self.accs[name].add(x)
             if self._calls is not None:
@@ -249,7 +250,7 @@ class _InputCollector:
 
     def end_batch(self) -> None:
         """Called between batches: after the first, fix where later batches may stop."""
-        self._last = None
+        self._inputs = []
         if self._calls is not None:
             once = len(set(self._calls)) == len(self._calls)
             self._stop_at = self._calls[-1] if self._calls and once else None
@@ -259,7 +260,7 @@ class _InputCollector:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self._last = None
+        self._inputs = []
 
     def groups(self, plans: list[SparsePlan]):
         """[(plans sharing an input, accumulator or None)] in plan order."""
@@ -280,4 +281,24 @@ def prune_plans(plans: list[SparsePlan], run, cfg: SparsityConfig) -> None:
     finally:
         collector.remove()
     for group, acc in collector.groups(plans):
-        prune_group(group, acc, cfg)
+        for part in _stack_chunks(group):
+            prune_group(part, acc, cfg)
+
+
+STACK_BYTES = 4 << 30   # float32 weight rows prune_group stacks at once
+
+
+def _stack_chunks(group: list[SparsePlan]) -> list[list[SparsePlan]]:
+    """A shared-input group split so each part's stacked float32 weights fit in
+    :data:`STACK_BYTES` (the rows are pruned independently on the one Hessian, so the masks do
+    not depend on the split): a dense layer's q/k/v stays one part, hundreds of MoE experts'
+    gate/up projections become several."""
+    parts, size = [[]], 0
+    for p in group:
+        n = 4 * p.module.weight.numel()
+        if parts[-1] and size + n > STACK_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(p)
+        size += n
+    return parts
