@@ -320,3 +320,24 @@ def test_preset_round_trips_through_json():
     assert QuantConfig.from_json(cfg.to_json()) == cfg
     assert cfg.input.granularity == "per_tensor" and not cfg.input.dynamic
     assert cfg.weight.granularity == "per_channel" and cfg.weight.symmetric
+
+
+def test_linears_outside_the_decoder_layers_do_not_block_the_layer_capture():
+    """OPT-350m-style ``project_in``/``project_out`` (word_embed_proj_dim != hidden_size): their
+    static input quantizers have no range while the first layer's inputs are captured; they
+    pass through then and calibrate on the whole model after the layers."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=256, word_embed_proj_dim=32)).eval()
+    ids = random_tokens(2, 16, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    mtl.quantize(model, "int8_smoothquant", calib=random_tokens(4, 32, seed=2), progress=False)
+    for proj in (model.model.decoder.project_in, model.model.decoder.project_out):
+        assert proj.input_quantizer.amax is not None
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.1

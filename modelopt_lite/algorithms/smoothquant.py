@@ -526,13 +526,19 @@ def inputs_subset(inputs, n: int):
     return view
 
 
-def _calibrate_outside_layers(model, forward_loop) -> None:
-    """Static input quantizers outside the decoder layers (if any) calibrate on the whole model."""
+def _outside_quantizers(model) -> list:
+    """Static input quantizers outside the decoder layers (OPT-350m's ``project_in`` and
+    ``project_out``, a projector in front of the decoder)."""
     _, layers = find_decoder_layers(model)
     inside = {id(m) for m in layers.modules()}
-    quantizers = [m.input_quantizer for m in model.modules()
-                  if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
-                  and not m.input_quantizer.spec.dynamic]
+    return [m.input_quantizer for m in model.modules()
+            if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
+            and not m.input_quantizer.spec.dynamic]
+
+
+def _calibrate_outside_layers(model, forward_loop) -> None:
+    """Static input quantizers outside the decoder layers (if any) calibrate on the whole model."""
+    quantizers = _outside_quantizers(model)
     if quantizers:
         calibrate_quantizers(model, quantizers, forward_loop)
 
@@ -550,7 +556,14 @@ def apply(model: nn.Module, config: QuantConfig, forward_loop=None, progress=Tru
         raise CalibrationError("smoothquant needs calibration data for its activation "
                                "statistics; pass calib= or forward_loop= to quantize()")
     processor = _LayerProcessor(model, cfg)
-    run_sequential(model, forward_loop, processor, progress=progress, desc="smoothquant")
+    outside = _outside_quantizers(model)
+    for q in outside:   # no range yet: pass through while the layers' inputs are captured
+        q.enabled = False
+    try:
+        run_sequential(model, forward_loop, processor, progress=progress, desc="smoothquant")
+    finally:
+        for q in outside:
+            q.enabled = True
     _calibrate_outside_layers(model, forward_loop)
     model._smoothquant_report = processor.report
     return processor.report
