@@ -155,9 +155,10 @@ class LayerInputs:
         return lambda _model: self.run(layer, device)
 
     def collect_stats(self, layer: nn.Module, modules: dict[str, nn.Module], device=None,
-                      transforms: dict | None = None):
+                      transforms: dict | None = None, required: bool = True):
         """Per-input-channel statistics of ``modules`` (inside ``layer``) over all inputs;
-        ``transforms`` maps a name to a function applied to that module's input first."""
+        ``transforms`` maps a name to a function applied to that module's input first. A
+        module no input reached gets None with ``required=False`` (else an error)."""
         collectors = {n: ChannelStatsCollector(n) for n in modules}
         transforms = transforms or {}
 
@@ -173,7 +174,7 @@ class LayerInputs:
         finally:
             for h in handles:
                 h.remove()
-        return {n: c.result() for n, c in collectors.items()}
+        return {n: c.result(required) for n, c in collectors.items()}
 
 
 def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, forward_loop,

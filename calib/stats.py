@@ -58,8 +58,12 @@ class ChannelStatsCollector:
             self.abssum = self.abssum + asum
         self.count += x.shape[0]
 
-    def result(self) -> ChannelStats:
+    def result(self, required: bool = True) -> ChannelStats | None:
+        """The statistics over every rank; None (``required=False``) or an error when no
+        activation reached the layer."""
         if self.absmax is None:
+            if not required:
+                return None
             raise CalibrationError(f"{self.name}: no activations reached this layer during "
                                    "calibration; check the forward loop or exclude the layer")
         count = torch.tensor([float(self.count)], device=self.absmax.device)

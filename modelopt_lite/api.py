@@ -60,12 +60,13 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
                                     batch_size, seed, progress)
         apply = get_applier(cfg.algorithm.name)
         insert_quantizers(plans)
-        with all_experts_calibrate(model):   # MoE: every expert's statistics from every token
-            apply(model, cfg, loop, progress)
+        with all_experts_calibrate(model), _CallTracker(plans) as called:
+            apply(model, cfg, loop, progress)   # (MoE: every expert sees every token)
     except BaseException:
         _remove_quantizers(model)
         fuse_experts(model, unfused)   # the model as it came, fused experts included
         raise
+    _leave_uncalled_in_float(plans, called.names)
     _record(model, cfg, plans)
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
                 sum(bool(p.skipped) for p in plans))
@@ -83,6 +84,40 @@ def prepare_experts(model: nn.Module) -> list[str]:
                        "modelopt_lite does not read; they stay in float: %s", len(rest),
                        ", ".join(rest[:4]) + (", ..." if len(rest) > 4 else ""))
     return unfused
+
+
+class _CallTracker:
+    """Context: the names of the planned layers whose forward ran (calibration passes)."""
+
+    def __init__(self, plans: list[LayerPlan]):
+        self.plans = [p for p in plans if not p.skipped]
+        self.names: set[str] = set()
+
+    def __enter__(self):
+        self.handles = [p.module.register_forward_pre_hook(
+            lambda m, args, name=p.name: self.names.add(name)) for p in self.plans]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _leave_uncalled_in_float(plans: list[LayerPlan], called: set[str]) -> None:
+    """Layers that calibration never called (Mamba's ``dt_proj``, whose weight the mixer reads
+    directly; cross-attention fed no encoder states) have no statistics, and a fake-quant
+    forward that never runs would not quantize them anyway: unwrap them and say why. Only
+    after a calibration that ran the model (weight-only RTN runs nothing)."""
+    if not called:
+        return
+    uncalled = [p for p in plans if not p.skipped and p.name not in called]
+    for p in uncalled:
+        _remove_one(p.module)
+        p.skipped = ("not called by the model's forward on the calibration data (its weight "
+                     "is read directly, or it needs inputs the data lacks): left in float")
+    if uncalled:
+        logger.warning("%d layer(s) were never called during calibration and stay in float "
+                       "(first: %s); see print_summary", len(uncalled), uncalled[0].name)
 
 
 def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
@@ -110,15 +145,8 @@ def unquantize(model: nn.Module) -> nn.Module:
 
 def _remove_quantizers(model: nn.Module) -> nn.Module:
     """:func:`unquantize` without its check (quantize()'s restore on failure)."""
-    from .models import scale_linear_inputs_, unrotate_linear_input_
-
     for _, module in quant_modules(model):
-        pqs = module.input_quantizer.pre_quant_scale
-        if pqs is not None and module.weight.dim() == 2:
-            scale_linear_inputs_(module, pqs)
-        if getattr(module.input_quantizer, "rotation", None) is not None:
-            unrotate_linear_input_(module)
-        unwrap_module(module)
+        _remove_one(module)
     if hasattr(model, "_modelopt_lite"):
         sparsity = model._modelopt_lite.get("sparsity")
         del model._modelopt_lite
@@ -127,6 +155,19 @@ def _remove_quantizers(model: nn.Module) -> nn.Module:
             if has_linear_experts(model):
                 model._modelopt_lite["experts_unfused"] = True
     return model
+
+
+def _remove_one(module: nn.Module) -> None:
+    """Unwrap one fake-quant layer, folding an explicit input multiply and an online rotation
+    into its weight so the float function stays."""
+    from .models import scale_linear_inputs_, unrotate_linear_input_
+
+    pqs = module.input_quantizer.pre_quant_scale
+    if pqs is not None and module.weight.dim() == 2:
+        scale_linear_inputs_(module, pqs)
+    if getattr(module.input_quantizer, "rotation", None) is not None:
+        unrotate_linear_input_(module)
+    unwrap_module(module)
 
 
 def deploy(model: nn.Module) -> nn.Module:

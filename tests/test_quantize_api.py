@@ -167,3 +167,27 @@ def test_bad_batch_size_and_out_of_vocab_ids_are_clear_errors():
     with pytest.raises(ValueError, match=rf"span .*\.\.{vocab + 5}.*{vocab} rows.*tokenizer"):
         mtl.quantize(model, "w8a8", calib=bad, progress=False)
     assert not any(is_quantized(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "int8_smoothquant", "int4_awq"])
+def test_layers_calibration_never_calls_are_left_in_float_with_the_reason(preset):
+    """Mamba's mixer reads ``dt_proj.weight`` directly (the layer's forward never runs), and a
+    cross-attention gets no encoder states from text alone: no statistics, and a fake-quant
+    forward that never runs would not quantize anything. They stay float, listed."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=128, state_size=8,
+                                         num_hidden_layers=2, time_step_rank=128)).eval()
+    tokens = random_tokens(n=2, seq=16)
+    ref = _logits(model, tokens)
+    mtl.quantize(model, preset, calib=random_tokens(n=4, seq=32), progress=False)
+    layers = {r["name"]: r for r in model._modelopt_lite["layers"]}
+    for i in range(2):
+        assert "not called by the model's forward" in layers[f"backbone.layers.{i}.mixer.dt_proj"][
+            "skipped"]
+        assert not is_quantized(model.backbone.layers[i].mixer.dt_proj)
+        assert is_quantized(model.backbone.layers[i].mixer.in_proj)
+    assert "left in float" in mtl.format_summary(model)
+    out = _logits(model, tokens)
+    assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.5

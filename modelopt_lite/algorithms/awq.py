@@ -150,7 +150,7 @@ def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) ->
     subset = _search_entries(inputs, algo.search_tokens)
     with _float_weights(linears.values()):
         cap = _capture(layer, inputs, groups, linears, subset, device, algo.gptq)
-        for group in groups:
+        for group in [g for g in groups if g.linears[0] in cap.absmean]:   # called ones only
             s = _search_group(layer, group, linears, cap, algo)
             apply_group_scale_(layer, group, s)
             cap.scale[group.linears[0]] = s
@@ -288,6 +288,10 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
     finally:
         for h in handles:
             h.remove()
+    seen = {id(st): reduce_sum(float(st.count)) > 0 for st in stats.values()}
+    for k in [k for k, st in stats.items() if not seen[id(st)]]:   # never called by the layer
+        del stats[k]
+        hess.pop(k, None)
     absmean = {id(st): st.absmean() for st in stats.values()}   # each shared set reduced once
     gram = {id(st): reduce_sum_(st.gram).float() for st in stats.values() if st.width}
     return _Capture({k: absmean[id(st)] for k, st in stats.items()},

@@ -41,8 +41,8 @@ def calibrate_quantizers(model, quantizers, forward_loop) -> None:
         q.start_calibration()
     try:
         forward_loop(model)
-        for q in quantizers:
-            q.finish_calibration()
+        for q in quantizers:   # a quantizer no activation reached keeps no range; quantize()
+            q.finish_calibration(required=False)   # leaves its never-called layer in float
     finally:
         for q in quantizers:
             q._calibrator = None

@@ -388,8 +388,12 @@ class _LayerProcessor:
         enabled = _set_layer_quantizers(layer, False)
         first = {g.linears[0]: layer.get_submodule(g.linears[0]) for g in groups}
         turn = {n: m.input_quantizer.rotate for n, m in first.items() if n in rotated}
-        stats = inputs.collect_stats(layer, first, transforms=turn)  # on the rotated inputs
+        stats = inputs.collect_stats(layer, first, transforms=turn, required=False)
         clips = {}
+        for g in [g for g in groups if stats[g.linears[0]] is None]:
+            logger.info("smoothquant: %s not smoothed: the layer's forward never calls it",
+                        g.linears)
+        groups = [g for g in groups if stats[g.linears[0]] is not None]
         for g in groups:
             clips[g] = self._smooth_group(name, layer, g, stats[g.linears[0]].absmax, inputs,
                                           rotated=g.linears[0] in rotated)
@@ -470,9 +474,13 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
                 h.remove()
         for names in chunk:
             members = [mods[n] for n in names]
+            acc = accs.pop(names[0])
+            acc.reduce()
+            if acc.count.item() == 0:   # never called by the layer's forward: left as it is
+                continue
             for m in members:
                 m.weight_quantizer.init_from_weight(m.weight_2d().detach())
-            gptq_round_linears(members, accs.pop(names[0]).hessian().float(), percdamp)
+            gptq_round_linears(members, acc.hessian().float(), percdamp)
 
 
 HESSIAN_BYTES = 8 << 30   # float64 Hessians held at once by gptq_layer (one replay per chunk)

@@ -101,7 +101,7 @@ class _DisabledQuantizer(TensorQuantizer):
     def start_calibration(self):  # nothing to calibrate
         pass
 
-    def finish_calibration(self):
+    def finish_calibration(self, required: bool = True):
         pass
 
     def forward(self, x):

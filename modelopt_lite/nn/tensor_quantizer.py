@@ -105,9 +105,13 @@ class TensorQuantizer(nn.Module):
     def start_calibration(self) -> None:
         self._calibrator = make_calibrator(self.spec)
 
-    def finish_calibration(self) -> None:
+    def finish_calibration(self, required: bool = True) -> None:
+        """Set the range from what the calibrator saw; with nothing seen, an error (or, with
+        ``required=False``, no range)."""
         calib, self._calibrator = self._calibrator, None
         amax = calib.compute_amax() if calib is not None else None
+        if amax is None and not required:
+            return
         if amax is None:
             raise CalibrationError(
                 f"{self.name}: no activations reached this quantizer during calibration; "
