@@ -1,0 +1,133 @@
+"""quantize() on a tiny random model of every causal-LM architecture transformers knows.
+
+Each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is built from its default config
+with small sizes (2 layers, hidden 128, 4 experts for MoE models; types whose configs do not
+take these fields fail to build or stay too large and are listed as such), then quantized
+with each preset on random calibration tokens. A row: the type, the preset, ``ok`` or the
+error (types whose float model does not build or run with the small sizes: ``not built``), the number of quantized layers and the relative logits error against the float model
+(random weights: a smoke figure, not an accuracy one). Results: JSON with the machine, the
+transformers version and the date.
+
+    python benchmarks/robustness/arch_sweep.py --out benchmarks/results/arch_sweep_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import signal
+import sys
+import traceback
+import warnings
+
+import torch
+
+SIZES = dict(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+             max_position_embeddings=256, shared_expert_intermediate_size=128, n_group=1,
+             topk_group=1, n_embd=128, n_layer=2, n_head=4, d_model=128, num_layers=2,
+             ffn_dim=256, n_positions=256)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _build(model_type: str, max_params: float):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type)
+    for key, value in SIZES.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    if getattr(cfg, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
+        cfg.head_dim = cfg.qk_rope_head_dim
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    if n > max_params:
+        raise ValueError(f"{n / 1e6:.0f}M parameters with the small sizes")
+    return cfg
+
+
+def _one(model_type, cfg, state, preset, ids, calib):
+    import modelopt_lite as mtl
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    mtl.quantize(model, preset, calib=calib, progress=False)
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("non-finite logits after quantize")
+    return len(mtl.layers.quant_modules(model)), ((out - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="int4_awq,int8_smoothquant,w8a8")
+    ap.add_argument("--types", default="", help="comma-separated model types (default: all)")
+    ap.add_argument("--max-params", type=float, default=40e6)
+    ap.add_argument("--timeout", type=int, default=120, help="seconds per quantize")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(_Timeout()))
+    types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    rows = []
+    for t in types:
+        ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+        calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(2))
+        try:
+            cfg = _build(t, args.max_params)
+            torch.manual_seed(0)
+            float_model = AutoModelForCausalLM.from_config(cfg).eval()
+            with torch.no_grad():   # the float model must run with the small sizes
+                if not torch.isfinite(float_model(ids).logits).all():
+                    raise FloatingPointError("non-finite float logits")
+            state = float_model.state_dict()
+        except Exception as err:  # noqa: BLE001 - the config does not take the small sizes
+            rows.append({"model_type": t, "preset": None, "status": "not built",
+                         "error": f"{type(err).__name__}: {str(err)[:160]}"})
+            print(f"{t:30s} not built: {type(err).__name__}", flush=True)
+            continue
+        for preset in args.presets.split(","):
+            row = {"model_type": t, "preset": preset}
+            signal.alarm(args.timeout)
+            try:
+                n, rel = _one(t, cfg, state, preset, ids, calib)
+                row.update(status="ok", quantized_layers=n, rel_logits_err=round(rel, 4))
+            except _Timeout:
+                row.update(status="timeout")
+            except Exception as err:  # noqa: BLE001 - a row per failure, the sweep goes on
+                where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                         for f in traceback.extract_tb(err.__traceback__)][-1:]
+                row.update(status="failed", error=f"{type(err).__name__} at {where}: "
+                                                  f"{str(err)[:200]}")
+            finally:
+                signal.alarm(0)
+            rows.append(row)
+            print(f"{t:30s} {preset:18s} {row['status']}", flush=True)
+    built = [r for r in rows if r["preset"]]
+    summary = {"types": len(types), "built": len({r["model_type"] for r in built}),
+               "runs": len(built), "ok": sum(r["status"] == "ok" for r in built)}
+    print(json.dumps(summary), file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": f"CPU ({platform.processor() or platform.machine()}), "
+                                  f"torch {torch.__version__}",
+                       "transformers": __version__, "date": str(datetime.date.today()),
+                       "summary": summary, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
