@@ -288,12 +288,14 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
     finally:
         for h in handles:
             h.remove()
-    seen = {id(st): reduce_sum(float(st.count)) > 0 for st in stats.values()}
+    unique = list({id(st): st for st in stats.values()}.values())   # shared sets: reduce once
+    seen = {id(st): reduce_sum(float(st.count)) > 0 for st in unique}
     for k in [k for k, st in stats.items() if not seen[id(st)]]:   # never called by the layer
         del stats[k]
         hess.pop(k, None)
-    absmean = {id(st): st.absmean() for st in stats.values()}   # each shared set reduced once
-    gram = {id(st): reduce_sum_(st.gram).float() for st in stats.values() if st.width}
+    unique = [st for st in unique if seen[id(st)]]
+    absmean = {id(st): st.absmean() for st in unique}
+    gram = {id(st): reduce_sum_(st.gram).float() for st in unique if st.width}
     return _Capture({k: absmean[id(st)] for k, st in stats.items()},
                     {k: gram[id(st)] for k, st in stats.items() if st.width}, blocks, {}, hess)
 

@@ -457,7 +457,9 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
         return
     sets = _shared_input_sets(mods, groups)
     device = next(layer.parameters()).device
-    for chunk in _hessian_chunks(sets, mods):   # MoE layers: many experts, bounded memory
+    chunks = _hessian_chunks(sets, mods)   # MoE layers: many experts, bounded memory
+    pending = []   # several chunks: every replay sees the unrounded layer; results at the end
+    for chunk in chunks:
         accs = {names[0]: HessianAccumulator(mods[names[0]].in_features_2d, device=device,
                                              exact=True) for names in chunk}
 
@@ -478,12 +480,37 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
             acc.reduce()
             if acc.count.item() == 0:   # never called by the layer's forward: left as it is
                 continue
+            before = [_weight_state(m) for m in members] if len(chunks) > 1 else None
             for m in members:
                 m.weight_quantizer.init_from_weight(m.weight_2d().detach())
             gptq_round_linears(members, acc.hessian().float(), percdamp)
+            if before is not None:
+                pending += [(m, _weight_state(m, "cpu")) for m in members]
+                for m, state in zip(members, before):
+                    _set_weight_state(m, state)
+    for m, state in pending:
+        _set_weight_state(m, state)
+
+
+def _weight_state(m, device=None) -> tuple:
+    """A linear's weight and weight range, copied (to ``device``)."""
+    q = m.weight_quantizer
+    copy = lambda t: None if t is None else t.detach().to(device, copy=True)  # noqa: E731
+    return copy(m.weight), copy(q.amax), copy(q.amin)
+
+
+@torch.no_grad()
+def _set_weight_state(m, state) -> None:
+    weight, amax, amin = state
+    m.weight.copy_(weight)
+    if amax is not None:
+        dev = m.weight.device
+        m.weight_quantizer.set_range(amax.to(dev), None if amin is None else amin.to(dev))
 
 
 HESSIAN_BYTES = 8 << 30   # float64 Hessians held at once by gptq_layer (one replay per chunk)
+# Chunked results equal one pass: every chunk's replay sees the layer as it came, and the
+# rounded weights are written after the last chunk.
 
 
 def _hessian_chunks(sets: list[list[str]], mods: dict) -> list[list[list[str]]]:
