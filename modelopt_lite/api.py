@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from .algorithms import get_applier
@@ -60,13 +61,13 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
                                     batch_size, seed, progress)
         apply = get_applier(cfg.algorithm.name)
         insert_quantizers(plans)
-        with all_experts_calibrate(model), _CallTracker(plans) as called:
+        with all_experts_calibrate(model), _CallTracker(model, plans) as tracker:
             apply(model, cfg, loop, progress)   # (MoE: every expert sees every token)
     except BaseException:
         _remove_quantizers(model)
         fuse_experts(model, unfused)   # the model as it came, fused experts included
         raise
-    _leave_uncalled_in_float(plans, called.names)
+    _leave_uncalled_in_float(tracker)
     _record(model, cfg, plans)
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
                 sum(bool(p.skipped) for p in plans))
@@ -87,30 +88,62 @@ def prepare_experts(model: nn.Module) -> list[str]:
 
 
 class _CallTracker:
-    """Context: the names of the planned layers whose forward ran (calibration passes)."""
+    """Context: which planned layers' forward ran during calibration, and which passes ran to
+    their end: a whole-model forward (max calibration) or a decoder layer's (the layer-by-layer
+    replays of AWQ / SmoothQuant)."""
 
-    def __init__(self, plans: list[LayerPlan]):
-        self.plans = [p for p in plans if not p.skipped]
+    def __init__(self, model: nn.Module, plans: list[LayerPlan]):
+        from .models import UnsupportedModelError, find_decoder_layers
+
+        self.model, self.plans = model, [p for p in plans if not p.skipped]
+        try:
+            self.path, layers = find_decoder_layers(model)
+            self.layers = list(layers)
+        except UnsupportedModelError:
+            self.path, self.layers = None, []
         self.names: set[str] = set()
+        self.whole = False
+        self.layers_done: set[int] = set()
 
     def __enter__(self):
         self.handles = [p.module.register_forward_pre_hook(
             lambda m, args, name=p.name: self.names.add(name)) for p in self.plans]
+        self.handles.append(self.model.register_forward_hook(   # None: the layer-0 capture
+            lambda m, args, out: out is not None and setattr(self, "whole", True)))
+        self.handles += [layer.register_forward_hook(
+            lambda *a, i=i: self.layers_done.add(i)) for i, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
 
+    def uncalled(self) -> list[LayerPlan]:
+        """Planned layers a completed pass should have called but did not, on every rank."""
+        from .calib.distributed import reduce_sum_  # noqa: PLC0415 - calib imports api users
 
-def _leave_uncalled_in_float(plans: list[LayerPlan], called: set[str]) -> None:
-    """Layers that calibration never called (Mamba's ``dt_proj``, whose weight the mixer reads
-    directly; cross-attention fed no encoder states) have no statistics, and a fake-quant
-    forward that never runs would not quantize them anyway: unwrap them and say why. Only
-    after a calibration that ran the model (weight-only RTN runs nothing)."""
-    if not called:
-        return
-    uncalled = [p for p in plans if not p.skipped and p.name not in called]
+        def expected(name: str) -> bool:
+            if self.whole:
+                return True
+            head = f"{self.path}." if self.path else None
+            if head is None or not name.startswith(head):
+                return False   # outside the replayed decoder layers: no pass reached it
+            index = name[len(head):].split(".")[0]
+            return index.isdigit() and int(index) in self.layers_done
+
+        flags = torch.tensor([float(p.name in self.names or not expected(p.name))
+                              for p in self.plans], dtype=torch.float64)
+        reduce_sum_(flags)   # called (or not expected) on any rank counts
+        return [p for p, f in zip(self.plans, flags.tolist()) if f == 0]
+
+
+def _leave_uncalled_in_float(tracker: _CallTracker) -> None:
+    """Layers a completed calibration pass never called (Mamba's ``dt_proj``, whose weight the
+    mixer reads directly; cross-attention fed no encoder states) have no statistics, and a
+    fake-quant forward that never runs would not quantize them anyway: unwrap them and say
+    why. Layers no pass was meant to reach (after the decoder layers under a layer-by-layer
+    weight-only algorithm, or when nothing ran) keep their quantizers."""
+    uncalled = tracker.uncalled()
     for p in uncalled:
         _remove_one(p.module)
         p.skipped = ("not called by the model's forward on the calibration data (its weight "

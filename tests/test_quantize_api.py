@@ -191,3 +191,21 @@ def test_layers_calibration_never_calls_are_left_in_float_with_the_reason(preset
     assert "left in float" in mtl.format_summary(model)
     out = _logits(model, tokens)
     assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.5
+
+
+def test_layers_after_the_decoder_stack_stay_quantized_under_layer_by_layer_awq():
+    """AWQ replays the decoder layers only: a head after them (a classifier's ``score``,
+    OPT's ``project_out``) is not reached by any pass, which is not the same as never called."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=128, ffn_dim=256,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   word_embed_proj_dim=256)).eval()
+    mtl.quantize(opt, "int4_awq", calib=random_tokens(n=4, seq=32), progress=False)
+    assert is_quantized(opt.model.decoder.project_out) and is_quantized(opt.model.decoder.project_in)
+    clf = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=128, pad_token_id=0)).eval()
+    mtl.quantize(clf, "int4_awq", calib=random_tokens(n=4, seq=32) + 1, progress=False)
+    assert is_quantized(clf.score)
