@@ -6,6 +6,7 @@ so a bad config or model raises with the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -136,8 +137,9 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
 def _custom_forward(module: nn.Module) -> str | None:
     """Why a subclass of Linear/Conv2d with a ``forward`` of its own cannot be wrapped (the
     fake-quant class's forward would replace it), or None. A Linear subclass whose forward
-    is still ``x W^T + b`` (Falcon's ``FalconLinear``) is fine: one probe per class on a
-    random input decides; a router returning top-k ids and weights is not."""
+    is still ``x W^T + b`` (Falcon's ``FalconLinear``) is fine: a probe of the instance on a
+    random input decides; a router returning top-k ids and weights, or a layer with an
+    adapter, is not."""
     for base in (nn.Linear, nn.Conv2d):
         if not isinstance(module, base) or type(module).forward is base.forward:
             continue
@@ -148,25 +150,47 @@ def _custom_forward(module: nn.Module) -> str | None:
     return None
 
 
-_PROBED: dict[type, bool] = {}
+_PROBED_META: dict[tuple, bool] = {}
+_UPCAST_LIMIT = 1 << 26   # parameters up to this many elements are probed in float32
 
 
 @torch.no_grad()
 def _acts_as_linear(module: nn.Linear) -> bool:
-    cls = type(module)
-    if cls not in _PROBED:
-        w = module.weight
-        if w.is_meta:
-            return True   # nothing to run; the class is probed on a materialized instance
-        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w)
-        try:
-            out = module(x)
-        except Exception:  # noqa: BLE001 - any failure means: not a drop-in linear
-            out = None
-        ref = torch.nn.functional.linear(x, w, module.bias)
-        _PROBED[cls] = (isinstance(out, torch.Tensor) and out.shape == ref.shape
-                        and torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-3))
-    return _PROBED[cls]
+    """Whether this instance's own forward computes ``x W^T + b``: one call of the class's
+    forward (no hooks, eval mode) on three random rows, in float32 where the parameters are
+    small enough to copy, on random float32 stand-ins when they are on the meta device."""
+    params = dict(module.named_parameters())
+    meta = any(p.is_meta for p in params.values())
+    key = (type(module), tuple((n, tuple(p.shape)) for n, p in params.items()))
+    if meta and key in _PROBED_META:   # random stand-ins: the answer is the class's
+        return _PROBED_META[key]
+    gen = torch.Generator().manual_seed(0)
+    if meta:
+        values = {n: torch.randn(p.shape, generator=gen, device="cpu") for n, p in params.items()}
+    elif sum(p.numel() for p in params.values()) <= _UPCAST_LIMIT:
+        values = {n: p.detach().float() for n, p in params.items()}
+    else:
+        values = None   # a huge layer: its own dtype, a looser tolerance
+    weight = values["weight"] if values else module.weight
+    x = torch.randn(3, weight.shape[1], generator=gen, device="cpu").to(weight)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with (torch.nn.utils.stateless._reparametrize_module(module, values) if values
+              else contextlib.nullcontext()):
+            out = type(module).forward(module, x)
+            ref = torch.nn.functional.linear(x, module.weight, module.bias)
+    except Exception:  # noqa: BLE001 - any failure means: not a drop-in linear
+        out = ref = None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    ok = (isinstance(out, torch.Tensor) and out.shape == ref.shape and bool(torch.allclose(
+        out.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()))))
+    if meta:
+        _PROBED_META[key] = ok
+    return ok
 
 
 def _no_layers_message(model: nn.Module, config: QuantConfig) -> str:

@@ -301,8 +301,9 @@ def shared_input_key(layer: nn.Module, name: str) -> str | None:
 
 
 def router_linears(model: nn.Module) -> set[str]:
-    """Names of the linears inside a MoE block that score its experts: outside the experts
-    and any shared expert, with one output per expert (``mlp.gate.wg`` in HunYuan-MoE)."""
+    """Names of the linears inside a MoE block that score its experts: outside the experts,
+    any shared expert and attention, with one output per expert (``mlp.gate.wg`` in
+    HunYuan-MoE)."""
     names = set()
     for path, moe in model.named_modules():
         if not isinstance(moe, LinearExperts):
@@ -310,8 +311,8 @@ def router_linears(model: nn.Module) -> set[str]:
         block, _, leaf = path.rpartition(".")
         for name, m in model.get_submodule(block).named_modules():
             first = name.split(".")[0]
-            if (first != leaf and "shared" not in first and isinstance(m, nn.Linear)
-                    and m.weight.shape[0] == moe.num_experts):
+            if (first != leaf and "shared" not in first and "att" not in name.lower()
+                    and isinstance(m, nn.Linear) and m.weight.shape[0] == moe.num_experts):
                 names.add(f"{block}.{name}" if block else name)
     return names
 

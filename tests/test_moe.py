@@ -537,3 +537,41 @@ def test_sparsegpt_shares_the_experts_input_hessian_and_splits_the_stack(monkeyp
             b = getattr(_experts(split, 1)[e], name)
             assert torch.equal(a.weight_mask, b.weight_mask)
             torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_the_linear_probe_judges_each_instance_without_side_effects():
+    from modelopt_lite.layers import _custom_forward
+
+    class Adapter(nn.Linear):   # x W^T + b + x A^T B^T
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.a = nn.Parameter(0.01 * torch.randn(4, self.in_features))
+            self.b = nn.Parameter(torch.zeros(self.out_features, 4))
+
+        def forward(self, x):
+            return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+    class Plain(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x @ self.weight.t() + self.bias)
+
+    fresh, trained = Adapter(64, 32), Adapter(64, 32)
+    with torch.no_grad():
+        trained.b.normal_(0, 0.01)   # a 1 % change of the output: not a plain linear
+    assert _custom_forward(fresh) is None and "forward of its own" in _custom_forward(trained)
+    plain = Plain(64, 32).train()
+    calls = []
+    plain.register_forward_hook(lambda *a: calls.append(1))
+    rng = torch.get_rng_state()
+    assert _custom_forward(plain) is None   # dropout off while probing
+    assert plain.training and plain.drop.training and not calls
+    assert torch.equal(torch.get_rng_state(), rng)
+    with torch.device("meta"):   # streamed models plan on the meta device
+        router, meta_plain = nn.Linear(64, 8), Plain(64, 32)
+        router.__class__ = type("Router", (nn.Linear,), {
+            "forward": lambda self, x: nn.Linear.forward(self, x).topk(2, -1)})
+    assert _custom_forward(router) is not None and _custom_forward(meta_plain) is None
