@@ -97,13 +97,8 @@ class LinearExperts(nn.Module):
         for ex in self.experts():
             w, b = ex.up_proj.weight, ex.up_proj.bias
             if self.has_gate:
-                gw, gb = ex.gate_proj.weight, ex.gate_proj.bias
-                if self.is_concatenated:
-                    w = torch.cat((gw, w))
-                    b = None if b is None else torch.cat((gb, b))
-                else:
-                    w = torch.stack((gw, w), 1).flatten(0, 1)
-                    b = None if b is None else torch.stack((gb, b), 1).flatten()
+                w = _join(ex.gate_proj.weight, w, 0, self.is_concatenated)
+                b = None if b is None else _join(ex.gate_proj.bias, b, 0, self.is_concatenated)
             ups.append(lay(w))
             up_b.append(b)
             downs.append(lay(ex.down_proj.weight))
@@ -135,9 +130,7 @@ class LinearExperts(nn.Module):
             return self.gating.act_fn(up)
         if self._default_gate:
             return self.gating.act_fn(gate) * up
-        both = (torch.cat((gate, up), -1) if self.is_concatenated
-                else torch.stack((gate, up), -1).flatten(-2))
-        return self.gating._apply_gate(both)
+        return self.gating._apply_gate(_join(gate, up, -1, self.is_concatenated))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -388,8 +381,26 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(w.detach().clone().contiguous(), requires_grad=weight.requires_grad)
     if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        lin.bias = nn.Parameter(bias.detach().clone().contiguous(),
+                                requires_grad=bias.requires_grad)
     return lin
+
+
+def _part(t: torch.Tensor, dim: int, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up halves of a fused gate/up tensor along ``dim``: ``[gate; up]`` when
+    concatenated, else interleaved ``[g0, u0, g1, u1, ...]``. Inverse of :func:`_join`."""
+    if concatenated:
+        return t.chunk(2, dim)
+    dim %= t.dim()
+    return t.unflatten(dim, (-1, 2)).unbind(dim + 1)
+
+
+def _join(gate: torch.Tensor, up: torch.Tensor, dim: int, concatenated: bool) -> torch.Tensor:
+    """Gate and up outputs (or weights) laid out along ``dim`` as the fused module has them."""
+    if concatenated:
+        return torch.cat((gate, up), dim)
+    dim %= gate.dim()
+    return torch.stack((gate, up), dim + 1).flatten(dim, dim + 1)
 
 
 def _split(fused: nn.Module, n: int, layout) -> list[tuple]:
@@ -403,14 +414,8 @@ def _split(fused: nn.Module, n: int, layout) -> list[tuple]:
         w, b = up_w[e], None if up_b is None else up_b[e]
         gate = None
         if has_gate:
-            d = out_dim - 1
-            if concatenated:
-                (gw, uw), (gb, ub) = w.chunk(2, d), (b.chunk(2) if b is not None else (None,) * 2)
-            else:
-                idx = torch.arange(w.shape[d], device=w.device)
-                gi, ui = idx[0::2], idx[1::2]
-                gw, uw = w.index_select(d, gi), w.index_select(d, ui)
-                gb, ub = (b[gi], b[ui]) if b is not None else (None, None)
+            gw, uw = _part(w, out_dim - 1, concatenated)
+            gb, ub = (None, None) if b is None else _part(b, 0, concatenated)
             gate, w, b = _linear(gw, gb, transposed), uw, ub
         up = _linear(w, b, transposed)
         down = _linear(fused.down_proj[e], None if down_b is None else down_b[e], transposed)
