@@ -42,7 +42,7 @@ from ..models import (Group, apply_group_scale_, block_post_norm, find_decoder_l
 from ..nn.functional import hadamard
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
-from ..sparsity.sparsegpt import HessianAccumulator
+from ..sparsity.sparsegpt import HessianAccumulator, budget_chunks
 from . import register_applier
 from .gptq import gptq_round_linears
 from .rtn import calibrate_activations, calibrate_quantizers
@@ -516,15 +516,8 @@ HESSIAN_BYTES = 8 << 30   # float64 Hessians held at once by gptq_layer (one rep
 def _hessian_chunks(sets: list[list[str]], mods: dict) -> list[list[list[str]]]:
     """``sets`` split so each chunk's float64 Hessians fit in :data:`HESSIAN_BYTES` (a dense
     layer is one chunk; a MoE layer with hundreds of experts replays once per chunk)."""
-    chunks, size = [[]], 0
-    for names in sets:
-        n = mods[names[0]].in_features_2d
-        if chunks[-1] and size + 8 * n * n > HESSIAN_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(names)
-        size += 8 * n * n
-    return chunks
+    return budget_chunks(sets, lambda names: 8 * mods[names[0]].in_features_2d ** 2,
+                         HESSIAN_BYTES)
 
 
 def _shared_input_sets(mods: dict, groups) -> list[list[str]]:

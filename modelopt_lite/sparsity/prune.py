@@ -23,7 +23,7 @@ from ..calib.sequential import StopForward
 from ..config import DEFAULT_EXCLUDE, DEFAULT_MODULE_TYPES, ConfigError
 from ..nn.quant_modules import quant_class_for
 from .masks import SparsityPatternError, magnitude_scores, nm_mask, parse_pattern, wanda_scores
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .sparsegpt import HessianAccumulator, budget_chunks, sparsegpt_prune
 
 logger = logging.getLogger(__name__)
 
@@ -293,12 +293,4 @@ def _stack_chunks(group: list[SparsePlan]) -> list[list[SparsePlan]]:
     :data:`STACK_BYTES` (the rows are pruned independently on the one Hessian, so the masks do
     not depend on the split): a dense layer's q/k/v stays one part, hundreds of MoE experts'
     gate/up projections become several."""
-    parts, size = [[]], 0
-    for p in group:
-        n = 4 * p.module.weight.numel()
-        if parts[-1] and size + n > STACK_BYTES:
-            parts.append([])
-            size = 0
-        parts[-1].append(p)
-        size += n
-    return parts
+    return budget_chunks(group, lambda p: 4 * p.module.weight.numel(), STACK_BYTES)

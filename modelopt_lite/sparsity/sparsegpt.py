@@ -84,6 +84,21 @@ class HessianAccumulator:
         return self.xtx.diagonal().clone()
 
 
+def budget_chunks(items: list, nbytes, budget: int) -> list[list]:
+    """``items`` in order, cut into consecutive runs whose ``nbytes(item)`` sum to at most
+    ``budget`` (an item larger than the budget gets a run of its own): how much Hessian or
+    stacked-weight memory one step of a calibration holds at once."""
+    chunks, size = [[]], 0
+    for item in items:
+        n = nbytes(item)
+        if chunks[-1] and size + n > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), raising the
     damping until ``H`` is positive definite.
