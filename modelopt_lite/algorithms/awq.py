@@ -258,13 +258,16 @@ def _capture(layer, inputs, groups, linears, subset, device, hessians: bool = Fa
     for g in groups:
         keys.setdefault(g.linears[0], list(g.linears))
     stats, handles, blocks, hess = {}, [], {g.block: [] for g in groups}, {}
-    same = {k: shared_input_key(layer, k) for k in keys}   # MoE experts that read one tensor
-    for key, members in sorted(keys.items(), key=lambda kv: same[kv[0]] not in (None, kv[0])):
-        if same[key] is not None and same[key] in stats:   # one set of statistics for all
-            stats[key] = stats[same[key]]
-            if same[key] in hess:
-                hess[key] = hess[same[key]]
+    holder = {}   # an input several keys read (MoE experts' gate/up) -> the key holding its stats
+    for key, members in keys.items():
+        shared = shared_input_key(layer, key)
+        if shared in holder:   # one set of statistics (and Hessian) for all of them
+            stats[key] = stats[holder[shared]]
+            if holder[shared] in hess:
+                hess[key] = hess[holder[shared]]
             continue
+        if shared is not None:
+            holder[shared] = key
         quant = [linears[n] for n in members if n in linears]
         width = S.block_width(quant[0].weight_quantizer.spec, quant[0].in_features_2d) if (
             quant and quant[0].weight_quantizer.spec.granularity != "per_tensor") else 0
