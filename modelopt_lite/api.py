@@ -19,8 +19,7 @@ from .algorithms import get_applier
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
-from .moe import (all_experts_calibrate, fuse_experts, has_linear_experts, left_in_float,
-                  unfuse_experts)
+from .moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
 from .nn.quant_modules import unwrap_module
 
 logger = logging.getLogger(__name__)
@@ -72,19 +71,6 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
                 sum(bool(p.skipped) for p in plans))
     return model
-
-
-def prepare_experts(model: nn.Module) -> list[str]:
-    """Unfuse fused MoE experts into per-expert linears (return their names); warn about
-    expert weights that stay in float because their layout is not one
-    :mod:`modelopt_lite.moe` reads."""
-    unfused = unfuse_experts(model)
-    rest = left_in_float(model)
-    if rest:
-        logger.warning("%d module(s) hold expert weights outside nn.Linear in a layout "
-                       "modelopt_lite does not read; they stay in float: %s", len(rest),
-                       ", ".join(rest[:4]) + (", ..." if len(rest) > 4 else ""))
-    return unfused
 
 
 class _CallTracker:

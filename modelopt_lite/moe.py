@@ -209,6 +209,18 @@ def unfuse_experts(model: nn.Module, progress: bool = False) -> list[str]:
     return [n for n, _ in fused]
 
 
+def prepare_experts(model: nn.Module) -> list[str]:
+    """:func:`unfuse_experts` (return the names), and a warning about expert weights that
+    stay in float because their layout is not one this module reads."""
+    unfused = unfuse_experts(model)
+    rest = left_in_float(model)
+    if rest:
+        logger.warning("%d module(s) hold expert weights outside nn.Linear in a layout "
+                       "modelopt_lite does not read; they stay in float: %s", len(rest),
+                       ", ".join(rest[:4]) + (", ..." if len(rest) > 4 else ""))
+    return unfused
+
+
 def fuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
     """Undo :func:`unfuse_experts`: put the original fused modules back (3-D weights rebuilt
     from the expert linears, in the model's own layout), in place; return their names.

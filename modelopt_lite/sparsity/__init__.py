@@ -20,8 +20,8 @@ import time
 from torch import nn
 
 from ..calib.runner import resolve_forward_loop
+from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
-from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts
 from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -39,11 +39,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     (OBS updates from the layer Hessian). Calibrated methods need ``calib`` (strings with
     ``tokenizer``, a text file, a dataset, a token tensor) or ``forward_loop(model)``.
     ``targets`` / ``exclude``: fnmatch patterns over module names, as in ``QuantConfig``
-    (``lm_head``, embeddings and MoE routers are excluded by default). A layer whose input dim is not a
-    multiple of M is skipped and listed (an error when named in ``targets`` or with
-    ``on_indivisible="error"``).
+    (``lm_head``, embeddings and MoE routers are excluded by default). A layer whose input
+    dim is not a multiple of M is skipped and listed (an error when named in ``targets`` or
+    with ``on_indivisible="error"``).
     """
-    from ..api import prepare_experts
     from ..config import DEFAULT_EXCLUDE
 
     cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
