@@ -1,5 +1,5 @@
 #!/bin/bash
-# v52 (NOTES.md, v51's lead 1; not run yet): on the H200 the small-M rows stream at ~70 % of the
+# v52 (NOTES.md, v51's lead 1; run 2026-11-29, outcome in NOTES.md): on the H200 the small-M rows stream at ~70 % of the
 # measured read floor (30 us on the Llama-3-70B shapes), bound by the kernel's work per byte, not
 # by memory. FS 1 / 2 put the scales after the products in float32 (-7 % / -15 % SASS on the
 # shipped M = 1 tiles, `mma_regs.py`; registers 72 -> 88 / 92 at 4 warps x 2 rows, 7 -> 5
