@@ -56,6 +56,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
     ``XPERM`` + ``PREP``, whose prep kernel zeroes them). ``PARTNER`` (``MMA`` on tiled words):
     each byte's PRMT names both words of its pair, which the selector reads one of; the same
     instructions, a register allocation like the row-by-row words' (``mma_regs.py``).
+    ``MAXNREG`` (GEMV and ``MMA``): registers per thread capped at launch, so that more programs
+    share an SM.
     ``DEQUANT`` configs allocate an fp16 copy of the weight per call. ``WS`` (Hopper, block 128): the warp-specialized Gluon kernel
     (:mod:`~.ws`; ``BM``, ``BN``, ``STAGES``, ``GROUP_N``, ``SPLIT_K``, ``PERSIST``, ``STREAM``,
     ``TILED``, ``COAL``, ``MAXNREG``, ``WGS``, ``WPERM``, ``GATHER``, ``SCALES``:
@@ -171,7 +173,8 @@ def w4a16_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = Non
                                ROWS=rows, FS=fs if use_asm else 0,
                                QC=cfg.get("QC", ""), QE=cfg.get("QE", ""), SV=sv, PAIRS=pairs,
                                DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-                               XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common)
+                               XTB=8 * n_tiles if xperm else 0, PIPE=_pipe(cfg), **common,
+                               **_maxnreg(cfg))
     elif gemv:  # one token per program along grid axis 0
         k_fast = cfg.get("K_FAST", True)
         persist = int(cfg.get("PERSIST", 0))
