@@ -72,9 +72,11 @@ def _explicit(name: str, patterns) -> bool:
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     """Decide, for every candidate layer, its specs or the reason it is skipped."""
+    from .models import other_modalities
     from .moe import router_linears
 
     plans, routers = [], router_linears(model)
+    towers = other_modalities(model, config.targets)
     for name, module in model.named_modules():
         if not name or is_quantized(module) or not _type_matches(module, config.module_types):
             continue
@@ -84,22 +86,34 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
             plans.append(LayerPlan(name, module, None, None,
                                    skipped="MoE router: routing stays in float"))
             continue
+        if towers and towers(name):
+            plans.append(LayerPlan(name, module, None, None, skipped=towers.reason))
+            continue
         plans.append(_plan_one(name, module, config))
     if not plans:
         raise LayerSelectionError(_no_layers_message(model, config))
-    skipped = [p for p in plans if p.skipped]
-    if 2 * len(skipped) > len(plans):   # more than half, or all
+    # of the layers nothing else rules out (routers, other modalities, custom forwards)
+    eligible = [p for p in plans if not p.skipped or p.skipped.startswith(_INDIVISIBLE)]
+    skipped = [p for p in eligible if p.skipped]
+    if 2 * len(skipped) > len(eligible):   # more than half, or all
         dims = sorted({_weight_2d_shape(p.module)[1] for p in skipped})
         fits = [b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims)]
         fix = (f"block {fits[0]} divides them all" if fits else
                "no block size from 8 to 128 divides them all")
-        text = (f"{len(skipped)} of {len(plans)} matched layers would be skipped (first: "
+        text = (f"{len(skipped)} of {len(eligible)} matched layers would be skipped (first: "
                 f"{skipped[0].name}: {skipped[0].skipped}; input dims {dims[:6]}): {fix}, or "
                 "set on_indivisible='per_channel'")
-        if len(skipped) == len(plans):
+        if len(skipped) == len(eligible):
             raise LayerSelectionError(f"nothing to quantize: {text}")
         log.warning(text)
+    if all(p.skipped for p in plans):
+        raise LayerSelectionError(
+            f"nothing to quantize: all {len(plans)} matched layers are skipped (first: "
+            f"{plans[0].name}: {plans[0].skipped}); see the reason, or name layers in targets")
     return plans
+
+
+_INDIVISIBLE = "in_features"
 
 
 def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
@@ -121,7 +135,7 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
     in_dim = _weight_2d_shape(module)[1]
     if in_dim % w.block_size == 0:
         return plan
-    reason = f"in_features {in_dim} is not divisible by block {w.block_size}"
+    reason = f"{_INDIVISIBLE} {in_dim} is not divisible by block {w.block_size}"
     if config.on_indivisible == "error" or _explicit(name, config.targets):
         raise LayerSelectionError(
             f"{name}: {reason}. Fix: choose a block size that divides {in_dim}, exclude the "

@@ -128,25 +128,87 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def _text_config(model: nn.Module):
+    """The language model's config inside a multimodal model's config (Llava, Gemma 3,
+    Qwen2-VL, ...); None for a model that is a language model itself."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    if not callable(get) or getattr(cfg, "is_encoder_decoder", False):
+        return None
+    try:
+        text = get(decoder=True)
+    except (TypeError, ValueError):
+        return None
+    return text if text is not None and text is not cfg else None
+
+
 def get_arch(model: nn.Module) -> Arch | None:
-    arch = ARCHITECTURES.get(model_type(model))
-    if arch is not None and model_type(model) == "opt" and not getattr(
+    """The table row of ``model``'s type; for a multimodal model whose type has no row, the row
+    of its language model's type (the groups are relative to a decoder layer, wherever the
+    layers live)."""
+    kind = model_type(model)
+    if kind not in ARCHITECTURES:
+        kind = getattr(_text_config(model), "model_type", None)
+    arch = ARCHITECTURES.get(kind)
+    if arch is not None and kind == "opt" and not getattr(
             model.config, "do_layer_norm_before", True):
         return None  # post-norm OPT (350m): the norms do not feed the linears
     return arch
 
 
+def language_model_path(model: nn.Module) -> str:
+    """Where a multimodal model keeps its language model (``model.language_model`` in Llava,
+    Gemma 3, Qwen2-VL, ...), from ``get_decoder()``; '' for a language model itself."""
+    if _text_config(model) is None or not callable(getattr(model, "get_decoder", None)):
+        return ""
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # noqa: BLE001 - a model's own accessor; the whole model is the fallback
+        return ""
+    return next((n for n, m in model.named_modules() if m is decoder and n), "")
+
+
+class OtherModalities:
+    """Layers of a multimodal model outside its language model (vision / audio encoders, the
+    projectors into the text stream) stay in float: text calibration never runs them, and they
+    are a small part of the weights. A config whose ``targets`` are not the default ``("*",)``
+    names what it wants and takes them."""
+
+    def __init__(self, model: nn.Module, lm_path: str):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.prefix = lm_path + "."
+        self.heads = {n for n, m in model.named_modules() if head is not None and m is head}
+        self.reason = (f"outside the language model ({lm_path}) of a multimodal model: encoders "
+                       "and projectors of other inputs stay in float (name them in targets to "
+                       "include them)")
+
+    def __call__(self, name: str) -> bool:
+        return not name.startswith(self.prefix) and name not in self.heads
+
+
+def other_modalities(model: nn.Module, targets) -> OtherModalities | None:
+    """The rule for ``model``'s layers outside its language model, or None when ``model`` is a
+    language model itself or ``targets`` (fnmatch patterns) are not the default ``("*",)``."""
+    path = language_model_path(model)
+    return OtherModalities(model, path) if path and tuple(targets) == ("*",) else None
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, ModuleList) of the decoder layers: from the table, else the longest ModuleList."""
+    """(path, ModuleList) of the decoder layers: from the table, else the longest ModuleList of
+    identical blocks, inside the language model of a multimodal model (a vision tower's
+    blocks are never the stack that text calibration runs through)."""
     arch = get_arch(model)
     if arch is not None:
         try:
             return arch.layers, model.get_submodule(arch.layers)
         except AttributeError:
             pass
-    best = max(((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
-                and len(m) > 0 and len({type(x) for x in m}) == 1),
-               key=lambda nm: len(nm[1]), default=None)
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+              and len(m) > 0 and len({type(x) for x in m}) == 1]
+    scope = language_model_path(model)
+    if scope:
+        stacks = [(n, m) for n, m in stacks if n.startswith(scope + ".")] or stacks
+    best = max(stacks, key=lambda nm: len(nm[1]), default=None)
     if best is None:
         raise UnsupportedModelError(
             f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of "

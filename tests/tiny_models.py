@@ -143,3 +143,40 @@ def tiny_moe_from_config(model_type: str, seed=0):
         cfg.head_dim = cfg.qk_rope_head_dim
     torch.manual_seed(seed)
     return _moe(AutoModelForCausalLM.from_config(cfg), seed)
+
+
+def tiny_llava(seed=0, text_layers=2, vision_layers=3):
+    """Llava: a CLIP vision tower (more blocks than the language model has, as in PaliGemma),
+    a projector and a Llama language model under ``model.language_model``. Images are 32 x 32
+    pixels in 16 patches, each an image token (id :data:`IMAGE_TOKEN`) in the text."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-1, projector_hidden_act="gelu")
+    return _finish(LlavaForConditionalGeneration(cfg), seed)
+
+
+IMAGE_TOKEN = VOCAB - 1
+
+
+def tiny_gemma3_vlm(seed=0):
+    """Gemma 3 with its SigLIP vision tower (``Gemma3ForConditionalGeneration``): the table's
+    Gemma 3 row, with the layers under ``model.language_model``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                            head_dim=32, max_position_embeddings=256, sliding_window=32)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                       image_token_id=IMAGE_TOKEN, boi_token_index=VOCAB - 2,
+                       eoi_token_index=VOCAB - 3)
+    return _finish(Gemma3ForConditionalGeneration(cfg), seed)

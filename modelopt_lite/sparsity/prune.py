@@ -129,14 +129,18 @@ def _selected(name: str, module: nn.Module, cfg: SparsityConfig) -> bool:
 
 def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> list[SparsePlan]:
     """Every selected layer, with the reason it is skipped where it cannot take the pattern."""
+    from ..models import other_modalities
+
     _, m = cfg.nm
-    plans = []
+    plans, towers = [], other_modalities(model, cfg.targets)
     for name, module in model.named_modules():
         if not name or not _selected(name, module, cfg):
             continue
         plan = SparsePlan(name, module)
         dim = group_dim(module)
-        if dim % m:
+        if towers and towers(name):
+            plan.skipped = towers.reason
+        elif dim % m:
             reason = (f"input dim {dim} is not a multiple of {m}, so it cannot be split into "
                       f"groups of {m}")
             if cfg.on_indivisible == "error" or name in cfg.targets:
