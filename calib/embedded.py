@@ -127,10 +127,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
 
 def load_folder(folder: Path, dtype: torch.dtype):
-    """Load a Hugging Face model folder in eval mode, with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a Hugging Face model folder in eval mode, with its tokenizer: a causal LM, else an
+    image-text-to-text model (Llava, Qwen2-VL, ...), whose language model takes the text."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoTokenizer)
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    config = AutoConfig.from_pretrained(folder)
+    auto = AutoModelForCausalLM
+    if type(config) not in AutoModelForCausalLM._model_mapping and (
+            type(config) in AutoModelForImageTextToText._model_mapping):
+        auto = AutoModelForImageTextToText
+    model = auto.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 

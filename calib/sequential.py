@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 _CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
 
 
+def _is_cache(obj) -> bool:
+    """A transformers key/value cache object (``Cache`` and its subclasses)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(obj).__mro__)
+
+
 class _Captured(Exception):
     pass
 
@@ -92,7 +98,10 @@ class LayerInputs:
         return len(self.entries)
 
     def add(self, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+        # a key/value cache would grow on every replay: none, by name or, passed positionally
+        # (GIT), by type
+        kwargs = {k: (None if k in _CACHE_KWARGS or _is_cache(v) else v) for k, v in kwargs.items()}
+        args = tuple(None if _is_cache(a) else a for a in args)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         if self.store_device is not None:

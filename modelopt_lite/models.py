@@ -168,29 +168,58 @@ def language_model_path(model: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is decoder and n), "")
 
 
+def other_input_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules a multimodal model builds from a sub-config other than its text
+    config (``vision_config``, ``audio_config``, ...): its encoders of other inputs, wherever
+    they sit (GIT keeps its language layers at the top and the image encoder beside them)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return []
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:
+        return []
+    text = _text_config(model)
+    subs = [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig) and v is not text]
+    paths: list[str] = []
+    for name, module in model.named_modules():
+        owner = getattr(module, "config", None)
+        if name and owner is not None and any(owner is sub for sub in subs) and not any(
+                name.startswith(p + ".") for p in paths):
+            paths.append(name)
+    return paths
+
+
 class OtherModalities:
     """Layers of a multimodal model outside its language model (vision / audio encoders, the
     projectors into the text stream) stay in float: text calibration never runs them, and they
     are a small part of the weights. A config whose ``targets`` are not the default ``("*",)``
     names what it wants and takes them."""
 
-    def __init__(self, model: nn.Module, lm_path: str):
+    def __init__(self, model: nn.Module, lm_path: str, encoders: list[str]):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.prefix = lm_path + "."
+        self.prefix = lm_path + "." if lm_path else None
+        self.encoders = tuple(p + "." for p in encoders)
         self.heads = {n for n, m in model.named_modules() if head is not None and m is head}
-        self.reason = (f"outside the language model ({lm_path}) of a multimodal model: encoders "
-                       "and projectors of other inputs stay in float (name them in targets to "
-                       "include them)")
+        where = f"outside the language model ({lm_path})" if lm_path else "in an encoder of " \
+            f"another input ({', '.join(encoders)})"
+        self.reason = (f"{where} of a multimodal model: encoders and projectors of other "
+                       "inputs stay in float (name them in targets to include them)")
 
     def __call__(self, name: str) -> bool:
-        return not name.startswith(self.prefix) and name not in self.heads
+        if (name + ".").startswith(self.encoders):
+            return True
+        return self.prefix is not None and not name.startswith(self.prefix) and (
+            name not in self.heads)
 
 
 def other_modalities(model: nn.Module, targets) -> OtherModalities | None:
     """The rule for ``model``'s layers outside its language model, or None when ``model`` is a
     language model itself or ``targets`` (fnmatch patterns) are not the default ``("*",)``."""
-    path = language_model_path(model)
-    return OtherModalities(model, path) if path and tuple(targets) == ("*",) else None
+    if tuple(targets) != ("*",):
+        return None
+    path, encoders = language_model_path(model), other_input_paths(model)
+    return OtherModalities(model, path, encoders) if path or encoders else None
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -205,9 +234,11 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             pass
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
               and len(m) > 0 and len({type(x) for x in m}) == 1]
-    scope = language_model_path(model)
+    scope, encoders = language_model_path(model), tuple(p + "." for p in other_input_paths(model))
     if scope:
         stacks = [(n, m) for n, m in stacks if n.startswith(scope + ".")] or stacks
+    if encoders:
+        stacks = [(n, m) for n, m in stacks if not n.startswith(encoders)] or stacks
     best = max(stacks, key=lambda nm: len(nm[1]), default=None)
     if best is None:
         raise UnsupportedModelError(

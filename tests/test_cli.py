@@ -4,7 +4,7 @@ import pytest
 
 from modelopt_lite.cli import build_parser, main
 from test_eval import random_text, word_tokenizer
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_llava
 
 
 @pytest.fixture
@@ -109,3 +109,18 @@ def test_bad_paths_fail_before_the_model_loads(tiny_folder, capsys, monkeypatch)
                         (["--out", str(tiny_folder / "afile")], "a file is there")):
         assert main(["quantize", "--model", str(tiny_folder / "tiny")] + extra) == 2
         assert want in capsys.readouterr().err
+
+
+def test_quantize_a_multimodal_folder(tiny_folder, capsys):
+    """A Llava folder (not a causal-LM class): loaded as image-text-to-text, its language
+    model quantized on text, the vision tower left in float and listed."""
+    d = tiny_folder
+    tiny_llava().save_pretrained(d / "vlm")
+    word_tokenizer().save_pretrained(d / "vlm")
+    rc = main(["quantize", "--model", str(d / "vlm"), "--recipe", "int4_awq",
+               "--calib", str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32",
+               "--windows", "2", "--seq-len-eval", "64", "--eval-text", str(d / "test.txt")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "14 layer(s) quantized, 20 skipped" in out
+    assert "outside the language model" in out

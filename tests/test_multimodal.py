@@ -8,9 +8,10 @@ import torch
 import modelopt_lite as mtl
 from modelopt_lite.config import QuantConfig, QuantizerSpec
 from modelopt_lite.layers import plan_layers
-from modelopt_lite.models import ARCHITECTURES, find_decoder_layers, get_arch
+from modelopt_lite.models import (ARCHITECTURES, find_decoder_layers, get_arch,
+                                  other_input_paths)
 from modelopt_lite.nn import is_quantized
-from tiny_models import IMAGE_TOKEN, random_tokens, tiny_gemma3_vlm, tiny_llava
+from tiny_models import IMAGE_TOKEN, random_tokens, tiny_gemma3_vlm, tiny_git, tiny_llava
 
 VLM = {"llava": (tiny_llava, 16), "gemma3": (tiny_gemma3_vlm, 4)}   # builder, tokens per image
 
@@ -134,3 +135,23 @@ def test_save_and_load_a_quantized_multimodal_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant"])
+def test_an_image_encoder_beside_the_text_layers(preset):
+    """GIT: no text sub-config; the image encoder (built from ``vision_config``) has more blocks
+    than the text stack beside it, and the text layers receive their cache positionally (a
+    replayed cache would grow on every call)."""
+    model, float_model = tiny_git(), tiny_git()
+    assert other_input_paths(model) == ["git.image_encoder"]
+    assert find_decoder_layers(model)[0] == "git.encoder.layer"
+    mtl.quantize(model, preset, calib=_text(4), progress=False)
+    rows = {r["name"]: r for r in model._modelopt_lite["layers"]}
+    text = [n for n in rows if n.startswith("git.encoder.layer.")]
+    assert len(text) == 12 and all(rows[n]["skipped"] is None for n in text)
+    assert all("encoder of another input" in r["skipped"]
+               for n, r in rows.items() if n.startswith("git.image_encoder."))
+    ids = _text(1, 16, seed=7)
+    with torch.no_grad():
+        out, want = model(ids).logits, float_model(ids).logits
+    assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 0.5

@@ -149,7 +149,8 @@ def tiny_llava(seed=0, text_layers=2, vision_layers=3):
     """Llava: a CLIP vision tower (more blocks than the language model has, as in PaliGemma),
     a projector and a Llama language model under ``model.language_model``. Images are 32 x 32
     pixels in 16 patches, each an image token (id :data:`IMAGE_TOKEN`) in the text."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
@@ -168,7 +169,8 @@ IMAGE_TOKEN = VOCAB - 1
 def tiny_gemma3_vlm(seed=0):
     """Gemma 3 with its SigLIP vision tower (``Gemma3ForConditionalGeneration``): the table's
     Gemma 3 row, with the layers under ``model.language_model``."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              SiglipVisionConfig)
 
     torch.manual_seed(seed)
     text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
@@ -180,3 +182,17 @@ def tiny_gemma3_vlm(seed=0):
                        image_token_id=IMAGE_TOKEN, boi_token_index=VOCAB - 2,
                        eoi_token_index=VOCAB - 3)
     return _finish(Gemma3ForConditionalGeneration(cfg), seed)
+
+
+def tiny_git(seed=0):
+    """GIT: BERT-style text layers at ``git.encoder.layer`` beside a CLIP image encoder with
+    more blocks (``git.image_encoder``, from ``vision_config``); no ``text_config``, and the
+    layers take their key/value cache positionally."""
+    from transformers import GitConfig, GitForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GitConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=2, image_size=32, patch_size=8))
+    return _finish(GitForCausalLM(cfg), seed)

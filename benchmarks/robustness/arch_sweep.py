@@ -1,14 +1,20 @@
-"""quantize() on a tiny random model of every causal-LM architecture transformers knows.
+"""quantize() on a tiny random model of every causal-LM (or image-text-to-text) architecture
+transformers knows.
 
-Each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is built from its default config
-with small sizes (2 layers, hidden 128, 4 experts for MoE models; types whose configs do not
-take these fields fail to build or stay too large and are listed as such), then quantized
-with each preset on random calibration tokens. A row: the type, the preset, ``ok`` or the
-error (types whose float model does not build or run with the small sizes: ``not built``), the number of quantized layers and the relative logits error against the float model
-(random weights: a smoke figure, not an accuracy one). Results: JSON with the machine, the
-transformers version and the date.
+Each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (``--task image-text-to-text``:
+``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, text calibration, the row also names the decoder
+stack found and how many layers of other inputs stayed in float) is built from its default config
+with small sizes (2 layers, hidden 128, 4 experts for MoE models, the same for a multimodal
+model's text and vision configs; types whose configs do not take these fields fail to build or
+stay too large and are listed as such), then quantized with each preset on random calibration
+tokens. A row: the type, the preset, ``ok`` or the error (types whose float model does not build
+or run with the small sizes: ``not built``), the number of quantized layers and the relative
+logits error against the float model (random weights: a smoke figure, not an accuracy one).
+Results: JSON with the machine, the transformers version and the date.
 
     python benchmarks/robustness/arch_sweep.py --out benchmarks/results/arch_sweep_cpu.json
+    python benchmarks/robustness/arch_sweep.py --task image-text-to-text \
+        --out benchmarks/results/arch_sweep_vlm_cpu.json
 """
 from __future__ import annotations
 
@@ -36,27 +42,46 @@ class _Timeout(Exception):
     pass
 
 
-def _build(model_type: str, max_params: float):
-    from transformers import AutoConfig, AutoModelForCausalLM
+SUBCONFIGS = ("text_config", "vision_config", "audio_config", "perceiver_config",
+              "qformer_config", "vq_config")
+
+
+def _auto(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto
+
+    if task == "causal-lm":
+        return AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForImageTextToText, modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def _build(model_type: str, max_params: float, task: str = "causal-lm"):
+    from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
-    for key, value in SIZES.items():
-        if hasattr(cfg, key):
-            setattr(cfg, key, value)
-    if getattr(cfg, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
-        cfg.head_dim = cfg.qk_rope_head_dim
+    for sub in [cfg] + [getattr(cfg, a) for a in SUBCONFIGS if getattr(cfg, a, None) is not None]:
+        for key, value in SIZES.items():
+            if hasattr(sub, key):
+                setattr(sub, key, value)
+        if getattr(sub, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
+            sub.head_dim = sub.qk_rope_head_dim
+        if getattr(sub, "pad_token_id", None) is not None and sub.pad_token_id >= 128:
+            sub.pad_token_id = 0
+        rope = getattr(sub, "rope_parameters", None)
+        if isinstance(rope, dict) and "mrope_section" in rope:   # 3-D rope: head_dim / 2 split
+            rope["mrope_section"] = [4, 6, 6]
     with torch.device("meta"):
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+        n = sum(p.numel() for p in _auto(task)[0].from_config(cfg).parameters())
     if n > max_params:
         raise ValueError(f"{n / 1e6:.0f}M parameters with the small sizes")
     return cfg
 
 
-def _one(model_type, cfg, state, preset, ids, calib):
+def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm"):
     import modelopt_lite as mtl
-    from transformers import AutoModelForCausalLM
+    from modelopt_lite.models import find_decoder_layers
 
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = _auto(task)[0].from_config(cfg).eval()
     model.load_state_dict(state)
     with torch.no_grad():
         ref = model(ids).logits.float()
@@ -65,32 +90,39 @@ def _one(model_type, cfg, state, preset, ids, calib):
         out = model(ids).logits.float()
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite logits after quantize")
-    return len(mtl.layers.quant_modules(model)), ((out - ref).norm() / ref.norm()).item()
+    row = dict(quantized_layers=len(mtl.layers.quant_modules(model)),
+               rel_logits_err=round(((out - ref).norm() / ref.norm()).item(), 4))
+    if task != "causal-lm":
+        row.update(decoder_layers=find_decoder_layers(model)[0], other_inputs_in_float=sum(
+            "of a multimodal model" in (r["skipped"] or "")
+            for r in model._modelopt_lite["layers"]))
+    return row
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, __version__
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import __version__
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="int4_awq,int8_smoothquant,w8a8")
     ap.add_argument("--types", default="", help="comma-separated model types (default: all)")
     ap.add_argument("--max-params", type=float, default=40e6)
     ap.add_argument("--timeout", type=int, default=120, help="seconds per quantize")
+    ap.add_argument("--task", default="causal-lm", choices=("causal-lm", "image-text-to-text"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(_Timeout()))
-    types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    auto, names = _auto(args.task)
+    types = args.types.split(",") if args.types else sorted(names)
     rows = []
     for t in types:
         ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
         calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(2))
         try:
-            cfg = _build(t, args.max_params)
+            cfg = _build(t, args.max_params, args.task)
             torch.manual_seed(0)
-            float_model = AutoModelForCausalLM.from_config(cfg).eval()
+            float_model = auto.from_config(cfg).eval()
             with torch.no_grad():   # the float model must run with the small sizes
                 if not torch.isfinite(float_model(ids).logits).all():
                     raise FloatingPointError("non-finite float logits")
@@ -104,8 +136,7 @@ def main() -> None:
             row = {"model_type": t, "preset": preset}
             signal.alarm(args.timeout)
             try:
-                n, rel = _one(t, cfg, state, preset, ids, calib)
-                row.update(status="ok", quantized_layers=n, rel_logits_err=round(rel, 4))
+                row.update(status="ok", **_one(t, cfg, state, preset, ids, calib, args.task))
             except _Timeout:
                 row.update(status="timeout")
             except Exception as err:  # noqa: BLE001 - a row per failure, the sweep goes on
@@ -124,7 +155,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": f"CPU ({platform.processor() or platform.machine()}), "
-                                  f"torch {torch.__version__}",
+                                  f"torch {torch.__version__}", "task": args.task,
                        "transformers": __version__, "date": str(datetime.date.today()),
                        "summary": summary, "rows": rows}, f, indent=1)
 
