@@ -51,9 +51,32 @@ def make_forward_loop(tokens: torch.Tensor, batch_size: int = 1, progress: bool 
         with torch.no_grad():
             for batch in tqdm(iter_batches(tokens, batch_size), total=n, desc=desc,
                               disable=not progress, leave=False):
-                model(batch.to(device))
+                batch = batch.to(device)
+                model(batch, **decoder_inputs(model, batch))
 
     return forward_loop
+
+
+def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
+    """For an encoder-decoder model that does not derive its decoder's inputs itself (T5
+    does not; BART does), the same text shifted right as ``decoder_input_ids``, as in
+    teacher-forced training: the decoder calibrates on real tokens while it attends to the
+    encoder's states. Else nothing."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {}
+    for name in ("prepare_decoder_input_ids_from_labels", "_shift_right"):
+        shift = getattr(model, name, None)
+        if callable(shift):
+            try:
+                return {"decoder_input_ids": shift(labels=ids) if name.startswith("prepare")
+                        else shift(ids)}
+            except (TypeError, ValueError, AttributeError):
+                continue   # e.g. no decoder_start_token_id in the config: shifted here
+    cfg = model.config
+    start = next((t for t in (getattr(cfg, "decoder_start_token_id", None),
+                              getattr(cfg, "pad_token_id", None),
+                              getattr(cfg, "bos_token_id", None)) if t is not None), 0)
+    return {"decoder_input_ids": torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], 1)}
 
 
 def _check_vocab(model: nn.Module, tokens: torch.Tensor) -> None:

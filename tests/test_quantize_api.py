@@ -209,3 +209,31 @@ def test_layers_after_the_decoder_stack_stay_quantized_under_layer_by_layer_awq(
         num_attention_heads=4, num_labels=128, pad_token_id=0)).eval()
     mtl.quantize(clf, "int4_awq", calib=random_tokens(n=4, seq=32).clamp(min=1), progress=False)
     assert is_quantized(clf.score)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "int4_awq", "int8_smoothquant"])
+def test_encoder_decoder_calibrates_its_decoder_on_the_text_shifted(preset):
+    """T5 needs decoder inputs: the built-in loop gives the same text shifted right (pad first),
+    so every linear of both stacks, cross-attention included, is calibrated."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from tiny_models import tiny_t5
+
+    model, float_model = tiny_t5(), tiny_t5()
+    ids = random_tokens(n=2, seq=12, seed=3)
+    dec = decoder_inputs(model, ids)["decoder_input_ids"]
+    assert torch.equal(dec[:, 1:], ids[:, :-1]) and (dec[:, 0] == 0).all()
+    assert decoder_inputs(ALL["llama"](), ids) == {}
+    mtl.quantize(model, preset, calib=random_tokens(n=4, seq=16, seed=1), progress=False)
+    rows = model._modelopt_lite["layers"]
+    assert all(r["skipped"] is None for r in rows)
+    names = {r["name"] for r in rows}
+    assert {"encoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.1.EncDecAttention.k",
+            "decoder.block.1.layer.2.DenseReluDense.wo"} <= names
+    if preset == "w8a8":
+        for r in rows:
+            iq = model.get_submodule(r["name"]).input_quantizer
+            assert iq.amax is not None and torch.isfinite(iq.amax).all(), r["name"]
+    with torch.no_grad():
+        out = model(ids, decoder_input_ids=dec).logits
+        want = float_model(ids, decoder_input_ids=dec).logits
+    assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 0.5

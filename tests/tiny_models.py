@@ -196,3 +196,14 @@ def tiny_git(seed=0):
                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                        num_attention_heads=2, image_size=32, patch_size=8))
     return _finish(GitForCausalLM(cfg), seed)
+
+
+def tiny_t5(seed=0):
+    """T5: an encoder-decoder whose forward does not derive the decoder's inputs from the
+    encoder's (BART's does); no ``decoder_start_token_id`` in the config (pad starts)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                   num_heads=4, pad_token_id=0, eos_token_id=1)
+    return _finish(T5ForConditionalGeneration(cfg), seed)
