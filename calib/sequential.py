@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import find_decoder_layers
+from ..models import layer_stacks
 from .stats import ChannelStatsCollector
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,8 @@ ProcessLayer = Callable[[int, str, nn.Module, LayerInputs], None]
 def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, device=None,
                    offload=None, store_device=None, progress: bool = True,
                    desc: str = "layers") -> None:
-    """Call ``process(i, name, layer, inputs)`` for each decoder layer, in order.
+    """Call ``process(i, name, layer, inputs)`` for each decoder layer, in order (each layer of
+    an encoder-decoder model's encoder, then of its decoder; ``i`` counts within a stack).
 
     ``process`` may change the layer (quantize, fold, prune); the layer is then replayed on
     ``inputs`` and its outputs become the next layer's inputs. ``device``: where each layer
@@ -235,19 +236,22 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
     streamer = active_streamer(model)
     if streamer is not None:
         return _run_streamed(model, forward_loop, process, streamer, progress, desc)
-    path, layers = find_decoder_layers(model)
-    inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
-    inputs.device = device
-    for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
-        layer = layers[i]
-        if device is not None:
-            layer.to(device)
-        process(i, f"{path}.{i}", layer, inputs)
-        outs = inputs.run(layer, device)
-        for j, h in enumerate(outs):
-            inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
-        if offload is not None:
-            layer.to(offload)
+    stacks = layer_stacks(model)
+    for path, layers in stacks:   # an encoder-decoder's decoder sees the processed encoder
+        inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
+        inputs.device = device
+        label = desc if len(stacks) == 1 else f"{desc} ({path})"
+        for i in tqdm(range(len(layers)), desc=label, disable=not progress):
+            layer = layers[i]
+            if device is not None:
+                layer.to(device)
+            process(i, f"{path}.{i}", layer, inputs)
+            outs = inputs.run(layer, device)
+            for j, h in enumerate(outs):
+                inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
+            if offload is not None:
+                layer.to(offload)
+        del inputs
 
 
 def _run_streamed(model, forward_loop, process, streamer, progress, desc) -> None:

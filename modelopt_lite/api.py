@@ -79,17 +79,17 @@ class _CallTracker:
     replays of AWQ / SmoothQuant)."""
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan]):
-        from .models import UnsupportedModelError, find_decoder_layers
+        from .models import UnsupportedModelError, layer_stacks
 
         self.model, self.plans = model, [p for p in plans if not p.skipped]
         try:
-            self.path, layers = find_decoder_layers(model)
-            self.layers = list(layers)
+            self.layers = {f"{path}.{i}": layer for path, stack in layer_stacks(model)
+                           for i, layer in enumerate(stack)}
         except UnsupportedModelError:
-            self.path, self.layers = None, []
+            self.layers = {}
         self.names: set[str] = set()
         self.whole = False
-        self.layers_done: set[int] = set()
+        self.layers_done: set[str] = set()
 
     def __enter__(self):
         self.handles = [p.module.register_forward_pre_hook(
@@ -97,7 +97,8 @@ class _CallTracker:
         self.handles.append(self.model.register_forward_hook(   # None: the layer-0 capture
             lambda m, args, out: out is not None and setattr(self, "whole", True)))
         self.handles += [layer.register_forward_hook(
-            lambda *a, i=i: self.layers_done.add(i)) for i, layer in enumerate(self.layers)]
+            lambda *a, name=name: self.layers_done.add(name))
+            for name, layer in self.layers.items()]
         return self
 
     def __exit__(self, *exc):
@@ -111,11 +112,8 @@ class _CallTracker:
         def expected(name: str) -> bool:
             if self.whole:
                 return True
-            head = f"{self.path}." if self.path else None
-            if head is None or not name.startswith(head):
-                return False   # outside the replayed decoder layers: no pass reached it
-            index = name[len(head):].split(".")[0]
-            return index.isdigit() and int(index) in self.layers_done
+            # inside a replayed layer that ran; outside the decoder layers no pass reached it
+            return any(name.startswith(layer + ".") for layer in self.layers_done)
 
         flags = torch.tensor([float(p.name in self.names or not expected(p.name))
                               for p in self.plans], dtype=torch.float64)

@@ -247,6 +247,30 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The layer stacks layer-by-layer calibration walks, in the order the forward runs them:
+    an encoder-decoder model's encoder layers, then its decoder layers (T5, BART, ...), each
+    calibrated on the outputs of the stacks before it; else the one decoder stack
+    (:func:`find_decoder_layers`)."""
+    first = find_decoder_layers(model)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return [first]
+    stacks = []
+    for getter in ("get_encoder", "get_decoder"):
+        try:
+            part = getattr(model, getter)()
+        except Exception:  # noqa: BLE001 - a model's own accessor; one stack is the fallback
+            return [first]
+        path = next((n for n, m in model.named_modules() if m is part and n), None)
+        lists = [(n, m) for n, m in model.named_modules() if path and n.startswith(path + ".")
+                 and isinstance(m, nn.ModuleList) and len(m) > 0
+                 and len({type(x) for x in m}) == 1]
+        if not lists:
+            return [first]
+        stacks.append(max(lists, key=lambda nm: len(nm[1])))
+    return stacks if stacks[0][1] is not stacks[1][1] else [first]
+
+
 def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> list[Group]:
     """The scale groups of one decoder layer that exist and fold exactly; else per-linear groups.
     ``kv_tied``: include groups that fold only with a scale tied over repeated key/value heads

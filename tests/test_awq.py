@@ -286,3 +286,24 @@ def test_summary_reports_gptq_weight_error_against_the_float_weight(tmp_path):
         want = 10 * torch.log10(w.double().pow(2).sum() / noise).item()
         assert fresh["sqnr_db"] == pytest.approx(want, abs=1e-3)
     assert fresh["sqnr_db"] != rows[name]["sqnr_db"]
+
+
+def test_encoder_decoder_artefacts_cover_both_stacks(tmp_path):
+    """T5: scales searched for the encoder's and the decoder's layers are saved and applied
+    again without calibration data, to the same logits."""
+    from tiny_models import tiny_t5
+
+    calib, ids = random_tokens(4, 16, seed=1), random_tokens(2, 12, seed=2)
+    dec = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], 1)
+    quant = mtl.quantize(tiny_t5(), awq_cfg(block=32), calib=calib, progress=False)
+    keys = set(quant._awq_scales)
+    assert any(k.startswith("encoder.block.1::") for k in keys)
+    assert any(k.startswith("decoder.block.1::layer.1.EncDecAttention") for k in keys)
+    with torch.no_grad():
+        want = quant(ids, decoder_input_ids=dec).logits
+    save_artefacts(quant, tmp_path / "awq")
+    again = mtl.quantize(tiny_t5(), awq_cfg(block=32, artefacts=str(tmp_path / "awq")),
+                         progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, decoder_input_ids=dec).logits, want,
+                                   rtol=0, atol=1e-5)

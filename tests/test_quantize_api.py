@@ -214,7 +214,8 @@ def test_layers_after_the_decoder_stack_stay_quantized_under_layer_by_layer_awq(
 @pytest.mark.parametrize("preset", ["w8a8", "int4_awq", "int8_smoothquant"])
 def test_encoder_decoder_calibrates_its_decoder_on_the_text_shifted(preset):
     """T5 needs decoder inputs: the built-in loop gives the same text shifted right (pad first),
-    so every linear of both stacks, cross-attention included, is calibrated."""
+    so every linear of both stacks, cross-attention included, is calibrated; AWQ and SmoothQuant
+    walk the encoder's layers, then the decoder's."""
     from modelopt_lite.calib.runner import decoder_inputs
     from tiny_models import tiny_t5
 
@@ -233,6 +234,11 @@ def test_encoder_decoder_calibrates_its_decoder_on_the_text_shifted(preset):
         for r in rows:
             iq = model.get_submodule(r["name"]).input_quantizer
             assert iq.amax is not None and torch.isfinite(iq.amax).all(), r["name"]
+    else:   # layer by layer through the encoder, then the decoder on the processed encoder
+        scaled = {r["name"] for r in rows
+                  if model.get_submodule(r["name"]).input_quantizer.pre_quant_scale is not None}
+        assert {"encoder.block.1.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
+                "decoder.block.1.layer.1.EncDecAttention.q"} <= scaled
     with torch.no_grad():
         out = model(ids, decoder_input_ids=dec).logits
         want = float_model(ids, decoder_input_ids=dec).logits

@@ -38,7 +38,7 @@ from torch import nn
 from ..calib.distributed import (broadcast_, global_offset, local_indices, rank, reduce_sum,
                                 reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
-from ..models import Group, apply_group_scale_, find_decoder_layers, layer_groups, tie_scale
+from ..models import Group, apply_group_scale_, layer_groups, layer_stacks, tie_scale
 from ..moe import shared_input_key
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
@@ -420,15 +420,15 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
 
     tensors = load_file(str(Path(directory) / ARTEFACT_TENSORS))
     scales = {k[len("scale::"):]: v for k, v in tensors.items() if k.startswith("scale::")}
-    path, layers = find_decoder_layers(model)
     used = 0
-    for i, layer in enumerate(layers):
-        for group in layer_groups(model, layer, kv_tied=True):  # whatever was saved
-            key = f"{path}.{i}::{','.join(group.linears)}"
-            if key in scales:
-                s = scales[key].to(next(layer.parameters()).device)
-                apply_group_scale_(layer, group, s)
-                used += 1
+    for path, layers in layer_stacks(model):
+        for i, layer in enumerate(layers):
+            for group in layer_groups(model, layer, kv_tied=True):  # whatever was saved
+                key = f"{path}.{i}::{','.join(group.linears)}"
+                if key in scales:
+                    s = scales[key].to(next(layer.parameters()).device)
+                    apply_group_scale_(layer, group, s)
+                    used += 1
     if used != len(scales):
         raise ValueError(f"{directory}: {len(scales) - used} saved scale(s) match no group of this "
                          "model; apply artefacts to the architecture they were made from")

@@ -37,8 +37,8 @@ from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
-from ..models import (Group, apply_group_scale_, block_post_norm, find_decoder_layers,
-                      layer_groups, rotate_linear_input_)
+from ..models import (Group, apply_group_scale_, block_post_norm, layer_groups, layer_stacks,
+                      rotate_linear_input_)
 from ..nn.functional import hadamard
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
@@ -557,8 +557,7 @@ def inputs_subset(inputs, n: int):
 def _outside_quantizers(model) -> list:
     """Static input quantizers outside the decoder layers (OPT-350m's ``project_in`` and
     ``project_out``, a projector in front of the decoder)."""
-    _, layers = find_decoder_layers(model)
-    inside = {id(m) for m in layers.modules()}
+    inside = {id(m) for _, layers in layer_stacks(model) for m in layers.modules()}
     return [m.input_quantizer for m in model.modules()
             if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
             and not m.input_quantizer.spec.dynamic]

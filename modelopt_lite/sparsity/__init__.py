@@ -80,17 +80,19 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
 
 def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
     from ..calib.sequential import run_sequential
-    from ..models import UnsupportedModelError, find_decoder_layers
+    from ..models import UnsupportedModelError, layer_stacks
 
     try:
-        path, layers = find_decoder_layers(model)
+        paths = [path for path, _ in layer_stacks(model)]
     except UnsupportedModelError:
-        path, layers = None, []
-    inside = {p.name for p in plans if path and p.name.startswith(path + ".")}
+        paths = []
+    inside = set()
     by_layer: dict[str, list[SparsePlan]] = {}
     for p in plans:
-        if p.name in inside:
-            prefix = ".".join(p.name[len(path) + 1:].split(".")[:1])
+        path = next((q for q in paths if p.name.startswith(q + ".")), None)
+        if path is not None:
+            inside.add(p.name)
+            prefix = p.name[len(path) + 1:].split(".")[0]
             by_layer.setdefault(f"{path}.{prefix}", []).append(p)
     if by_layer:
         def process(i, name, layer, inputs):
