@@ -163,3 +163,23 @@ def test_cpu_float32_activations_keep_their_range():
         out = mtl.deploy(model)(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 5e-3   # fp16 scales, as deployed
+
+
+def test_deploy_an_encoder_decoder_whose_code_reads_the_weight():
+    """T5's feed-forward casts its input to ``wo.weight.dtype``: a deployed ``wo`` answers
+    with its dequantized float32 weight, and the model computes what the fake-quant one did."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from modelopt_lite.nn.int4_linear import Int4Linear
+    from tiny_models import tiny_t5
+
+    model = tiny_t5()
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=32))
+    mtl.quantize(model, cfg, progress=False)
+    ids = random_tokens(n=2, seq=12, seed=4)
+    dec = decoder_inputs(model, ids)
+    with torch.no_grad():
+        ref = model(ids, **dec).logits
+        mtl.deploy(model)
+        out = model(ids, **dec).logits
+    assert isinstance(model.decoder.block[1].layer[2].DenseReluDense.wo, Int4Linear)
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3

@@ -190,6 +190,17 @@ def test_deploy_int4_swaps_fake_quant_layers_and_keeps_outputs(pre_scale):
     assert deployed[0].zterm is not None and deployed[2].zterm is None
     assert deployed[2].bias is None
     assert _rel_err(after, before) < 5e-3
+    with torch.no_grad():
+        inputs = {0: x, 2: torch.relu(deployed[0](x))}
+    for i, xin in inputs.items():   # the effective weight, for code that reads it
+        layer, x = deployed[i], xin
+        w = layer.weight
+        assert w.dtype == torch.float32 and w.shape == (layer.out_features, layer.in_features)
+        assert "weight" not in layer.state_dict()
+        with torch.no_grad():
+            bias = None if layer.bias is None else layer.bias.float()
+            torch.testing.assert_close(nn.functional.linear(x, w, bias), layer(x),
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ import logging
 import platform
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
 
@@ -47,12 +48,22 @@ SUBCONFIGS = ("text_config", "vision_config", "audio_config", "perceiver_config"
 
 
 def _auto(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoModelForSeq2SeqLM)
     from transformers.models.auto import modeling_auto
 
     if task == "causal-lm":
         return AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if task == "seq2seq":
+        return AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     return AutoModelForImageTextToText, modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def _logits(model, ids):
+    from modelopt_lite.calib.runner import decoder_inputs
+
+    with torch.no_grad():   # an encoder-decoder's decoder reads the text shifted right
+        return model(ids, **decoder_inputs(model, ids)).logits.float()
 
 
 def _build(model_type: str, max_params: float, task: str = "causal-lm"):
@@ -77,22 +88,37 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
     return cfg
 
 
-def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm"):
-    import modelopt_lite as mtl
-    from modelopt_lite.models import find_decoder_layers
+def _rel(a, b) -> float:
+    return float(f"{((a - b).norm() / b.norm()).item():.3g}")
 
-    model = _auto(task)[0].from_config(cfg).eval()
+
+def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip=False):
+    import modelopt_lite as mtl
+    from modelopt_lite.models import find_decoder_layers, layer_stacks
+
+    auto = _auto(task)[0]
+    model = auto.from_config(cfg).eval()
     model.load_state_dict(state)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
+    ref = _logits(model, ids)
     mtl.quantize(model, preset, calib=calib, progress=False)
-    with torch.no_grad():
-        out = model(ids).logits.float()
+    out = _logits(model, ids)
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite logits after quantize")
     row = dict(quantized_layers=len(mtl.layers.quant_modules(model)),
-               rel_logits_err=round(((out - ref).norm() / ref.norm()).item(), 4))
-    if task != "causal-lm":
+               rel_logits_err=round(_rel(out, ref), 4))
+    if task == "seq2seq":
+        row["layer_stacks"] = [path for path, _ in layer_stacks(model)]
+    if roundtrip:   # mtl.save -> mtl.load into a fresh float model; deploy() for INT4
+        with tempfile.TemporaryDirectory() as folder:
+            mtl.save(model, folder)
+            fresh = auto.from_config(cfg).eval()
+            fresh.load_state_dict(state)
+            mtl.load(fresh, folder)
+            row["load_rel_err"] = _rel(_logits(fresh, ids), out)
+        if "int4" in preset:
+            mtl.deploy(model)
+            row["deploy_rel_err"] = _rel(_logits(model, ids), out)
+    if task == "image-text-to-text":
         row.update(decoder_layers=find_decoder_layers(model)[0], other_inputs_in_float=sum(
             "of a multimodal model" in (r["skipped"] or "")
             for r in model._modelopt_lite["layers"]))
@@ -107,7 +133,11 @@ def main() -> None:
     ap.add_argument("--types", default="", help="comma-separated model types (default: all)")
     ap.add_argument("--max-params", type=float, default=40e6)
     ap.add_argument("--timeout", type=int, default=120, help="seconds per quantize")
-    ap.add_argument("--task", default="causal-lm", choices=("causal-lm", "image-text-to-text"))
+    ap.add_argument("--task", default="causal-lm",
+                    choices=("causal-lm", "image-text-to-text", "seq2seq"))
+    ap.add_argument("--roundtrip", action="store_true",
+                    help="also save -> load into a fresh model, and deploy() INT4 presets; the "
+                         "rows get the relative logits change of each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -124,7 +154,7 @@ def main() -> None:
             torch.manual_seed(0)
             float_model = auto.from_config(cfg).eval()
             with torch.no_grad():   # the float model must run with the small sizes
-                if not torch.isfinite(float_model(ids).logits).all():
+                if not torch.isfinite(_logits(float_model, ids)).all():
                     raise FloatingPointError("non-finite float logits")
             state = float_model.state_dict()
         except Exception as err:  # noqa: BLE001 - the config does not take the small sizes
@@ -136,7 +166,8 @@ def main() -> None:
             row = {"model_type": t, "preset": preset}
             signal.alarm(args.timeout)
             try:
-                row.update(status="ok", **_one(t, cfg, state, preset, ids, calib, args.task))
+                row.update(status="ok", **_one(t, cfg, state, preset, ids, calib, args.task,
+                                               args.roundtrip))
             except _Timeout:
                 row.update(status="timeout")
             except Exception as err:  # noqa: BLE001 - a row per failure, the sweep goes on
@@ -156,6 +187,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"machine": f"CPU ({platform.processor() or platform.machine()}), "
                                   f"torch {torch.__version__}", "task": args.task,
+                       "roundtrip": args.roundtrip,
                        "transformers": __version__, "date": str(datetime.date.today()),
                        "summary": summary, "rows": rows}, f, indent=1)
 

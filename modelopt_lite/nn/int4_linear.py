@@ -178,6 +178,16 @@ class Int4Linear(nn.Module):
         return PackedInt4(self.qweight, self.scale, self.zterm, self.group_size, self.in_features,
                           self.tile_rows)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's effective weight [out, in] in float32 (``pre_scale`` folded in),
+        dequantized on each access: ``x @ m.weight.T + m.bias`` computes what the layer does.
+        For model code that reads a linear's ``weight`` (T5 casts its feed-forward input to
+        ``wo.weight.dtype``; float32 keeps that cast safe) and for inspection; the layer's own
+        forward never uses it, and it is not in the state dict."""
+        w = dequantize(self.packed, torch.float32)
+        return w if self.pre_scale is None else w * self.pre_scale.to(torch.float32)
+
     def get_extra_state(self) -> torch.Tensor:
         """The words' layout, saved beside them: [tile_rows, LAYOUT_VERSION] (a tensor, for
         safetensors)."""
