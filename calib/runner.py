@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from collections.abc import Callable
 
@@ -63,6 +65,13 @@ def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
     teacher-forced training: the decoder calibrates on real tokens while it attends to the
     encoder's states. Else nothing."""
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {}
+    try:   # an encoder alone (T5EncoderModel in transformers 4 keeps the flag) takes none
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and "decoder_input_ids" not in params and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return {}
     for name in ("prepare_decoder_input_ids_from_labels", "_shift_right"):
         shift = getattr(model, name, None)

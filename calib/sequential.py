@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import layer_stacks
+from ..models import layer_stacks, shared_layer_outputs
 from .stats import ChannelStatsCollector
 
 logger = logging.getLogger(__name__)
@@ -120,12 +120,21 @@ class LayerInputs:
             self.entries[i] = (args, {**kwargs, "hidden_states": h})
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, device=None) -> list[torch.Tensor]:
-        """Replay ``layer`` on every captured input; return its hidden-state outputs."""
+    def run(self, layer: nn.Module, device=None, shared=()) -> list[torch.Tensor]:
+        """Replay ``layer`` on every captured input; return its hidden-state outputs.
+        ``shared``: ``(output index, argument index)`` pairs: those outputs become the captured
+        positional arguments of the next layers (T5's position biases, which its first layer
+        computes and the stack hands on)."""
         outs = []
-        for args, kwargs in self._batches(device):
+        for j, (args, kwargs) in enumerate(self._batches(device)):
             out = layer(*args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            full = out if isinstance(out, (tuple, list)) else (out,)
+            outs.append(full[0])
+            for o, a in shared:
+                held = self.entries[j][0]
+                if o < len(full) and full[o] is not None and a < len(held) and held[a] is None:
+                    value = full[o] if self.store_device is None else full[o].to(self.store_device)
+                    self.entries[j] = (held[:a] + (value,) + held[a + 1:], self.entries[j][1])
         return outs
 
     def _batches(self, device=None):
@@ -235,6 +244,9 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
 
     streamer = active_streamer(model)
     if streamer is not None:
+        if len(layer_stacks(model)) > 1:
+            raise ValueError("layer streaming walks one stack of layers; an encoder-decoder "
+                             "model has two: calibrate it without stream_layers")
         return _run_streamed(model, forward_loop, process, streamer, progress, desc)
     stacks = layer_stacks(model)
     for path, layers in stacks:   # an encoder-decoder's decoder sees the processed encoder
@@ -246,7 +258,7 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
             if device is not None:
                 layer.to(device)
             process(i, f"{path}.{i}", layer, inputs)
-            outs = inputs.run(layer, device)
+            outs = inputs.run(layer, device, shared_layer_outputs(model))
             for j, h in enumerate(outs):
                 inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
             if offload is not None:

@@ -151,7 +151,7 @@ def get_arch(model: nn.Module) -> Arch | None:
         kind = getattr(_text_config(model), "model_type", None)
     arch = ARCHITECTURES.get(kind)
     if arch is not None and kind == "opt" and not getattr(
-            model.config, "do_layer_norm_before", True):
+            _text_config(model) or model.config, "do_layer_norm_before", True):
         return None  # post-norm OPT (350m): the norms do not feed the linears
     return arch
 
@@ -168,6 +168,11 @@ def language_model_path(model: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is decoder and n), "")
 
 
+# sub-configs of other inputs, by attribute name (BLT builds its text blocks from sub-configs
+# named encoder/global/decoder/patcher: those are the language model)
+_OTHER_INPUTS = ("vision", "visual", "image", "audio", "speech", "vq", "qformer", "perceiver")
+
+
 def other_input_paths(model: nn.Module) -> list[str]:
     """Paths of the modules a multimodal model builds from a sub-config other than its text
     config (``vision_config``, ``audio_config``, ...): its encoders of other inputs, wherever
@@ -180,7 +185,8 @@ def other_input_paths(model: nn.Module) -> list[str]:
     except ImportError:
         return []
     text = _text_config(model)
-    subs = [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig) and v is not text]
+    subs = [v for k, v in vars(cfg).items() if isinstance(v, PretrainedConfig)
+            and v is not text and any(word in k for word in _OTHER_INPUTS)]
     paths: list[str] = []
     for name, module in model.named_modules():
         owner = getattr(module, "config", None)
@@ -219,6 +225,11 @@ def other_modalities(model: nn.Module, targets) -> OtherModalities | None:
     if tuple(targets) != ("*",):
         return None
     path, encoders = language_model_path(model), other_input_paths(model)
+    try:   # never the module that holds the decoder stack
+        stack = find_decoder_layers(model)[0] + "."
+        encoders = [e for e in encoders if not stack.startswith(e + ".")]
+    except UnsupportedModelError:
+        pass
     return OtherModalities(model, path, encoders) if path or encoders else None
 
 
@@ -245,6 +256,21 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of "
             "identical blocks. Add a row to modelopt_lite.models.ARCHITECTURES (see its docstring)")
     return best
+
+
+# Outputs of a layer that its stack passes to the next layers as positional arguments:
+# (output index, argument index). T5's first layer computes the relative position biases
+# (self-attention, and cross-attention in the decoder) and every later layer reuses them.
+_T5_SHARED = ((1, 2), (2, 5))
+SHARED_LAYER_OUTPUTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "t5": _T5_SHARED, "mt5": _T5_SHARED, "switch_transformers": _T5_SHARED,
+    "longt5": ((1, 2), (3, 5)),
+}
+
+
+def shared_layer_outputs(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """``(output index, argument index)`` pairs of :data:`SHARED_LAYER_OUTPUTS` for ``model``."""
+    return SHARED_LAYER_OUTPUTS.get(model_type(model), ())
 
 
 def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:

@@ -307,3 +307,6 @@ def test_encoder_decoder_artefacts_cover_both_stacks(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids, decoder_input_ids=dec).logits, want,
                                    rtol=0, atol=1e-5)
+    mtl.deploy(again)
+    with pytest.raises(ValueError, match="deployed Int4Linear"):
+        apply_artefacts(again, tmp_path / "awq")

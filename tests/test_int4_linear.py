@@ -197,6 +197,8 @@ def test_deploy_int4_swaps_fake_quant_layers_and_keeps_outputs(pre_scale):
         w = layer.weight
         assert w.dtype == torch.float32 and w.shape == (layer.out_features, layer.in_features)
         assert "weight" not in layer.state_dict()
+        with pytest.raises(RuntimeError, match="[Ii]nplace"):   # cannot reach the packed words
+            layer.weight.mul_(2)
         with torch.no_grad():
             bias = None if layer.bias is None else layer.bias.float()
             torch.testing.assert_close(nn.functional.linear(x, w, bias), layer(x),

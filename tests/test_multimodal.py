@@ -155,3 +155,15 @@ def test_an_image_encoder_beside_the_text_layers(preset):
     with torch.no_grad():
         out, want = model(ids).logits, float_model(ids).logits
     assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 0.5
+
+
+def test_a_text_model_built_from_sub_configs_is_not_multimodal():
+    """BLT builds its byte-level text blocks from sub-configs (encoder / global / decoder /
+    patcher): none of them is an encoder of another input, so every linear is planned."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("blt"))
+    assert other_input_paths(model) == []
+    plans = plan_layers(model, QuantConfig(weight=QuantizerSpec(num_bits=8)))
+    assert plans and all(p.skipped is None for p in plans)

@@ -243,3 +243,38 @@ def test_encoder_decoder_calibrates_its_decoder_on_the_text_shifted(preset):
         out = model(ids, decoder_input_ids=dec).logits
         want = float_model(ids, decoder_input_ids=dec).logits
     assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 0.5
+
+
+def test_t5_layers_replay_on_the_position_biases_the_first_layer_computes():
+    """T5's first layer computes the relative position biases and the stack hands them to the
+    later layers: layer-by-layer replays see what a real forward gives them."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from modelopt_lite.calib.sequential import run_sequential
+    from tiny_models import tiny_t5
+
+    model = tiny_t5()
+    ids = random_tokens(n=2, seq=12, seed=5)
+    dec = decoder_inputs(model, ids)
+    real = {}
+
+    def keep(stack):
+        def hook(module, args, kwargs):
+            real.setdefault(stack, args)
+        return hook
+
+    hooks = [model.get_submodule(f"{s}.block.1").register_forward_pre_hook(
+        keep(s), with_kwargs=True) for s in ("encoder", "decoder")]
+    with torch.no_grad():
+        model(ids, **dec)
+    for h in hooks:
+        h.remove()
+    seen = {}
+
+    def process(i, name, layer, inputs):
+        if i == 1:
+            seen[name.split(".")[0]] = inputs.entries[0][0]
+
+    run_sequential(model, lambda m: m(ids, **dec), process, progress=False)
+    for stack, positions in (("encoder", (0, 2)), ("decoder", (0, 2, 5))):
+        for p in positions:   # hidden states, self-attention bias, cross-attention bias
+            torch.testing.assert_close(seen[stack][p], real[stack][p], rtol=1e-4, atol=1e-5)

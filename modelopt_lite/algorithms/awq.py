@@ -418,6 +418,12 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
     """Fold saved scales into a freshly wrapped model and set its saved weight ranges."""
     from safetensors.torch import load_file
 
+    from ..nn.int4_linear import int4_layers
+
+    if any(True for _ in int4_layers(model)):
+        raise ValueError("apply_artefacts: the model has deployed Int4Linear layers, whose "
+                         "packed weights cannot take new scales; apply the artefacts to the "
+                         "float (or fake-quant) model, then deploy()")
     tensors = load_file(str(Path(directory) / ARTEFACT_TENSORS))
     scales = {k[len("scale::"):]: v for k, v in tensors.items() if k.startswith("scale::")}
     used = 0

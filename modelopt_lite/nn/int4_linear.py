@@ -184,9 +184,12 @@ class Int4Linear(nn.Module):
         dequantized on each access: ``x @ m.weight.T + m.bias`` computes what the layer does.
         For model code that reads a linear's ``weight`` (T5 casts its feed-forward input to
         ``wo.weight.dtype``; float32 keeps that cast safe) and for inspection; the layer's own
-        forward never uses it, and it is not in the state dict."""
-        w = dequantize(self.packed, torch.float32)
-        return w if self.pre_scale is None else w * self.pre_scale.to(torch.float32)
+        forward never uses it, and it is not in the state dict. It is a fresh inference tensor:
+        an in-place edit (which could not reach the packed words) raises instead of doing
+        nothing. Each access dequantizes the whole layer."""
+        with torch.inference_mode():
+            w = dequantize(self.packed, torch.float32)
+            return w if self.pre_scale is None else w * self.pre_scale.to(torch.float32)
 
     def get_extra_state(self) -> torch.Tensor:
         """The words' layout, saved beside them: [tile_rows, LAYOUT_VERSION] (a tensor, for
