@@ -243,12 +243,13 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
     from .streaming import active_streamer
 
     streamer = active_streamer(model)
+    stacks = layer_stacks(model)
     if streamer is not None:
-        if len(layer_stacks(model)) > 1:
+        if len(stacks) > 1:
             raise ValueError("layer streaming walks one stack of layers; an encoder-decoder "
                              "model has two: calibrate it without stream_layers")
         return _run_streamed(model, forward_loop, process, streamer, progress, desc)
-    stacks = layer_stacks(model)
+    shared = shared_layer_outputs(model)
     for path, layers in stacks:   # an encoder-decoder's decoder sees the processed encoder
         inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
         inputs.device = device
@@ -258,7 +259,7 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
             if device is not None:
                 layer.to(device)
             process(i, f"{path}.{i}", layer, inputs)
-            outs = inputs.run(layer, device, shared_layer_outputs(model))
+            outs = inputs.run(layer, device, shared)
             for j, h in enumerate(outs):
                 inputs.replace_hidden(j, h if store_device is None else h.to(store_device))
             if offload is not None:

@@ -165,7 +165,20 @@ def language_model_path(model: nn.Module) -> str:
         decoder = model.get_decoder()
     except Exception:  # noqa: BLE001 - a model's own accessor; the whole model is the fallback
         return ""
-    return next((n for n, m in model.named_modules() if m is decoder and n), "")
+    return _path_of(model, decoder) or ""
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str | None:
+    """The dotted name of ``module`` inside ``model`` (None if absent or ``model`` itself)."""
+    return next((n for n, m in model.named_modules() if m is module and n), None)
+
+
+def _block_lists(model: nn.Module, under: str | None = None) -> list[tuple[str, nn.ModuleList]]:
+    """(path, ModuleList) of every non-empty ModuleList of identical blocks, inside the module
+    at path ``under`` when given."""
+    return [(n, m) for n, m in model.named_modules()
+            if (under is None or n.startswith(under + ".")) and isinstance(m, nn.ModuleList)
+            and len(m) > 0 and len({type(x) for x in m}) == 1]
 
 
 # sub-configs of other inputs, by attribute name (BLT builds its text blocks from sub-configs
@@ -206,7 +219,7 @@ class OtherModalities:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.prefix = lm_path + "." if lm_path else None
         self.encoders = tuple(p + "." for p in encoders)
-        self.heads = {n for n, m in model.named_modules() if head is not None and m is head}
+        self.heads = {_path_of(model, head)} if head is not None else set()
         where = f"outside the language model ({lm_path})" if lm_path else "in an encoder of " \
             f"another input ({', '.join(encoders)})"
         self.reason = (f"{where} of a multimodal model: encoders and projectors of other "
@@ -243,8 +256,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             return arch.layers, model.get_submodule(arch.layers)
         except AttributeError:
             pass
-    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
-              and len(m) > 0 and len({type(x) for x in m}) == 1]
+    stacks = _block_lists(model)
     scope, encoders = language_model_path(model), tuple(p + "." for p in other_input_paths(model))
     if scope:
         stacks = [(n, m) for n, m in stacks if n.startswith(scope + ".")] or stacks
@@ -287,10 +299,8 @@ def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
             part = getattr(model, getter)()
         except Exception:  # noqa: BLE001 - a model's own accessor; one stack is the fallback
             return [first]
-        path = next((n for n, m in model.named_modules() if m is part and n), None)
-        lists = [(n, m) for n, m in model.named_modules() if path and n.startswith(path + ".")
-                 and isinstance(m, nn.ModuleList) and len(m) > 0
-                 and len({type(x) for x in m}) == 1]
+        path = _path_of(model, part)
+        lists = _block_lists(model, path) if path else []
         if not lists:
             return [first]
         stacks.append(max(lists, key=lambda nm: len(nm[1])))

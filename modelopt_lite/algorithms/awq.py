@@ -420,7 +420,7 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
 
     from ..nn.int4_linear import int4_layers
 
-    if any(True for _ in int4_layers(model)):
+    if int4_layers(model):
         raise ValueError("apply_artefacts: the model has deployed Int4Linear layers, whose "
                          "packed weights cannot take new scales; apply the artefacts to the "
                          "float (or fake-quant) model, then deploy()")
