@@ -242,3 +242,46 @@ def test_failure_mid_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypat
         export_onnx(model, torch.randn(2, 64), target, external_data=True)
     assert _left(tmp_path) == ["m.onnx"] and target.read_bytes() == b"previous"
     assert type(model[0]).__name__ == "QuantLinear" and "forward" not in model[0].__dict__
+
+
+class RowLoop(nn.Module):
+    """Walks the batch in Python: tracing fixes the batch axis at the example's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return torch.stack([self.fc(x[i]) for i in range(x.shape[0])])
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_axis_the_model_fixes_is_kept_static_with_a_warning(tmp_path, caplog):
+    model = mtl.quantize(RowLoop(), "w8a8", forward_loop=lambda m: m(torch.randn(4, 64)),
+                         progress=False)
+    x = torch.randn(3, 64)
+    with caplog.at_level("WARNING", logger="modelopt_lite.export.onnx"):
+        export_onnx(model, x, tmp_path / "m.onnx")
+    assert "RowLoop: the model's code fixes input_0 axis 0 = 3" in caplog.text
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == [3, 64]
+    assert compare_with_torch(model, x, tmp_path / "m.onnx")["rel"] < 1e-5
+
+
+def test_untraceable_model_names_the_model_and_the_cause(tmp_path):
+    model = mtl.quantize(DataDependent(), "int8_weight_only", progress=False)
+    with pytest.raises(ExportError, match=r"could not trace DataDependent: \w+") as err:
+        export_onnx(model, torch.randn(2, 64), tmp_path / "m.onnx")
+    assert "Fix" in str(err.value) and err.value.__cause__ is not None
+    assert _left(tmp_path) == []

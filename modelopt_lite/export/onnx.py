@@ -24,7 +24,9 @@ The file is written atomically: into a temporary folder beside ``path``, then re
 from __future__ import annotations
 
 import logging
+import inspect
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -91,24 +93,51 @@ def prepare(model: nn.Module, example_inputs):
     return LogitsOnly(model), (), kwargs, list(kwargs), ["logits"]
 
 
-def _dynamic_shapes(args, kwargs, lm: bool):
-    dims = {0: torch.export.Dim.DYNAMIC}
-    if lm:
-        dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
-    if kwargs:
-        return {k: dims for k in kwargs}
-    return tuple(dims for _ in args)
+def _dynamic_shapes(args, kwargs, lm: bool, static=frozenset()):
+    """Dynamic batch (and, for causal LMs, sequence) axes; ``static`` holds ``(input, axis)``
+    pairs that tracing specialised, kept at the example's size."""
+    axes = (0, 1) if lm else (0,)
+    names = list(kwargs) if kwargs else [str(i) for i in range(len(args))]
+    shapes = [{a: torch.export.Dim.DYNAMIC for a in axes if (n, a) not in static} or None
+              for n in names]
+    return dict(zip(names, shapes)) if kwargs else tuple(shapes)
 
 
-def _widen(args, kwargs, lm: bool):
+_SPECIALISED = re.compile(r"inferred a static shape of \d+ for dimension "
+                          r"\w+\[(?:'(\w+)'|(\d+))\]\.shape\[(\d+)\]")
+
+
+def _positional_names(module, args) -> dict[str, str]:
+    """forward's parameter name -> the index (as a string) of the positional input it takes."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+    return {name: str(i) for i, name in enumerate(params[:len(args)])}
+
+
+def _specialised_axes(err: BaseException, positional: dict[str, str]) -> set[tuple[str, int]]:
+    """``(input, axis)`` pairs torch.export reports as made static by the model's code; an
+    input is a keyword's name or a positional input's index."""
+    found = set()
+    while err is not None:
+        for name, index, axis in _SPECIALISED.findall(str(err)):
+            found.add((positional.get(name, name) if name else index, int(axis)))
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _widen(args, kwargs, lm: bool, static=frozenset()):
     """Size-1 dynamic dims are specialised by torch.export: repeat them to 2 for tracing."""
-    def widen(t):
+    def widen(name, t):
         for dim in ((0, 1) if lm else (0,)):
-            if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1:
+            if (isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1
+                    and (name, dim) not in static):
                 t = torch.cat([t, t], dim=dim)
         return t
 
-    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+    return (tuple(widen(str(i), a) for i, a in enumerate(args)),
+            {k: widen(k, v) for k, v in kwargs.items()})
 
 
 def _has_int4(layers) -> bool:
@@ -132,17 +161,56 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
     from .qdq_ops import translation_table
 
     lm = isinstance(module, LogitsOnly)
-    if dynamic:
-        args, kwargs = _widen(args, kwargs, lm)
-    shapes = _dynamic_shapes(args, kwargs, lm)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-            custom_translation_table=translation_table(), input_names=input_names,
-            output_names=output_names, dynamic_shapes=shapes if dynamic else None,
-            external_data=False, optimize=True, verbose=False)
+    static: set[tuple[str, int]] = set()
+    while True:
+        a, kw, shapes = args, kwargs, None
+        if dynamic:
+            a, kw = _widen(args, kwargs, lm, frozenset(static))
+            shapes = _dynamic_shapes(a, kw, lm, frozenset(static))
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    module, a, kwargs=kw or None, dynamo=True, opset_version=opset,
+                    custom_translation_table=translation_table(), input_names=input_names,
+                    output_names=output_names, dynamic_shapes=shapes,
+                    external_data=False, optimize=True, verbose=False)
+            break
+        except Exception as err:  # noqa: BLE001 - re-raised below unless an axis was specialised
+            more = _specialised_axes(err, _positional_names(module, args)) - static if dynamic \
+                else set()
+            if not more:
+                raise _trace_error(module, err) from err
+            static |= more
+    if static:
+        names = dict(zip([str(i) for i in range(len(args))], input_names))
+        fixed = ", ".join(f"{names.get(n, n)} axis {a} = "
+                          f"{(kwargs[n] if kwargs else args[int(n)]).shape[a]}"
+                          for n, a in sorted(static))
+        logger.warning("%s: the model's code fixes %s while tracing, so the ONNX file takes "
+                       "only that size there (the other axes stay dynamic)",
+                       _model_name(module), fixed)
     return program.model_proto
+
+
+def _model_name(module) -> str:
+    inner = module.model if isinstance(module, LogitsOnly) else module
+    return type(inner).__name__
+
+
+def _trace_error(module, err: BaseException) -> ExportError:
+    """torch.export's failure as an ExportError that names the model and the root cause."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+    reason = f"{type(root).__name__}: {lines[0] if lines else ''}"[:500]
+    return ExportError(
+        f"torch.export could not trace {_model_name(module)}: {reason}. The Q/DQ export needs "
+        f"a model torch.export can trace; the float model most likely fails the same way "
+        f"(check with torch.onnx.export(model, ..., dynamo=True)). Fix: export_onnx(..., "
+        f"dynamic_axes=False) if the failure is about dynamic shapes; else a model code path "
+        f"torch.export supports (e.g. attn_implementation='eager')")
 
 
 def _postprocess(proto, input_names, lm: bool):
