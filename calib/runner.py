@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import logging
@@ -59,6 +60,18 @@ def make_forward_loop(tokens: torch.Tensor, batch_size: int = 1, progress: bool 
     return forward_loop
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_decoder_inputs(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``decoder_input_ids`` (or ``**kwargs``): an encoder alone
+    (T5EncoderModel in transformers 4 keeps ``is_encoder_decoder``) takes none. Once a class."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "decoder_input_ids" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
     """For an encoder-decoder model that does not derive its decoder's inputs itself (T5
     does not; BART does), the same text shifted right as ``decoder_input_ids``, as in
@@ -66,12 +79,7 @@ def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
     encoder's states. Else nothing."""
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return {}
-    try:   # an encoder alone (T5EncoderModel in transformers 4 keeps the flag) takes none
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if params and "decoder_input_ids" not in params and not any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if not _takes_decoder_inputs(type(model)):
         return {}
     for name in ("prepare_decoder_input_ids_from_labels", "_shift_right"):
         shift = getattr(model, name, None)

@@ -1,5 +1,7 @@
 """deploy(): INT4 fake-quant layers become Int4Linear and compute the same function."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -183,3 +185,32 @@ def test_deploy_an_encoder_decoder_whose_code_reads_the_weight():
         out = model(ids, **dec).logits
     assert isinstance(model.decoder.block[1].layer[2].DenseReluDense.wo, Int4Linear)
     assert ((out - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+@pytest.mark.parametrize("arch", ["t5", "llava", "llama"])
+def test_deploy_on_gpu_in_half_precision(arch):
+    """AWQ INT4 (block 32), moved to the GPU in fp16, then deployed: the Triton kernels compute
+    what the fake-quant model did, for an encoder-decoder (T5 reads ``wo.weight``) and a
+    multimodal model (its vision tower stays in float) as for a decoder-only one."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from modelopt_lite.nn.int4_linear import Int4Linear
+    from tiny_models import tiny_llama, tiny_llava, tiny_t5
+
+    model = {"t5": tiny_t5, "llava": tiny_llava, "llama": tiny_llama}[arch]()
+    from modelopt_lite.config import get_preset
+
+    mtl.quantize(model, get_preset("int4_awq", block_size=32),
+                 calib=random_tokens(n=4, seq=16, seed=3), progress=False)
+    model = model.cuda().half()
+    ids = random_tokens(n=3, seq=12, seed=4).cuda()
+    kw = decoder_inputs(model, ids)
+    with torch.no_grad():
+        ref = model(ids, **kw).logits.float()
+        mtl.deploy(model)
+        out = model(ids, **kw).logits.float()
+    assert any(isinstance(m, Int4Linear) and m.qweight.is_cuda for m in model.modules())
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2

@@ -281,7 +281,7 @@ def test_axis_the_model_fixes_is_kept_static_with_a_warning(tmp_path, caplog):
 
 def test_untraceable_model_names_the_model_and_the_cause(tmp_path):
     model = mtl.quantize(DataDependent(), "int8_weight_only", progress=False)
-    with pytest.raises(ExportError, match=r"could not trace DataDependent: \w+") as err:
+    with pytest.raises(ExportError, match=r"failed on DataDependent: \w+") as err:
         export_onnx(model, torch.randn(2, 64), tmp_path / "m.onnx")
     assert "Fix" in str(err.value) and err.value.__cause__ is not None
     assert _left(tmp_path) == []

@@ -206,8 +206,9 @@ def _trace_error(module, err: BaseException) -> ExportError:
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     reason = f"{type(root).__name__}: {lines[0] if lines else ''}"[:500]
     return ExportError(
-        f"torch.export could not trace {_model_name(module)}: {reason}. The Q/DQ export needs "
-        f"a model torch.export can trace; the float model most likely fails the same way "
+        f"torch.onnx.export (dynamo) failed on {_model_name(module)}: {reason}. The Q/DQ "
+        f"export needs a model torch.export can trace and whose ops ONNX has (no complex "
+        f"tensors, no data-dependent branches); the float model most likely fails the same way "
         f"(check with torch.onnx.export(model, ..., dynamo=True)). Fix: export_onnx(..., "
         f"dynamic_axes=False) if the failure is about dynamic shapes; else a model code path "
         f"torch.export supports (e.g. attn_implementation='eager')")
