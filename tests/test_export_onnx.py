@@ -285,3 +285,45 @@ def test_untraceable_model_names_the_model_and_the_cause(tmp_path):
         export_onnx(model, torch.randn(2, 64), tmp_path / "m.onnx")
     assert "Fix" in str(err.value) and err.value.__cause__ is not None
     assert _left(tmp_path) == []
+
+
+def test_encoder_decoder_exports_with_its_decoder_inputs(tmp_path):
+    """T5: the decoder's tokens (the text shifted right when the example gives none) are a
+    graph input with their own symbolic length; onnxruntime computes what PyTorch does."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from tiny_models import tiny_t5
+
+    model = mtl.quantize(tiny_t5(), "w8a8", calib=random_tokens(4, 16), progress=False)
+    ids = random_tokens(2, 12, seed=5)
+    result = export_onnx(model, ids, tmp_path / "t5.onnx")
+    m = onnx.load(str(result.path))
+    dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert dims == {"input_ids": ["batch", "seq"], "decoder_input_ids": ["batch", "decoder_seq"]}
+    assert compare_with_torch(model, ids, result.path)["rel"] < 1e-5
+    other = {"input_ids": random_tokens(3, 9, seed=6),
+             "decoder_input_ids": decoder_inputs(model, random_tokens(3, 5, seed=7))[
+                 "decoder_input_ids"]}   # other lengths on each side
+    assert compare_with_torch(model, other, result.path)["rel"] < 1e-2
+    assert trt_check(result.path) == []
+
+
+def test_multimodal_model_exports_its_image_input(tmp_path):
+    """Llava with an image: pixel values are a graph input beside the text, the vision tower
+    stays float (no Q/DQ on it), and onnxruntime computes what PyTorch does."""
+    from tiny_models import IMAGE_TOKEN, tiny_llava
+
+    model = mtl.quantize(tiny_llava(), "w8a8", calib=random_tokens(4, 16), progress=False)
+    ids = random_tokens(1, 24, seed=5)
+    ids[0, 2:18] = IMAGE_TOKEN   # 16 patches of one 32 x 32 image
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "pixel_values": pixels}
+    result = export_onnx(model, inputs, tmp_path / "llava.onnx")
+    m = onnx.load(str(result.path))
+    assert [i.name for i in m.graph.input] == ["input_ids", "pixel_values"]
+    assert not any("vision_tower" in t.name for t in m.graph.initializer
+                   if t.name.endswith("_int"))   # only the language model's weights quantized
+    err = compare_with_torch(model, inputs, result.path)
+    assert err["rel"] < 1e-5, err
+    assert not nodes(m, "ReduceMin") and trt_check(result.path) == []   # no runtime checks
+    with pytest.raises(ExportError, match=r"image_grid_thw.*Fix"):
+        export_onnx(model, inputs | {"image_grid_thw": torch.ones(1, 3)}, tmp_path / "x.onnx")

@@ -1,20 +1,24 @@
-"""quantize() on a tiny random model of every causal-LM (or image-text-to-text) architecture
-transformers knows.
+"""quantize() on a tiny random model of every causal-LM (or image-text-to-text, or seq2seq)
+architecture transformers knows.
 
 Each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (``--task image-text-to-text``:
 ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, text calibration, the row also names the decoder
 stack found and how many layers of other inputs stayed in float) is built from its default config
 with small sizes (2 layers, hidden 128, 4 experts for MoE models, the same for a multimodal
 model's text and vision configs; types whose configs do not take these fields fail to build or
-stay too large and are listed as such), then quantized with each preset on random calibration
-tokens. A row: the type, the preset, ``ok`` or the error (types whose float model does not build
-or run with the small sizes: ``not built``), the number of quantized layers and the relative
-logits error against the float model (random weights: a smoke figure, not an accuracy one).
+stay too large and are listed as such; matrices initialised to zero drawn at random), then
+quantized with each preset on random calibration tokens. A row: the type, the preset, ``ok`` or
+the error (types whose float model does not build or run with the small sizes: ``not built``),
+the number of quantized layers and the relative logits error against the float model (random
+weights: a smoke figure, not an accuracy one). ``--roundtrip`` adds save -> load and deploy(),
+``--export`` the Q/DQ ONNX export checked in onnxruntime and by ``trt_check``.
 Results: JSON with the machine, the transformers version and the date.
 
     python benchmarks/robustness/arch_sweep.py --out benchmarks/results/arch_sweep_cpu.json
     python benchmarks/robustness/arch_sweep.py --task image-text-to-text \
         --out benchmarks/results/arch_sweep_vlm_cpu.json
+    python benchmarks/robustness/arch_sweep.py --presets w8a8,int4_awq --export \
+        --out benchmarks/results/arch_sweep_export_cpu.json
 """
 from __future__ import annotations
 
@@ -88,11 +92,46 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
     return cfg
 
 
+def _no_zero_matrices(model):
+    """Matrices a config initialises to zero (Afmoe's router) drawn at random instead, as a
+    trained checkpoint's are: all-equal router scores tie in top-k, and onnxruntime breaks
+    the ties otherwise than PyTorch."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.is_floating_point() and not p.any():
+                p.normal_(0, 0.02)
+    return model
+
+
 def _rel(a, b) -> float:
     return float(f"{((a - b).norm() / b.norm()).item():.3g}")
 
 
-def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip=False):
+def _export(model, ids) -> dict:
+    """Q/DQ ONNX of the quantized model: onnxruntime vs PyTorch, trt_check, symbolic axes."""
+    from modelopt_lite.export import compare_with_torch, export_onnx, trt_check
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/model.onnx"
+        try:
+            export_onnx(model, ids, path)
+        except Exception as err:  # noqa: BLE001 - recorded in the row, the sweep goes on
+            return {"export": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                for i in graph.input}
+        return {"export": "ok", "onnx_rel_err": _rel_np(compare_with_torch(model, ids, path)),
+                "trt_check_problems": len(trt_check(path)), "onnx_inputs": dims}
+
+
+def _rel_np(err: dict) -> float:
+    return float(f"{err['rel']:.3g}")
+
+
+def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip=False,
+         export=False):
     import modelopt_lite as mtl
     from modelopt_lite.models import find_decoder_layers, layer_stacks
 
@@ -106,6 +145,8 @@ def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip
         raise FloatingPointError("non-finite logits after quantize")
     row = dict(quantized_layers=len(mtl.layers.quant_modules(model)),
                rel_logits_err=round(_rel(out, ref), 4))
+    if export:
+        row.update(_export(model, ids))
     if task == "seq2seq":
         row["layer_stacks"] = [path for path, _ in layer_stacks(model)]
     if roundtrip:   # mtl.save -> mtl.load into a fresh float model; deploy() for INT4
@@ -138,6 +179,10 @@ def main() -> None:
     ap.add_argument("--roundtrip", action="store_true",
                     help="also save -> load into a fresh model, and deploy() INT4 presets; the "
                          "rows get the relative logits change of each")
+    ap.add_argument("--export", action="store_true",
+                    help="also export each quantized model to Q/DQ ONNX; the rows get the "
+                         "onnxruntime-vs-PyTorch relative error, trt_check's problem count and "
+                         "the graph's input axes, or the export error")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -152,7 +197,7 @@ def main() -> None:
         try:
             cfg = _build(t, args.max_params, args.task)
             torch.manual_seed(0)
-            float_model = auto.from_config(cfg).eval()
+            float_model = _no_zero_matrices(auto.from_config(cfg).eval())
             with torch.no_grad():   # the float model must run with the small sizes
                 if not torch.isfinite(_logits(float_model, ids)).all():
                     raise FloatingPointError("non-finite float logits")
@@ -167,7 +212,7 @@ def main() -> None:
             signal.alarm(args.timeout)
             try:
                 row.update(status="ok", **_one(t, cfg, state, preset, ids, calib, args.task,
-                                               args.roundtrip))
+                                               args.roundtrip, args.export))
             except _Timeout:
                 row.update(status="timeout")
             except Exception as err:  # noqa: BLE001 - a row per failure, the sweep goes on
@@ -178,16 +223,18 @@ def main() -> None:
             finally:
                 signal.alarm(0)
             rows.append(row)
-            print(f"{t:30s} {preset:18s} {row['status']}", flush=True)
+            print(f"{t:30s} {preset:18s} {row['status']} {row.get('export', '')}", flush=True)
     built = [r for r in rows if r["preset"]]
     summary = {"types": len(types), "built": len({r["model_type"] for r in built}),
                "runs": len(built), "ok": sum(r["status"] == "ok" for r in built)}
+    if args.export:
+        summary["exported"] = sum(r.get("export") == "ok" for r in built)
     print(json.dumps(summary), file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": f"CPU ({platform.processor() or platform.machine()}), "
                                   f"torch {torch.__version__}", "task": args.task,
-                       "roundtrip": args.roundtrip,
+                       "roundtrip": args.roundtrip, "export": args.export,
                        "transformers": __version__, "date": str(datetime.date.today()),
                        "summary": summary, "rows": rows}, f, indent=1)
 

@@ -56,19 +56,33 @@ class ExportResult:
     int4_initializers: int
 
 
+# inputs the wrapper passes on, with the axes beside the batch that may vary: text (and its
+# decoder side, for encoder-decoder models), then images for multimodal models
+_SEQ_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
+_OTHER_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
+LM_INPUTS = _SEQ_INPUTS + _DECODER_INPUTS + _OTHER_INPUTS
+
+
 class LogitsOnly(nn.Module):
-    """A Hugging Face causal LM as ``(input_ids[, attention_mask]) -> logits``, no KV cache."""
+    """A Hugging Face generative model as ``(input_ids[, attention_mask, ...]) -> logits``, no
+    KV cache: text, an encoder-decoder's ``decoder_input_ids`` and a multimodal model's
+    ``pixel_values`` (see :data:`LM_INPUTS`) are graph inputs when the example gives them."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask=None):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                decoder_input_ids=None, decoder_attention_mask=None, pixel_values=None,
+                pixel_attention_mask=None, image_sizes=None):
+        given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
+        out = self.model(**given, use_cache=False)
         return out.logits if hasattr(out, "logits") else out[0]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that generates (causal, encoder-decoder or multimodal)."""
     names = {cls.__name__ for cls in type(model).__mro__}
     return "GenerationMixin" in names or type(model).__name__.endswith("ForCausalLM")
 
@@ -76,7 +90,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def _as_args(example_inputs):
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):  # BatchEncoding
         return (), dict(example_inputs)
     return tuple(example_inputs), {}
 
@@ -89,17 +103,39 @@ def prepare(model: nn.Module, example_inputs):
         return model, args, kwargs, names, ["output"]
     if args:
         kwargs = dict(zip(("input_ids", "attention_mask"), args)) | kwargs
-    kwargs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
+    unknown = sorted(k for k, v in kwargs.items() if k not in LM_INPUTS and v is not None)
+    if unknown:
+        raise ExportError(
+            f"{type(model).__name__}: the logits-only wrapper does not pass the input(s) "
+            f"{unknown} (it passes {list(LM_INPUTS)}). Fix: leave them out, or export a module "
+            f"of your own that calls the model with them and returns a tensor")
+    kwargs = {k: kwargs[k] for k in LM_INPUTS if kwargs.get(k) is not None}
+    if "input_ids" not in kwargs:
+        raise ExportError(f"{type(model).__name__}: the example inputs need input_ids")
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+        from ..calib.runner import decoder_inputs
+
+        kwargs |= decoder_inputs(model, kwargs["input_ids"])   # the text shifted right
     return LogitsOnly(model), (), kwargs, list(kwargs), ["logits"]
 
 
+def _axis_labels(name: str, lm: bool) -> dict[int, str]:
+    """The input's axes that stay symbolic, with their names in the ONNX file."""
+    if not lm:
+        return {0: "batch"}
+    if name in _SEQ_INPUTS:
+        return {0: "batch", 1: "seq"}
+    if name in _DECODER_INPUTS:
+        return {0: "batch", 1: "decoder_seq"}
+    return {0: "images"}   # "batch" where the model's code ties the two
+
+
 def _dynamic_shapes(args, kwargs, lm: bool, static=frozenset()):
-    """Dynamic batch (and, for causal LMs, sequence) axes; ``static`` holds ``(input, axis)``
-    pairs that tracing specialised, kept at the example's size."""
-    axes = (0, 1) if lm else (0,)
+    """Dynamic batch (and, for generative models, sequence) axes; ``static`` holds
+    ``(input, axis)`` pairs that tracing specialised, kept at the example's size."""
     names = list(kwargs) if kwargs else [str(i) for i in range(len(args))]
-    shapes = [{a: torch.export.Dim.DYNAMIC for a in axes if (n, a) not in static} or None
-              for n in names]
+    shapes = [{a: torch.export.Dim.DYNAMIC for a in _axis_labels(n, lm) if (n, a) not in static}
+              or None for n in names]
     return dict(zip(names, shapes)) if kwargs else tuple(shapes)
 
 
@@ -130,7 +166,7 @@ def _specialised_axes(err: BaseException, positional: dict[str, str]) -> set[tup
 def _widen(args, kwargs, lm: bool, static=frozenset()):
     """Size-1 dynamic dims are specialised by torch.export: repeat them to 2 for tracing."""
     def widen(name, t):
-        for dim in ((0, 1) if lm else (0,)):
+        for dim in _axis_labels(name, lm):
             if (isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1
                     and (name, dim) not in static):
                 t = torch.cat([t, t], dim=dim)
@@ -219,8 +255,7 @@ def _postprocess(proto, input_names, lm: bool):
 
     n_int4 = G.repack_int4_initializers(proto)
     G.drop_unused_initializers(proto)
-    labels = {0: "batch", 1: "seq"} if lm else {0: "batch"}
-    G.rename_dims(proto, {name: labels for name in input_names})
+    G.rename_dims(proto, {name: _axis_labels(name, lm) for name in input_names})
     for node in proto.graph.node:  # the exporter's per-node stack traces; keep graphs small
         del node.metadata_props[:]
     proto.producer_name = "modelopt_lite"

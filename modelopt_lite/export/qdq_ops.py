@@ -80,7 +80,19 @@ def _dq_onnx(q, scale, axis: int, block_size: int):
     return op.DequantizeLinear(q, scale, axis=axis)
 
 
+def _is_all_true_onnx(x):
+    """``aten._is_all_true``: what a model's ``torch._check`` on a tensor (Llava's image-token
+    count) traces to. Only the dropped runtime assertion reads it, so the optimiser removes it;
+    the exporter has no translation of its own."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    as_int = op.Cast(x, to=TensorProto.INT32)
+    return op.Cast(op.ReduceMin(as_int, keepdims=0), to=TensorProto.BOOL)
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     return {torch.ops.modelopt_lite.quantize_dequantize.default: _qdq_onnx,
-            torch.ops.modelopt_lite.dequantize_weight.default: _dq_onnx}
+            torch.ops.modelopt_lite.dequantize_weight.default: _dq_onnx,
+            torch.ops.aten._is_all_true.default: _is_all_true_onnx}

@@ -33,10 +33,9 @@ def session(path, level: str = "none"):
 
 
 def onnx_feeds(sess, model, example_inputs) -> dict:
-    _, args, kwargs, _, _ = prepare(model, example_inputs)
-    tensors = list(args) + list(kwargs.values())
-    names = [i.name for i in sess.get_inputs()]
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    _, args, kwargs, names, _ = prepare(model, example_inputs)
+    given = dict(zip(names, list(args) + list(kwargs.values())))
+    return {i.name: given[i.name].detach().cpu().numpy() for i in sess.get_inputs()}
 
 
 def run_onnx(path, model, example_inputs, level: str = "none", sess=None) -> np.ndarray:
