@@ -287,15 +287,18 @@ def test_untraceable_model_names_the_model_and_the_cause(tmp_path):
     assert _left(tmp_path) == []
 
 
-def test_encoder_decoder_exports_with_its_decoder_inputs(tmp_path):
+@pytest.mark.parametrize("arch", ["t5", "longt5"])
+def test_encoder_decoder_exports_with_its_decoder_inputs(tmp_path, arch):
     """T5: the decoder's tokens (the text shifted right when the example gives none) are a
-    graph input with their own symbolic length; onnxruntime computes what PyTorch does."""
+    graph input with their own symbolic length; onnxruntime computes what PyTorch does.
+    LongT5's local attention needs the attention mask eager code would build."""
     from modelopt_lite.calib.runner import decoder_inputs
-    from tiny_models import tiny_t5
+    from tiny_models import tiny_longt5, tiny_t5
 
-    model = mtl.quantize(tiny_t5(), "w8a8", calib=random_tokens(4, 16), progress=False)
+    model = {"t5": tiny_t5, "longt5": tiny_longt5}[arch]()
+    model = mtl.quantize(model, "w8a8", calib=random_tokens(4, 16), progress=False)
     ids = random_tokens(2, 12, seed=5)
-    result = export_onnx(model, ids, tmp_path / "t5.onnx")
+    result = export_onnx(model, ids, tmp_path / f"{arch}.onnx")
     m = onnx.load(str(result.path))
     dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     assert dims == {"input_ids": ["batch", "seq"], "decoder_input_ids": ["batch", "decoder_seq"]}

@@ -207,3 +207,14 @@ def tiny_t5(seed=0):
     cfg = T5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2,
                    num_heads=4, pad_token_id=0, eos_token_id=1)
     return _finish(T5ForConditionalGeneration(cfg), seed)
+
+
+def tiny_longt5(seed=0):
+    """LongT5: T5 with local attention in the encoder, whose mask it builds from blocks of
+    the attention mask (and skips building while traced)."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LongT5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                       num_heads=4, pad_token_id=0, eos_token_id=1, local_radius=4)
+    return _finish(LongT5ForConditionalGeneration(cfg), seed)

@@ -107,8 +107,26 @@ def _rel(a, b) -> float:
     return float(f"{((a - b).norm() / b.norm()).item():.3g}")
 
 
-def _export(model, ids) -> dict:
-    """Q/DQ ONNX of the quantized model: onnxruntime vs PyTorch, trt_check, symbolic axes."""
+def _float_export(float_model, ids, folder) -> str:
+    """Whether the float model itself goes through torch.onnx.export (dynamo), as a quantized
+    one's export failure is read: "ok", or the root error."""
+    from modelopt_lite.export.onnx import prepare
+
+    module, args, kwargs, names, _ = prepare(float_model, ids)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, input_names=names,
+                              f=f"{folder}/float.onnx")
+        return "ok"
+    except Exception as err:  # noqa: BLE001 - recorded in the row
+        while err.__cause__ is not None:
+            err = err.__cause__
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
+
+
+def _export(model, ids, float_model) -> dict:
+    """Q/DQ ONNX of the quantized model: onnxruntime vs PyTorch, trt_check, symbolic axes; on
+    failure, the error and whether the float model exports at all."""
     from modelopt_lite.export import compare_with_torch, export_onnx, trt_check
 
     with tempfile.TemporaryDirectory() as folder:
@@ -116,7 +134,8 @@ def _export(model, ids) -> dict:
         try:
             export_onnx(model, ids, path)
         except Exception as err:  # noqa: BLE001 - recorded in the row, the sweep goes on
-            return {"export": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
+            return {"export": f"{type(err).__name__}: {str(err).strip()[:300]}",
+                    "float_export": _float_export(float_model, ids, folder)}
         import onnx
 
         graph = onnx.load(path, load_external_data=False).graph
@@ -146,7 +165,9 @@ def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip
     row = dict(quantized_layers=len(mtl.layers.quant_modules(model)),
                rel_logits_err=round(_rel(out, ref), 4))
     if export:
-        row.update(_export(model, ids))
+        fresh = auto.from_config(cfg).eval()
+        fresh.load_state_dict(state)
+        row.update(_export(model, ids, fresh))
     if task == "seq2seq":
         row["layer_stacks"] = [path for path, _ in layer_stacks(model)]
     if roundtrip:   # mtl.save -> mtl.load into a fresh float model; deploy() for INT4

@@ -77,6 +77,10 @@ class LogitsOnly(nn.Module):
                 decoder_input_ids=None, decoder_attention_mask=None, pixel_values=None,
                 pixel_attention_mask=None, image_sizes=None):
         given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
+        if attention_mask is None and getattr(self.model.config, "is_encoder_decoder", False):
+            # what eager code builds when none is given; some encoders (LongT5's local
+            # attention) skip building it while being traced
+            given["attention_mask"] = torch.ones_like(input_ids)
         out = self.model(**given, use_cache=False)
         return out.logits if hasattr(out, "logits") else out[0]
 
@@ -293,12 +297,17 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
                 external_data: bool | None = False, dynamic_axes: bool = True) -> ExportResult:
     """Export a fake-quant ``model`` to a Q/DQ ONNX file at ``path``; return what was written.
 
-    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors
-    (for a causal LM: token ids, optionally an attention mask). ``opset`` defaults to 21 when
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
+    A Hugging Face generative model is exported as inputs -> logits without a KV cache: token
+    ids, optionally an attention mask, a multimodal model's ``pixel_values`` and an
+    encoder-decoder's ``decoder_input_ids`` (the text shifted right when not given; see
+    :data:`LM_INPUTS`). ``opset`` defaults to 21 when
     any INT4 weight is present, else 19. ``external_data=True`` writes the weights to
     ``<path>.data`` beside a small graph file (tensors under 1 KiB, such as scales and shape
     constants, stay inline); models over 2 GB always do. ``dynamic_axes``
-    makes the batch axis (and, for causal LMs, the sequence axis) symbolic.
+    makes the batch axis (and, for generative models, the sequence axes) symbolic; an axis the
+    model's own code fixes while tracing (Mamba's sequence) stays at the example's size, with
+    a warning.
     Raises :class:`ExportError` (nothing written) for models TensorRT cannot take.
     """
     start = time.perf_counter()
