@@ -92,6 +92,45 @@ _DEEPSEEK = Arch("model.layers", _LLAMA_MOE.groups + (
     Group("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),
 ))
 
+# T5-family blocks: ``layer.0`` self-attention, then (decoder) ``layer.1`` cross-attention, then
+# the feed-forward (``layer.1`` in the encoder, ``layer.2`` in the decoder); a layer keeps the
+# groups whose modules it has. The feed-forward folds ``wi_1 -> wo`` where gated (linear in
+# ``wi_1``); a plain ``wi -> act -> wo`` and the cross-attention's key/value (fed by the
+# encoder's output, produced outside the layer) get explicit multiplies.
+def _t5_groups() -> tuple[Group, ...]:
+    attn, cross = "layer.0.SelfAttention", "layer.1.EncDecAttention"
+    groups = [Group("layer.0.layer_norm", (f"{attn}.q", f"{attn}.k", f"{attn}.v"), attn),
+              Group(f"{attn}.v", (f"{attn}.o",), f"{attn}.o"),
+              Group("layer.1.layer_norm", (f"{cross}.q",), cross),
+              Group(None, (f"{cross}.k", f"{cross}.v"), cross),
+              Group(f"{cross}.v", (f"{cross}.o",), f"{cross}.o")]
+    for i in (1, 2):
+        ff = f"layer.{i}.DenseReluDense"
+        groups += [Group(f"layer.{i}.layer_norm", (f"{ff}.wi",), ff),
+                   Group(f"layer.{i}.layer_norm", (f"{ff}.wi_0", f"{ff}.wi_1"), ff),
+                   Group(f"{ff}.wi_1", (f"{ff}.wo",), f"{ff}.wo"),
+                   Group(None, (f"{ff}.wo",), f"{ff}.wo")]
+    return tuple(groups)
+
+
+_T5 = Arch("decoder.block", _t5_groups())
+
+# Pre-norm BART-family encoder-decoders (Whisper, mBART, Pegasus, M2M-100, Blenderbot): the
+# encoder layers have the self-attention and MLP groups, the decoder layers also the
+# cross-attention's. ``fc1 -> act -> fc2`` folds only through ReLU, so fc2 gets an explicit
+# multiply, as do the cross-attention's key/value. (Post-norm BART, Marian and FSMT normalise
+# after the residual add: their norms feed the next block, and they keep per-linear scales.)
+_PRE_NORM_SEQ2SEQ = Arch("model.decoder.layers", (
+    Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "self_attn"),
+    Group("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+    Group("encoder_attn_layer_norm", ("encoder_attn.q_proj",), "encoder_attn"),
+    Group(None, ("encoder_attn.k_proj", "encoder_attn.v_proj"), "encoder_attn"),
+    Group("encoder_attn.v_proj", ("encoder_attn.out_proj",), "encoder_attn.out_proj"),
+    Group("final_layer_norm", ("fc1",), "fc1"),
+    Group(None, ("fc2",), "fc2"),
+))
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
     **{t: _LLAMA_MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
@@ -117,6 +156,8 @@ ARCHITECTURES: dict[str, Arch] = {
         Group("input_layernorm", ("attention.query_key_value",), "attention"),
         Group("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
     )),
+    **{t: _T5 for t in ("t5", "mt5", "umt5")},
+    **{t: _PRE_NORM_SEQ2SEQ for t in ("whisper", "mbart", "pegasus", "m2m_100", "blenderbot")},
 }
 
 
@@ -320,9 +361,13 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
         covered = {n for g in experts for n in g.linears}
         return [Group(None, (n,), n) for n, m in layer.named_modules()
                 if _is_linear(m) and n not in covered] + experts
-    routed = _routed_blocks(layer)
-    return [g for g in arch.groups if _group_ok(layer, g, kv_tied)
-            and not _feeds_a_router(layer, g, routed)] + experts
+    routed, groups, covered = _routed_blocks(layer), [], set()
+    for g in arch.groups:   # a row's explicit multiply only for linears no fold covers
+        if (_group_ok(layer, g, kv_tied) and not _feeds_a_router(layer, g, routed)
+                and not covered.intersection(g.linears)):
+            groups.append(g)
+            covered.update(g.linears)
+    return groups + experts
 
 
 def _routed_blocks(layer: nn.Module) -> set[str]:
@@ -384,6 +429,8 @@ def _group_ok(layer: nn.Module, group: Group, kv_tied: bool = False) -> bool:
     linears = [_get(layer, n) for n in group.linears]
     if any(m is None for m in linears):
         return False
+    if group.prev is None:   # an explicit multiply in front of the linears
+        return True
     prev = _get(layer, group.prev)
     if prev is None:
         return False

@@ -102,3 +102,88 @@ def test_sequential_runner_reproduces_full_forward(arch):
         hs = model(tokens[:1], output_hidden_states=True).hidden_states
     for i in range(len(layers)):
         assert torch.allclose(hidden_in[i], hs[i], atol=1e-9), f"layer {i} input differs"
+
+
+SEQ2SEQ_ROWS = ["t5", "mt5", "umt5", "whisper", "mbart", "pegasus", "m2m_100", "blenderbot"]
+
+
+def _seq2seq(arch):
+    from tiny_models import tiny_seq2seq, tiny_t5
+
+    return tiny_t5() if arch == "t5" else tiny_seq2seq(arch)
+
+
+def _seq2seq_inputs(model, seed=3):
+    from modelopt_lite.calib.runner import decoder_inputs
+
+    ids = random_tokens(n=2, seq=12, seed=seed)
+    if model.config.model_type == "whisper":   # 16 mel bins x 64 frames
+        g = torch.Generator().manual_seed(seed)
+        return {"input_features": torch.randn(2, 16, 64, generator=g).to(model.dtype),
+                "decoder_input_ids": ids}
+    return {"input_ids": ids, **decoder_inputs(model, ids)}
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ROWS)
+def test_seq2seq_rows_fold_exactly_in_both_stacks(arch):
+    """The T5-family and pre-norm BART-family rows: every fold (a norm or a linear producer)
+    in the encoder's and the decoder's layers leaves the float model unchanged; the explicit
+    multiplies are the linears fed from outside the layer or through a non-ReLU activation,
+    and no linear is in two groups."""
+    from modelopt_lite.models import get_arch, layer_stacks
+
+    model = _seq2seq(arch).double()
+    assert get_arch(model) is not None
+    inputs = _seq2seq_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    stacks = layer_stacks(model)
+    assert len(stacks) == 2
+    for side, (_, layers) in zip(("encoder", "decoder"), stacks):
+        for layer in layers:
+            groups = layer_groups(model, layer, kv_tied=True)
+            names = [n for g in groups for n in g.linears]
+            assert len(names) == len(set(names))
+            explicit = {n for g in groups if g.prev is None for n in g.linears}
+            gated = any(n.endswith("wi_1") for n in names)
+            expected = {n for n in names if n.endswith(("fc2", ".wo"))} if not gated else set()
+            if side == "decoder":   # cross-attention key / value
+                expected |= {n for n in names if n.endswith(
+                    ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k",
+                     "EncDecAttention.v"))}
+            assert explicit == expected
+            linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            assert set(names) == linears   # every linear of the layer is in a group
+            for g in groups:
+                if g.prev is None:
+                    continue
+                width = layer.get_submodule(g.linears[0]).weight.shape[1]
+                apply_group_scale_(layer, g, torch.rand(width, dtype=torch.float64) * 4 + 0.25)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("arch", ["mt5", "whisper"])
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant"])
+def test_seq2seq_rows_quantize_with_folds(arch, preset, caplog):
+    """quantize() takes the row (no fallback warning), folds scales into the norms and keeps
+    an explicit multiply only where the row says; Whisper calibrates through a forward loop."""
+    import modelopt_lite as mtl
+    from modelopt_lite.config import get_preset
+
+    model = _seq2seq(arch)
+    batches = [_seq2seq_inputs(model, seed=s) for s in range(4)]
+    with torch.no_grad():
+        ref = model(**batches[0]).logits
+    cfg = get_preset(preset, block_size=32) if "int4" in preset else preset
+    mtl.quantize(model, cfg, forward_loop=lambda m: [m(**b) for b in batches], progress=False)
+    assert "not in modelopt_lite.models.ARCHITECTURES" not in caplog.text
+    with torch.no_grad():
+        out = model(**batches[0]).logits
+    assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.2
+    multiplied = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                  if getattr(getattr(m, "input_quantizer", None), "pre_quant_scale", None)
+                  is not None}
+    assert multiplied <= {"k", "v", "k_proj", "v_proj", "fc2", "wo", "o", "out_proj"}
+    assert not multiplied & {"q", "q_proj", "wi_0", "wi_1", "fc1"}   # folded into the norms

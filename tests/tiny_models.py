@@ -209,6 +209,27 @@ def tiny_t5(seed=0):
     return _finish(T5ForConditionalGeneration(cfg), seed)
 
 
+def tiny_seq2seq(model_type, seed=0, **overrides):
+    """A 2 + 2-layer encoder-decoder of ``model_type`` (``mt5``, ``umt5``, ``mbart``,
+    ``pegasus``, ``m2m_100``, ``blenderbot``, ``whisper``, ...) with small sizes; Whisper's
+    encoder reads 16 mel bins (``input_features`` [batch, 16, 64])."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+
+    sizes = dict(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                 num_decoder_layers=2, num_heads=4, encoder_layers=2, decoder_layers=2,
+                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+                 decoder_ffn_dim=256, max_position_embeddings=64, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=16,
+                 max_source_positions=32, max_target_positions=64)
+    cfg = AutoConfig.for_model(model_type)
+    for key, value in (sizes | overrides).items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    auto = AutoModelForSpeechSeq2Seq if model_type == "whisper" else AutoModelForSeq2SeqLM
+    return _finish(auto.from_config(cfg), seed)
+
+
 def tiny_longt5(seed=0):
     """LongT5: T5 with local attention in the encoder, whose mask it builds from blocks of
     the attention mask (and skips building while traced)."""
