@@ -267,15 +267,17 @@ class DataDependent(nn.Module):
         return y * 2 if y.sum() > 0 else y
 
 
-def test_axis_the_model_fixes_is_kept_static_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("batch", [3, 1])
+def test_axis_the_model_fixes_is_kept_static_with_a_warning(tmp_path, caplog, batch):
+    """A batch of 1 is traced widened to 2; the axis the model fixes keeps the example's 1."""
     model = mtl.quantize(RowLoop(), "w8a8", forward_loop=lambda m: m(torch.randn(4, 64)),
                          progress=False)
-    x = torch.randn(3, 64)
+    x = torch.randn(batch, 64)
     with caplog.at_level("WARNING", logger="modelopt_lite.export.onnx"):
         export_onnx(model, x, tmp_path / "m.onnx")
-    assert "RowLoop: the model's code fixes input_0 axis 0 = 3" in caplog.text
+    assert f"RowLoop: the model's code fixes input_0 axis 0 = {batch}" in caplog.text
     m = onnx.load(str(tmp_path / "m.onnx"))
-    assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == [3, 64]
+    assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == [batch, 64]
     assert compare_with_torch(model, x, tmp_path / "m.onnx")["rel"] < 1e-5
 
 
@@ -323,10 +325,49 @@ def test_multimodal_model_exports_its_image_input(tmp_path):
     result = export_onnx(model, inputs, tmp_path / "llava.onnx")
     m = onnx.load(str(result.path))
     assert [i.name for i in m.graph.input] == ["input_ids", "pixel_values"]
-    assert not any("vision_tower" in t.name for t in m.graph.initializer
-                   if t.name.endswith("_int"))   # only the language model's weights quantized
+    quantized = [t.name for t in m.graph.initializer if t.name.endswith("_int")]
+    assert quantized and not any("vision_tower" in n for n in quantized)   # text layers only
     err = compare_with_torch(model, inputs, result.path)
     assert err["rel"] < 1e-5, err
     assert not nodes(m, "ReduceMin") and trt_check(result.path) == []   # no runtime checks
     with pytest.raises(ExportError, match=r"image_grid_thw.*Fix"):
         export_onnx(model, inputs | {"image_grid_thw": torch.ones(1, 3)}, tmp_path / "x.onnx")
+
+
+def test_speech_encoder_decoder_exports_its_features(tmp_path):
+    """Whisper: log-mel features and the decoder's tokens are the graph inputs."""
+    from tiny_models import tiny_seq2seq
+
+    model = tiny_seq2seq("whisper")
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_features": torch.randn(2, 16, 64, generator=g),
+              "decoder_input_ids": random_tokens(2, 6, seed=1)}
+    mtl.quantize(model, INT4_SYM, progress=False)
+    result = export_onnx(model, inputs, tmp_path / "whisper.onnx")
+    m = onnx.load(str(result.path))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in m.graph.input}
+    assert dims == {"decoder_input_ids": ["batch", "decoder_seq"],
+                    "input_features": ["batch", 16, 64]}
+    assert compare_with_torch(model, inputs, result.path)["rel"] < 1e-5
+    with pytest.raises(ExportError, match="decoder_input_ids beside input_features"):
+        export_onnx(model, {"input_features": inputs["input_features"]}, tmp_path / "x.onnx")
+
+
+def test_generative_model_inputs_call_options_and_refusals(tmp_path, caplog):
+    """Call options a batch carries (use_cache, labels) are left out with a note; more than
+    (input_ids, attention_mask) positionally, or an input the wrapper cannot pass, is refused
+    by name and nothing is written."""
+    model = mtl.quantize(tiny_llama(layers=1, kv_heads=2), INT4_SYM, progress=False)
+    ids = random_tokens(2, 8)
+    with caplog.at_level("INFO", logger="modelopt_lite.export.onnx"):
+        result = export_onnx(model, {"input_ids": ids, "use_cache": False, "labels": ids},
+                             tmp_path / "m.onnx")
+    assert "['labels', 'use_cache'] are call options" in caplog.text
+    assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["input_ids"]
+    with pytest.raises(ExportError, match="as a dict of named inputs"):
+        export_onnx(model, (ids, torch.ones_like(ids), ids), tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match=r"\['inputs_embeds'\].*Fix"):
+        export_onnx(model, {"input_ids": ids, "inputs_embeds": torch.randn(2, 8, 64)},
+                    tmp_path / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

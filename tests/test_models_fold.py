@@ -187,3 +187,23 @@ def test_seq2seq_rows_quantize_with_folds(arch, preset, caplog):
                   is not None}
     assert multiplied <= {"k", "v", "k_proj", "v_proj", "fc2", "wo", "o", "out_proj"}
     assert not multiplied & {"q", "q_proj", "wi_0", "wi_1", "fc1"}   # folded into the norms
+
+
+def test_smooth_unfoldable_off_keeps_the_rows_explicit_groups_unsmoothed():
+    """SmoothQuant with ``smooth_unfoldable=False``: the row's folds still apply, its explicit
+    multiplies (cross-attention key / value) are not made."""
+    import dataclasses
+
+    import modelopt_lite as mtl
+    from modelopt_lite.config import get_preset
+
+    model = _seq2seq("whisper")
+    batches = [_seq2seq_inputs(model, seed=s) for s in range(2)]
+    cfg = get_preset("int8_smoothquant")
+    cfg = cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, smooth_unfoldable=False))
+    norm = model.model.decoder.layers[0].self_attn_layer_norm.weight.clone()
+    mtl.quantize(model, cfg, forward_loop=lambda m: [m(**b) for b in batches], progress=False)
+    assert not torch.equal(model.model.decoder.layers[0].self_attn_layer_norm.weight, norm)
+    cross = model.model.decoder.layers[0].encoder_attn
+    assert cross.k_proj.input_quantizer.pre_quant_scale is None
+    assert cross.v_proj.input_quantizer.pre_quant_scale is None

@@ -437,7 +437,9 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
                     used += 1
     if used != len(scales):
         raise ValueError(f"{directory}: {len(scales) - used} saved scale(s) match no group of this "
-                         "model; apply artefacts to the architecture they were made from")
+                         "model; apply artefacts to the architecture they were made from, with "
+                         "the modelopt_lite version that made them (a model type's table row "
+                         "decides the groups)")
     ranges = {k[len("range::"):]: v for k, v in tensors.items() if k.startswith("range::")}
     weights = {k[len("weight::"):]: v for k, v in tensors.items() if k.startswith("weight::")}
     for name, m in model.named_modules():

@@ -70,9 +70,10 @@ class SmoothQuantConfig:
     calibration batches score each candidate (all batches feed the statistics); 16 by default
     (8 -> 16: Gemma-3-270M 12.844 -> 12.802, SmolLM2-135M 12.963 -> 12.998 perplexity, for
     about 1.6x the calibration time).
-    ``smooth_unfoldable``: also smooth quantized linears of a decoder layer that no table
-    group covers (e.g. ``o_proj`` under grouped-query attention), keeping their scale as an
-    explicit multiply. ``clip_grid``: with a searched alpha and static activations, the
+    ``smooth_unfoldable``: also smooth quantized linears of a decoder layer whose scale cannot
+    fold (no table group covers them, e.g. ``o_proj`` under grouped-query attention, or the
+    row keeps an explicit multiply, e.g. a cross-attention's key / value), keeping their scale
+    as an explicit multiply. ``clip_grid``: with a searched alpha and static activations, the
     group's calibrated activation range is then scaled by the ratio of this grid with the
     smallest block output error (``(1.0,)``, the default, keeps the calibrator's range: on
     SmolLM2-135M clipping lowered the block errors yet raised test perplexity, 13.02 -> 13.08,
@@ -353,6 +354,8 @@ def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list
 
     groups, covered = [], set()
     for g in layer_groups(model, layer):
+        if g.prev is None and not cfg.smooth_unfoldable:
+            continue   # a row's (or an expert's) explicit multiply: not asked for
         if all(ok(n) for n in g.linears):
             groups.append(g)
             covered.update(g.linears)

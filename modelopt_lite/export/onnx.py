@@ -60,8 +60,12 @@ class ExportResult:
 # decoder side, for encoder-decoder models), then images for multimodal models
 _SEQ_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
-_OTHER_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
-LM_INPUTS = _SEQ_INPUTS + _DECODER_INPUTS + _OTHER_INPUTS
+_IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
+_AUDIO_INPUTS = ("input_features",)   # Whisper's log-mel frames: [batch, mels, frames]
+LM_INPUTS = _SEQ_INPUTS + _DECODER_INPUTS + _IMAGE_INPUTS + _AUDIO_INPUTS
+# call options a batch or a user may carry: not graph inputs, dropped with a note
+_CALL_OPTIONS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                 "labels", "past_key_values", "cache_position")
 
 
 class LogitsOnly(nn.Module):
@@ -73,11 +77,13 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                decoder_input_ids=None, decoder_attention_mask=None, pixel_values=None,
-                pixel_attention_mask=None, image_sizes=None):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, decoder_input_ids=None, decoder_attention_mask=None,
+                pixel_values=None, pixel_attention_mask=None, image_sizes=None,
+                input_features=None):
         given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
-        if attention_mask is None and getattr(self.model.config, "is_encoder_decoder", False):
+        if (attention_mask is None and input_ids is not None
+                and getattr(self.model.config, "is_encoder_decoder", False)):
             # what eager code builds when none is given; some encoders (LongT5's local
             # attention) skip building it while being traced
             given["attention_mask"] = torch.ones_like(input_ids)
@@ -105,18 +111,30 @@ def prepare(model: nn.Module, example_inputs):
     if not is_causal_lm(model):
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
         return model, args, kwargs, names, ["output"]
+    name = type(model).__name__
+    own = ("Fix: export a module of your own that calls the model with its inputs and returns "
+           "a tensor (export_onnx passes a plain module's inputs as given)")
+    if len(args) > 2:
+        raise ExportError(f"{name}: give more than (input_ids, attention_mask) as a dict of "
+                          f"named inputs, e.g. {{'input_ids': ..., 'decoder_input_ids': ...}}")
     if args:
         kwargs = dict(zip(("input_ids", "attention_mask"), args)) | kwargs
-    unknown = sorted(k for k, v in kwargs.items() if k not in LM_INPUTS and v is not None)
+    dropped = sorted(k for k in kwargs if k in _CALL_OPTIONS)
+    if dropped:
+        logger.info("%s: %s are call options, not graph inputs: left out", name, dropped)
+    unknown = sorted(k for k, v in kwargs.items()
+                     if k not in LM_INPUTS and k not in _CALL_OPTIONS and v is not None)
     if unknown:
-        raise ExportError(
-            f"{type(model).__name__}: the logits-only wrapper does not pass the input(s) "
-            f"{unknown} (it passes {list(LM_INPUTS)}). Fix: leave them out, or export a module "
-            f"of your own that calls the model with them and returns a tensor")
+        raise ExportError(f"{name}: the logits-only wrapper does not pass the input(s) {unknown} "
+                          f"(it passes {list(LM_INPUTS)}). {own}")
     kwargs = {k: kwargs[k] for k in LM_INPUTS if kwargs.get(k) is not None}
-    if "input_ids" not in kwargs:
-        raise ExportError(f"{type(model).__name__}: the example inputs need input_ids")
+    if "input_ids" not in kwargs and "input_features" not in kwargs:
+        raise ExportError(f"{name}: the example inputs need input_ids (or a speech model's "
+                          f"input_features). {own}")
     if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+        if "input_ids" not in kwargs:
+            raise ExportError(f"{name}: give the decoder's tokens as decoder_input_ids beside "
+                              f"input_features")
         from ..calib.runner import decoder_inputs
 
         kwargs |= decoder_inputs(model, kwargs["input_ids"])   # the text shifted right
@@ -131,7 +149,9 @@ def _axis_labels(name: str, lm: bool) -> dict[int, str]:
         return {0: "batch", 1: "seq"}
     if name in _DECODER_INPUTS:
         return {0: "batch", 1: "decoder_seq"}
-    return {0: "images"}   # "batch" where the model's code ties the two
+    if name in _IMAGE_INPUTS:
+        return {0: "images"}   # "batch" where the model's code ties the two
+    return {0: "batch"}
 
 
 def _dynamic_shapes(args, kwargs, lm: bool, static=frozenset()):
@@ -159,8 +179,9 @@ def _positional_names(module, args) -> dict[str, str]:
 def _specialised_axes(err: BaseException, positional: dict[str, str]) -> set[tuple[str, int]]:
     """``(input, axis)`` pairs torch.export reports as made static by the model's code; an
     input is a keyword's name or a positional input's index."""
-    found = set()
-    while err is not None:
+    found, seen = set(), set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         for name, index, axis in _SPECIALISED.findall(str(err)):
             found.add((positional.get(name, name) if name else index, int(axis)))
         err = err.__cause__ or err.__context__
@@ -220,7 +241,7 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
             more = _specialised_axes(err, _positional_names(module, args)) - static if dynamic \
                 else set()
             if not more:
-                raise _trace_error(module, err) from err
+                raise _trace_error(module, err, dynamic) from err
             static |= more
     if static:
         names = dict(zip([str(i) for i in range(len(args))], input_names))
@@ -238,20 +259,22 @@ def _model_name(module) -> str:
     return type(inner).__name__
 
 
-def _trace_error(module, err: BaseException) -> ExportError:
+def _trace_error(module, err: BaseException, dynamic: bool) -> ExportError:
     """torch.export's failure as an ExportError that names the model and the root cause."""
-    root = err
-    while root.__cause__ is not None:
+    root, seen = err, {id(err)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
         root = root.__cause__
+        seen.add(id(root))
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     reason = f"{type(root).__name__}: {lines[0] if lines else ''}"[:500]
     return ExportError(
         f"torch.onnx.export (dynamo) failed on {_model_name(module)}: {reason}. The Q/DQ "
         f"export needs a model torch.export can trace and whose ops ONNX has (no complex "
         f"tensors, no data-dependent branches); the float model most likely fails the same way "
-        f"(check with torch.onnx.export(model, ..., dynamo=True)). Fix: export_onnx(..., "
-        f"dynamic_axes=False) if the failure is about dynamic shapes; else a model code path "
-        f"torch.export supports (e.g. attn_implementation='eager')")
+        f"(check with torch.onnx.export(model, ..., dynamo=True)). Fix: "
+        + ("export_onnx(..., dynamic_axes=False) if the failure is about dynamic shapes; else "
+           if dynamic else "")
+        + "a model code path torch.export supports (e.g. attn_implementation='eager')")
 
 
 def _postprocess(proto, input_names, lm: bool):
