@@ -158,6 +158,10 @@ def _quantize_run(args) -> int:
     check_paths(args)
     model, tokenizer = _load(args.model)
     cfg = _recipe(model, args)
+    if not args.no_eval and getattr(model.config, "is_encoder_decoder", False):
+        print(f"{type(model).__name__} is an encoder-decoder: no perplexity table (measure it "
+              f"on its task); quantizing")
+        args.no_eval = True
     fp = None if args.no_eval else _ppl(model, tokenizer, args)
     start = time.time()
     mtl.quantize(model, cfg, calib=_calib_source(args), tokenizer=tokenizer,

@@ -49,6 +49,12 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
         >>> perplexity(model, tokenizer, wiki_text("test"), windows=4).ppl  # doctest: +SKIP
         12.80...
     """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"perplexity measures a language model predicting the next token from the tokens "
+            f"before it; {type(model).__name__} is an encoder-decoder, whose decoder would see "
+            f"the whole window through its encoder. Fix: measure it on its task (translation, "
+            f"summarisation, transcription) with its own metric")
     bos = window_bos(tokenizer, add_bos)
     chunks = text_windows(token_ids(tokenizer, text), seq_len - (bos is not None), windows)
     device = model_device(model)

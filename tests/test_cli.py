@@ -124,3 +124,25 @@ def test_quantize_a_multimodal_folder(tiny_folder, capsys):
     assert rc == 0
     assert "14 layer(s) quantized, 20 skipped" in out
     assert "outside the language model" in out
+
+
+def test_quantize_an_encoder_decoder_folder(tiny_folder, capsys):
+    """A T5 folder: loaded as seq2seq, both stacks quantized on the text (the decoder on it
+    shifted right), saved; no perplexity table, which does not measure an encoder-decoder."""
+    import modelopt_lite as mtl
+    from tiny_models import tiny_t5
+
+    d = tiny_folder
+    tiny_t5().save_pretrained(d / "t5")
+    word_tokenizer().save_pretrained(d / "t5")
+    rc = main(["quantize", "--model", str(d / "t5"), "--recipe", "int8_smoothquant",
+               "--calib", str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32",
+               "--out", str(d / "t5-out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no perplexity table" in out and "perplexity," not in out
+    assert "32 layer(s) quantized" in out   # 2 x 6 encoder + 2 x 10 decoder linears
+    fresh = tiny_t5()
+    mtl.load(fresh, d / "t5-out")
+    assert fresh.decoder.block[1].layer[1].EncDecAttention.k.input_quantizer.amax is not None
+    with pytest.raises(ValueError, match="encoder-decoder.*Fix"):
+        mtl.perplexity(fresh, word_tokenizer(), "a b c d " * 40, seq_len=16)
