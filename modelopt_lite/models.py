@@ -40,12 +40,17 @@ class Group:
     repeated for grouped-query attention. Then ``o_proj`` reads each ``v_proj`` channel
     ``num_key_value_groups`` times (once per query head of the group), so the scale is tied
     across those copies and folds into ``v_proj``'s rows exactly.
+
+    ``act``: for a linear producer whose output reaches the linears through an activation
+    (``fc1 -> act -> fc2``), that activation module; the group folds only when it is
+    positively homogeneous (ReLU: ``relu(x / s) = relu(x) / s`` for ``s > 0``).
     """
 
     prev: str | None
     linears: tuple[str, ...]
     block: str | None = None
     kv_heads: str | None = None
+    act: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ _DEEPSEEK = Arch("model.layers", _LLAMA_MOE.groups + (
 # T5-family blocks: ``layer.0`` self-attention, then (decoder) ``layer.1`` cross-attention, then
 # the feed-forward (``layer.1`` in the encoder, ``layer.2`` in the decoder); a layer keeps the
 # groups whose modules it has. The feed-forward folds ``wi_1 -> wo`` where gated (linear in
-# ``wi_1``); a plain ``wi -> act -> wo`` and the cross-attention's key/value (fed by the
-# encoder's output, produced outside the layer) get explicit multiplies.
+# ``wi_1``) and ``wi -> relu -> wo`` (T5 v1.0); another activation's ``wo`` and the
+# cross-attention's key/value (fed by the encoder's output, produced outside the layer) get
+# explicit multiplies.
 def _t5_groups() -> tuple[Group, ...]:
     attn, cross = "layer.0.SelfAttention", "layer.1.EncDecAttention"
     groups = [Group("layer.0.layer_norm", (f"{attn}.q", f"{attn}.k", f"{attn}.v"), attn),
@@ -109,6 +115,7 @@ def _t5_groups() -> tuple[Group, ...]:
         groups += [Group(f"layer.{i}.layer_norm", (f"{ff}.wi",), ff),
                    Group(f"layer.{i}.layer_norm", (f"{ff}.wi_0", f"{ff}.wi_1"), ff),
                    Group(f"{ff}.wi_1", (f"{ff}.wo",), f"{ff}.wo"),
+                   Group(f"{ff}.wi", (f"{ff}.wo",), f"{ff}.wo", act=f"{ff}.act"),
                    Group(None, (f"{ff}.wo",), f"{ff}.wo")]
     return tuple(groups)
 
@@ -117,8 +124,8 @@ _T5 = Arch("decoder.block", _t5_groups())
 
 # Pre-norm BART-family encoder-decoders (Whisper, mBART, Pegasus, M2M-100, Blenderbot): the
 # encoder layers have the self-attention and MLP groups, the decoder layers also the
-# cross-attention's. ``fc1 -> act -> fc2`` folds only through ReLU, so fc2 gets an explicit
-# multiply, as do the cross-attention's key/value. (Post-norm BART, Marian and FSMT normalise
+# cross-attention's. ``fc1 -> act -> fc2`` folds through ReLU (M2M-100, NLLB); under another
+# activation fc2 gets an explicit multiply, as do the cross-attention's key/value. (Post-norm BART, Marian and FSMT normalise
 # after the residual add: their norms feed the next block, and they keep per-linear scales.)
 _PRE_NORM_SEQ2SEQ = Arch("model.decoder.layers", (
     Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -128,6 +135,7 @@ _PRE_NORM_SEQ2SEQ = Arch("model.decoder.layers", (
     Group(None, ("encoder_attn.k_proj", "encoder_attn.v_proj"), "encoder_attn"),
     Group("encoder_attn.v_proj", ("encoder_attn.out_proj",), "encoder_attn.out_proj"),
     Group("final_layer_norm", ("fc1",), "fc1"),
+    Group("fc1", ("fc2",), "fc2", act="activation_fn"),
     Group(None, ("fc2",), "fc2"),
 ))
 
@@ -146,7 +154,7 @@ ARCHITECTURES: dict[str, Arch] = {
                                        "self_attn.v_proj"), "self_attn"),
         Group("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
         Group("final_layer_norm", ("fc1",), "fc1"),
-        Group("fc1", ("fc2",), "fc2"),
+        Group("fc1", ("fc2",), "fc2", act="activation_fn"),
     )),
     "gpt2": Arch("transformer.h", (
         Group("ln_1", ("attn.c_attn",), "attn"),
@@ -434,10 +442,17 @@ def _group_ok(layer: nn.Module, group: Group, kv_tied: bool = False) -> bool:
     prev = _get(layer, group.prev)
     if prev is None:
         return False
+    if group.act is not None and not _positively_homogeneous(_get(layer, group.act)):
+        return False
     if _is_linear(prev):  # a linear producer must emit exactly the consumers' input channels
         return (out_features(prev) == in_features(linears[0])
                 or kv_tied and kv_repeat(layer, group) is not None)
     return True
+
+
+def _positively_homogeneous(act) -> bool:
+    """``act(x / s) == act(x) / s`` for every ``s > 0``: ReLU, leaky ReLU, identity."""
+    return isinstance(act, (nn.ReLU, nn.LeakyReLU, nn.Identity))
 
 
 def kv_repeat(layer: nn.Module, group: Group) -> tuple[int, int] | None:

@@ -126,10 +126,10 @@ def _seq2seq_inputs(model, seed=3):
 
 @pytest.mark.parametrize("arch", SEQ2SEQ_ROWS)
 def test_seq2seq_rows_fold_exactly_in_both_stacks(arch):
-    """The T5-family and pre-norm BART-family rows: every fold (a norm or a linear producer)
-    in the encoder's and the decoder's layers leaves the float model unchanged; the explicit
-    multiplies are the linears fed from outside the layer or through a non-ReLU activation,
-    and no linear is in two groups."""
+    """The T5-family and pre-norm BART-family rows: every fold (a norm or a linear producer,
+    through ReLU in T5 v1.0 and M2M-100) in the encoder's and the decoder's layers leaves the
+    float model unchanged; the explicit multiplies are the linears fed from outside the layer
+    or through another activation, and no linear is in two groups."""
     from modelopt_lite.models import get_arch, layer_stacks
 
     model = _seq2seq(arch).double()
@@ -146,7 +146,10 @@ def test_seq2seq_rows_fold_exactly_in_both_stacks(arch):
             assert len(names) == len(set(names))
             explicit = {n for g in groups if g.prev is None for n in g.linears}
             gated = any(n.endswith("wi_1") for n in names)
-            expected = {n for n in names if n.endswith(("fc2", ".wo"))} if not gated else set()
+            relu = "relu" in (getattr(model.config, "dense_act_fn", None),
+                              getattr(model.config, "activation_function", None))
+            expected = (set() if gated or relu   # folds into wi_1, or through ReLU
+                        else {n for n in names if n.endswith(("fc2", ".wo"))})
             if side == "decoder":   # cross-attention key / value
                 expected |= {n for n in names if n.endswith(
                     ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k",
@@ -207,3 +210,15 @@ def test_smooth_unfoldable_off_keeps_the_rows_explicit_groups_unsmoothed():
     cross = model.model.decoder.layers[0].encoder_attn
     assert cross.k_proj.input_quantizer.pre_quant_scale is None
     assert cross.v_proj.input_quantizer.pre_quant_scale is None
+
+
+def test_a_fold_through_an_activation_needs_relu():
+    """OPT's fc1 -> act -> fc2 folds through ReLU only: with GELU the group is not offered
+    (fc1's rows / s would not give fc2 the input x / s)."""
+    from tiny_models import tiny_opt
+
+    model = tiny_opt()
+    _, layers = find_decoder_layers(model)
+    assert any(g.prev == "fc1" for g in layer_groups(model, layers[0]))
+    layers[0].activation_fn = torch.nn.GELU()
+    assert not any(g.prev == "fc1" for g in layer_groups(model, layers[0]))
