@@ -222,3 +222,27 @@ def test_a_fold_through_an_activation_needs_relu():
     assert any(g.prev == "fc1" for g in layer_groups(model, layers[0]))
     layers[0].activation_fn = torch.nn.GELU()
     assert not any(g.prev == "fc1" for g in layer_groups(model, layers[0]))
+
+
+def test_post_norm_opt_falls_back_to_per_linear_scales(caplog):
+    """OPT-350m normalises after the residual add (``do_layer_norm_before=False``): its norms
+    feed the next block, not the layer's linears, so the OPT row's folds would change the
+    model. It takes per-linear scales instead."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from modelopt_lite.models import ARCHITECTURES, get_arch
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=64,
+        do_layer_norm_before=False)).eval().double()
+    assert get_arch(model) is None
+    _, layers = find_decoder_layers(model)
+    assert all(g.prev is None and len(g.linears) == 1 for g in layer_groups(model, layers[0]))
+    assert "not in modelopt_lite.models.ARCHITECTURES" in caplog.text
+    tokens = random_tokens()
+    ref = _logits(model, tokens)
+    group = ARCHITECTURES["opt"].groups[0]   # what the row would fold: the norm into q, k, v
+    apply_group_scale_(layers[0], group, torch.rand(64, dtype=torch.float64) * 4 + 0.25)
+    assert (_logits(model, tokens) - ref).abs().max() / ref.abs().max() > 1e-3
