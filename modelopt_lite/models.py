@@ -125,8 +125,9 @@ _T5 = Arch("decoder.block", _t5_groups())
 # Pre-norm BART-family encoder-decoders (Whisper, mBART, Pegasus, M2M-100, Blenderbot): the
 # encoder layers have the self-attention and MLP groups, the decoder layers also the
 # cross-attention's. ``fc1 -> act -> fc2`` folds through ReLU (M2M-100, NLLB); under another
-# activation fc2 gets an explicit multiply, as do the cross-attention's key/value. (Post-norm BART, Marian and FSMT normalise
-# after the residual add: their norms feed the next block, and they keep per-linear scales.)
+# activation fc2 gets an explicit multiply, as do the cross-attention's key/value. (Post-norm
+# BART, Marian and FSMT normalise after the residual add: a norm's output is the residual
+# stream too, so no scale folds into it, and they keep per-linear scales.)
 _PRE_NORM_SEQ2SEQ = Arch("model.decoder.layers", (
     Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "self_attn"),
