@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..models import is_encoder_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
     does not; BART does), the same text shifted right as ``decoder_input_ids``, as in
     teacher-forced training: the decoder calibrates on real tokens while it attends to the
     encoder's states. Else nothing."""
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return {}
-    if not _takes_decoder_inputs(type(model)):
+    if not is_encoder_decoder(model) or not _takes_decoder_inputs(type(model)):
         return {}
     for name in ("prepare_decoder_input_ids_from_labels", "_shift_right"):
         shift = getattr(model, name, None)

@@ -155,10 +155,12 @@ def check_paths(args) -> None:
 def _quantize_run(args) -> int:
     import modelopt_lite as mtl
 
+    from .models import is_encoder_decoder
+
     check_paths(args)
     model, tokenizer = _load(args.model)
     cfg = _recipe(model, args)
-    if not args.no_eval and getattr(model.config, "is_encoder_decoder", False):
+    if not args.no_eval and is_encoder_decoder(model):
         print(f"{type(model).__name__} is an encoder-decoder: no perplexity table (measure it "
               f"on its task); quantizing")
         args.no_eval = True

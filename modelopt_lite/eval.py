@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calib.data import bos_to_add
+from .models import is_encoder_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
         >>> perplexity(model, tokenizer, wiki_text("test"), windows=4).ppl  # doctest: +SKIP
         12.80...
     """
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ValueError(
             f"perplexity measures a language model predicting the next token from the tokens "
             f"before it; {type(model).__name__} is an encoder-decoder, whose decoder would see "

@@ -178,6 +178,11 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model``'s config says encoder-decoder (T5, BART, Whisper, ...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _text_config(model: nn.Module):
     """The language model's config inside a multimodal model's config (Llava, Gemma 3,
     Qwen2-VL, ...); None for a model that is a language model itself."""
@@ -341,7 +346,7 @@ def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     calibrated on the outputs of the stacks before it; else the one decoder stack
     (:func:`find_decoder_layers`)."""
     first = find_decoder_layers(model)
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if not is_encoder_decoder(model):
         return [first]
     stacks = []
     for getter in ("get_encoder", "get_decoder"):

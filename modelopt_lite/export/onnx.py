@@ -23,8 +23,8 @@ The file is written atomically: into a temporary folder beside ``path``, then re
 
 from __future__ import annotations
 
-import logging
 import inspect
+import logging
 import os
 import re
 import shutil
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import is_encoder_decoder
 from .qdq_patterns import ExportError, export_mode
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ class LogitsOnly(nn.Module):
                 pixel_values=None, pixel_attention_mask=None, image_sizes=None,
                 input_features=None):
         given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
-        if (attention_mask is None and input_ids is not None
-                and getattr(self.model.config, "is_encoder_decoder", False)):
+        if attention_mask is None and input_ids is not None and is_encoder_decoder(self.model):
             # what eager code builds when none is given; some encoders (LongT5's local
             # attention) skip building it while being traced
             given["attention_mask"] = torch.ones_like(input_ids)
@@ -131,7 +131,7 @@ def prepare(model: nn.Module, example_inputs):
     if "input_ids" not in kwargs and "input_features" not in kwargs:
         raise ExportError(f"{name}: the example inputs need input_ids (or a speech model's "
                           f"input_features). {own}")
-    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+    if is_encoder_decoder(model) and "decoder_input_ids" not in kwargs:
         if "input_ids" not in kwargs:
             raise ExportError(f"{name}: give the decoder's tokens as decoder_input_ids beside "
                               f"input_features")
@@ -222,12 +222,14 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
     from .qdq_ops import translation_table
 
     lm = isinstance(module, LogitsOnly)
+    positional = _positional_names(module, args)
     static: set[tuple[str, int]] = set()
     while True:
         a, kw, shapes = args, kwargs, None
         if dynamic:
-            a, kw = _widen(args, kwargs, lm, frozenset(static))
-            shapes = _dynamic_shapes(a, kw, lm, frozenset(static))
+            fixed = frozenset(static)
+            a, kw = _widen(args, kwargs, lm, fixed)
+            shapes = _dynamic_shapes(a, kw, lm, fixed)
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
@@ -238,8 +240,7 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
                     external_data=False, optimize=True, verbose=False)
             break
         except Exception as err:  # noqa: BLE001 - re-raised below unless an axis was specialised
-            more = _specialised_axes(err, _positional_names(module, args)) - static if dynamic \
-                else set()
+            more = _specialised_axes(err, positional) - static if dynamic else set()
             if not more:
                 raise _trace_error(module, err, dynamic) from err
             static |= more
