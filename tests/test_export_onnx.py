@@ -290,25 +290,33 @@ def test_untraceable_model_names_the_model_and_the_cause(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["t5", "longt5"])
-def test_encoder_decoder_exports_with_its_decoder_inputs(tmp_path, arch):
+@pytest.mark.parametrize("config", ["int4_sym", "w8a8"])
+def test_encoder_decoder_exports_with_its_decoder_inputs(tmp_path, arch, config):
     """T5: the decoder's tokens (the text shifted right when the example gives none) are a
     graph input with their own symbolic length; onnxruntime computes what PyTorch does.
-    LongT5's local attention needs the attention mask eager code would build."""
+    LongT5's local attention needs the attention mask eager code would build.
+
+    Weight-only, the graph must agree to float rounding. With 8-bit activations a value
+    that another float op order (another CPU's kernels) puts on the other side of a rounding
+    boundary moves the logits by ~1e-3 (T5's unscaled attention amplifies it), so there the
+    bound is the one a wrong graph (off by O(1)) cannot meet."""
     from modelopt_lite.calib.runner import decoder_inputs
     from tiny_models import tiny_longt5, tiny_t5
 
     model = {"t5": tiny_t5, "longt5": tiny_longt5}[arch]()
-    model = mtl.quantize(model, "w8a8", calib=random_tokens(4, 16), progress=False)
+    quant = {"int4_sym": INT4_SYM, "w8a8": "w8a8"}[config]
+    model = mtl.quantize(model, quant, calib=random_tokens(4, 16), progress=False)
     ids = random_tokens(2, 12, seed=5)
     result = export_onnx(model, ids, tmp_path / f"{arch}.onnx")
     m = onnx.load(str(result.path))
     dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     assert dims == {"input_ids": ["batch", "seq"], "decoder_input_ids": ["batch", "decoder_seq"]}
-    assert compare_with_torch(model, ids, result.path)["rel"] < 1e-5
+    bound = 1e-5 if config == "int4_sym" else 2e-2
+    assert compare_with_torch(model, ids, result.path)["rel"] < bound
     other = {"input_ids": random_tokens(3, 9, seed=6),
              "decoder_input_ids": decoder_inputs(model, random_tokens(3, 5, seed=7))[
                  "decoder_input_ids"]}   # other lengths on each side
-    assert compare_with_torch(model, other, result.path)["rel"] < 1e-2
+    assert compare_with_torch(model, other, result.path)["rel"] < bound
     assert trt_check(result.path) == []
 
 
