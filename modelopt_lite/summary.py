@@ -43,7 +43,9 @@ def summary_rows(model: nn.Module) -> list[dict]:
             fmt = (f"W int4 block {spec['group_size']}"
                    f"{' sym' if spec['symmetric'] else ''} (Int4Linear)")
             row.update(status="deployed", format=fmt, sqnr_db=rec.get("weight_sqnr_db"),
-                       reason="packed INT4, runs on the W4A16 kernels")
+                       reason="packed INT4, " + (
+                           "float32 product (the model keeps this layer in float32)"
+                           if spec.get("keep_float32") else "runs on the W4A16 kernels"))
         elif rec["skipped"] or module is None:
             row.update(status="skipped", format="-", sqnr_db=None,
                        reason=rec["skipped"] or "not quantized")

@@ -214,3 +214,97 @@ def test_deploy_on_gpu_in_half_precision(arch):
     assert any(isinstance(m, Int4Linear) and m.qweight.is_cuda for m in model.modules())
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _float64_product(layer, x):
+    """What an Int4Linear computes, in float64 from its packed words."""
+    from modelopt_lite.kernels import dequantize
+
+    w = dequantize(layer.packed, torch.float64)
+    x = x.double() * (1 if layer.pre_scale is None else layer.pre_scale.double())
+    return x @ w.T + (0 if layer.bias is None else layer.bias.double())
+
+
+def _kept_float32_layer(device="cpu"):
+    from modelopt_lite.nn.int4_linear import Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
+    scale = torch.rand(64, 8, generator=g) * 0.1 + 0.01
+    layer = Int4Linear.from_codes(codes, scale, None, 32, bias=torch.randn(64, generator=g),
+                                  pre_scale=torch.rand(256, generator=g) + 0.5,
+                                  keep_float32=True)
+    return layer.to(device)
+
+
+def test_kept_float32_layer_computes_in_float32_and_trains_its_input():
+    """keep_float32: the product is float32 on the dequantized words (a float64 reference
+    agrees to float32 rounding, far beyond fp16's range), and the input gets its gradient."""
+    layer = _kept_float32_layer()
+    x = (torch.randn(3, 256, generator=torch.Generator().manual_seed(1)) * 1e4).requires_grad_()
+    y = layer(x)
+    ref = _float64_product(layer, x.detach())
+    assert y.dtype == torch.float32 and y.abs().max() > 1e5
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    y.sum().backward()
+    from modelopt_lite.kernels import dequantize
+    w = dequantize(layer.packed, torch.float64) * layer.pre_scale.double()
+    assert torch.allclose(x.grad.double(), w.sum(0).expand(3, -1), rtol=1e-5)
+    assert "keep_float32=True" in repr(layer) and layer.spec()["keep_float32"] is True
+
+
+def test_deploy_keeps_a_float32_layer_of_a_half_model_in_float32(tmp_path):
+    """A model in half precision whose ``wo`` stayed float32 (what Hugging Face's
+    ``_keep_in_fp32_modules`` does to T5 loaded in fp16): deploy() keeps exactly those layers'
+    products in float32, the model computes what the fake-quant one did, and a checkpoint
+    brings the flag back."""
+    from modelopt_lite.calib.runner import decoder_inputs
+    from modelopt_lite.nn.int4_linear import Int4Linear
+    from modelopt_lite.summary import summary_rows
+    from tiny_models import tiny_t5
+
+    def fresh():
+        model = tiny_t5().to(torch.bfloat16)
+        for name, module in model.named_modules():
+            if name.endswith(".wo"):
+                module.float()
+        return model
+
+    model = fresh()
+    mtl.quantize(model, QuantConfig(weight=QuantizerSpec(
+        num_bits=4, granularity="per_block", block_size=32)), progress=False)
+    ids = random_tokens(n=2, seq=12, seed=4)
+    dec = decoder_inputs(model, ids)
+    with torch.no_grad():
+        ref = model(ids, **dec).logits.float()
+        mtl.deploy(model)
+        out = model(ids, **dec).logits.float()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    kept = sorted(n for n, m in layers.items() if m.keep_float32)
+    assert kept and kept == sorted(n for n in layers if n.endswith(".wo"))
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2   # bf16 activations elsewhere
+    rows = {r["name"]: r["reason"] for r in summary_rows(model)}
+    assert all(("float32 product" in rows[n]) == m.keep_float32 for n, m in layers.items())
+    mtl.save(model, tmp_path / "ck")
+    loaded = mtl.load(fresh(), tmp_path / "ck")
+    again = {n: m.keep_float32 for n, m in loaded.named_modules() if isinstance(m, Int4Linear)}
+    assert again == {n: m.keep_float32 for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, **dec).logits.float(), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+def test_kept_float32_layer_keeps_its_range_on_gpu():
+    """On the GPU the half-precision kernel overflows where the layer's outputs pass fp16's
+    range; the same words kept in float32 compute the float64 reference's values."""
+    layer = _kept_float32_layer("cuda")
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).cuda() * 1e4
+    ref = _float64_product(layer, x)
+    with torch.no_grad():
+        y = layer(x)
+        layer.keep_float32 = False
+        assert not torch.isfinite(layer(x)).all()   # the hazard the flag avoids
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5

@@ -106,13 +106,21 @@ class Int4Linear(nn.Module):
     alone holds tiled words whose pairs are not byte-swapped yet (before version 2); both are
     converted on load.
 
+    ``keep_float32`` is for a layer the model keeps in float32 while the rest runs in half
+    precision (Hugging Face's ``_keep_in_fp32_modules``, such as T5's ``wo`` loaded in fp16,
+    whose outputs can exceed fp16's range): its product runs in float32 on the weight
+    dequantized for each call instead of on the half-precision kernel, so it keeps float32's
+    range; the words stay packed. :func:`deploy_int4` sets it for such layers.
+
         >>> model = torch.compile(deploy_int4(model), mode="reduce-overhead")  # doctest: +SKIP
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
                  bias: bool = True, symmetric: bool = False, pre_scale: bool = False,
-                 dtype: torch.dtype = torch.float16, device=None, tile_rows: int = TILE_ROWS):
+                 dtype: torch.dtype = torch.float16, device=None, tile_rows: int = TILE_ROWS,
+                 keep_float32: bool = False):
         super().__init__()
+        self.keep_float32 = bool(keep_float32)
         check_group_size(group_size)
         if tile_rows:
             check_tile_rows(tile_rows)
@@ -139,14 +147,14 @@ class Int4Linear(nn.Module):
                    group_size: int, bias: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float16,
                    pre_scale: torch.Tensor | None = None,
-                   tile_rows: int = TILE_ROWS) -> "Int4Linear":
+                   tile_rows: int = TILE_ROWS, keep_float32: bool = False) -> "Int4Linear":
         """Build from quantizer output: codes uint8 [N, K] in 0..15, scale/zero [N, K/B]
         (zero=None: symmetric, z=8), W_hat = (codes - zero) * scale."""
         n, k = codes.shape
         p = pack_weight(codes, scale, zero, group_size, dtype)
         mod = cls(k, n, group_size, bias=bias is not None, symmetric=zero is None,
                   pre_scale=pre_scale is not None, dtype=dtype, device=codes.device,
-                  tile_rows=tile_rows)
+                  tile_rows=tile_rows, keep_float32=keep_float32)
         mod.qweight.copy_(p.tiled(tile_rows).qweight)
         mod.scale.copy_(p.scale)
         if p.zterm is not None:
@@ -161,10 +169,13 @@ class Int4Linear(nn.Module):
 
     def spec(self) -> dict:
         """The constructor's arguments, as JSON (checkpoints record deployed layers by it)."""
-        return dict(in_features=self.in_features, out_features=self.out_features,
+        spec = dict(in_features=self.in_features, out_features=self.out_features,
                     group_size=self.group_size, bias=self.bias is not None,
                     symmetric=self.zterm is None, pre_scale=self.pre_scale is not None,
                     dtype=str(self.scale.dtype).removeprefix("torch."), tile_rows=self.tile_rows)
+        if self.keep_float32:   # only when set: checkpoints saved before it load as they did
+            spec["keep_float32"] = True
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "Int4Linear":
@@ -241,6 +252,8 @@ class Int4Linear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Int4Linear takes floating-point activations, got {x.dtype}")
         in_dtype = x.dtype
+        if self.keep_float32:
+            return self._forward_float32(x).to(in_dtype)
         if x.is_cuda:   # the kernels take the scales' half precision; the CPU reference
             x = x.to(self.scale.dtype)   # computes in float32 and keeps the input's range
         if self.pre_scale is not None:
@@ -256,10 +269,22 @@ class Int4Linear(nn.Module):
             y = _matmul(x, self.packed, self.bias)
         return y.to(in_dtype)
 
+    def _forward_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in float32, on the weight dequantized for this call (plain torch ops:
+        autograd gives the input's gradient, torch.compile and torch.export trace them)."""
+        with torch.no_grad():
+            w = dequantize(self.packed, torch.float32)
+        x = x.to(torch.float32)
+        if self.pre_scale is not None:
+            x = x * self.pre_scale.to(torch.float32)
+        bias = None if self.bias is None else self.bias.to(torch.float32)
+        return nn.functional.linear(x, w, bias)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, symmetric={self.zterm is None}, "
-                f"bias={self.bias is not None}, pre_scale={self.pre_scale is not None}")
+                f"bias={self.bias is not None}, pre_scale={self.pre_scale is not None}"
+                + (", keep_float32=True" if self.keep_float32 else ""))
 
 
 def _is_int4_fake_quant(module: nn.Module) -> bool:
@@ -289,7 +314,7 @@ def _sparse_codes(name: str, codes, scale, zero, block, mask):
     return torch.where(pruned, zq.round().to(codes.dtype), codes)
 
 
-def _to_int4_linear(module: nn.Module, name: str = "") -> Int4Linear:
+def _to_int4_linear(module: nn.Module, name: str = "", half_model: bool = False) -> Int4Linear:
     # [out, in] whatever the layer stores (Hugging Face Conv1D keeps [in, out])
     weight = (module.weight_2d() if hasattr(module, "weight_2d") else module.weight).detach()
     codes, scale, zero, block = module.weight_quantizer.int4_codes(weight)
@@ -304,9 +329,15 @@ def _to_int4_linear(module: nn.Module, name: str = "") -> Int4Linear:
     pre_scale = getattr(iq, "pre_quant_scale", None) if iq is not None else None
     dtype = weight.dtype if weight.dtype in _HALF else torch.float16
     bias = getattr(module, "bias", None)
+    # a float32 layer in a half-precision model was kept in float32 on purpose
+    keep_float32 = half_model and weight.dtype == torch.float32
+    if keep_float32:
+        log.info("%s: float32 in a half-precision model; its INT4 product runs in float32",
+                 name or type(module).__name__)
     return Int4Linear.from_codes(codes.to(weight.device), scale.to(weight.device),
                                  None if zero is None else zero.to(weight.device), int(block),
-                                 bias=bias, dtype=dtype, pre_scale=pre_scale)
+                                 bias=bias, dtype=dtype, pre_scale=pre_scale,
+                                 keep_float32=keep_float32)
 
 
 def int4_layers(model: nn.Module) -> dict[str, "Int4Linear"]:
@@ -323,12 +354,15 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def deploy_int4(model: nn.Module) -> nn.Module:
     """Replace every INT4 block fake-quant linear in ``model`` (in place) by an Int4Linear.
     Every layer is converted before any is swapped: a layer that cannot be deployed leaves the
-    model as it was."""
+    model as it was. In a half-precision model, a layer whose weight is float32 (kept so by the
+    model: Hugging Face's ``_keep_in_fp32_modules``, T5's ``wo`` in fp16) computes in float32
+    (``Int4Linear.keep_float32``), as it did before."""
     targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
+    half_model = any(p.dtype in _HALF for p in model.parameters())
     built = []
     for name, mod in targets:
         try:
-            built.append((name, _to_int4_linear(mod, name)))
+            built.append((name, _to_int4_linear(mod, name, half_model)))
         except ValueError as err:
             if name and not str(err).startswith(name):
                 raise ValueError(f"{name}: {err}") from err
