@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -112,15 +112,104 @@ def _check_vocab(model: nn.Module, tokens: torch.Tensor) -> None:
                          f"{vocab} rows: use the model's own tokenizer (or ids below {vocab})")
 
 
+# what a batch of text carries besides its ids; any other key makes it a batch of model inputs
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
+                        "labels", "special_tokens_mask", "length"})
+
+
+def _is_input_batch(batch) -> bool:
+    """A batch the model takes as it is, not token ids: a floating-point tensor (images,
+    features), a dict with inputs besides text (``pixel_values``, ``input_features``), or a
+    tuple led by one of those (``(images, labels)``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.is_floating_point()
+    if isinstance(batch, Mapping):
+        return bool(set(batch) - _TEXT_KEYS)
+    if isinstance(batch, (list, tuple)) and batch:
+        return _is_input_batch(batch[0])
+    return False
+
+
+def input_batches(calib, n_samples: int) -> list | None:
+    """``calib`` as a list of model-input batches (see :func:`_is_input_batch`) holding at
+    least ``n_samples`` rows, when it is made of them (one such batch, or an iterable of
+    them: a list, a DataLoader); None for token sources."""
+    if _is_input_batch(calib) and not isinstance(calib, (list, tuple)):
+        return [calib]
+    if isinstance(calib, (str, bytes, torch.Tensor, Mapping)) or not hasattr(calib, "__iter__"):
+        return None
+    if hasattr(calib, "column_names"):   # a datasets.Dataset: text (or tokens) by column
+        return None
+    first = next(iter(calib), None)
+    if first is None or not _is_input_batch(first):
+        return None
+    batches, rows = [], 0
+    for batch in calib:
+        batches.append(batch)
+        rows += _rows(batch)
+        if rows >= n_samples:
+            break
+    return batches
+
+
+def _rows(batch) -> int:
+    if isinstance(batch, Mapping):
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() else 1
+
+
+def make_batch_loop(batches: list, batch_size: int = 1, progress: bool = True,
+                    desc: str = "calibrating") -> ForwardLoop:
+    """A forward loop over batches the model takes as they are, on the model's device: a
+    dict is passed by name (``model(**batch)``, without ``labels``), a tuple's first element
+    and a tensor positionally. A single batch (one tensor or dict) is split into
+    ``batch_size`` rows at a time; the batches of a list or DataLoader are used as given."""
+    if len(batches) == 1 and batch_size >= 1:
+        batches = _split(batches[0], batch_size)
+
+    def forward_loop(model: nn.Module) -> None:
+        device = model_device(model)
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                if isinstance(batch, Mapping):
+                    model(**{k: _to(v, device) for k, v in batch.items() if k != "labels"})
+                else:
+                    model(_to(batch[0] if isinstance(batch, (list, tuple)) else batch, device))
+
+    return forward_loop
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _split(batch, batch_size: int) -> list:
+    n = _rows(batch)
+    if isinstance(batch, Mapping):
+        return [{k: v[i:i + batch_size] if isinstance(v, torch.Tensor) and v.dim()
+                 and v.shape[0] == n else v for k, v in batch.items()}
+                for i in range(0, n, batch_size)]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(batch_size))
+    return [batch]
+
+
 def resolve_forward_loop(model, calib=None, forward_loop=None, tokenizer=None, n_samples=32,
                          seq_len=512, batch_size=1, seed=0, progress=True):
-    """A forward loop from either ``forward_loop`` or a calibration source (``calib``)."""
+    """A forward loop from either ``forward_loop`` or a calibration source (``calib``): text
+    or token ids (:func:`~modelopt_lite.calib.data.calib_tokens`), or batches of other model
+    inputs (images, audio features; :func:`input_batches`)."""
     if forward_loop is not None:
         if calib is not None:
             raise ValueError("pass either calib= or forward_loop=, not both")
         return forward_loop
     if calib is None:
         return None
+    batches = input_batches(calib, n_samples)
+    if batches is not None:
+        return make_batch_loop(batches, batch_size=batch_size, progress=progress)
     if isinstance(calib, torch.Tensor) and calib.dtype == torch.long and calib.ndim == 2:
         tokens = calib
     else:

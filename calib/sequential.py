@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import layer_stacks, shared_layer_outputs
+from ..models import UnsupportedModelError, layer_stacks, shared_layer_outputs
 from .stats import ChannelStatsCollector
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,25 @@ class LayerInputs:
         return {n: c.result(required) for n, c in collectors.items()}
 
 
+def capture_model_inputs(model: nn.Module, forward_loop, store_device=None) -> LayerInputs:
+    """Run ``forward_loop(model)`` and keep the model's own inputs, for a model without a
+    stack of identical blocks (a small CNN, an MLP) that is processed as one block."""
+    inputs = LayerInputs(store_device)
+
+    def recording_forward(*args, **kwargs):   # the model does not run (as at a layer 0)
+        inputs.add(args, kwargs)
+
+    model.forward = recording_forward
+    try:
+        forward_loop(model)
+    finally:
+        del model.forward
+    if not len(inputs):
+        raise ValueError("the forward loop never called the model; check that it calls the "
+                         "model on calibration data")
+    return inputs
+
+
 def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, forward_loop,
                                store_device=None) -> LayerInputs:
     """Run ``forward_loop(model)``, stopping each batch at layer 0 and keeping its inputs."""
@@ -233,7 +252,9 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
                    offload=None, store_device=None, progress: bool = True,
                    desc: str = "layers") -> None:
     """Call ``process(i, name, layer, inputs)`` for each decoder layer, in order (each layer of
-    an encoder-decoder model's encoder, then of its decoder; ``i`` counts within a stack).
+    an encoder-decoder model's encoder, then of its decoder; ``i`` counts within a stack). A
+    model without a stack of identical blocks (a plain CNN) is one block:
+    ``process(0, "", model, inputs)`` on the model's own inputs.
 
     ``process`` may change the layer (quantize, fold, prune); the layer is then replayed on
     ``inputs`` and its outputs become the next layer's inputs. ``device``: where each layer
@@ -243,7 +264,15 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
     from .streaming import active_streamer
 
     streamer = active_streamer(model)
-    stacks = layer_stacks(model)
+    try:
+        stacks = layer_stacks(model)
+    except UnsupportedModelError as err:
+        if streamer is not None:
+            raise
+        logger.info("%s: %s; the whole model is calibrated as one block",
+                    type(model).__name__, str(err).split(". ")[0])
+        process(0, "", model, capture_model_inputs(model, forward_loop, store_device))
+        return None
     if streamer is not None:
         if len(stacks) > 1:
             raise ValueError("layer streaming walks one stack of layers; an encoder-decoder "

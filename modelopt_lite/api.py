@@ -39,7 +39,10 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     ``calib`` (strings, a text file, a ``datasets.Dataset``, a DataLoader or a token tensor;
     strings need ``tokenizer``) or from ``forward_loop(model)``. ``n_samples`` windows of
     ``seq_len`` tokens are drawn from texts and 1-D token streams, and cut from batches; a 2-D
-    ``[rows, tokens]`` tensor is used whole, as given. Every check runs before the
+    ``[rows, tokens]`` tensor is used whole, as given. Models that read other inputs take
+    them as they are: a float tensor of images (split into ``batch_size`` rows), a dict such
+    as a processor's ``{"pixel_values": ...}``, or a list or DataLoader of such batches or of
+    ``(inputs, labels)`` (the first ``n_samples`` rows). Every check runs before the
     model changes; on failure the model is restored to float.
 
     Mixture-of-experts models whose experts are fused 3-D weights (transformers 5's Mixtral,

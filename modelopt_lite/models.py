@@ -362,6 +362,17 @@ def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return stacks if stacks[0][1] is not stacks[1][1] else [first]
 
 
+def calibration_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` in the order layer-by-layer calibration processes them: each layer
+    of :func:`layer_stacks` as ``"{path}.{i}"``, or ``("", model)`` for a model without a
+    stack of identical blocks (a plain CNN or MLP), which is processed whole."""
+    try:
+        stacks = layer_stacks(model)
+    except UnsupportedModelError:
+        return [("", model)]
+    return [(f"{path}.{i}", layer) for path, layers in stacks for i, layer in enumerate(layers)]
+
+
 def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> list[Group]:
     """The scale groups of one decoder layer that exist and fold exactly; else per-linear groups.
     ``kv_tied``: include groups that fold only with a scale tied over repeated key/value heads
@@ -369,9 +380,11 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
     arch = get_arch(model)
     experts = expert_groups(layer)
     if arch is None:
-        logger.warning("%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
-                       "its own with an explicit multiply (no fold). Add a row to fold scales.",
-                       model_type(model) or type(model).__name__)
+        # a model processed whole (no stack of blocks: a plain CNN) has no row to add
+        logger.log(logging.INFO if layer is model else logging.WARNING,
+                   "%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
+                   "its own with an explicit multiply (no fold). Add a row to fold scales.",
+                   model_type(model) or type(model).__name__)
         covered = {n for g in experts for n in g.linears}
         return [Group(None, (n,), n) for n, m in layer.named_modules()
                 if _is_linear(m) and n not in covered] + experts

@@ -379,3 +379,31 @@ def test_generative_model_inputs_call_options_and_refusals(tmp_path, caplog):
         export_onnx(model, {"input_ids": ids, "inputs_embeds": torch.randn(2, 8, 64)},
                     tmp_path / "x.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2"])
+def test_encoder_classifier_exports_with_its_class_logits(tmp_path, caplog, arch):
+    """An encoder-only classifier (BERT, the classic TensorRT INT8 model; DeBERTa's relative
+    attention): W8A8 Q/DQ on every linear, [batch, labels] logits, both axes of the text
+    dynamic, and no alarming note from the optimizer's constant folding (BERT's token-type
+    buffer cannot be folded; that node simply stays)."""
+    from tiny_models import tiny_encoder_classifier
+
+    model = mtl.quantize(tiny_encoder_classifier(arch), "w8a8", calib=random_tokens(4, 16),
+                         progress=False)
+    ids = random_tokens(2, 12, seed=5)
+    with caplog.at_level("WARNING"):
+        result = export_onnx(model, ids, tmp_path / f"{arch}.onnx")
+    assert "Evaluation failed" not in caplog.text
+    m = onnx.load(str(result.path))
+    assert [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim] == ["batch", "seq"]
+    out = m.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in out] == ["batch", 3]
+    linears = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+               and "classifier" not in n and "pooler" not in n]
+    quantized = {t.name for t in m.graph.initializer if t.name.endswith("_int")}
+    assert len(quantized) >= len(linears) > 0
+    # 8-bit activations: the rounding-boundary bound of the T5 test above
+    for x in (ids, random_tokens(3, 7, seed=6)):
+        assert compare_with_torch(model, x, result.path)["rel"] < 2e-2
+    assert trt_check(result.path) == []

@@ -239,3 +239,38 @@ def tiny_longt5(seed=0):
     cfg = LongT5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2,
                        num_heads=4, pad_token_id=0, eos_token_id=1, local_radius=4)
     return _finish(LongT5ForConditionalGeneration(cfg), seed)
+
+
+def tiny_encoder_classifier(model_type="bert", seed=0, labels=3):
+    """A 2-layer encoder-only sequence classifier (``bert``, ``roberta``, ``deberta-v2``,
+    ...): post-norm layers, GELU feed-forward, a pooled classification head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=128,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=256, max_position_embeddings=64,
+                               num_labels=labels, pad_token_id=0)
+    torch.manual_seed(seed)
+    return _finish(AutoModelForSequenceClassification.from_config(cfg), seed)
+
+
+def tiny_vit(seed=0, labels=3):
+    """A 2-layer ViT image classifier on 32 x 32 images in 8 x 8 patches."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=256, num_labels=labels)
+    torch.manual_seed(seed)
+    return _finish(ViTForImageClassification(cfg), seed)
+
+
+def tiny_cnn(seed=0, classes=10):
+    """A plain CNN (an nn.Sequential: no stack of identical blocks): two convolutions, then a
+    two-linear head."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, 128), nn.ReLU(),
+                         nn.Linear(128, classes)).eval()

@@ -38,7 +38,7 @@ from torch import nn
 from ..calib.distributed import (broadcast_, global_offset, local_indices, rank, reduce_sum,
                                 reduce_sum_, world_size)
 from ..config import ConfigError, QuantConfig, QuantizerSpec, register_algorithm, register_preset
-from ..models import Group, apply_group_scale_, layer_groups, layer_stacks, tie_scale
+from ..models import Group, apply_group_scale_, calibration_blocks, layer_groups, tie_scale
 from ..moe import shared_input_key
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
@@ -142,6 +142,11 @@ def _weight_quantized(module: nn.Module) -> bool:
 
 def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) -> None:
     linears = {n: m for n, m in layer.named_modules() if _weight_quantized(m)}
+    convs = sorted(n for n, m in linears.items() if isinstance(m, nn.Conv2d))
+    if convs:   # their input channels are not the last axis: no per-channel statistics
+        logger.info("%s: %d Conv2d layer(s) (%s) keep max ranges; AWQ searches linears only",
+                    name or type(layer).__name__, len(convs), convs[0])
+        linears = {n: m for n, m in linears.items() if n not in convs}
     if not linears:
         return
     groups = [g for g in layer_groups(model, layer, kv_tied=algo.gqa_v_o)
@@ -427,14 +432,13 @@ def apply_artefacts(model: nn.Module, directory: str | os.PathLike) -> None:
     tensors = load_file(str(Path(directory) / ARTEFACT_TENSORS))
     scales = {k[len("scale::"):]: v for k, v in tensors.items() if k.startswith("scale::")}
     used = 0
-    for path, layers in layer_stacks(model):
-        for i, layer in enumerate(layers):
-            for group in layer_groups(model, layer, kv_tied=True):  # whatever was saved
-                key = f"{path}.{i}::{','.join(group.linears)}"
-                if key in scales:
-                    s = scales[key].to(next(layer.parameters()).device)
-                    apply_group_scale_(layer, group, s)
-                    used += 1
+    for name, layer in calibration_blocks(model):
+        for group in layer_groups(model, layer, kv_tied=True):  # whatever was saved
+            key = f"{name}::{','.join(group.linears)}"
+            if key in scales:
+                s = scales[key].to(next(layer.parameters()).device)
+                apply_group_scale_(layer, group, s)
+                used += 1
     if used != len(scales):
         raise ValueError(f"{directory}: {len(scales) - used} saved scale(s) match no group of this "
                          "model; apply artefacts to the architecture they were made from, with "

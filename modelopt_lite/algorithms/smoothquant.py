@@ -37,8 +37,8 @@ from ..calib.distributed import global_offset, reduce_sum_
 from ..calib.sequential import run_sequential
 from ..config import (ConfigError, QuantConfig, QuantizerSpec, register_algorithm,
                       register_preset)
-from ..models import (Group, apply_group_scale_, block_post_norm, layer_groups, layer_stacks,
-                      rotate_linear_input_)
+from ..models import (Group, apply_group_scale_, block_post_norm, calibration_blocks,
+                      layer_groups, rotate_linear_input_)
 from ..nn.functional import hadamard
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
@@ -363,9 +363,16 @@ def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list
             logger.info("smoothquant: group %s -> %s not smoothed (a linear is not quantized "
                         "with activations)", g.prev, g.linears)
     if cfg.smooth_unfoldable:
+        convs = []
         for name, m in layer.named_modules():
             if name and name not in covered and is_quantized(m) and m.input_quantizer.enabled:
-                groups.append(Group(None, (name,), name))
+                if isinstance(m, nn.Conv2d):   # input channels are not the last axis
+                    convs.append(name)
+                else:
+                    groups.append(Group(None, (name,), name))
+        if convs:
+            logger.info("smoothquant: %d Conv2d layer(s) (%s) quantized without smoothing; "
+                        "SmoothQuant smooths linears only", len(convs), convs[0])
     return groups
 
 
@@ -448,14 +455,19 @@ class _LayerProcessor:
 
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> None:
-    """GPTQ-round the weights of every weight-quantized (per channel or block) linear of
-    ``layer`` onto a grid fixed from its current weight, on the Hessian of the input the
+    """GPTQ-round the weights of every weight-quantized (per channel or block) linear (not
+    Conv2d) of ``layer`` onto a grid fixed from its current weight, on the Hessian of the input the
     weight multiplies (after the input quantizer: pre-quant scale and fake quantization).
     Linears of one of ``groups`` whose input quantizers agree share one Hessian and one
     factorisation (their rows stacked)."""
     mods = {n: m for n, m in layer.named_modules()
             if is_quantized(m) and m.weight_quantizer.enabled
             and m.weight_quantizer.spec.granularity != "per_tensor"}
+    convs = sorted(n for n, m in mods.items() if isinstance(m, nn.Conv2d))
+    if convs:   # a conv's Hessian is over image patches, not the input's last axis
+        logger.info("gptq: %d Conv2d layer(s) (%s) keep round-to-nearest weights; GPTQ "
+                    "rounds linears only", len(convs), convs[0])
+        mods = {n: m for n, m in mods.items() if n not in convs}
     if not mods:
         return
     sets = _shared_input_sets(mods, groups)
@@ -560,7 +572,7 @@ def inputs_subset(inputs, n: int):
 def _outside_quantizers(model) -> list:
     """Static input quantizers outside the decoder layers (OPT-350m's ``project_in`` and
     ``project_out``, a projector in front of the decoder)."""
-    inside = {id(m) for _, layers in layer_stacks(model) for m in layers.modules()}
+    inside = {id(m) for _, block in calibration_blocks(model) for m in block.modules()}
     return [m.input_quantizer for m in model.modules()
             if is_quantized(m) and id(m) not in inside and m.input_quantizer.enabled
             and not m.input_quantizer.spec.dynamic]

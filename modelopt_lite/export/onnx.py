@@ -23,6 +23,7 @@ The file is written atomically: into a temporary folder beside ``path``, then re
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -64,19 +65,26 @@ _DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
 _IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
 _AUDIO_INPUTS = ("input_features",)   # Whisper's log-mel frames: [batch, mels, frames]
 LM_INPUTS = _SEQ_INPUTS + _DECODER_INPUTS + _IMAGE_INPUTS + _AUDIO_INPUTS
+_PRIMARY_INPUTS = ("input_ids", "input_features", "pixel_values")   # one of them is needed
 # call options a batch or a user may carry: not graph inputs, dropped with a note
 _CALL_OPTIONS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states",
                  "labels", "past_key_values", "cache_position")
 
 
 class LogitsOnly(nn.Module):
-    """A Hugging Face generative model as ``(input_ids[, attention_mask, ...]) -> logits``, no
-    KV cache: text, an encoder-decoder's ``decoder_input_ids`` and a multimodal model's
-    ``pixel_values`` (see :data:`LM_INPUTS`) are graph inputs when the example gives them."""
+    """A Hugging Face model as ``(input_ids[, attention_mask, ...]) -> logits``, no KV cache:
+    text, an encoder-decoder's ``decoder_input_ids`` and a vision model's ``pixel_values``
+    (see :data:`LM_INPUTS`) are graph inputs when the example gives them. A model without a
+    head (``BertModel``, an embedding model) gives its first output instead, the last hidden
+    state; :attr:`output_name` names it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.generative = is_causal_lm(model)
+        # Hugging Face names a model with a head <Arch>For<Task>; a base model <Arch>Model
+        headless = not self.generative and "For" not in type(model).__name__
+        self.output_name = "last_hidden_state" if headless else "logits"
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, decoder_input_ids=None, decoder_attention_mask=None,
@@ -87,14 +95,32 @@ class LogitsOnly(nn.Module):
             # what eager code builds when none is given; some encoders (LongT5's local
             # attention) skip building it while being traced
             given["attention_mask"] = torch.ones_like(input_ids)
-        out = self.model(**given, use_cache=False)
-        return out.logits if hasattr(out, "logits") else out[0]
+        out = self.model(**given, **({"use_cache": False} if self.generative else {}))
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out[0]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face model that generates (causal, encoder-decoder or multimodal)."""
     names = {cls.__name__ for cls in type(model).__mro__}
     return "GenerationMixin" in names or type(model).__name__.endswith("ForCausalLM")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (generative or not: BERT, ViT, a base model): one
+    with a ``config`` naming its ``model_type`` whose forward takes ``input_ids``,
+    ``pixel_values`` or ``input_features`` by name."""
+    if is_causal_lm(model):
+        return True
+    if not isinstance(getattr(getattr(model, "config", None), "model_type", None), str):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(name in params for name in _PRIMARY_INPUTS)
 
 
 def _as_args(example_inputs):
@@ -108,7 +134,7 @@ def _as_args(example_inputs):
 def prepare(model: nn.Module, example_inputs):
     """(module to export, args, kwargs, input names, output names) for ``model``."""
     args, kwargs = _as_args(example_inputs)
-    if not is_causal_lm(model):
+    if not is_hf_model(model):
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
         return model, args, kwargs, names, ["output"]
     name = type(model).__name__
@@ -128,9 +154,9 @@ def prepare(model: nn.Module, example_inputs):
         raise ExportError(f"{name}: the logits-only wrapper does not pass the input(s) {unknown} "
                           f"(it passes {list(LM_INPUTS)}). {own}")
     kwargs = {k: kwargs[k] for k in LM_INPUTS if kwargs.get(k) is not None}
-    if "input_ids" not in kwargs and "input_features" not in kwargs:
+    if not any(k in kwargs for k in _PRIMARY_INPUTS):
         raise ExportError(f"{name}: the example inputs need input_ids (or a speech model's "
-                          f"input_features). {own}")
+                          f"input_features, a vision model's pixel_values). {own}")
     if is_encoder_decoder(model) and "decoder_input_ids" not in kwargs:
         if "input_ids" not in kwargs:
             raise ExportError(f"{name}: give the decoder's tokens as decoder_input_ids beside "
@@ -138,7 +164,8 @@ def prepare(model: nn.Module, example_inputs):
         from ..calib.runner import decoder_inputs
 
         kwargs |= decoder_inputs(model, kwargs["input_ids"])   # the text shifted right
-    return LogitsOnly(model), (), kwargs, list(kwargs), ["logits"]
+    wrapper = LogitsOnly(model)
+    return wrapper, (), kwargs, list(kwargs), [wrapper.output_name]
 
 
 def _axis_labels(name: str, lm: bool) -> dict[int, str]:
@@ -231,7 +258,7 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
             a, kw = _widen(args, kwargs, lm, fixed)
             shapes = _dynamic_shapes(a, kw, lm, fixed)
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _folding_notes_to_debug():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
                     module, a, kwargs=kw or None, dynamo=True, opset_version=opset,
@@ -253,6 +280,30 @@ def _trace(module, args, kwargs, opset, dynamic, input_names, output_names):
                        "only that size there (the other axes stay dynamic)",
                        _model_name(module), fixed)
     return program.model_proto
+
+
+class _FoldingNote(logging.Filter):
+    """onnxscript's constant folding warns "Evaluation failed: ..." for each constant it
+    cannot precompute (BERT's token-type buffer, say) and leaves that node in the graph: not
+    a failure, so it becomes a debug line of this module's logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith(
+                "Evaluation failed"):
+            logger.debug("constant folding left a node unfolded: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _folding_notes_to_debug():
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    note = _FoldingNote()
+    folding.addFilter(note)
+    try:
+        yield
+    finally:
+        folding.removeFilter(note)
 
 
 def _model_name(module) -> str:
@@ -322,16 +373,18 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
     """Export a fake-quant ``model`` to a Q/DQ ONNX file at ``path``; return what was written.
 
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
-    A Hugging Face generative model is exported as inputs -> logits without a KV cache: token
-    ids, optionally an attention mask, a multimodal model's ``pixel_values`` and an
-    encoder-decoder's ``decoder_input_ids`` (the text shifted right when not given; see
-    :data:`LM_INPUTS`). ``opset`` defaults to 21 when
+    A Hugging Face model is exported as inputs -> logits without a KV cache: token ids,
+    optionally an attention mask and token types, a multimodal or vision model's
+    ``pixel_values`` and an encoder-decoder's ``decoder_input_ids`` (the text shifted right
+    when not given; see :data:`LM_INPUTS`); a model without a head (``BertModel``) gives its
+    ``last_hidden_state``. Any other module is exported with its inputs as given and its
+    first output. ``opset`` defaults to 21 when
     any INT4 weight is present, else 19. ``external_data=True`` writes the weights to
     ``<path>.data`` beside a small graph file (tensors under 1 KiB, such as scales and shape
     constants, stay inline); models over 2 GB always do. ``dynamic_axes``
-    makes the batch axis (and, for generative models, the sequence axes) symbolic; an axis the
-    model's own code fixes while tracing (Mamba's sequence) stays at the example's size, with
-    a warning.
+    makes the batch axis (and, for Hugging Face models, the sequence axes) symbolic; an axis
+    the model's own code fixes while tracing (Mamba's sequence) stays at the example's size,
+    with a warning.
     Raises :class:`ExportError` (nothing written) for models TensorRT cannot take.
     """
     start = time.perf_counter()

@@ -1,0 +1,105 @@
+"""Models beyond decoder-only text: image batches as calibration data, AWQ and SmoothQuant on a
+plain CNN (processed whole: no stack of blocks; convolutions keep max ranges), and the ONNX
+export of vision and headless encoder models."""
+
+import onnx
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import modelopt_lite as mtl
+from modelopt_lite.config import get_preset
+from modelopt_lite.export import export_onnx
+from modelopt_lite.export.verify import compare_with_torch
+from modelopt_lite.nn import is_quantized
+from tiny_models import random_tokens, tiny_cnn, tiny_encoder_classifier, tiny_vit
+
+IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _input_ranges(model) -> dict:
+    return {n: m.input_quantizer.amax.clone() for n, m in model.named_modules()
+            if is_quantized(m) and m.input_quantizer.enabled}
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict", "loader"])
+def test_image_batches_calibrate_as_a_forward_loop_would(form):
+    """calib= takes images as a tensor (split by batch_size), a processor's dict of
+    pixel_values, or a DataLoader of (images, labels); each calibrates the activation ranges
+    a hand-written forward loop over the same images gives."""
+    calib = {"tensor": IMAGES, "dict": {"pixel_values": IMAGES},
+             "loader": DataLoader(TensorDataset(IMAGES, torch.zeros(8)), batch_size=4)}[form]
+    got = mtl.quantize(tiny_vit(), "w8a8", calib=calib, batch_size=4, progress=False)
+    ref = mtl.quantize(tiny_vit(), "w8a8", progress=False,
+                       forward_loop=lambda m: [m(pixel_values=x) for x in IMAGES.split(4)])
+    ranges, expected = _input_ranges(got), _input_ranges(ref)
+    assert len(expected) == 13 and ranges.keys() == expected.keys()
+    assert all(torch.equal(ranges[n], expected[n]) for n in expected)
+
+
+def test_image_batches_beyond_n_samples_are_not_used():
+    loader = DataLoader(TensorDataset(IMAGES, torch.zeros(8)), batch_size=2)
+    seen = []
+    model = tiny_vit()
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(1), with_kwargs=True)
+    mtl.quantize(model, "w8a8", calib=loader, n_samples=4, progress=False)
+    assert len(seen) == 2   # two batches of two hold the 4 samples asked for
+
+
+@pytest.mark.parametrize("preset,baseline", [("int4_awq", "int4_weight_only_sym"),
+                                             ("int8_smoothquant", "w8a8")])
+def test_awq_and_smoothquant_on_a_plain_cnn(preset, baseline):
+    """A model without a stack of blocks is calibrated whole. Its linears get their
+    activation-aware input scales (AWQ; SmoothQuant and its GPTQ rounding); the convolutions,
+    whose input channels are not the last axis, keep max ranges. The result is closer to the
+    float model than the plain max-calibrated baseline of the same format."""
+    x = IMAGES[:, :, :16, :16]
+    with torch.no_grad():
+        ref = tiny_cnn()(x)
+
+    def error(config):
+        model = mtl.quantize(tiny_cnn(), get_preset(config, block_size=32) if "int4" in config
+                             else config, calib=x, batch_size=4, progress=False)
+        with torch.no_grad():
+            return model, ((model(x) - ref).norm() / ref.norm()).item()
+
+    model, ours = error(preset)
+    scaled = [n for n, m in model.named_modules()
+              if is_quantized(m) and m.input_quantizer.pre_quant_scale is not None]
+    assert scaled == ["6", "8"]   # the two linears, not the convolutions
+    convs = [m for m in (model[0], model[2]) if is_quantized(m)]
+    assert convs and all(c.weight_quantizer.amax is not None for c in convs)
+    assert ours < error(baseline)[1]
+
+
+def test_vision_classifier_exports_its_pixel_values(tmp_path):
+    """ViT: pixel_values are the graph input with a symbolic image count, class logits the
+    output; onnxruntime computes what PyTorch does (weight-only INT4: to float rounding)."""
+    model = mtl.quantize(tiny_vit(), get_preset("int4_weight_only_sym", block_size=32),
+                         progress=False)
+    inputs = {"pixel_values": IMAGES[:2]}
+    result = export_onnx(model, inputs, tmp_path / "vit.onnx")
+    m = onnx.load(str(result.path))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in m.graph.input}
+    assert dims == {"pixel_values": ["images", 3, 32, 32]}
+    assert [o.name for o in m.graph.output] == ["logits"]
+    for x in (IMAGES[:2], IMAGES[:5]):
+        assert compare_with_torch(model, {"pixel_values": x}, result.path)["rel"] < 1e-5
+
+
+def test_headless_encoder_exports_its_hidden_states(tmp_path):
+    """A model without a head (BertModel, as embedding models are) gives its last hidden
+    state, named so, [batch, seq, hidden], both text axes symbolic."""
+    classifier = tiny_encoder_classifier("bert")
+    model = mtl.quantize(classifier.bert, get_preset("int4_weight_only_sym", block_size=32),
+                         progress=False)
+    ids = random_tokens(2, 12, seed=5)
+    result = export_onnx(model, ids, tmp_path / "bert.onnx")
+    m = onnx.load(str(result.path))
+    out = m.graph.output[0]
+    assert out.name == "last_hidden_state"
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == [
+        "batch", "seq", 128]
+    for x in (ids, random_tokens(3, 7, seed=6)):
+        assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
