@@ -86,6 +86,10 @@ def test_vision_classifier_exports_its_pixel_values(tmp_path):
     assert [o.name for o in m.graph.output] == ["logits"]
     for x in (IMAGES[:2], IMAGES[:5]):
         assert compare_with_torch(model, {"pixel_values": x}, result.path)["rel"] < 1e-5
+    # a tensor given positionally is the forward's first input, pixel_values
+    again = export_onnx(model, IMAGES[:2], tmp_path / "vit_positional.onnx")
+    assert [i.name for i in onnx.load(str(again.path)).graph.input] == ["pixel_values"]
+    assert compare_with_torch(model, IMAGES[:3], again.path)["rel"] < 1e-5
 
 
 def test_headless_encoder_exports_its_hidden_states(tmp_path):

@@ -1,5 +1,5 @@
-"""quantize() on a tiny random model of every causal-LM (or image-text-to-text, or seq2seq)
-architecture transformers knows.
+"""quantize() on a tiny random model of every causal-LM (or image-text-to-text, seq2seq,
+encoder-only text-classification or image-classification) architecture transformers knows.
 
 Each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (``--task image-text-to-text``:
 ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, text calibration, the row also names the decoder
@@ -19,6 +19,13 @@ Results: JSON with the machine, the transformers version and the date.
         --out benchmarks/results/arch_sweep_vlm_cpu.json
     python benchmarks/robustness/arch_sweep.py --presets w8a8,int4_awq --export \
         --out benchmarks/results/arch_sweep_export_cpu.json
+    python benchmarks/robustness/arch_sweep.py --task text-classification --export \
+        --out benchmarks/results/arch_sweep_encoders_cpu.json
+    python benchmarks/robustness/arch_sweep.py --task image-classification --export \
+        --out benchmarks/results/arch_sweep_vision_cpu.json
+
+``text-classification`` and ``image-classification`` calibrate on random token ids and
+random 32 x 32 images (``calib=`` takes the image tensor as it is).
 """
 from __future__ import annotations
 
@@ -40,7 +47,8 @@ SIZES = dict(vocab_size=128, hidden_size=128, intermediate_size=256, moe_interme
              num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
              max_position_embeddings=256, shared_expert_intermediate_size=128, n_group=1,
              topk_group=1, n_embd=128, n_layer=2, n_head=4, d_model=128, num_layers=2,
-             ffn_dim=256, n_positions=256)
+             ffn_dim=256, n_positions=256, image_size=32, patch_size=8, num_channels=3,
+             embed_dim=64, pooler_hidden_size=128, embedding_size=128)
 
 
 class _Timeout(Exception):
@@ -52,15 +60,34 @@ SUBCONFIGS = ("text_config", "vision_config", "audio_config", "perceiver_config"
 
 
 def _auto(task: str):
-    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoModelForSeq2SeqLM)
-    from transformers.models.auto import modeling_auto
+    from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForImageTextToText, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification)
+    from transformers.models.auto import modeling_auto as ma
 
     if task == "causal-lm":
-        return AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        return AutoModelForCausalLM, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if task == "seq2seq":
-        return AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-    return AutoModelForImageTextToText, modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        return AutoModelForSeq2SeqLM, ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    if task == "text-classification":   # encoder-only: masked-LM types (BERT's family,
+        # which also has a causal head) and those with no generative head at all
+        causal, masked = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        return AutoModelForSequenceClassification, {
+            k: v for k, v in ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()
+            if (k in masked or k not in causal)
+            and k not in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    if task == "image-classification":
+        return AutoModelForImageClassification, ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    return AutoModelForImageTextToText, ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def _inputs(task: str):
+    """(example inputs, calibration data): token ids, or 32 x 32 images for image models."""
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    if task == "image-classification":
+        return torch.randn(2, 3, 32, 32, generator=g1), torch.randn(4, 3, 32, 32, generator=g2)
+    return (torch.randint(3, 120, (2, 16), generator=g1),
+            torch.randint(3, 120, (4, 32), generator=g2))
 
 
 def _logits(model, ids):
@@ -196,7 +223,8 @@ def main() -> None:
     ap.add_argument("--max-params", type=float, default=40e6)
     ap.add_argument("--timeout", type=int, default=120, help="seconds per quantize")
     ap.add_argument("--task", default="causal-lm",
-                    choices=("causal-lm", "image-text-to-text", "seq2seq"))
+                    choices=("causal-lm", "image-text-to-text", "seq2seq", "text-classification",
+                             "image-classification"))
     ap.add_argument("--roundtrip", action="store_true",
                     help="also save -> load into a fresh model, and deploy() INT4 presets; the "
                          "rows get the relative logits change of each")
@@ -213,8 +241,7 @@ def main() -> None:
     types = args.types.split(",") if args.types else sorted(names)
     rows = []
     for t in types:
-        ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
-        calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(2))
+        ids, calib = _inputs(args.task)
         try:
             cfg = _build(t, args.max_params, args.task)
             torch.manual_seed(0)
