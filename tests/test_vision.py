@@ -107,3 +107,24 @@ def test_headless_encoder_exports_its_hidden_states(tmp_path):
         "batch", "seq", 128]
     for x in (ids, random_tokens(3, 7, seed=6)):
         assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
+
+
+def test_layer_stack_is_a_list_of_blocks_with_linears():
+    """MarkupLM keeps fifty XPath embedding tables in a ModuleList, more entries than its
+    encoder has layers: the stack layer-by-layer calibration walks is the encoder's, and AWQ
+    runs on it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from modelopt_lite.models import find_decoder_layers
+
+    cfg = AutoConfig.for_model("markuplm", vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    assert len(model.markuplm.embeddings.xpath_embeddings.xpath_tag_sub_embeddings) > 2
+    assert find_decoder_layers(model)[0] == "markuplm.encoder.layer"
+    mtl.quantize(model, get_preset("int4_awq", block_size=32), calib=random_tokens(4, 16),
+                 progress=False)
+    assert model._awq_scales and all(k.startswith("markuplm.encoder.layer.")
+                                     for k in model._awq_scales)
