@@ -128,3 +128,30 @@ def test_layer_stack_is_a_list_of_blocks_with_linears():
                  progress=False)
     assert model._awq_scales and all(k.startswith("markuplm.encoder.layer.")
                                      for k in model._awq_scales)
+
+
+class _ConvNamedFc2(torch.nn.Module):
+    """A 1 x 1 convolution named like a linear that SmoothQuant rotates by default (SwiftFormer
+    and EfficientFormer name their convolutional MLPs' layers fc1 / fc2)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Conv2d(3, 32, 1)
+        self.fc2 = torch.nn.Conv2d(32, 32, 1)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.fc2(self.fc1(x).relu()).mean((2, 3)))
+
+
+def test_default_rotation_passes_over_a_conv_named_like_a_linear():
+    from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig
+    from modelopt_lite.config import ConfigError
+
+    x = IMAGES[:, :, :8, :8]
+    model = mtl.quantize(_ConvNamedFc2(), "int8_smoothquant", calib=x, progress=False)
+    assert model.fc2.input_quantizer.rotation is None and is_quantized(model.fc2)
+    explicit = get_preset("int8_smoothquant").replace(algorithm=SmoothQuantConfig(rotate=("fc2",)))
+    with pytest.raises(ConfigError, match=r"fc2.input: rotate applies to linear layers"):
+        mtl.quantize(_ConvNamedFc2(), explicit, calib=x, progress=False)

@@ -327,6 +327,10 @@ def rotate_inputs_(layer: nn.Module, cfg: SmoothQuantConfig) -> dict[str, int]:
                         for p in cfg.rotate)):
             continue
         if m.weight.dim() != 2:
+            if tuple(cfg.rotate) == tuple(DEFAULT_ROTATE):   # the default names a conv too
+                logger.info("smoothquant: %s not rotated: a %s, and rotation applies to "
+                            "linear layers", m.input_quantizer.name, type(m).__name__)
+                continue
             raise ConfigError(f"{m.input_quantizer.name}: rotate applies to linear layers, not "
                               f"{type(m).__name__}; narrow SmoothQuantConfig.rotate")
         if m.mask_2d() is not None:  # a rotated weight would lose its 2:4 zeros
