@@ -127,19 +127,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
 
 def load_folder(folder: Path, dtype: torch.dtype):
-    """Load a Hugging Face model folder in eval mode, with its tokenizer: a causal LM, else an
-    image-text-to-text model (Llava, Qwen2-VL, ...), whose language model takes the text, else
-    a text encoder-decoder (T5, BART, ...)."""
+    """Load a Hugging Face model folder in eval mode, with its tokenizer, as the class its
+    config names (``architectures``: a BERT classifier keeps its head); without one, a causal
+    LM, else an image-text-to-text model (Llava, Qwen2-VL, ...), whose language model takes
+    the text, else a text encoder-decoder (T5, BART, ...)."""
+    import transformers
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoModelForSeq2SeqLM, AutoTokenizer)
 
     config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForCausalLM
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        for other in (AutoModelForImageTextToText, AutoModelForSeq2SeqLM):
-            if type(config) in other._model_mapping:
-                auto = other
-                break
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    auto = named if isinstance(named, type) and hasattr(named, "from_pretrained") else None
+    if auto is None:
+        auto = AutoModelForCausalLM
+        if type(config) not in AutoModelForCausalLM._model_mapping:
+            for other in (AutoModelForImageTextToText, AutoModelForSeq2SeqLM):
+                if type(config) in other._model_mapping:
+                    auto = other
+                    break
     model = auto.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 

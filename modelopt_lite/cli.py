@@ -155,14 +155,15 @@ def check_paths(args) -> None:
 def _quantize_run(args) -> int:
     import modelopt_lite as mtl
 
-    from .models import is_encoder_decoder
+    from .models import is_encoder_decoder, is_generative
 
     check_paths(args)
     model, tokenizer = _load(args.model)
     cfg = _recipe(model, args)
-    if not args.no_eval and is_encoder_decoder(model):
-        print(f"{type(model).__name__} is an encoder-decoder: no perplexity table (measure it "
-              f"on its task); quantizing")
+    if not args.no_eval and (is_encoder_decoder(model) or not is_generative(model)):
+        kind = "an encoder-decoder" if is_encoder_decoder(model) else "not a language model"
+        print(f"{type(model).__name__} is {kind}: no perplexity table (measure it on its "
+              f"task); quantizing")
         args.no_eval = True
     fp = None if args.no_eval else _ppl(model, tokenizer, args)
     start = time.time()

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calib.data import bos_to_add
-from .models import is_encoder_decoder
+from .models import is_encoder_decoder, is_generative
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
             f"before it; {type(model).__name__} is an encoder-decoder, whose decoder would see "
             f"the whole window through its encoder. Fix: measure it on its task (translation, "
             f"summarisation, transcription) with its own metric")
+    if getattr(model, "config", None) is not None and not is_generative(model):
+        raise ValueError(
+            f"perplexity measures a language model predicting the next token; "
+            f"{type(model).__name__} has no language-model head (a classifier or an encoder). "
+            f"Fix: measure it on its task with its own metric")
     bos = window_bos(tokenizer, add_bos)
     chunks = text_windows(token_ids(tokenizer, text), seq_len - (bos is not None), windows)
     device = model_device(model)

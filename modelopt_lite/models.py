@@ -183,6 +183,13 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def is_generative(model: nn.Module) -> bool:
+    """A Hugging Face model that predicts tokens (causal, multimodal or encoder-decoder: a
+    ``GenerationMixin`` or ``<Arch>ForCausalLM``), not a classifier or a headless encoder."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "GenerationMixin" in names or type(model).__name__.endswith("ForCausalLM")
+
+
 def _text_config(model: nn.Module):
     """The language model's config inside a multimodal model's config (Llava, Gemma 3,
     Qwen2-VL, ...); None for a model that is a language model itself."""

@@ -146,3 +146,26 @@ def test_quantize_an_encoder_decoder_folder(tiny_folder, capsys):
     assert fresh.decoder.block[1].layer[1].EncDecAttention.k.input_quantizer.amax is not None
     with pytest.raises(ValueError, match="encoder-decoder.*Fix"):
         mtl.perplexity(fresh, word_tokenizer(), "a b c d " * 40, seq_len=16)
+
+
+def test_quantize_a_classifier_folder(tiny_folder, capsys):
+    """A BERT classifier folder loads as the class its config names (the head kept, not
+    BERT's causal-LM class) and quantizes on the text; perplexity, which needs a language
+    model head, is neither printed nor computable."""
+    import modelopt_lite as mtl
+    from tiny_models import tiny_encoder_classifier
+
+    d = tiny_folder
+    tiny_encoder_classifier("bert").save_pretrained(d / "bert")
+    word_tokenizer().save_pretrained(d / "bert")
+    rc = main(["quantize", "--model", str(d / "bert"), "--recipe", "w8a8",
+               "--calib", str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32",
+               "--out", str(d / "bert-out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "BertForSequenceClassification is not a language model" in out
+    assert "perplexity," not in out and "classifier" in out
+    fresh = tiny_encoder_classifier("bert")
+    mtl.load(fresh, d / "bert-out")
+    assert fresh.classifier.input_quantizer.amax is not None
+    with pytest.raises(ValueError, match="no language-model head.*Fix"):
+        mtl.perplexity(fresh, word_tokenizer(), "a b c d " * 40, seq_len=16)

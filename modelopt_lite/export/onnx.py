@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import is_encoder_decoder
+from ..models import is_encoder_decoder, is_generative
 from .qdq_patterns import ExportError, export_mode
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class LogitsOnly(nn.Module):
 
 def is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face model that generates (causal, encoder-decoder or multimodal)."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return "GenerationMixin" in names or type(model).__name__.endswith("ForCausalLM")
+    return is_generative(model)
 
 
 def is_hf_model(model: nn.Module) -> bool:
