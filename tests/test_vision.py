@@ -155,3 +155,24 @@ def test_default_rotation_passes_over_a_conv_named_like_a_linear():
     explicit = get_preset("int8_smoothquant").replace(algorithm=SmoothQuantConfig(rotate=("fc2",)))
     with pytest.raises(ConfigError, match=r"fc2.input: rotate applies to linear layers"):
         mtl.quantize(_ConvNamedFc2(), explicit, calib=x, progress=False)
+
+
+def test_encoder_with_an_input_of_its_own_exports_it_as_given(tmp_path):
+    """LayoutLM reads word boxes (``bbox``) beside the text: its calibration batches carry
+    them, and the export keeps them as a graph input (the inputs as given) instead of
+    refusing an input the logits wrapper does not know."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.for_model("layoutlm", vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    ids = random_tokens(2, 12, seed=5)
+    bbox = torch.randint(0, 500, (2, 12, 4), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "bbox": bbox.sort(-1).values}
+    mtl.quantize(model, get_preset("int4_weight_only_sym", block_size=32), calib=[batch],
+                 progress=False)
+    result = export_onnx(model, batch, tmp_path / "layoutlm.onnx")
+    assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["input_ids", "bbox"]
+    assert compare_with_torch(model, batch, result.path)["rel"] < 1e-5

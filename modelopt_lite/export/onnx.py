@@ -145,8 +145,8 @@ def prepare(model: nn.Module, example_inputs):
     """(module to export, args, kwargs, input names, output names) for ``model``."""
     args, kwargs = _as_args(example_inputs)
     if not is_hf_model(model):
-        names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-        return model, args, kwargs, names, ["output"]
+        return _as_given(model, args, kwargs)
+    given = args, kwargs
     name = type(model).__name__
     own = ("Fix: export a module of your own that calls the model with its inputs and returns "
            "a tensor (export_onnx passes a plain module's inputs as given)")
@@ -160,6 +160,11 @@ def prepare(model: nn.Module, example_inputs):
         logger.info("%s: %s are call options, not graph inputs: left out", name, dropped)
     unknown = sorted(k for k, v in kwargs.items()
                      if k not in LM_INPUTS and k not in _CALL_OPTIONS and v is not None)
+    if unknown and not is_causal_lm(model):   # LayoutLM's bbox: the inputs as the user gave
+        logger.info("%s: %s are inputs the logits wrapper does not pass; the model is "
+                    "exported with its inputs as given (only the batch axis symbolic)",
+                    name, unknown)
+        return _as_given(model, *given)
     if unknown:
         raise ExportError(f"{name}: the logits-only wrapper does not pass the input(s) {unknown} "
                           f"(it passes {list(LM_INPUTS)}). {own}")
@@ -176,6 +181,11 @@ def prepare(model: nn.Module, example_inputs):
         kwargs |= decoder_inputs(model, kwargs["input_ids"])   # the text shifted right
     wrapper = LogitsOnly(model)
     return wrapper, (), kwargs, list(kwargs), [wrapper.output_name]
+
+
+def _as_given(model: nn.Module, args, kwargs):
+    names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    return model, args, kwargs, names, ["output"]
 
 
 def _axis_labels(name: str, lm: bool) -> dict[int, str]:
