@@ -226,13 +226,22 @@ def _positional_names(module, args) -> dict[str, str]:
 def _specialised_axes(err: BaseException, positional: dict[str, str]) -> set[tuple[str, int]]:
     """``(input, axis)`` pairs torch.export reports as made static by the model's code; an
     input is a keyword's name or a positional input's index."""
-    found, seen = set(), set()
+    found = set()
+    for e in _chain(err, context=True):
+        for name, index, axis in _SPECIALISED.findall(str(e)):
+            found.add((positional.get(name, name) if name else index, int(axis)))
+    return found
+
+
+def _chain(err: BaseException, context: bool = False) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``__cause__``; with ``context`` also
+    those it was raised while handling), outermost first, each once."""
+    chain, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        for name, index, axis in _SPECIALISED.findall(str(err)):
-            found.add((positional.get(name, name) if name else index, int(axis)))
-        err = err.__cause__ or err.__context__
-    return found
+        chain.append(err)
+        err = err.__cause__ or (err.__context__ if context else None)
+    return chain
 
 
 def _widen(args, kwargs, lm: bool, static=frozenset()):
@@ -333,10 +342,7 @@ def _model_name(module) -> str:
 
 def _trace_error(module, err: BaseException, dynamic: bool) -> ExportError:
     """torch.export's failure as an ExportError that names the model and the root cause."""
-    root, seen = err, {id(err)}
-    while root.__cause__ is not None and id(root.__cause__) not in seen:
-        root = root.__cause__
-        seen.add(id(root))
+    root = _chain(err)[-1]
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     reason = f"{type(root).__name__}: {lines[0] if lines else ''}"[:500]
     return ExportError(
