@@ -102,9 +102,22 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
 
     cfg = AutoConfig.for_model(model_type)
     for sub in [cfg] + [getattr(cfg, a) for a in SUBCONFIGS if getattr(cfg, a, None) is not None]:
+        staged = task == "image-classification" and isinstance(getattr(sub, "depths", None),
+                                                                 (list, tuple))
         for key, value in SIZES.items():
-            if hasattr(sub, key):
-                setattr(sub, key, value)
+            if not hasattr(sub, key):
+                continue
+            # image models: a field that is a list per stage (PVT's heads, CvT's widths) keeps
+            # its value, as do a model's hidden size where per-stage widths size it (ConvNeXt)
+            # and its stage count (num_hidden_layers is an alias of it)
+            if task == "image-classification" and (
+                    isinstance(getattr(sub, key), (list, tuple))
+                    or (key == "hidden_size" and getattr(sub, "hidden_sizes", None))
+                    or (key == "num_hidden_layers" and staged)):
+                continue
+            setattr(sub, key, value)
+        if staged:   # one block a stage
+            sub.depths = [1] * len(sub.depths)
         if getattr(sub, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
             sub.head_dim = sub.qk_rope_head_dim
         if getattr(sub, "pad_token_id", None) is not None and sub.pad_token_id >= 128:
