@@ -130,11 +130,7 @@ class LayerInputs:
             out = layer(*args, **kwargs)
             full = out if isinstance(out, (tuple, list)) else (out,)
             outs.append(full[0])
-            for o, a in shared:
-                held = self.entries[j][0]
-                if o < len(full) and full[o] is not None and a < len(held) and held[a] is None:
-                    value = full[o] if self.store_device is None else full[o].to(self.store_device)
-                    self.entries[j] = (held[:a] + (value,) + held[a + 1:], self.entries[j][1])
+            self._keep_shared(j, full, shared)
         return outs
 
     def _batches(self, device=None):
@@ -160,13 +156,25 @@ class LayerInputs:
                 after_batch()
 
     @torch.no_grad()
-    def advance(self, layer: nn.Module) -> None:
+    def advance(self, layer: nn.Module, shared=()) -> None:
         """Replace every batch's hidden state by ``layer``'s output, one batch at a time
-        (outputs go to ``store_device`` at once, so only one batch's output is on the GPU)."""
+        (outputs go to ``store_device`` at once, so only one batch's output is on the GPU);
+        ``shared`` as in :meth:`run`."""
         for j, (args, kwargs) in enumerate(self.entries):
             out = layer(*_move(args, self.device), **_move(kwargs, self.device))
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            self.replace_hidden(j, out if self.store_device is None else out.to(self.store_device))
+            full = out if isinstance(out, (tuple, list)) else (out,)
+            self._keep_shared(j, full, shared)
+            h = full[0]
+            self.replace_hidden(j, h if self.store_device is None else h.to(self.store_device))
+
+    def _keep_shared(self, j: int, full, shared) -> None:
+        """Batch ``j``'s outputs ``full`` named by ``shared`` become its captured positional
+        arguments where they are still None."""
+        for o, a in shared:
+            held = self.entries[j][0]
+            if o < len(full) and full[o] is not None and a < len(held) and held[a] is None:
+                value = full[o] if self.store_device is None else full[o].to(self.store_device)
+                self.entries[j] = (held[:a] + (value,) + held[a + 1:], self.entries[j][1])
 
     def forward_loop(self, layer: nn.Module, device=None) -> Callable[[nn.Module], None]:
         """A forward loop that replays this layer (for hook-based collectors)."""
@@ -264,20 +272,15 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
     from .streaming import active_streamer
 
     streamer = active_streamer(model)
+    if streamer is not None:
+        return _run_streamed(model, forward_loop, process, streamer, progress, desc)
     try:
         stacks = layer_stacks(model)
     except UnsupportedModelError as err:
-        if streamer is not None:
-            raise
         logger.info("%s: %s; the whole model is calibrated as one block",
                     type(model).__name__, str(err).split(". ")[0])
         process(0, "", model, capture_model_inputs(model, forward_loop, store_device))
         return None
-    if streamer is not None:
-        if len(stacks) > 1:
-            raise ValueError("layer streaming walks one stack of layers; an encoder-decoder "
-                             "model has two: calibrate it without stream_layers")
-        return _run_streamed(model, forward_loop, process, streamer, progress, desc)
     shared = shared_layer_outputs(model)
     for path, layers in stacks:   # an encoder-decoder's decoder sees the processed encoder
         inputs = capture_first_layer_inputs(model, layers, forward_loop, store_device)
@@ -298,16 +301,25 @@ def run_sequential(model: nn.Module, forward_loop, process: ProcessLayer, *, dev
 
 def _run_streamed(model, forward_loop, process, streamer, progress, desc) -> None:
     """The same walk, with the streamer loading each layer onto its device and putting the
-    processed layer away (offload) before the next one is loaded."""
-    with streamer.pause():
-        inputs = capture_first_layer_inputs(model, streamer.layers, forward_loop)
-    inputs.to(streamer.choose_store_device(inputs.nbytes()))
-    inputs.device = streamer.device
-    logger.info("streaming %d layers on %s; %.1f MB of layer inputs on %s", len(streamer.layers),
-                streamer.device, inputs.nbytes() / 1e6, inputs.store_device)
-    with streamer.pause():
-        for i in tqdm(range(len(streamer.layers)), desc=desc, disable=not progress):
-            layer = streamer.load(i)
-            process(i, streamer.name(i), layer, inputs)
-            inputs.advance(layer)
-            streamer.release(i, changed=True)
+    processed layer away (offload) before the next one is loaded. An encoder-decoder's
+    decoder inputs are captured by a forward pass whose (processed) encoder layers the
+    streamer loads one at a time."""
+    shared = shared_layer_outputs(model)
+    stacks = streamer.stacks()
+    for path, indices in stacks:
+        with streamer.pause(indices):
+            inputs = capture_first_layer_inputs(model, streamer.layers[indices.start:],
+                                                forward_loop)
+        inputs.to(streamer.choose_store_device(inputs.nbytes()))
+        inputs.device = streamer.device
+        logger.info("streaming %d layers of %s on %s; %.1f MB of layer inputs on %s",
+                    len(indices), path, streamer.device, inputs.nbytes() / 1e6,
+                    inputs.store_device)
+        label = desc if len(stacks) == 1 else f"{desc} ({path})"
+        with streamer.pause():
+            for i in tqdm(indices, desc=label, disable=not progress):
+                layer = streamer.load(i)
+                process(i - indices.start, streamer.name(i), layer, inputs)
+                inputs.advance(layer, shared)
+                streamer.release(i, changed=True)
+        del inputs

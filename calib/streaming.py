@@ -1,4 +1,5 @@
-"""Layer streaming: calibrate models larger than the GPU, one decoder layer on the GPU at a time.
+"""Layer streaming: calibrate models larger than the GPU, one layer on the GPU at a time (the
+decoder layers; an encoder-decoder model's encoder layers, then its decoder layers).
 
 Two sources of weights:
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import find_decoder_layers
+from ..models import layer_stacks
 from ..nn.quant_modules import is_quantized
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,17 @@ class SafetensorsCheckpoint:
         return out
 
 
-def _slots(root: nn.Module, prefix: str, skip: str | None = None):
-    """id(tensor) -> (tensor, [(module, attr, is_param, checkpoint key)]) for meta tensors."""
+def _under(name: str, paths) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
+def _slots(root: nn.Module, prefix: str, skip=()):
+    """id(tensor) -> (tensor, [(module, attr, is_param, checkpoint key)]) for meta tensors
+    outside the module paths ``skip`` (a path or several)."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip or ())
     groups: dict[int, tuple[torch.Tensor, list]] = {}
     for mname, m in root.named_modules(remove_duplicate=False):
-        if skip is not None and (mname == skip or mname.startswith(skip + ".")):
+        if _under(mname, skip):
             continue
         for is_param, table in ((True, m._parameters), (False, m._buffers)):
             for attr, t in table.items():
@@ -96,7 +103,7 @@ def _slots(root: nn.Module, prefix: str, skip: str | None = None):
 
 
 def materialize_(root: nn.Module, checkpoint: SafetensorsCheckpoint, prefix: str = "",
-                 device="cpu", dtype=None, skip: str | None = None) -> int:
+                 device="cpu", dtype=None, skip=()) -> int:
     """Replace ``root``'s meta tensors by the checkpoint's (key = ``prefix`` + name); tied
     tensors stay tied. Tensors the checkpoint lacks stay on meta. Returns the bytes loaded."""
     groups = _slots(root, prefix, skip)
@@ -160,7 +167,11 @@ def _move(obj, device):
 
 
 class LayerStreamer:
-    """Moves decoder layer ``i`` onto ``device`` (:meth:`load`) and away again (:meth:`release`).
+    """Moves layer ``i`` onto ``device`` (:meth:`load`) and away again (:meth:`release`).
+
+    The layers are those layer-by-layer calibration walks, numbered in order: the decoder
+    layers, or an encoder-decoder model's encoder layers followed by its decoder layers
+    (:meth:`stacks` gives each stack's range).
 
     ``checkpoint``: where meta layers' tensors come from (default: the one that
     :func:`load_streaming` attached). ``offload``: where a processed layer goes: ``"cpu"``
@@ -182,16 +193,32 @@ class LayerStreamer:
         if str(offload) == "meta" and self.checkpoint is None:
             raise ValueError("offload='meta' needs a checkpoint to read layers back from; load "
                              "the model with load_streaming(model_dir) or use offload='cpu'")
+        self._stacks = layer_stacks(model)
+        if str(offload) == "meta" and len(self._stacks) > 1:
+            raise ValueError(f"{type(model).__name__}: offload='meta' frees each processed "
+                             "layer, but an encoder-decoder's decoder calibrates on what the "
+                             "processed encoder computes; use offload='cpu'")
         self.offload, self.store_device, self.dtype, self.sink = offload, store_device, dtype, sink
-        self.path, self.layers = find_decoder_layers(model)
+        self.paths = [path for path, _ in self._stacks]
+        self._names = [f"{path}.{i}" for path, layers in self._stacks for i in range(len(layers))]
+        self.layers = [layer for _, layers in self._stacks for layer in layers]
         self._from_checkpoint: set[int] = set()
         self._hooked: set[int] = set()
         self._handles: list = []
         self.paused = False
+        self._paused_layers: frozenset[int] = frozenset()
         self.bytes_loaded = 0
 
     def name(self, i: int) -> str:
-        return f"{self.path}.{i}"
+        return self._names[i]
+
+    def stacks(self) -> list[tuple[str, range]]:
+        """``(path, layer indices)`` of each stack, in the order the forward runs them."""
+        out, start = [], 0
+        for path, layers in self._stacks:
+            out.append((path, range(start, start + len(layers))))
+            start += len(layers)
+        return out
 
     def load(self, i: int) -> nn.Module:
         layer = self.layers[i]
@@ -233,7 +260,7 @@ class LayerStreamer:
 
     # --- whole-model forward passes: load on entry, release on exit ---
     def attach(self) -> LayerStreamer:
-        self.outer_device = _outer_device(self.model, self.path)
+        self.outer_device = _outer_device(self.model, self.paths)
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(partial(self._pre, i),
                                                                  with_kwargs=True))
@@ -249,22 +276,31 @@ class LayerStreamer:
             del self.model._modelopt_lite_streamer
 
     def _pre(self, i, module, args, kwargs):
-        if self.paused or i in self._hooked:
+        if self.paused or i in self._paused_layers or i in self._hooked:
             return None
         self.load(i)
         self._hooked.add(i)
         return _move(args, self.device), _move(kwargs, self.device)
 
     def _post(self, i, module, args, output):
-        if self.paused or i not in self._hooked:
+        if self.paused or i in self._paused_layers or i not in self._hooked:
             return None
         self._hooked.discard(i)
         self.release(i, changed=False)
         return _move(output, self.outer_device)
 
     @contextmanager
-    def pause(self):
-        """Hooks off (the sequential runner loads and releases layers itself)."""
+    def pause(self, layers=None):
+        """Hooks off (the sequential runner loads and releases layers itself): all of them,
+        or those of the layer indices ``layers`` (a stack whose first inputs are captured
+        while the stacks before it run through their hooks)."""
+        if layers is not None:
+            before_layers, self._paused_layers = self._paused_layers, frozenset(layers)
+            try:
+                yield
+            finally:
+                self._paused_layers = before_layers
+            return
         before, self.paused = self.paused, True
         try:
             yield
@@ -287,9 +323,9 @@ def _cuda_free_bytes(device: torch.device) -> int:
     return int(min(free, frac * total - torch.cuda.memory_reserved(device)))
 
 
-def _outer_device(model: nn.Module, layers_path: str) -> torch.device:
+def _outer_device(model: nn.Module, layer_paths) -> torch.device:
     for name, p in model.named_parameters():
-        if not name.startswith(layers_path + ".") and not p.is_meta:
+        if not _under(name, layer_paths) and not p.is_meta:
             return p.device
     return torch.device("cpu")
 
@@ -300,7 +336,8 @@ def active_streamer(model: nn.Module) -> LayerStreamer | None:
 
 @contextmanager
 def stream_layers(model: nn.Module, device="cuda", **kwargs):
-    """Within the block, calibration runs one decoder layer at a time on ``device``.
+    """Within the block, calibration runs one decoder layer (an encoder-decoder model: one
+    encoder, then one decoder layer) at a time on ``device``.
 
     Keyword arguments go to :class:`LayerStreamer` (``offload``, ``store_device``,
     ``checkpoint``, ``dtype``, ``sink``).
@@ -314,21 +351,24 @@ def stream_layers(model: nn.Module, device="cuda", **kwargs):
 
 def load_streaming(model_dir: str | Path, *, dtype: torch.dtype | None = None,
                    outer_device="cpu", trust_remote_code: bool = False) -> nn.Module:
-    """A Hugging Face causal LM from ``model_dir`` (config.json + safetensors) whose decoder
-    layers stay on the ``meta`` device; everything else (embeddings, final norm, lm_head) is
-    loaded onto ``outer_device``. Use it inside :func:`stream_layers`."""
+    """A Hugging Face causal LM (or encoder-decoder: T5, BART, ...) from ``model_dir``
+    (config.json + safetensors) whose layers stay on the ``meta`` device; everything else
+    (embeddings, final norms, lm_head) is loaded onto ``outer_device``. Use it inside
+    :func:`stream_layers`."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    auto = (AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
+            else AutoModelForCausalLM)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied lm_head is not stored in the checkpoint
     checkpoint = SafetensorsCheckpoint(model_dir)
-    path, _ = find_decoder_layers(model)
-    materialize_(model, checkpoint, "", outer_device, dtype, skip=path)
-    missing = [n for n in _meta_names(model) if not n.startswith(path + ".")]
+    paths = [path for path, _ in layer_stacks(model)]
+    materialize_(model, checkpoint, "", outer_device, dtype, skip=paths)
+    missing = [n for n in _meta_names(model) if not _under(n, paths)]
     if missing:
         raise CheckpointError(f"{model_dir}: no weights for {missing[:4]} in the checkpoint")
     model._modelopt_lite_checkpoint = checkpoint

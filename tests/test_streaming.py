@@ -161,3 +161,37 @@ def test_gpu_holds_about_one_layer(tmp_path):
     sa, sb = ref.state_dict(), meta.state_dict()
     for k in sa:
         torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", _presets())
+def test_encoder_decoder_streams_both_stacks_as_in_memory(tmp_path, preset):
+    """T5 from a safetensors folder, both stacks on meta: the encoder's layers stream first,
+    then the decoder's, whose inputs (the encoder's states, and the position biases its
+    first layer hands on) come from a pass through the processed encoder, one layer at a
+    time. The result equals the in-memory quantization exactly."""
+    from tiny_models import tiny_t5
+
+    model = tiny_t5(seed=1)
+    tokens = random_tokens(4, 16)
+    cfg = small_config(preset)
+    ref = mtl.quantize(copy.deepcopy(model), cfg, calib=tokens, progress=False)
+    meta = load_streaming(_save(model, tmp_path))
+    assert type(meta).__name__ == "T5ForConditionalGeneration"
+    assert all(p.is_meta for stack in (meta.encoder.block, meta.decoder.block)
+               for p in stack.parameters())
+    with stream_layers(meta, "cpu") as streamer:
+        assert [path for path, _ in streamer.stacks()] == ["encoder.block", "decoder.block"]
+        mtl.quantize(meta, cfg, calib=tokens, progress=False)
+        streamer.materialize_all("cpu")
+    _assert_same_state(ref, meta)
+    dec = mtl.calib.runner.decoder_inputs(ref, tokens)
+    torch.testing.assert_close(meta(tokens, **dec).logits, ref(tokens, **dec).logits,
+                               rtol=0, atol=0)
+
+
+def test_encoder_decoder_refuses_offload_meta(tmp_path):
+    from tiny_models import tiny_t5
+
+    meta = load_streaming(_save(tiny_t5(), tmp_path))
+    with pytest.raises(ValueError, match="encoder-decoder.*offload='cpu'"):
+        LayerStreamer(meta, "cpu", offload="meta", sink=lambda *a: None)
