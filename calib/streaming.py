@@ -318,6 +318,8 @@ class LayerStreamer:
 
 def _cuda_free_bytes(device: torch.device) -> int:
     """Free GPU memory, within a per-process cap (set_per_process_memory_fraction) if any."""
+    if device.index is None:   # "cuda": the current device (the cap's query needs an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     frac = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
     return int(min(free, frac * total - torch.cuda.memory_reserved(device)))
