@@ -320,13 +320,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             return arch.layers, model.get_submodule(arch.layers)
         except AttributeError:
             pass
-    stacks = _block_lists(model)
-    scope, encoders = language_model_path(model), tuple(p + "." for p in other_input_paths(model))
-    if scope:
-        stacks = [(n, m) for n, m in stacks if n.startswith(scope + ".")] or stacks
-    if encoders:
-        stacks = [(n, m) for n, m in stacks if not n.startswith(encoders)] or stacks
-    best = max(stacks, key=lambda nm: len(nm[1]), default=None)
+    stacks = _candidate_lists(model)
+    stages = _stage_list(stacks)   # never the stack itself: its blocks' inputs change shape
+    best = max([nm for nm in stacks if nm[1] is not stages] or stacks,
+               key=lambda nm: len(nm[1]), default=None)
     if best is None:
         raise UnsupportedModelError(
             f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of "
@@ -349,13 +346,64 @@ def shared_layer_outputs(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return SHARED_LAYER_OUTPUTS.get(model_type(model), ())
 
 
+def _under(name: str, paths) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
+def _candidate_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The block lists that may be the stack: inside the language model of a multimodal
+    model, never inside its encoders of other inputs."""
+    stacks = _block_lists(model)
+    scope, encoders = language_model_path(model), tuple(p + "." for p in other_input_paths(model))
+    if scope:
+        stacks = [(n, m) for n, m in stacks if n.startswith(scope + ".")] or stacks
+    if encoders:
+        stacks = [(n, m) for n, m in stacks if not n.startswith(encoders)] or stacks
+    return stacks
+
+
+def _stage_list(stacks) -> nn.ModuleList | None:
+    """A hierarchical model's list of stages (PVT, FocalNet, Swin, ResNet: blocks of one type
+    whose widths differ from stage to stage, each holding a list of blocks of its own), the
+    outermost such list; None for a model without one."""
+    for name, stages in sorted(stacks, key=lambda nm: len(nm[0])):
+        if len({tuple(p.shape for p in b.parameters()) for b in stages}) < 2:
+            continue
+        if all(any(_under(n, (f"{name}.{j}",)) for n, _ in stacks) for j in range(len(stages))):
+            return stages
+    return None
+
+
+def _stage_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]] | None:
+    """The block list of each stage of a hierarchical model, in order (see
+    :func:`_stage_list`), when every stage holds blocks that are modules of their own."""
+    stacks = _candidate_lists(model)
+    stages = _stage_list(stacks)
+    if stages is None:
+        return None
+    name = next(n for n, m in stacks if m is stages)
+    out = []
+    for j in range(len(stages)):
+        inner = [(n, m) for n, m in stacks if _under(n, (f"{name}.{j}",))]   # PVT: the stage
+        best = min(inner, key=lambda nm: (nm[0].count("."), -len(nm[1])))   # the outermost
+        if not any(True for _ in best[1][0].children()):   # bare linears, not blocks
+            return None
+        out.append(best)
+    return out
+
+
 def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The layer stacks layer-by-layer calibration walks, in the order the forward runs them:
-    an encoder-decoder model's encoder layers, then its decoder layers (T5, BART, ...), each
-    calibrated on the outputs of the stacks before it; else the one decoder stack
+    an encoder-decoder model's encoder layers, then its decoder layers (T5, BART, ...), or a
+    hierarchical vision model's stages' blocks (PVT, Swin, ResNet, ...), each calibrated on
+    the outputs of the stacks before it; else the one decoder stack
     (:func:`find_decoder_layers`)."""
     first = find_decoder_layers(model)
     if not is_encoder_decoder(model):
+        if get_arch(model) is None:
+            stages = _stage_stacks(model)
+            if stages:
+                return stages
         return [first]
     stacks = []
     for getter in ("get_encoder", "get_decoder"):

@@ -176,3 +176,26 @@ def test_encoder_with_an_input_of_its_own_exports_it_as_given(tmp_path):
     result = export_onnx(model, batch, tmp_path / "layoutlm.onnx")
     assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["input_ids", "bbox"]
     assert compare_with_torch(model, batch, result.path)["rel"] < 1e-5
+
+
+def test_hierarchical_model_walks_every_stage():
+    """PVT-v2: a list of stages whose widths differ, each with its own blocks. The walk takes
+    each stage's blocks in turn (not the list of stages, whose blocks' inputs change shape
+    from one to the next), so SmoothQuant smooths the linears of every stage."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from modelopt_lite.models import layer_stacks
+
+    cfg = AutoConfig.for_model("pvt_v2", image_size=32, depths=[1, 1, 1, 1], num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(cfg).eval()
+    assert [p for p, _ in layer_stacks(model)] == [
+        f"pvt_v2.encoder.layers.{j}.blocks" for j in range(4)]
+    with torch.no_grad():
+        ref = model(IMAGES).logits
+    mtl.quantize(model, "int8_smoothquant", calib=IMAGES, batch_size=4, progress=False)
+    report = model._smoothquant_report
+    assert {k.split(".")[3] for k in report} == {"0", "1", "2", "3"}   # every stage
+    with torch.no_grad():
+        out = model(IMAGES).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
