@@ -168,13 +168,18 @@ class LayerInputs:
             self.replace_hidden(j, h if self.store_device is None else h.to(self.store_device))
 
     def _keep_shared(self, j: int, full, shared) -> None:
-        """Batch ``j``'s outputs ``full`` named by ``shared`` become its captured positional
-        arguments where they are still None."""
+        """Batch ``j``'s outputs ``full`` named by ``shared`` become its captured arguments
+        (positional by index, keyword by name) where they are still None."""
         for o, a in shared:
-            held = self.entries[j][0]
-            if o < len(full) and full[o] is not None and a < len(held) and held[a] is None:
-                value = full[o] if self.store_device is None else full[o].to(self.store_device)
-                self.entries[j] = (held[:a] + (value,) + held[a + 1:], self.entries[j][1])
+            if o >= len(full) or full[o] is None:
+                continue
+            value = full[o] if self.store_device is None else full[o].to(self.store_device)
+            held, kwargs = self.entries[j]
+            if isinstance(a, str):
+                if kwargs.get(a) is None:
+                    self.entries[j] = (held, {**kwargs, a: value})
+            elif a < len(held) and held[a] is None:
+                self.entries[j] = (held[:a] + (value,) + held[a + 1:], kwargs)
 
     def forward_loop(self, layer: nn.Module, device=None) -> Callable[[nn.Module], None]:
         """A forward loop that replays this layer (for hook-based collectors)."""

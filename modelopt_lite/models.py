@@ -331,17 +331,18 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-# Outputs of a layer that its stack passes to the next layers as positional arguments:
-# (output index, argument index). T5's first layer computes the relative position biases
-# (self-attention, and cross-attention in the decoder) and every later layer reuses them.
+# Outputs of a layer that its stack passes to the next layers: (output index, positional
+# argument index or keyword name). T5's first layer computes the relative position biases
+# (self-attention, and cross-attention in the decoder) and every later layer reuses them;
+# so does WavLM's, by keyword.
 _T5_SHARED = ((1, 2), (2, 5))
-SHARED_LAYER_OUTPUTS: dict[str, tuple[tuple[int, int], ...]] = {
+SHARED_LAYER_OUTPUTS: dict[str, tuple[tuple[int, int | str], ...]] = {
     "t5": _T5_SHARED, "mt5": _T5_SHARED, "switch_transformers": _T5_SHARED,
-    "longt5": ((1, 2), (3, 5)),
+    "longt5": ((1, 2), (3, 5)), "wavlm": ((1, "position_bias"),),
 }
 
 
-def shared_layer_outputs(model: nn.Module) -> tuple[tuple[int, int], ...]:
+def shared_layer_outputs(model: nn.Module) -> tuple[tuple[int, int | str], ...]:
     """``(output index, argument index)`` pairs of :data:`SHARED_LAYER_OUTPUTS` for ``model``."""
     return SHARED_LAYER_OUTPUTS.get(model_type(model), ())
 

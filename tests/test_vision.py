@@ -1,6 +1,7 @@
-"""Models beyond decoder-only text: image batches as calibration data, AWQ and SmoothQuant on a
-plain CNN (processed whole: no stack of blocks; convolutions keep max ranges), and the ONNX
-export of vision and headless encoder models."""
+"""Models beyond decoder-only text: image and waveform batches as calibration data, AWQ and
+SmoothQuant on a plain CNN (processed whole: no stack of blocks; convolutions keep max
+ranges) and on hierarchical and speech models, and the ONNX export of vision, speech and
+headless encoder models."""
 
 import onnx
 import pytest
@@ -199,3 +200,53 @@ def test_hierarchical_model_walks_every_stage():
     with torch.no_grad():
         out = model(IMAGES).logits
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def _tiny_speech(model_type, seed=0):
+    """A 2-layer wav2vec2-style CTC model (``wav2vec2``, ``hubert``, ``wavlm``) on raw
+    waveforms, with a 2-convolution feature encoder (stride 10)."""
+    from transformers import AutoConfig, AutoModelForCTC
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32),
+                               conv_stride=(5, 2), conv_kernel=(10, 3),
+                               num_feat_extract_layers=2, vocab_size=32)
+    torch.manual_seed(seed)
+    return AutoModelForCTC.from_config(cfg).eval()
+
+
+WAVES = torch.randn(4, 1600, generator=torch.Generator().manual_seed(0))
+
+
+def test_speech_model_exports_its_waveform_with_a_symbolic_length(tmp_path):
+    """wav2vec2 CTC: calibrated on a waveform tensor; the graph takes ``input_values`` with
+    symbolic batch and sample axes, and onnxruntime computes what PyTorch does on another
+    length (weight-only INT4: to float rounding)."""
+    model = _tiny_speech("wav2vec2")
+    mtl.quantize(model, get_preset("int4_weight_only_sym", block_size=32), progress=False)
+    result = export_onnx(model, WAVES[:2], tmp_path / "w2v.onnx")
+    m = onnx.load(str(result.path))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in m.graph.input}
+    assert dims == {"input_values": ["batch", "samples"]}
+    other = torch.randn(3, 2400, generator=torch.Generator().manual_seed(1))
+    assert compare_with_torch(model, other, result.path)["rel"] < 1e-5
+
+
+def test_layer_walk_hands_on_wavlm_position_bias():
+    """WavLM's first layer computes the relative position bias and passes it to the others
+    by keyword: the layer-by-layer walk carries it, so each layer's captured input is the
+    model's own hidden state there, and SmoothQuant runs."""
+    from modelopt_lite.calib.runner import make_batch_loop
+    from modelopt_lite.calib.sequential import run_sequential
+
+    model = _tiny_speech("wavlm")
+    with torch.no_grad():
+        states = model(WAVES, output_hidden_states=True).hidden_states
+    seen = {}
+    run_sequential(model, make_batch_loop([WAVES], batch_size=4, progress=False),
+                   lambda i, name, layer, inputs: seen.setdefault(i, inputs.hidden(0).clone()),
+                   progress=False)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], states[1], rtol=1e-5, atol=1e-5)
+    mtl.quantize(model, "int8_smoothquant", calib=WAVES, batch_size=2, progress=False)

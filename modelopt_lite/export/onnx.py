@@ -63,9 +63,10 @@ class ExportResult:
 _SEQ_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
 _IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
-_AUDIO_INPUTS = ("input_features",)   # Whisper's log-mel frames: [batch, mels, frames]
+# Whisper's log-mel frames [batch, mels, frames]; wav2vec2's waveform [batch, samples]
+_AUDIO_INPUTS = ("input_features", "input_values")
 LM_INPUTS = _SEQ_INPUTS + _DECODER_INPUTS + _IMAGE_INPUTS + _AUDIO_INPUTS
-_PRIMARY_INPUTS = ("input_ids", "input_features", "pixel_values")   # one of them is needed
+_PRIMARY_INPUTS = ("input_ids", "input_features", "input_values", "pixel_values")   # one needed
 # call options a batch or a user may carry: not graph inputs, dropped with a note
 _CALL_OPTIONS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states",
                  "labels", "past_key_values", "cache_position")
@@ -89,7 +90,7 @@ class LogitsOnly(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, decoder_input_ids=None, decoder_attention_mask=None,
                 pixel_values=None, pixel_attention_mask=None, image_sizes=None,
-                input_features=None):
+                input_features=None, input_values=None):
         given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
         if attention_mask is None and input_ids is not None and is_encoder_decoder(self.model):
             # what eager code builds when none is given; some encoders (LongT5's local
@@ -110,7 +111,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def is_hf_model(model: nn.Module) -> bool:
     """A Hugging Face transformers model (generative or not: BERT, ViT, a base model): one
     with a ``config`` naming its ``model_type`` whose forward takes ``input_ids``,
-    ``pixel_values`` or ``input_features`` by name."""
+    ``pixel_values``, ``input_features`` or ``input_values`` by name."""
     if is_causal_lm(model):
         return True
     if not isinstance(getattr(getattr(model, "config", None), "model_type", None), str):
@@ -171,7 +172,8 @@ def prepare(model: nn.Module, example_inputs):
     kwargs = {k: kwargs[k] for k in LM_INPUTS if kwargs.get(k) is not None}
     if not any(k in kwargs for k in _PRIMARY_INPUTS):
         raise ExportError(f"{name}: the example inputs need input_ids (or a speech model's "
-                          f"input_features, a vision model's pixel_values). {own}")
+                          f"input_features or input_values, a vision model's pixel_values). "
+                          f"{own}")
     if is_encoder_decoder(model) and "decoder_input_ids" not in kwargs:
         if "input_ids" not in kwargs:
             raise ExportError(f"{name}: give the decoder's tokens as decoder_input_ids beside "
@@ -198,6 +200,8 @@ def _axis_labels(name: str, lm: bool) -> dict[int, str]:
         return {0: "batch", 1: "decoder_seq"}
     if name in _IMAGE_INPUTS:
         return {0: "images"}   # "batch" where the model's code ties the two
+    if name == "input_values":
+        return {0: "batch", 1: "samples"}
     return {0: "batch"}
 
 
