@@ -23,9 +23,11 @@ Results: JSON with the machine, the transformers version and the date.
         --out benchmarks/results/arch_sweep_encoders_cpu.json
     python benchmarks/robustness/arch_sweep.py --task image-classification --export \
         --out benchmarks/results/arch_sweep_vision_cpu.json
+    python benchmarks/robustness/arch_sweep.py --task ctc --export \
+        --out benchmarks/results/arch_sweep_speech_cpu.json
 
-``text-classification`` and ``image-classification`` calibrate on random token ids and
-random 32 x 32 images (``calib=`` takes the image tensor as it is).
+``text-classification``, ``image-classification`` and ``ctc`` calibrate on random token ids,
+random 32 x 32 images and random 0.1 s waveforms (``calib=`` takes the tensors as they are).
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ SIZES = dict(vocab_size=128, hidden_size=128, intermediate_size=256, moe_interme
              topk_group=1, n_embd=128, n_layer=2, n_head=4, d_model=128, num_layers=2,
              ffn_dim=256, n_positions=256, image_size=32, patch_size=8, num_channels=3,
              embed_dim=64, pooler_hidden_size=128, embedding_size=128)
+
+
+AUDIO_SIZES = dict(conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                   num_feat_extract_layers=2, num_conv_pos_embeddings=16, vocab_size=32)
 
 
 class _Timeout(Exception):
@@ -78,6 +84,10 @@ def _auto(task: str):
             and k not in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
     if task == "image-classification":
         return AutoModelForImageClassification, ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    if task == "ctc":   # speech recognition on raw waveforms (wav2vec2's family)
+        from transformers import AutoModelForCTC
+
+        return AutoModelForCTC, ma.MODEL_FOR_CTC_MAPPING_NAMES
     return AutoModelForImageTextToText, ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
@@ -86,6 +96,8 @@ def _inputs(task: str):
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     if task == "image-classification":
         return torch.randn(2, 3, 32, 32, generator=g1), torch.randn(4, 3, 32, 32, generator=g2)
+    if task == "ctc":   # 0.1 s of 16 kHz audio
+        return torch.randn(2, 1600, generator=g1), torch.randn(4, 1600, generator=g2)
     return (torch.randint(3, 120, (2, 16), generator=g1),
             torch.randint(3, 120, (4, 32), generator=g2))
 
@@ -118,6 +130,10 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
             setattr(sub, key, value)
         if staged:   # one block a stage
             sub.depths = [1] * len(sub.depths)
+        if task == "ctc":   # a 2-convolution feature encoder (stride 10), 32 channels
+            for key, value in AUDIO_SIZES.items():
+                if hasattr(sub, key):
+                    setattr(sub, key, value)
         if getattr(sub, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
             sub.head_dim = sub.qk_rope_head_dim
         if getattr(sub, "pad_token_id", None) is not None and sub.pad_token_id >= 128:
@@ -237,7 +253,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=120, help="seconds per quantize")
     ap.add_argument("--task", default="causal-lm",
                     choices=("causal-lm", "image-text-to-text", "seq2seq", "text-classification",
-                             "image-classification"))
+                             "image-classification", "ctc"))
     ap.add_argument("--roundtrip", action="store_true",
                     help="also save -> load into a fresh model, and deploy() INT4 presets; the "
                          "rows get the relative logits change of each")
