@@ -95,15 +95,15 @@ def test_vision_classifier_exports_its_pixel_values(tmp_path):
 
 def test_headless_encoder_exports_its_hidden_states(tmp_path):
     """A model without a head (BertModel, as embedding models are) gives its last hidden
-    state, named so, [batch, seq, hidden], both text axes symbolic."""
+    state, named so, [batch, seq, hidden], both text axes symbolic, and its pooled output."""
     classifier = tiny_encoder_classifier("bert")
     model = mtl.quantize(classifier.bert, get_preset("int4_weight_only_sym", block_size=32),
                          progress=False)
     ids = random_tokens(2, 12, seed=5)
     result = export_onnx(model, ids, tmp_path / "bert.onnx")
     m = onnx.load(str(result.path))
+    assert [o.name for o in m.graph.output] == ["last_hidden_state", "pooler_output"]
     out = m.graph.output[0]
-    assert out.name == "last_hidden_state"
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == [
         "batch", "seq", 128]
     for x in (ids, random_tokens(3, 7, seed=6)):
@@ -250,3 +250,29 @@ def test_layer_walk_hands_on_wavlm_position_bias():
     assert len(seen) == 2
     torch.testing.assert_close(seen[1], states[1], rtol=1e-5, atol=1e-5)
     mtl.quantize(model, "int8_smoothquant", calib=WAVES, batch_size=2, progress=False)
+
+
+def test_question_answering_model_exports_both_logits(tmp_path):
+    """BERT for extractive QA (SQuAD, a classic TensorRT INT8 model) answers with start and
+    end logits: both are graph outputs, named so, and each matches PyTorch in onnxruntime."""
+    import numpy as np
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+    from modelopt_lite.export.verify import onnx_feeds, session
+
+    cfg = AutoConfig.for_model("bert", vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForQuestionAnswering.from_config(cfg).eval()
+    mtl.quantize(model, "w8a8", calib=random_tokens(4, 16), progress=False)
+    ids = random_tokens(2, 12, seed=5)
+    result = export_onnx(model, ids, tmp_path / "qa.onnx")
+    sess = session(result.path)
+    assert [o.name for o in sess.get_outputs()] == ["start_logits", "end_logits"]
+    got = dict(zip(["start_logits", "end_logits"], sess.run(None, onnx_feeds(sess, model, ids))))
+    with torch.no_grad():
+        ref = model(ids)
+    for name, value in got.items():   # 8-bit activations: the rounding-flip bound
+        want = ref[name].numpy()
+        assert np.linalg.norm(value - want) / np.linalg.norm(want) < 2e-2, name

@@ -75,9 +75,10 @@ _CALL_OPTIONS = ("use_cache", "return_dict", "output_attentions", "output_hidden
 class LogitsOnly(nn.Module):
     """A Hugging Face model as ``(input_ids[, attention_mask, ...]) -> logits``, no KV cache:
     text, an encoder-decoder's ``decoder_input_ids`` and a vision model's ``pixel_values``
-    (see :data:`LM_INPUTS`) are graph inputs when the example gives them. A model without a
-    head (``BertModel``, an embedding model) gives its first output instead, the last hidden
-    state; :attr:`output_name` names it."""
+    (see :data:`LM_INPUTS`) are graph inputs when the example gives them. A model that does
+    not generate gives the outputs :attr:`output_names` names (set from a call on the example:
+    a question-answering model's ``start_logits`` and ``end_logits``, a headless model's
+    ``last_hidden_state`` and ``pooler_output``); else its first output."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -85,20 +86,35 @@ class LogitsOnly(nn.Module):
         self.generative = is_causal_lm(model)
         # Hugging Face names a model with a head <Arch>For<Task>; a base model <Arch>Model
         headless = not self.generative and "For" not in type(model).__name__
-        self.output_name = "last_hidden_state" if headless else "logits"
+        self.output_names = ("last_hidden_state",) if headless else ("logits",)
+        self.all_outputs = False
+
+    def find_outputs(self, kwargs: dict) -> None:
+        """Name every tensor output of a non-generative model, from one call on ``kwargs``."""
+        if self.generative:
+            return
+        with torch.no_grad():
+            out = self.forward(**kwargs, _raw=True)
+        if isinstance(out, dict):
+            names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
+            if names:
+                self.output_names, self.all_outputs = names, True
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, decoder_input_ids=None, decoder_attention_mask=None,
                 pixel_values=None, pixel_attention_mask=None, image_sizes=None,
-                input_features=None, input_values=None):
+                input_features=None, input_values=None, _raw=False):
         given = {k: v for k, v in locals().items() if k in LM_INPUTS and v is not None}
         if attention_mask is None and input_ids is not None and is_encoder_decoder(self.model):
             # what eager code builds when none is given; some encoders (LongT5's local
             # attention) skip building it while being traced
             given["attention_mask"] = torch.ones_like(input_ids)
         out = self.model(**given, **({"use_cache": False} if self.generative else {}))
-        if isinstance(out, torch.Tensor):
+        if _raw or isinstance(out, torch.Tensor):
             return out
+        if self.all_outputs:
+            values = tuple(out[name] for name in self.output_names)
+            return values if len(values) > 1 else values[0]
         logits = getattr(out, "logits", None)
         return logits if logits is not None else out[0]
 
@@ -142,8 +158,10 @@ def _as_args(example_inputs):
     return tuple(example_inputs), {}
 
 
-def prepare(model: nn.Module, example_inputs):
-    """(module to export, args, kwargs, input names, output names) for ``model``."""
+def prepare(model: nn.Module, example_inputs, all_outputs: bool = False):
+    """(module to export, args, kwargs, input names, output names) for ``model``;
+    ``all_outputs``: a non-generative Hugging Face model's wrapper gives every tensor output
+    (found by one call on the example), not only the first."""
     args, kwargs = _as_args(example_inputs)
     if not is_hf_model(model):
         return _as_given(model, args, kwargs)
@@ -182,7 +200,9 @@ def prepare(model: nn.Module, example_inputs):
 
         kwargs |= decoder_inputs(model, kwargs["input_ids"])   # the text shifted right
     wrapper = LogitsOnly(model)
-    return wrapper, (), kwargs, list(kwargs), [wrapper.output_name]
+    if all_outputs:
+        wrapper.find_outputs(kwargs)
+    return wrapper, (), kwargs, list(kwargs), list(wrapper.output_names)
 
 
 def _as_given(model: nn.Module, args, kwargs):
@@ -406,9 +426,11 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
     A Hugging Face model is exported as inputs -> logits without a KV cache: token ids,
     optionally an attention mask and token types, a multimodal or vision model's
     ``pixel_values`` and an encoder-decoder's ``decoder_input_ids`` (the text shifted right
-    when not given; see :data:`LM_INPUTS`); a model without a head (``BertModel``) gives its
-    ``last_hidden_state``. Any other module is exported with its inputs as given and its
-    first output. ``opset`` defaults to 21 when
+    when not given; see :data:`LM_INPUTS`); a model that does not generate gives all its
+    tensor outputs, by name (a classifier's ``logits``, a question-answering model's
+    ``start_logits`` and ``end_logits``, ``BertModel``'s ``last_hidden_state`` and
+    ``pooler_output``). Any other module is exported with its inputs as given and its
+    outputs. ``opset`` defaults to 21 when
     any INT4 weight is present, else 19. ``external_data=True`` writes the weights to
     ``<path>.data`` beside a small graph file (tensors under 1 KiB, such as scales and shape
     constants, stay inline); models over 2 GB always do. ``dynamic_axes``
@@ -423,7 +445,8 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
     was_training = model.training
     model.eval()
     try:
-        module, args, kwargs, in_names, out_names = prepare(model, example_inputs)
+        module, args, kwargs, in_names, out_names = prepare(model, example_inputs,
+                                                            all_outputs=True)
         with export_mode(model) as layers:
             opset = _choose_opset(opset, layers)
             proto = _trace(module, args, kwargs, opset, dynamic_axes, in_names, out_names)
