@@ -82,14 +82,10 @@ class _CallTracker:
     replays of AWQ / SmoothQuant)."""
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan]):
-        from .models import UnsupportedModelError, layer_stacks
+        from .models import calibration_blocks
 
         self.model, self.plans = model, [p for p in plans if not p.skipped]
-        try:
-            self.layers = {f"{path}.{i}": layer for path, stack in layer_stacks(model)
-                           for i, layer in enumerate(stack)}
-        except UnsupportedModelError:
-            self.layers = {}
+        self.layers = {name: block for name, block in calibration_blocks(model) if name}
         self.names: set[str] = set()
         self.whole = False
         self.layers_done: set[str] = set()

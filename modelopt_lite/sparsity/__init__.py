@@ -80,20 +80,16 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
 
 def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
     from ..calib.sequential import run_sequential
-    from ..models import UnsupportedModelError, layer_stacks
+    from ..models import calibration_blocks
 
-    try:
-        paths = [path for path, _ in layer_stacks(model)]
-    except UnsupportedModelError:
-        paths = []
+    blocks = [name for name, _ in calibration_blocks(model) if name]   # "": no block stack
     inside = set()
     by_layer: dict[str, list[SparsePlan]] = {}
     for p in plans:
-        path = next((q for q in paths if p.name.startswith(q + ".")), None)
-        if path is not None:
+        block = next((b for b in blocks if p.name.startswith(b + ".")), None)
+        if block is not None:
             inside.add(p.name)
-            prefix = p.name[len(path) + 1:].split(".")[0]
-            by_layer.setdefault(f"{path}.{prefix}", []).append(p)
+            by_layer.setdefault(block, []).append(p)
     if by_layer:
         def process(i, name, layer, inputs):
             prune_plans(by_layer.get(name, []),
