@@ -112,9 +112,11 @@ def _check_vocab(model: nn.Module, tokens: torch.Tensor) -> None:
                          f"{vocab} rows: use the model's own tokenizer (or ids below {vocab})")
 
 
+# targets a batch may carry: calibration passes them to no model
+_LABEL_KEYS = frozenset({"labels", "label", "label_ids"})
 # what a batch of text carries besides its ids; any other key makes it a batch of model inputs
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
-                        "labels", "special_tokens_mask", "length"})
+                        "special_tokens_mask", "length"}) | _LABEL_KEYS
 
 
 def _is_input_batch(batch) -> bool:
@@ -130,16 +132,17 @@ def _is_input_batch(batch) -> bool:
     return False
 
 
-def input_batches(calib, n_samples: int) -> list | None:
+def input_batches(calib, n_samples: int, batch_size: int = 1) -> list | None:
     """``calib`` as a list of model-input batches (see :func:`_is_input_batch`) holding at
-    least ``n_samples`` rows, when it is made of them (one such batch, or an iterable of
-    them: a list, a DataLoader); None for token sources."""
+    least ``n_samples`` rows, when it is made of them (one such batch, an iterable of them:
+    a list, a DataLoader, or a ``datasets.Dataset`` of such columns, taken ``batch_size``
+    rows at a time); None for text and token sources."""
     if _is_input_batch(calib) and not isinstance(calib, (list, tuple)):
         return [calib]
     if isinstance(calib, (str, bytes, torch.Tensor, Mapping)) or not hasattr(calib, "__iter__"):
         return None
     if hasattr(calib, "column_names"):   # a datasets.Dataset: text (or tokens) by column
-        return None
+        return _dataset_batches(calib, n_samples, batch_size)
     first = next(iter(calib), None)
     if first is None or not _is_input_batch(first):
         return None
@@ -150,6 +153,19 @@ def input_batches(calib, n_samples: int) -> list | None:
         if rows >= n_samples:
             break
     return batches
+
+
+def _dataset_batches(dataset, n_samples: int, batch_size: int) -> list | None:
+    """Batches of a ``datasets.Dataset`` whose columns are model inputs (images, audio), not
+    text: no string column, and a column besides the text keys."""
+    features = getattr(dataset, "features", None)
+    if features is None or not set(dataset.column_names) - _TEXT_KEYS or any(
+            getattr(f, "dtype", None) in ("string", "large_string") for f in features.values()):
+        return None
+    rows = dataset.with_format("torch")
+    n = min(n_samples, len(rows))
+    return [{k: v for k, v in rows[i:i + batch_size].items() if k not in _LABEL_KEYS}
+            for i in range(0, n, max(1, batch_size))]
 
 
 def _rows(batch) -> int:
@@ -163,7 +179,7 @@ def _rows(batch) -> int:
 def make_batch_loop(batches: list, batch_size: int = 1, progress: bool = True,
                     desc: str = "calibrating") -> ForwardLoop:
     """A forward loop over batches the model takes as they are, on the model's device: a
-    dict is passed by name (``model(**batch)``, without ``labels``), a tuple's first element
+    dict is passed by name (``model(**batch)``, without labels), a tuple's first element
     and a tensor positionally. A single batch (one tensor or dict) is split into
     ``batch_size`` rows at a time; the batches of a list or DataLoader are used as given."""
     if len(batches) == 1 and batch_size >= 1:
@@ -174,7 +190,8 @@ def make_batch_loop(batches: list, batch_size: int = 1, progress: bool = True,
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 if isinstance(batch, Mapping):
-                    model(**{k: _to(v, device) for k, v in batch.items() if k != "labels"})
+                    model(**{k: _to(v, device) for k, v in batch.items()
+                             if k not in _LABEL_KEYS})
                 else:
                     model(_to(batch[0] if isinstance(batch, (list, tuple)) else batch, device))
 
@@ -207,7 +224,7 @@ def resolve_forward_loop(model, calib=None, forward_loop=None, tokenizer=None, n
         return forward_loop
     if calib is None:
         return None
-    batches = input_batches(calib, n_samples)
+    batches = input_batches(calib, n_samples, batch_size)
     if batches is not None:
         return make_batch_loop(batches, batch_size=batch_size, progress=progress)
     if isinstance(calib, torch.Tensor) and calib.dtype == torch.long and calib.ndim == 2:

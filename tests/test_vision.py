@@ -23,13 +23,18 @@ def _input_ranges(model) -> dict:
             if is_quantized(m) and m.input_quantizer.enabled}
 
 
-@pytest.mark.parametrize("form", ["tensor", "dict", "loader"])
+@pytest.mark.parametrize("form", ["tensor", "dict", "loader", "dataset"])
 def test_image_batches_calibrate_as_a_forward_loop_would(form):
     """calib= takes images as a tensor (split by batch_size), a processor's dict of
-    pixel_values, or a DataLoader of (images, labels); each calibrates the activation ranges
-    a hand-written forward loop over the same images gives."""
+    pixel_values, a DataLoader of (images, labels) or a datasets.Dataset with an image and a
+    label column; each calibrates the activation ranges a hand-written forward loop over the
+    same images gives."""
+    import datasets
+
     calib = {"tensor": IMAGES, "dict": {"pixel_values": IMAGES},
-             "loader": DataLoader(TensorDataset(IMAGES, torch.zeros(8)), batch_size=4)}[form]
+             "loader": DataLoader(TensorDataset(IMAGES, torch.zeros(8)), batch_size=4),
+             "dataset": datasets.Dataset.from_dict({"pixel_values": IMAGES.numpy(),
+                                                    "label": [0] * 8})}[form]
     got = mtl.quantize(tiny_vit(), "w8a8", calib=calib, batch_size=4, progress=False)
     ref = mtl.quantize(tiny_vit(), "w8a8", progress=False,
                        forward_loop=lambda m: [m(pixel_values=x) for x in IMAGES.split(4)])
