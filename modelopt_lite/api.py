@@ -41,8 +41,9 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     ``seq_len`` tokens are drawn from texts and 1-D token streams, and cut from batches; a 2-D
     ``[rows, tokens]`` tensor is used whole, as given. Models that read other inputs take
     them as they are: a float tensor of images (split into ``batch_size`` rows), a dict such
-    as a processor's ``{"pixel_values": ...}``, or a list or DataLoader of such batches or of
-    ``(inputs, labels)`` (the first ``n_samples`` rows). Every check runs before the
+    as a processor's ``{"pixel_values": ...}``, a list or DataLoader of such batches or of
+    ``(inputs, labels)``, or a ``datasets.Dataset`` of such columns (the first ``n_samples``
+    rows; label columns are left out). Every check runs before the
     model changes; on failure the model is restored to float.
 
     Mixture-of-experts models whose experts are fused 3-D weights (transformers 5's Mixtral,
