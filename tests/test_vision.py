@@ -281,3 +281,23 @@ def test_question_answering_model_exports_both_logits(tmp_path):
     for name, value in got.items():   # 8-bit activations: the rounding-flip bound
         want = ref[name].numpy()
         assert np.linalg.norm(value - want) / np.linalg.norm(want) < 2e-2, name
+
+
+def test_multiple_choice_model_exports_choices_and_sequence_axes(tmp_path):
+    """BERT for multiple choice reads [batch, choices, seq] token ids: all three axes are
+    symbolic (the sequence is not taken for the choices), and another shape runs."""
+    from transformers import AutoConfig, AutoModelForMultipleChoice
+
+    cfg = AutoConfig.for_model("bert", vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForMultipleChoice.from_config(cfg).eval()
+    mtl.quantize(model, get_preset("int4_weight_only_sym", block_size=32), progress=False)
+    ids = random_tokens(8, 12, seed=5).reshape(2, 4, 12)
+    result = export_onnx(model, ids, tmp_path / "mc.onnx")
+    graph = onnx.load(str(result.path)).graph
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", "choices", "seq"]
+    other = random_tokens(6, 9, seed=6).reshape(3, 2, 9)
+    assert compare_with_torch(model, other, result.path)["rel"] < 1e-5

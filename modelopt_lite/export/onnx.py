@@ -210,12 +210,13 @@ def _as_given(model: nn.Module, args, kwargs):
     return model, args, kwargs, names, ["output"]
 
 
-def _axis_labels(name: str, lm: bool) -> dict[int, str]:
-    """The input's axes that stay symbolic, with their names in the ONNX file."""
+def _axis_labels(name: str, lm: bool, rank: int = 2) -> dict[int, str]:
+    """The input's axes that stay symbolic, with their names in the ONNX file; ``rank``: the
+    input's number of axes (a multiple-choice model's text is [batch, choices, seq])."""
     if not lm:
         return {0: "batch"}
     if name in _SEQ_INPUTS:
-        return {0: "batch", 1: "seq"}
+        return {0: "batch", 1: "choices", 2: "seq"} if rank == 3 else {0: "batch", 1: "seq"}
     if name in _DECODER_INPUTS:
         return {0: "batch", 1: "decoder_seq"}
     if name in _IMAGE_INPUTS:
@@ -225,12 +226,17 @@ def _axis_labels(name: str, lm: bool) -> dict[int, str]:
     return {0: "batch"}
 
 
+def _rank(value) -> int:
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
 def _dynamic_shapes(args, kwargs, lm: bool, static=frozenset()):
     """Dynamic batch (and, for generative models, sequence) axes; ``static`` holds
     ``(input, axis)`` pairs that tracing specialised, kept at the example's size."""
     names = list(kwargs) if kwargs else [str(i) for i in range(len(args))]
-    shapes = [{a: torch.export.Dim.DYNAMIC for a in _axis_labels(n, lm) if (n, a) not in static}
-              or None for n in names]
+    values = list(kwargs.values()) if kwargs else list(args)
+    shapes = [{a: torch.export.Dim.DYNAMIC for a in _axis_labels(n, lm, _rank(v))
+               if (n, a) not in static} or None for n, v in zip(names, values)]
     return dict(zip(names, shapes)) if kwargs else tuple(shapes)
 
 
@@ -271,7 +277,7 @@ def _chain(err: BaseException, context: bool = False) -> list[BaseException]:
 def _widen(args, kwargs, lm: bool, static=frozenset()):
     """Size-1 dynamic dims are specialised by torch.export: repeat them to 2 for tracing."""
     def widen(name, t):
-        for dim in _axis_labels(name, lm):
+        for dim in _axis_labels(name, lm, _rank(t)):
             if (isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1
                     and (name, dim) not in static):
                 t = torch.cat([t, t], dim=dim)
@@ -384,7 +390,9 @@ def _postprocess(proto, input_names, lm: bool):
 
     n_int4 = G.repack_int4_initializers(proto)
     G.drop_unused_initializers(proto)
-    G.rename_dims(proto, {name: _axis_labels(name, lm) for name in input_names})
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in proto.graph.input}
+    G.rename_dims(proto, {name: _axis_labels(name, lm, ranks.get(name, 2))
+                          for name in input_names})
     for node in proto.graph.node:  # the exporter's per-node stack traces; keep graphs small
         del node.metadata_props[:]
     proto.producer_name = "modelopt_lite"
