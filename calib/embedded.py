@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -146,6 +147,13 @@ def load_folder(folder: Path, dtype: torch.dtype):
                     auto = other
                     break
     model = auto.from_pretrained(folder, dtype=dtype)
+    inputs = inspect.signature(model.forward).parameters
+    if "input_ids" not in inputs:   # a vision or speech model: no text to calibrate on
+        reads = next((n for n in ("pixel_values", "input_values", "input_features")
+                      if n in inputs), "other inputs")
+        raise ValueError(f"{folder}: {type(model).__name__} reads {reads}, not text, and the "
+                         f"CLI calibrates on text. Fix: quantize it from Python on its own "
+                         f"batches, e.g. modelopt_lite.quantize(model, recipe, calib=batches)")
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 

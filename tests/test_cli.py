@@ -169,3 +169,14 @@ def test_quantize_a_classifier_folder(tiny_folder, capsys):
     assert fresh.classifier.input_quantizer.amax is not None
     with pytest.raises(ValueError, match="no language-model head.*Fix"):
         mtl.perplexity(fresh, word_tokenizer(), "a b c d " * 40, seq_len=16)
+
+
+def test_a_vision_folder_is_refused_with_the_python_route(tiny_folder, capsys):
+    """The CLI calibrates on text: an image model's folder is refused before anything runs,
+    naming what the model reads and the Python call that takes its batches."""
+    from tiny_models import tiny_vit
+
+    tiny_vit().save_pretrained(tiny_folder / "vit")
+    assert main(["quantize", "--model", str(tiny_folder / "vit"), "--recipe", "w8a8"]) == 2
+    err = capsys.readouterr().err
+    assert "ViTForImageClassification reads pixel_values" in err and "calib=" in err
