@@ -438,11 +438,15 @@ def layer_groups(model: nn.Module, layer: nn.Module, kv_tied: bool = False) -> l
     arch = get_arch(model)
     experts = expert_groups(layer)
     if arch is None:
-        # a model processed whole (no stack of blocks: a plain CNN) has no row to add
-        logger.log(logging.INFO if layer is model else logging.WARNING,
-                   "%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled on "
-                   "its own with an explicit multiply (no fold). Add a row to fold scales.",
-                   model_type(model) or type(model).__name__)
+        kind = model_type(model) or type(model).__name__
+        # once a model (not for each of its layers); a model processed whole (no stack of
+        # blocks: a plain CNN) has no row to add
+        if getattr(model, "_modelopt_lite_no_row_noted", None) != kind:
+            model._modelopt_lite_no_row_noted = kind
+            logger.log(logging.INFO if layer is model else logging.WARNING,
+                       "%s is not in modelopt_lite.models.ARCHITECTURES: each linear is scaled "
+                       "on its own with an explicit multiply (no fold). Add a row to fold "
+                       "scales.", kind)
         covered = {n for g in experts for n in g.linears}
         return [Group(None, (n,), n) for n, m in layer.named_modules()
                 if _is_linear(m) and n not in covered] + experts
