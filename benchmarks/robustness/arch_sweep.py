@@ -49,8 +49,12 @@ SIZES = dict(vocab_size=128, hidden_size=128, intermediate_size=256, moe_interme
              num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
              max_position_embeddings=256, shared_expert_intermediate_size=128, n_group=1,
              topk_group=1, n_embd=128, n_layer=2, n_head=4, d_model=128, num_layers=2,
-             ffn_dim=256, n_positions=256, image_size=32, patch_size=8, num_channels=3,
-             embed_dim=64, pooler_hidden_size=128, embedding_size=128)
+             ffn_dim=256, n_positions=256)
+# the encoder-only, image and speech tasks also take these (the generative sweeps do not:
+# their committed results were made without them)
+ENCODER_SIZES = dict(image_size=32, patch_size=8, num_channels=3, embed_dim=64,
+                     pooler_hidden_size=128, embedding_size=128)
+ENCODER_TASKS = ("text-classification", "image-classification", "ctc")
 
 
 AUDIO_SIZES = dict(conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
@@ -116,7 +120,8 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
     for sub in [cfg] + [getattr(cfg, a) for a in SUBCONFIGS if getattr(cfg, a, None) is not None]:
         staged = task == "image-classification" and isinstance(getattr(sub, "depths", None),
                                                                  (list, tuple))
-        for key, value in SIZES.items():
+        sizes = SIZES | ENCODER_SIZES if task in ENCODER_TASKS else SIZES
+        for key, value in sizes.items():
             if not hasattr(sub, key):
                 continue
             # image models: a field that is a list per stage (PVT's heads, CvT's widths) keeps
