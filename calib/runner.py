@@ -143,6 +143,8 @@ def input_batches(calib, n_samples: int, batch_size: int = 1) -> list | None:
         return None
     if hasattr(calib, "column_names"):   # a datasets.Dataset: text (or tokens) by column
         return _dataset_batches(calib, n_samples, batch_size)
+    if iter(calib) is calib:   # a one-shot iterator: peeking would lose its first item
+        return None
     first = next(iter(calib), None)
     if first is None or not _is_input_batch(first):
         return None
