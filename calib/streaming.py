@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import layer_stacks
+from ..models import _under, layer_stacks
 from ..nn.quant_modules import is_quantized
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,6 @@ class SafetensorsCheckpoint:
                     t = f.get_tensor(k)
                     out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
-
-
-def _under(name: str, paths) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in paths)
 
 
 def _slots(root: nn.Module, prefix: str, skip=()):

@@ -321,7 +321,12 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         except AttributeError:
             pass
     stacks = _candidate_lists(model)
-    stages = _stage_list(stacks)   # never the stack itself: its blocks' inputs change shape
+    return _longest(model, stacks, _stage_list(stacks))
+
+
+def _longest(model: nn.Module, stacks, stages) -> tuple[str, nn.ModuleList]:
+    """The longest of the candidate ``stacks``, never the list of ``stages`` (its blocks'
+    inputs change shape from one to the next)."""
     best = max([nm for nm in stacks if nm[1] is not stages] or stacks,
                key=lambda nm: len(nm[1]), default=None)
     if best is None:
@@ -348,6 +353,7 @@ def shared_layer_outputs(model: nn.Module) -> tuple[tuple[int, int | str], ...]:
 
 
 def _under(name: str, paths) -> bool:
+    """Whether module path ``name`` is one of ``paths`` or inside one."""
     return any(name == p or name.startswith(p + ".") for p in paths)
 
 
@@ -375,11 +381,10 @@ def _stage_list(stacks) -> nn.ModuleList | None:
     return None
 
 
-def _stage_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]] | None:
-    """The block list of each stage of a hierarchical model, in order (see
-    :func:`_stage_list`), when every stage holds blocks that are modules of their own."""
-    stacks = _candidate_lists(model)
-    stages = _stage_list(stacks)
+def _stage_stacks(stacks, stages) -> list[tuple[str, nn.ModuleList]] | None:
+    """The block list of each stage of a hierarchical model's list of ``stages`` (see
+    :func:`_stage_list`) among the candidate ``stacks``, in order, when every stage holds
+    blocks that are modules of their own."""
     if stages is None:
         return None
     name = next(n for n, m in stacks if m is stages)
@@ -399,13 +404,13 @@ def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     hierarchical vision model's stages' blocks (PVT, Swin, ResNet, ...), each calibrated on
     the outputs of the stacks before it; else the one decoder stack
     (:func:`find_decoder_layers`)."""
-    first = find_decoder_layers(model)
     if not is_encoder_decoder(model):
-        if get_arch(model) is None:
-            stages = _stage_stacks(model)
-            if stages:
-                return stages
-        return [first]
+        if get_arch(model) is not None:
+            return [find_decoder_layers(model)]
+        stacks = _candidate_lists(model)
+        stages = _stage_list(stacks)
+        return _stage_stacks(stacks, stages) or [_longest(model, stacks, stages)]
+    first = find_decoder_layers(model)
     stacks = []
     for getter in ("get_encoder", "get_decoder"):
         try:
