@@ -201,8 +201,7 @@ class LayerStreamer:
         self._from_checkpoint: set[int] = set()
         self._hooked: set[int] = set()
         self._handles: list = []
-        self.paused = False
-        self._paused_layers: frozenset[int] = frozenset()
+        self._paused: frozenset[int] = frozenset()   # layers whose hooks are off
         self.bytes_loaded = 0
 
     def name(self, i: int) -> str:
@@ -272,14 +271,14 @@ class LayerStreamer:
             del self.model._modelopt_lite_streamer
 
     def _pre(self, i, module, args, kwargs):
-        if self.paused or i in self._paused_layers or i in self._hooked:
+        if i in self._paused or i in self._hooked:
             return None
         self.load(i)
         self._hooked.add(i)
         return _move(args, self.device), _move(kwargs, self.device)
 
     def _post(self, i, module, args, output):
-        if self.paused or i in self._paused_layers or i not in self._hooked:
+        if i in self._paused or i not in self._hooked:
             return None
         self._hooked.discard(i)
         self.release(i, changed=False)
@@ -290,18 +289,12 @@ class LayerStreamer:
         """Hooks off (the sequential runner loads and releases layers itself): all of them,
         or those of the layer indices ``layers`` (a stack whose first inputs are captured
         while the stacks before it run through their hooks)."""
-        if layers is not None:
-            before_layers, self._paused_layers = self._paused_layers, frozenset(layers)
-            try:
-                yield
-            finally:
-                self._paused_layers = before_layers
-            return
-        before, self.paused = self.paused, True
+        before = self._paused
+        self._paused = frozenset(range(len(self.layers)) if layers is None else layers)
         try:
             yield
         finally:
-            self.paused = before
+            self._paused = before
 
     def choose_store_device(self, nbytes: int) -> torch.device:
         if self.store_device != "auto":
