@@ -139,17 +139,6 @@ def is_hf_model(model: nn.Module) -> bool:
     return any(name in params for name in _PRIMARY_INPUTS)
 
 
-def _leading_inputs(model: nn.Module) -> tuple[str, str]:
-    """The names of the first two inputs ``model.forward`` takes (by default a text model's
-    ``input_ids, attention_mask``)."""
-    try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return tuple(params[:2]) if len(params) >= 2 else ("input_ids", "attention_mask")
-
-
 def _as_args(example_inputs):
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
@@ -173,7 +162,10 @@ def prepare(model: nn.Module, example_inputs, all_outputs: bool = False):
         raise ExportError(f"{name}: give more than (input_ids, attention_mask) as a dict of "
                           f"named inputs, e.g. {{'input_ids': ..., 'decoder_input_ids': ...}}")
     if args:   # by the forward's own names: a vision model's first input is pixel_values
-        kwargs = dict(zip(_leading_inputs(model), args)) | kwargs
+        names = list(_positional_names(model, args))
+        if len(names) < len(args):   # no signature to read: a text model's
+            names = ["input_ids", "attention_mask"]
+        kwargs = dict(zip(names, args)) | kwargs
     dropped = sorted(k for k in kwargs if k in _CALL_OPTIONS)
     if dropped:
         logger.info("%s: %s are call options, not graph inputs: left out", name, dropped)
