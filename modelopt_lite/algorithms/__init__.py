@@ -8,6 +8,7 @@ weights, ranges and pre-quantization scales.
 from __future__ import annotations
 
 import importlib
+import logging
 
 APPLIERS: dict = {}
 _BUILTIN = ("rtn", "smoothquant", "awq")
@@ -19,6 +20,20 @@ def register_applier(name: str):
         return fn
 
     return wrap
+
+
+def without_convs(modules: dict, who: str, instead: str) -> dict:
+    """``modules`` (name -> layer) without its ``Conv2d`` layers, whose input channels are not
+    the input's last axis, so the per-input-channel statistics, scales and Hessians of AWQ,
+    SmoothQuant and GPTQ do not apply to them; a note names them and what they get
+    ``instead``."""
+    from torch import nn
+
+    convs = sorted(n for n, m in modules.items() if isinstance(m, nn.Conv2d))
+    if convs:
+        logging.getLogger(__name__).info("%s: %d Conv2d layer(s) (%s) %s; it acts on linears "
+                                         "only", who, len(convs), convs[0], instead)
+    return {n: m for n, m in modules.items() if n not in convs}
 
 
 def load_builtins() -> None:

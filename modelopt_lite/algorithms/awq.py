@@ -43,7 +43,7 @@ from ..moe import shared_input_key
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from . import awq_search as S
-from . import register_applier
+from . import register_applier, without_convs
 from ..sparsity.sparsegpt import HessianAccumulator
 from .gptq import gptq_round_linears
 from .rtn import calibrate_activations
@@ -141,12 +141,8 @@ def _weight_quantized(module: nn.Module) -> bool:
 
 
 def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) -> None:
-    linears = {n: m for n, m in layer.named_modules() if _weight_quantized(m)}
-    convs = sorted(n for n, m in linears.items() if isinstance(m, nn.Conv2d))
-    if convs:   # their input channels are not the last axis: no per-channel statistics
-        logger.info("%s: %d Conv2d layer(s) (%s) keep max ranges; AWQ searches linears only",
-                    name or type(layer).__name__, len(convs), convs[0])
-        linears = {n: m for n, m in linears.items() if n not in convs}
+    linears = without_convs({n: m for n, m in layer.named_modules() if _weight_quantized(m)},
+                            f"awq {name or type(layer).__name__}", "keep max ranges")
     if not linears:
         return
     groups = [g for g in layer_groups(model, layer, kv_tied=algo.gqa_v_o)

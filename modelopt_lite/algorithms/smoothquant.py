@@ -43,7 +43,7 @@ from ..nn.functional import hadamard
 from ..nn.quant_modules import is_quantized
 from ..nn.tensor_quantizer import CalibrationError
 from ..sparsity.sparsegpt import HessianAccumulator, budget_chunks
-from . import register_applier
+from . import register_applier, without_convs
 from .gptq import gptq_round_linears
 from .rtn import calibrate_activations, calibrate_quantizers
 
@@ -367,16 +367,10 @@ def _smoothable_groups(model, layer, cfg: SmoothQuantConfig, rotated=()) -> list
             logger.info("smoothquant: group %s -> %s not smoothed (a linear is not quantized "
                         "with activations)", g.prev, g.linears)
     if cfg.smooth_unfoldable:
-        convs = []
-        for name, m in layer.named_modules():
-            if name and name not in covered and is_quantized(m) and m.input_quantizer.enabled:
-                if isinstance(m, nn.Conv2d):   # input channels are not the last axis
-                    convs.append(name)
-                else:
-                    groups.append(Group(None, (name,), name))
-        if convs:
-            logger.info("smoothquant: %d Conv2d layer(s) (%s) quantized without smoothing; "
-                        "SmoothQuant smooths linears only", len(convs), convs[0])
+        rest = {name: m for name, m in layer.named_modules()
+                if name and name not in covered and is_quantized(m) and m.input_quantizer.enabled}
+        groups += [Group(None, (name,), name) for name in without_convs(
+            rest, "smoothquant", "quantized without smoothing")]
     return groups
 
 
@@ -465,14 +459,10 @@ def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> N
     quantization).
     Linears of one of ``groups`` whose input quantizers agree share one Hessian and one
     factorisation (their rows stacked)."""
-    mods = {n: m for n, m in layer.named_modules()
-            if is_quantized(m) and m.weight_quantizer.enabled
-            and m.weight_quantizer.spec.granularity != "per_tensor"}
-    convs = sorted(n for n, m in mods.items() if isinstance(m, nn.Conv2d))
-    if convs:   # a conv's Hessian is over image patches, not the input's last axis
-        logger.info("gptq: %d Conv2d layer(s) (%s) keep round-to-nearest weights; GPTQ "
-                    "rounds linears only", len(convs), convs[0])
-        mods = {n: m for n, m in mods.items() if n not in convs}
+    mods = without_convs({n: m for n, m in layer.named_modules()
+                          if is_quantized(m) and m.weight_quantizer.enabled
+                          and m.weight_quantizer.spec.granularity != "per_tensor"},
+                         "gptq", "keep round-to-nearest weights")
     if not mods:
         return
     sets = _shared_input_sets(mods, groups)
