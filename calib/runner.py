@@ -29,9 +29,15 @@ ForwardLoop = Callable[[nn.Module], None]
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where the model takes its inputs: its first parameter's device, past parameters on
+    ``meta`` (offloaded by accelerate or streamed), else the first accelerate hook's execution
+    device, else the CPU."""
     for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+        if not p.is_meta:
+            return p.device
+    from .offload import execution_devices
+
+    return next(iter(execution_devices(model)), torch.device("cpu"))
 
 
 def iter_batches(tokens: torch.Tensor, batch_size: int):

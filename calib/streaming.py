@@ -126,7 +126,7 @@ def materialize_(root: nn.Module, checkpoint: SafetensorsCheckpoint, prefix: str
 def drop_(root: nn.Module, checkpoint: SafetensorsCheckpoint, prefix: str = "",
           rest_device="cpu") -> None:
     """Free ``root``'s tensors that the checkpoint holds (back to meta); move the others
-    (quantizer ranges, scales) to ``rest_device``."""
+    (quantizer ranges, scales) to ``rest_device`` (None: leave them where they are)."""
     for mname, m in root.named_modules():
         for table in (m._parameters, m._buffers):
             for attr, t in list(table.items()):
@@ -137,6 +137,8 @@ def drop_(root: nn.Module, checkpoint: SafetensorsCheckpoint, prefix: str = "",
                     new = torch.empty_like(t, device="meta")
                     table[attr] = nn.Parameter(new, t.requires_grad) if isinstance(
                         t, nn.Parameter) else new
+                elif rest_device is None:
+                    continue
                 elif isinstance(t, nn.Parameter):
                     table[attr] = nn.Parameter(t.data.to(rest_device), t.requires_grad)
                 else:
@@ -190,7 +192,8 @@ class LayerStreamer:
             raise ValueError("offload='meta' needs a checkpoint to read layers back from; load "
                              "the model with load_streaming(model_dir) or use offload='cpu'")
         self._stacks = layer_stacks(model)
-        if str(offload) == "meta" and len(self._stacks) > 1:
+        if str(offload) == "meta" and len(self._stacks) > 1 and not getattr(
+                self.checkpoint, "writes_back", False):
             raise ValueError(f"{type(model).__name__}: offload='meta' frees each processed "
                              "layer, but an encoder-decoder's decoder calibrates on what the "
                              "processed encoder computes; use offload='cpu'")
@@ -236,7 +239,9 @@ class LayerStreamer:
             self.sink(i, self.name(i), layer)
         from_ckpt = i in self._from_checkpoint
         if str(self.offload) == "meta" or (from_ckpt and not changed):
-            drop_(layer, self.checkpoint, self.name(i) + ".")
+            home = getattr(self.checkpoint, "home_device", None)   # accelerate's device map
+            drop_(layer, self.checkpoint, self.name(i) + ".",
+                  (home and home(self.name(i))) or "cpu")
         else:
             layer.to(self.offload)
             if changed:

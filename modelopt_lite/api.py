@@ -11,11 +11,13 @@ Example::
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .algorithms import get_applier
+from .calib.offload import offload_store
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
@@ -57,6 +59,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     if quant_modules(model):
         raise AlreadyQuantizedError("this model already has fake-quant layers; quantize a fresh "
                                     "float model (or call modelopt_lite.unquantize(model) first)")
+    offloaded = offload_store(model)   # accelerate's CPU / disk offload, checked first
     unfused = prepare_experts(model)
     try:
         plans = plan_layers(model, cfg)
@@ -64,7 +67,8 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
                                     batch_size, seed, progress)
         apply = get_applier(cfg.algorithm.name)
         insert_quantizers(plans)
-        with all_experts_calibrate(model), _CallTracker(model, plans) as tracker:
+        with _streaming_offloaded(model, offloaded, plans), all_experts_calibrate(model), \
+                _CallTracker(model, plans) as tracker:
             apply(model, cfg, loop, progress)   # (MoE: every expert sees every token)
     except BaseException:
         _remove_quantizers(model)
@@ -75,6 +79,27 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
                 sum(bool(p.skipped) for p in plans))
     return model
+
+
+@contextmanager
+def _streaming_offloaded(model: nn.Module, weights, plans: list[LayerPlan]):
+    """An accelerate-offloaded model is calibrated one layer at a time, each loaded from the
+    offload store and written back processed (:mod:`modelopt_lite.calib.offload`). Weight
+    quantizers inserted on ``meta`` weights take their ranges from the store first, as they
+    do from resident weights when inserted."""
+    if weights is None:
+        yield
+        return
+    from .calib.offload import offloaded_streaming
+    from .calib.streaming import _init_weight_ranges
+
+    for p in plans:
+        amax = None if p.skipped else getattr(p.module.weight_quantizer, "amax", None)
+        if amax is not None and amax.is_meta:
+            with weights.onloaded(p.name, p.module):
+                _init_weight_ranges(p.module)
+    with offloaded_streaming(model, weights):
+        yield
 
 
 class _CallTracker:

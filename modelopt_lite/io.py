@@ -46,15 +46,38 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without second names of shared (tied) tensors, contiguous on CPU."""
+    """The state dict without second names of shared (tied) tensors, contiguous on CPU.
+    Tensors accelerate offloads (on ``meta`` in the model) are read from its offload store."""
+    state = model.state_dict()
+    first: dict[int, str] = {}   # a tied tensor is read once, under its first name
+    for n, t in state.items():
+        if t.is_meta:
+            first.setdefault(id(t), n)
+    offloaded = _read_offloaded(model, list(first.values()))
     seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+    for name, t in state.items():
+        key = (("meta", id(t)) if t.is_meta else
+               (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().cpu().contiguous()
+        out[name] = (offloaded[name] if name in offloaded else t.detach().cpu()).contiguous()
     return out
+
+
+def _read_offloaded(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    if not names:
+        return {}
+    from .calib.offload import offloaded_weights
+
+    store = offloaded_weights(model)
+    missing = [n for n in names if store is None or n not in store]
+    if missing:
+        raise CheckpointError(
+            f"{missing[0]} (and {len(missing) - 1} more) is on the meta device with no values "
+            "to save; a model streamed with offload='meta' is saved layer by layer by its "
+            "sink, and a model loaded on meta needs its weights first")
+    return store.read(names, "cpu")
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -26,6 +26,21 @@ def weight_sqnr_db(module) -> float:
         return sqnr_db(w, module.weight_quantizer(w))
 
 
+def _offloaded_sqnr(model: nn.Module, name: str, module, cache: list) -> float:
+    """weight_sqnr_db, reading a weight accelerate offloads (on ``meta`` in the model) from
+    the offload store."""
+    if not module.weight.is_meta:
+        return weight_sqnr_db(module)
+    from .calib.offload import offloaded_weights
+
+    if not cache:
+        cache.append(offloaded_weights(model))
+    if cache[0] is None or f"{name}.weight" not in cache[0]:
+        return weight_sqnr_db(module)   # no store holds it: the meta tensor's own error
+    with cache[0].onloaded(name, module, "cpu"):
+        return weight_sqnr_db(module)
+
+
 def summary_rows(model: nn.Module) -> list[dict]:
     """One row per layer quantize() planned: name, shape, status ("quantized", "deployed" for
     a layer deploy() swapped for an Int4Linear, or "skipped"), format, sqnr_db and a note."""
@@ -34,6 +49,7 @@ def summary_rows(model: nn.Module) -> list[dict]:
     from .nn.int4_linear import int4_layers
 
     deployed = int4_layers(model)   # layers deploy() swapped for INT4 kernels
+    offload: list = []   # accelerate's offloaded weights, looked up on first need
     rows = []
     for rec in state.get("layers", []):
         row = {"name": rec["name"], "shape": "x".join(map(str, rec["weight_shape"]))}
@@ -57,7 +73,7 @@ def summary_rows(model: nn.Module) -> list[dict]:
             note = rec.get("note") or ""
             sqnr = rec.get("weight_sqnr_db")
             if sqnr is None and w.enabled:
-                sqnr = weight_sqnr_db(module)
+                sqnr = _offloaded_sqnr(model, rec["name"], module, offload)
                 if math.isinf(sqnr):  # on the grid, no recorded error (e.g. loaded GPTQ weights)
                     sqnr = None
                     note = note or "weight already on the quantization grid"

@@ -418,6 +418,18 @@ def save_atomic(proto, path: Path, external_data: bool) -> Path | None:
     return path.parent / data_name if external_data else None
 
 
+def _check_resident(model: nn.Module) -> None:
+    """The graph holds every weight: refuse a model whose weights accelerate offloads."""
+    from ..calib.offload import has_offloaded_weights
+
+    if has_offloaded_weights(model):
+        raise ExportError(
+            f"{type(model).__name__}: accelerate offloads some of its weights to CPU or disk "
+            "(device_map), and an ONNX graph holds them all; save it (modelopt_lite.save), "
+            "load the checkpoint into the float model in CPU memory (modelopt_lite.load), and "
+            "export that")
+
+
 def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None,
                 external_data: bool | None = False, dynamic_axes: bool = True) -> ExportResult:
     """Export a fake-quant ``model`` to a Q/DQ ONNX file at ``path``; return what was written.
@@ -442,6 +454,7 @@ def export_onnx(model: nn.Module, example_inputs, path, opset: int | None = None
     start = time.perf_counter()
     path = Path(path)
     _check_writable(path)
+    _check_resident(model)
     was_training = model.training
     model.eval()
     try:

@@ -145,6 +145,7 @@ def wrap_module(module: nn.Module, weight_spec=None, input_spec=None, name: str 
                         "supported layer type (Linear, Conv2d, Hugging Face Conv1D)")
     float_cls = type(module)
     module.__class__ = qcls
+    _rebind_hooked_forward(module)
     module._float_cls = float_cls
     module._init_quantizers(weight_spec, input_spec, name)
     return module
@@ -155,7 +156,18 @@ def unwrap_module(module: nn.Module) -> nn.Module:
     if not is_quantized(module):
         return module
     module.__class__ = module._float_cls
+    _rebind_hooked_forward(module)
     for attr in ("weight_quantizer", "input_quantizer", "_float_cls", "layer_name"):
         if hasattr(module, attr):
             delattr(module, attr)
     return module
+
+
+def _rebind_hooked_forward(module: nn.Module) -> None:
+    """After a class swap: a module with an accelerate hook (``device_map`` dispatch, CPU or
+    disk offload) runs ``module._old_forward``, the bound ``forward`` of the class it had when
+    the hook was added; point it at the new class's ``forward``, or the swap would not change
+    what the module computes."""
+    old = module.__dict__.get("_old_forward")
+    if getattr(old, "__self__", None) is module:
+        module._old_forward = type(module).forward.__get__(module)

@@ -14,11 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 from torch import nn
 
+from ..calib.offload import offload_store, offloaded_streaming
 from ..calib.runner import resolve_forward_loop
 from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
@@ -47,6 +49,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
 
     cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
                          on_indivisible=on_indivisible, block_size=block_size, percdamp=percdamp)
+    offloaded = offload_store(model)   # accelerate's CPU / disk offload, checked first
     unfused = prepare_experts(model)   # fused MoE experts -> per-expert nn.Linear
     try:
         plans = plan_sparsity(model, cfg)
@@ -66,16 +69,26 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
                        "drops the masks", len(unfused))
     start = time.perf_counter()
     if method in CALIBRATED:
-        with all_experts_calibrate(model):   # MoE: every expert's Hessian from every token
+        streamed = (offloaded_streaming(model, offloaded) if offloaded is not None
+                    else contextlib.nullcontext())
+        with streamed, all_experts_calibrate(model):   # MoE: every expert's Hessian, all tokens
             _prune_calibrated(model, plans, loop, cfg, progress)
     else:
         for p in plans:
             if not p.skipped:
-                prune_magnitude(p, cfg)
+                with _at_hand(offloaded, p):
+                    prune_magnitude(p, cfg)
     _record(model, cfg, plans, time.perf_counter() - start)
     logger.info("sparsified %d layer(s) to %s with %s, skipped %d", sum(not p.skipped for p in plans),
                 pattern, method, sum(bool(p.skipped) for p in plans))
     return model
+
+
+def _at_hand(offloaded, plan):
+    """A layer whose weight accelerate offloads: loaded for its pruning, written back."""
+    if offloaded is None or not plan.module.weight.is_meta:
+        return contextlib.nullcontext()
+    return offloaded.onloaded(plan.name, plan.module, write_back=True)
 
 
 def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
