@@ -105,10 +105,13 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               cache_dir: str | os.PathLike | None = None):
+               cache_dir: str | os.PathLike | None = None, **placement):
     """Load a registered model (cached after the first load) or a local Hugging Face folder.
 
     ``cache_dir`` is the cache root; a registered model lives in ``<root>/<name>``.
+    ``placement``: ``device_map`` (``"cuda"``, ``"auto"``, a dict), ``max_memory`` and
+    ``offload_folder``, as ``from_pretrained`` takes them; weights ``"auto"`` offloads to
+    disk go to a temporary folder (removed with the model) unless ``offload_folder`` is given.
 
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")       # doctest: +SKIP
@@ -124,10 +127,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         if not folder.is_dir():
             raise ValueError(f"unknown model '{name_or_path}': use a registered name "
                              f"({', '.join(MODELS)}) or a local Hugging Face model folder")
-    return load_folder(folder, dtype)
+    return load_folder(folder, dtype, **placement)
 
 
-def load_folder(folder: Path, dtype: torch.dtype):
+def load_folder(folder: Path, dtype: torch.dtype, device_map=None, max_memory=None,
+                offload_folder=None):
     """Load a Hugging Face model folder in eval mode, with its tokenizer, as the class its
     config names (``architectures``: a BERT classifier keeps its head); without one, a causal
     LM, else an image-text-to-text model (Llava, Qwen2-VL, ...), whose language model takes
@@ -146,7 +150,15 @@ def load_folder(folder: Path, dtype: torch.dtype):
                 if type(config) in other._model_mapping:
                     auto = other
                     break
-    model = auto.from_pretrained(folder, dtype=dtype)
+    placement, scratch = {}, None
+    if device_map is not None:
+        if offload_folder is None:
+            scratch = tempfile.TemporaryDirectory(prefix="modelopt_lite_offload_")
+        placement = dict(device_map=device_map, max_memory=max_memory,
+                         offload_folder=offload_folder or scratch.name)
+    model = auto.from_pretrained(folder, dtype=dtype, **placement)
+    if scratch is not None:
+        model._modelopt_lite_offload_dir = scratch   # removed when the model is
     inputs = inspect.signature(model.forward).parameters
     if "input_ids" not in inputs:   # a vision or speech model: no text to calibrate on
         reads = next((n for n in ("pixel_values", "input_values", "input_features")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -41,12 +42,51 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", default=None,
                    help="a text file to measure perplexity on (default: the embedded Wikipedia "
                         "test split)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="where the model's weights go, as Hugging Face's device_map: 'cuda', "
+                        "'cuda:1', 'auto' (GPUs first, then CPU memory, then disk; offloaded "
+                        "layers are calibrated one at a time on the GPU), or a JSON object of "
+                        "module -> device; default: all in CPU memory")
+    p.add_argument("--max-memory", default=None, metavar="JSON",
+                   help="with --device-map auto: a cap per device, e.g. "
+                        "'{\"0\": \"20GiB\", \"cpu\": \"64GiB\"}'")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --device-map puts weights it offloads to disk (default: a "
+                        "temporary folder, removed at exit)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="the float model's dtype (default float32; float16 or bfloat16 halve "
+                        "the memory, on a GPU)")
 
 
-def _load(name):
+def _load(args):
+    import torch
+
     from .calib.embedded import DEFAULT_MODEL, load_model
 
-    return load_model(name or DEFAULT_MODEL)
+    placement = {}
+    if getattr(args, "device_map", None):
+        placement["device_map"] = _json_or_text(args.device_map, "--device-map")
+        if args.max_memory:
+            placement["max_memory"] = _json_or_text(args.max_memory, "--max-memory")
+        placement["offload_folder"] = args.offload_folder
+    elif getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
+        raise SystemExit("--max-memory and --offload-folder place weights of --device-map; "
+                         "give --device-map auto (or a map) too")
+    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
+    return load_model(args.model or DEFAULT_MODEL, dtype=dtype, **placement)
+
+
+def _json_or_text(value: str, flag: str):
+    """A JSON object given on the command line (keys like "0" become GPU indices), or the
+    text as it is ('auto', 'cuda')."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{flag}: not valid JSON ({err.msg} at column {err.colno}): "
+                         f"{value}") from None
+    return {int(k) if k.isdigit() else k: v for k, v in parsed.items()}
 
 
 def _ppl(model, tokenizer, args) -> float:
@@ -158,7 +198,7 @@ def _quantize_run(args) -> int:
     from .models import is_encoder_decoder, is_generative
 
     check_paths(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
     cfg = _recipe(model, args)
     if not args.no_eval and (is_encoder_decoder(model) or not is_generative(model)):
         kind = "an encoder-decoder" if is_encoder_decoder(model) else "not a language model"
@@ -200,7 +240,7 @@ def _eval_run(args) -> int:
     import modelopt_lite as mtl
 
     check_paths(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
     rows = [("float", _ppl(model, tokenizer, args), "")]
     if args.checkpoint:
         mtl.load(model, args.checkpoint)

@@ -153,8 +153,11 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         spec = lambda d: None if d is None else QuantizerSpec(**d)  # noqa: E731
         wrap_module(modules[rec["name"]], spec(rec["weight"]), spec(rec["input"]), rec["name"])
     _add_mask_buffers(manifest, modules, tensors)
-    _add_int4_layers(model, deployed, modules)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    store = _offload_store(model)
+    _add_int4_layers(model, deployed, modules, store)
+    offloaded = _load_offloaded(model, tensors, store)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in tensors.items() if k not in offloaded}, strict=False)
     tied = {n for n in missing if n not in tensors}
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
@@ -175,9 +178,10 @@ def _add_mask_buffers(manifest, modules, tensors) -> None:
         modules[rec["name"]].register_buffer("weight_mask", torch.empty_like(tensors[key]))
 
 
-def _add_int4_layers(model, deployed, modules) -> None:
+def _add_int4_layers(model, deployed, modules, store=None) -> None:
     """Put an empty ``Int4Linear`` where the checkpoint's model had been deployed
-    (``modelopt_lite.deploy`` before ``save``), on the float layer's device, to load into."""
+    (``modelopt_lite.deploy`` before ``save``), on the float layer's device (for a layer
+    accelerate offloads, its execution device), to load into."""
     from .nn.int4_linear import Int4Linear, swap_module
 
     for name, rec in deployed.items():
@@ -185,9 +189,42 @@ def _add_int4_layers(model, deployed, modules) -> None:
             raise CheckpointError(f"checkpoint layer {name} is not in this model")
         old = modules[name]
         weight = getattr(old, "weight", None)
+        device = None if weight is None else weight.device
+        if store is not None and weight is not None and weight.is_meta:
+            device = store.home_device(name) or store.execution_device()
         spec = {k: v for k, v in rec.items() if k != "name"}
-        swap_module(model, name, Int4Linear.from_spec(
-            spec, device=None if weight is None else weight.device))
+        swap_module(model, name, Int4Linear.from_spec(spec, device=device))
+
+
+def _offload_store(model):
+    """accelerate's offload store when some of the model's tensors are offloaded, else
+    None."""
+    if not any(t.is_meta for t in model.parameters()):
+        return None
+    from .calib.offload import offloaded_weights
+
+    return offloaded_weights(model)
+
+
+def _load_offloaded(model, tensors, store) -> set[str]:
+    """Checkpoint tensors whose model tensor accelerate offloads go to its store (loaded
+    from there before each forward); the ranges and masks of offloaded layers (on ``meta``,
+    in no store) are put in the layer, on its execution device. Returns their names."""
+    if store is None:
+        return set()
+    own, done = model.state_dict(keep_vars=True), set()
+    for name, value in tensors.items():
+        t = own.get(name)
+        if t is None or not t.is_meta:
+            continue
+        mname, _, attr = name.rpartition(".")
+        module = model.get_submodule(mname)
+        if name in store or attr in module._parameters:
+            store.write(name, value)
+        else:
+            module._buffers[attr] = value.to(store.home_device(mname) or store.execution_device())
+        done.add(name)
+    return done
 
 
 def _check_layers(layers, modules) -> None:

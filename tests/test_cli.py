@@ -180,3 +180,38 @@ def test_a_vision_folder_is_refused_with_the_python_route(tiny_folder, capsys):
     assert main(["quantize", "--model", str(tiny_folder / "vit"), "--recipe", "w8a8"]) == 2
     err = capsys.readouterr().err
     assert "ViTForImageClassification reads pixel_values" in err and "calib=" in err
+
+
+def test_device_map_offloads_and_gives_the_in_memory_checkpoint(tiny_folder, capsys):
+    """--device-map with disk entries: the offloaded layers are calibrated one at a time and
+    the saved checkpoint holds what quantizing in CPU memory saves."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = tiny_folder
+    common = ["quantize", "--model", str(d / "tiny"), "--recipe", "int4_awq", "--calib",
+              str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32", "--windows", "1",
+              "--seq-len-eval", "64", "--eval-text", str(d / "test.txt")]
+    assert main(common + ["--out", str(d / "mem")]) == 0
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    assert main(common + ["--out", str(d / "map"), "--device-map", json.dumps(device_map)]) == 0
+    out = capsys.readouterr().out
+    ppl = [line.split()[1] for line in out.splitlines() if line.startswith("int4_awq")]
+    assert len(ppl) == 2 and ppl[0] == ppl[1]
+
+    def tensors(folder):
+        return load_file(next(folder.glob("model-*.safetensors")))
+
+    mem, mapped = tensors(d / "mem"), tensors(d / "map")
+    assert mem.keys() == mapped.keys()
+    assert all(mem[k].equal(mapped[k]) for k in mem)
+
+
+def test_device_map_flags_are_checked(tiny_folder, capsys):
+    base = ["quantize", "--model", str(tiny_folder / "tiny"), "--no-eval"]
+    with pytest.raises(SystemExit, match="give --device-map"):
+        main(base + ["--max-memory", '{"cpu": "1GiB"}'])
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        main(base + ["--device-map", "{model: cpu}"])

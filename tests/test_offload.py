@@ -91,6 +91,19 @@ def test_deploy_offloaded(kind, tokens, tmp_path):
     assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
 
 
+def test_load_onto_an_offloaded_model(tokens, tmp_path):
+    """A checkpoint loaded into a dispatched float model: offloaded weights go to the store,
+    the ranges of offloaded layers into the layers; deployed layers land on the GPU side."""
+    ref = mtl.quantize(tiny_llama(**SIZES), "int4_awq", calib=tokens, progress=False)
+    model = mtl.load(_offloaded("mixed", tmp_path / "a"), mtl.save(ref, tmp_path / "q"))
+    assert model.model.layers[1].mlp.down_proj.weight.is_meta
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+    mtl.deploy(ref)
+    model = mtl.load(_offloaded("mixed", tmp_path / "b"), mtl.save(ref, tmp_path / "d"))
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "Int4Linear"
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+
+
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
 def test_sparsify_offloaded(method, tokens, tmp_path):
     model = _offloaded("mixed", tmp_path)

@@ -39,7 +39,7 @@ def _run(args) -> int:
     from . import format_sparsity, sparsify
 
     check_paths(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
     rows = [] if args.no_eval else [("dense", _ppl(model, tokenizer, args), "")]
     start = time.time()
     calib = None if args.method == "magnitude" else _calib_source(args)
