@@ -170,15 +170,31 @@ class OffloadedWeights:
         return None
 
     def sink(self, i: int, name: str, layer: nn.Module) -> None:
-        """The streamer's ``sink``: write layer ``name``'s offloaded tensors back (its
-        quantizer ranges and other buffers stay with the layer)."""
+        """The streamer's ``sink``: write layer ``name``'s offloaded tensors back. Tensors
+        it gained (quantizer ranges, masks) stay with the layer; :meth:`complete` stores those
+        the hooks will look up."""
         for mname, m in layer.named_modules():
             for attr, t in [*m._parameters.items(), *m._buffers.items()]:
-                if t is None or t.is_meta:
-                    continue
                 full = _join(_join(name, mname), attr)
-                if full in self._where or (attr in m._parameters and self._owner(full)):
+                if t is not None and not t.is_meta and full in self._where:
                     self.write(full, t)
+
+    def complete(self, model: nn.Module) -> None:
+        """Write to the store every tensor an offload hook will look up that it lacks: the
+        quantizer ranges of a layer whose hook offloads buffers, which a whole-model pass set
+        without changing the layer's weights."""
+        for mname, hook in self._hooks.items():
+            module = model.get_submodule(mname)
+            for rel in _hook_tensor_names(module, hook):
+                full = _join(mname, rel)
+                if full in self._where:
+                    continue
+                path, _, attr = rel.rpartition(".")
+                t = getattr(module.get_submodule(path), attr)
+                if t.is_meta:
+                    raise KeyError(f"{full}: on the meta device and not in accelerate's offload "
+                                   "store; nothing to load it from")
+                self.write(full, t)
 
     @contextmanager
     def onloaded(self, name: str, module: nn.Module, device=None,
@@ -269,6 +285,7 @@ def offloaded_streaming(model: nn.Module, weights: OffloadedWeights) -> Iterator
     try:
         with stream_layers(model, device, checkpoint=weights, offload="meta", sink=weights.sink):
             yield
+        weights.complete(model)
     finally:
         for m, hook in parked:
             m._hf_hook = hook

@@ -224,6 +224,7 @@ def _load_offloaded(model, tensors, store) -> set[str]:
         else:
             module._buffers[attr] = value.to(store.home_device(mname) or store.execution_device())
         done.add(name)
+    store.complete(model)   # ranges of layers whose hooks offload buffers: into the store too
     return done
 
 

@@ -202,3 +202,23 @@ def test_gpu_device_map(preset, gpus, tmp_path):
         assert layer3.qweight.device == torch.device(devices[0])   # accelerate's main device
         a, b = _logits(model, tokens).float().cpu(), _logits(ref, tokens).float().cpu()
         assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+
+def test_offloaded_buffers(tokens):
+    """A hook over a whole layer that offloads buffers too (place_submodules, offload_buffers)
+    looks up every tensor of the layer in the store before each forward: the quantizer ranges
+    the layer gains must be written there."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    model = tiny_llama(**SIZES)
+    layer = model.model.layers[1]
+    values = {f"model.layers.1.{k}": v.clone() for k, v in layer.state_dict().items()}
+    add_hook_to_module(layer, AlignDevicesHook(
+        execution_device="cpu", offload=True, offload_buffers=True, place_submodules=True,
+        weights_map=PrefixedDataset(OffloadedWeightsLoader(state_dict=values), "model.layers.1.")))
+    assert layer.mlp.up_proj.weight.is_meta
+    mtl.quantize(model, "w8a8", calib=tokens, progress=False)
+    ref = mtl.quantize(tiny_llama(**SIZES), "w8a8", calib=tokens, progress=False)
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+    assert "model.layers.1.mlp.up_proj.input_quantizer.amax" in values

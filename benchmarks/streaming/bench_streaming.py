@@ -4,10 +4,14 @@ Rows go to ``benchmarks/results/streaming.json`` (or ``--out``):
 ``{"model", "params", "model_bytes", "gpu_cap_bytes", "peak_gpu_bytes", "wall_s", "mode", "gpu",
 "date", ...}``. Modes: ``in_memory`` (the whole model on the GPU), ``streaming`` (model in CPU
 memory, one layer at a time on the GPU), ``streaming_ckpt`` (meta model, each layer read from
-safetensors shards onto the GPU).
+safetensors shards onto the GPU), ``accelerate_cpu`` / ``accelerate_disk`` (``from_pretrained(
+device_map="auto")`` with ``--resident-gb`` (default half the GPU cap) for resident layers and the rest offloaded by
+accelerate to CPU memory / to disk; quantize() streams the offloaded layers itself).
 
     # GPU: a 30-layer 4096/14336 fp16 model (13.6 GB) under a 4 GiB cap, AWQ
     python benchmarks/streaming/bench_streaming.py --layers 30 --cap-gb 4 --modes streaming
+    # the same model loaded with device_map="auto", offloaded by accelerate to CPU memory
+    python benchmarks/streaming/bench_streaming.py --layers 30 --cap-gb 4 --modes accelerate_cpu
     # CPU smoke run of the same code
     python benchmarks/streaming/bench_streaming.py --device cpu --hidden 256 --inter 512 \\
         --layers 4 --vocab 1000 --samples 4 --seq 64 --dtype float32 --modes in_memory,streaming
@@ -90,13 +94,21 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
         torch.cuda.reset_peak_memory_stats(dev)
     if mode == "streaming_ckpt":
         model = load_streaming(ckpt_dir, dtype=dtype)
+    elif mode.startswith("accelerate"):
+        model = dispatched(a, mode, dev, cap, dtype, ckpt_dir)
     else:
         model = random_llama(a, dtype)
     size, params = nbytes_of(a, dtype)
     logging.info("%s: %.2f GB model, %d params", mode, size / 1e9, params)
     t0 = time.perf_counter()
+    offloaded = None
     if mode == "in_memory":
         model.to(dev)
+        mtl.quantize(model, quant_config(a.method), calib=tokens, progress=a.progress)
+    elif mode.startswith("accelerate"):   # device_map: quantize() streams what is offloaded
+        placed = getattr(model, "hf_device_map", {})
+        offloaded = sum(v in ("cpu", "disk") for v in placed.values()) if dev.type == "cuda" \
+            else sum(v == "disk" for v in placed.values())
         mtl.quantize(model, quant_config(a.method), calib=tokens, progress=a.progress)
     else:
         with stream_layers(model, dev, store_device=a.store_device):
@@ -111,8 +123,26 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
            "date": datetime.date.today().isoformat(), "method": a.method,
            "calib_tokens": int(tokens.numel()), "layers": a.layers,
            "s_per_layer": round(wall / a.layers, 3)}
+    if offloaded is not None:
+        row["offloaded_modules"] = offloaded
     del model
     return row
+
+
+def dispatched(a, mode, dev, cap, dtype, ckpt_dir):
+    """The checkpoint loaded by transformers with ``device_map="auto"``: layers on the GPU
+    up to half the cap, the rest offloaded to CPU memory or (``accelerate_disk``) to disk."""
+    from transformers import AutoModelForCausalLM
+
+    cpu = "1GiB" if mode == "accelerate_disk" else "400GiB"
+    if dev.type == "cpu":   # (a smoke run: half the model in CPU memory, the rest on disk)
+        memory = {"cpu": f"{nbytes_of(a, dtype)[0] / 2 / 2**30:.3f}GiB"}
+    else:
+        resident = a.resident_gb * 2**30 if a.resident_gb else cap / 2
+        memory = {dev.index: f"{resident / 2**30:.2f}GiB", "cpu": cpu}
+    return AutoModelForCausalLM.from_pretrained(
+        ckpt_dir, dtype=dtype, device_map="auto", max_memory=memory,
+        offload_folder=tempfile.mkdtemp(dir=ckpt_dir)).eval()
 
 
 def nbytes_of(a, dtype):
@@ -150,6 +180,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--cap-gb", type=float, default=0.0, help="GPU memory cap (0: none)")
+    p.add_argument("--resident-gb", type=float, default=0.0,
+                   help="accelerate_*: GPU memory for resident layers (0: half the cap)")
     p.add_argument("--store-device", default="auto")
     p.add_argument("--modes", default="streaming")
     p.add_argument("--out", default=str(RESULTS))
@@ -160,8 +192,10 @@ def main(argv=None):
     tokens = torch.randint(0, a.vocab, (a.samples, a.seq), generator=torch.Generator().manual_seed(1))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
         for mode in a.modes.split(","):
-            ckpt = write_ckpt(a, dtype, tmp) if mode == "streaming_ckpt" else None
+            if ckpt is None and mode in ("streaming_ckpt", "accelerate_cpu", "accelerate_disk"):
+                ckpt = write_ckpt(a, dtype, tmp)   # once: every mode reads it as written
             row = run_once(a, mode, dtype, tokens, ckpt)
             print(json.dumps(row), flush=True)
             rows.append(row)

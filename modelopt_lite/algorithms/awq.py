@@ -369,11 +369,12 @@ def _gptq_round(linears: dict, cap: _Capture, groups, algo: AWQConfig) -> None:
     for key, mods in by_key.items():
         if key not in cap.hessian:
             continue
-        h = cap.hessian[key].hessian().float()
+        h = cap.hessian.pop(key).hessian().float()   # (the accumulator is freed here)
         if key in cap.scale:  # the Hessian of x / s
             inv = 1.0 / cap.scale[key].to(h.device, h.dtype)
-            h = h * inv[:, None] * inv[None, :]
-        gptq_round_linears(mods, h, algo.gptq_damp)
+            h.mul_(inv[:, None]).mul_(inv[None, :])
+        gptq_round_linears(mods, h, algo.gptq_damp, consume=True)
+        del h
 
 
 # --- artefacts: scales and ranges, reusable without calibration ---

@@ -34,7 +34,8 @@ from .awq_search import block_width
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torch.Tensor | None,
                amax: torch.Tensor, block_size: int = 128, percdamp: float = 0.01,
-               act_order: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+               act_order: bool = True, mask: torch.Tensor | None = None,
+               consume: bool = False) -> torch.Tensor:
     """Round ``w`` (2-D ``[out, in]``) onto the grid of ``(amin, amax)`` with GPTQ updates.
 
     ``amax`` (and ``amin``, None when symmetric) are ``[out, in // block]`` as
@@ -42,7 +43,8 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     channel). ``h``: the ``[in, in]`` Hessian. ``block_size`` is GPTQ's lazy-update width, not
     the quantization block. ``mask`` (bool ``[out, in]``, e.g. a 2:4 sparsity mask): weights
     where it is False are set to 0 and their error is spread like any other. Returns the
-    rounded weight in ``w``'s dtype.
+    rounded weight in ``w``'s dtype. ``consume=True``: ``h`` may be overwritten (one
+    ``[in, in]`` copy less).
     """
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
@@ -60,7 +62,9 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     # transposed, [in, out]: each input column is a contiguous row; float64 in, float64 math
     dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
     W = w.detach().to(dtype).t().contiguous()
-    H = h.detach().to(w.device, dtype).clone()
+    H = h.detach().to(w.device, dtype)
+    if H is h and not consume:
+        H = H.clone()
     col_scale = col_scale.to(dtype)
     col_zero = None if col_zero is None else col_zero.to(dtype)
     dead = torch.diag(H) == 0
@@ -72,6 +76,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
         col_zero = None if col_zero is None else col_zero[perm]
         keep = None if keep is None else keep[perm]
     U = _inverse_cholesky_upper(H, percdamp)
+    del H
     Q = torch.empty_like(W)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -104,15 +109,17 @@ def _round_block(w1, u1, q1, scale1, zero1, spec, keep1=None):
 
 
 @torch.no_grad()
-def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01) -> None:
+def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01,
+                       consume: bool = False) -> None:
     """GPTQ-round the weights of quantized linears that share one input (Hessian ``h``) onto
     the ranges their weight quantizers hold, rows stacked (one factorisation), in place.
-    2:4-pruned weights stay 0."""
+    2:4-pruned weights stay 0. ``consume=True``: ``h`` may be overwritten."""
     q0 = members[0].weight_quantizer
     w = torch.cat([m.weight_2d().detach() for m in members])
     amax = torch.cat([m.weight_quantizer.amax for m in members])
     amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
-    w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=percdamp, mask=_stacked_mask(members))
+    w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=percdamp, mask=_stacked_mask(members),
+                     consume=consume)
     rows = [m.weight_2d().shape[0] for m in members]
     for m, part, orig in zip(members, w_q.split(rows), w.split(rows)):
         m.weight.data.copy_(m.weight_from_2d(part.to(m.weight.dtype)))

@@ -78,6 +78,8 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
             if not p.skipped:
                 with _at_hand(offloaded, p):
                     prune_magnitude(p, cfg)
+        if offloaded is not None:
+            offloaded.complete(model)   # masks of layers whose hooks offload buffers
     _record(model, cfg, plans, time.perf_counter() - start)
     logger.info("sparsified %d layer(s) to %s with %s, skipped %d", sum(not p.skipped for p in plans),
                 pattern, method, sum(bool(p.skipped) for p in plans))

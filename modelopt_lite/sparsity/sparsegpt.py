@@ -108,11 +108,17 @@ def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     triangular solve.
     """
     damp = percdamp * torch.mean(torch.diag(h)).clamp_min(1e-8)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(6):
-        chol, info = torch.linalg.cholesky_ex((h + damp * (10 ** attempt) * eye).flip(0, 1))
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    for attempt in range(6):   # at most two [in, in] matrices beside h, factored in place
+        a = h.flip(0, 1)                           # J H J, and J (damp I) J = damp I
+        a.diagonal().add_(damp * (10 ** attempt))
+        torch.linalg.cholesky_ex(a, out=(a, info))   # a := L
         if info.item() == 0:
-            return torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)
+            inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            torch.linalg.solve_triangular(a, inv, upper=False, out=inv)   # inv := L^-1
+            del a
+            return inv.flip(0, 1)                  # R^-1 = J L^-1 J
+        del a
     raise ValueError("the Hessian is not positive definite even with 10^5x the dampening; "
                      "check the calibration data (NaN/Inf or all-zero inputs)")
 
