@@ -12,9 +12,11 @@ changed weights are written back to the store, so the quantized model stays offl
 came and the forward through accelerate's hooks computes the quantized function.
 
 Written back means: a CPU-offloaded tensor is replaced in accelerate's CPU state dict; a
-disk-offloaded one is written to the offload folder as accelerate writes offloaded weights
-(``{name}.dat``, the folder's index updated in memory). A checkpoint file the index pointed at
-(transformers reads safetensors shards in place) is never written to.
+disk-offloaded one is written to a safetensors file in a folder of modelopt_lite's own (a
+temporary folder inside the offload folder, or the system's temporary folder; removed with
+the model) and accelerate's in-memory index is pointed at it. No file that existed before is
+written to: neither the checkpoint's shards (which transformers reads in place) nor an offload
+folder's ``.dat`` files (which accelerate may reuse for another model).
 
 Example::
 
@@ -28,8 +30,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,6 +91,7 @@ class OffloadedWeights:
     writes_back = True   # the streamer may free processed layers: reading them gives the new values
 
     def __init__(self, model: nn.Module):
+        self._model = model
         self._where: dict[str, tuple[object, str]] = {}   # full name -> (hook, key in its map)
         self._hooks: dict[str, object] = {}                 # module name -> offload hook
         self._homes: dict[str, torch.device] = {}           # module name -> execution device
@@ -98,7 +104,8 @@ class OffloadedWeights:
                 continue
             self._hooks[mname] = h
             for rel in _hook_tensor_names(m, h):
-                self._where[_join(mname, rel)] = (h, rel)
+                if _holds(h.weights_map, rel):   # (a buffer added since is not there yet)
+                    self._where[_join(mname, rel)] = (h, rel)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -148,17 +155,39 @@ class OffloadedWeights:
         value = tensor.detach().to("cpu", copy=True)
         from accelerate.utils import OffloadedWeightsLoader
 
-        if isinstance(base, OffloadedWeightsLoader):
-            if key in base.state_dict or base.save_folder is None:
-                base.state_dict[key] = value
-            else:   # a new {key}.dat in accelerate's offload folder; shards are never touched
-                from accelerate.utils import offload_weight
+        if not isinstance(base, OffloadedWeightsLoader):
+            base[key] = value          # a plain map of CPU tensors
+        elif key in base.state_dict or (key not in base.index and self._in_memory(hook)):
+            base.state_dict[key] = value   # held in CPU memory (a new tensor: as its layer's)
+        else:                          # on disk: a file of our own, the index pointed at it
+            from safetensors.torch import save_file
 
-                offload_weight(value, key, base.save_folder, index=base.index)
+            path = self._folder(base) / f"{key}.safetensors"
+            save_file({key: value.contiguous()}, str(path))
+            base.index[key] = {"safetensors_file": str(path), "weight_name": key}
             if key not in base.all_keys:
                 base.all_keys.append(key)
-        else:
-            base[key] = value
+
+    def _in_memory(self, hook) -> bool:
+        """Whether ``hook``'s tensors are kept in CPU memory (not on disk)."""
+        for h, rel in self._where.values():
+            if h is hook:
+                base, key = _base_map(h.weights_map, rel)
+                return key in getattr(base, "state_dict", base)
+        return True
+
+    def _folder(self, loader) -> Path:
+        """The model's folder for rewritten disk-offloaded tensors (made on first use, inside
+        the offload folder when there is one; removed with the model)."""
+        folder = getattr(self._model, "_modelopt_lite_rewritten", None)
+        if folder is None:
+            parent = loader.save_folder if loader.save_folder and os.path.isdir(
+                loader.save_folder) else None
+            folder = tempfile.TemporaryDirectory(prefix="modelopt_lite_rewritten_", dir=parent)
+            self._model._modelopt_lite_rewritten = folder
+            logger.info("changed disk-offloaded weights go to %s (removed with the model)",
+                        folder.name)
+        return Path(folder.name)
 
     def _owner(self, name: str):
         """(module name, hook) of the offloaded module whose hook loads tensor ``name``."""
@@ -214,6 +243,15 @@ class OffloadedWeights:
                 self.sink(0, name, module)
         finally:
             drop_(module, self, prefix, rest_device=None)
+
+
+def _holds(weights_map, key: str) -> bool:
+    """Whether accelerate's ``weights_map`` holds ``key``, without loading it."""
+    base, key = _base_map(weights_map, key)
+    state, index = getattr(base, "state_dict", None), getattr(base, "index", None)
+    if isinstance(state, dict) and index is not None:   # an OffloadedWeightsLoader
+        return key in state or key in index
+    return key in base
 
 
 def _base_map(weights_map, key: str):

@@ -186,9 +186,19 @@ def unquantize(model: nn.Module) -> nn.Module:
 
 
 def _remove_quantizers(model: nn.Module) -> nn.Module:
-    """:func:`unquantize` without its check (quantize()'s restore on failure)."""
-    for _, module in quant_modules(model):
-        _remove_one(module)
+    """:func:`unquantize` without its check (quantize()'s restore on failure). A layer whose
+    weight accelerate offloads is loaded from the offload store for its folds and written
+    back."""
+    from .calib.offload import offloaded_weights
+
+    layers = quant_modules(model)
+    store = offloaded_weights(model) if any(m.weight.is_meta for _, m in layers) else None
+    for name, module in layers:
+        if store is not None and module.weight.is_meta and _folds(module):
+            with store.onloaded(name, module, write_back=True):
+                _remove_one(module)
+        else:
+            _remove_one(module)
     if hasattr(model, "_modelopt_lite"):
         sparsity = model._modelopt_lite.get("sparsity")
         del model._modelopt_lite
@@ -197,6 +207,12 @@ def _remove_quantizers(model: nn.Module) -> nn.Module:
             if has_linear_experts(model):
                 model._modelopt_lite["experts_unfused"] = True
     return model
+
+
+def _folds(module: nn.Module) -> bool:
+    """Whether unwrapping ``module`` changes its weight (an input multiply or rotation)."""
+    iq = module.input_quantizer
+    return iq.pre_quant_scale is not None or getattr(iq, "rotation", None) is not None
 
 
 def _remove_one(module: nn.Module) -> None:

@@ -158,6 +158,8 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     offloaded = _load_offloaded(model, tensors, store)
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in tensors.items() if k not in offloaded}, strict=False)
+    if store is not None:   # ranges and masks that hooks offloading buffers look up
+        store.complete(model)
     tied = {n for n in missing if n not in tensors}
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
@@ -224,7 +226,6 @@ def _load_offloaded(model, tensors, store) -> set[str]:
         else:
             module._buffers[attr] = value.to(store.home_device(mname) or store.execution_device())
         done.add(name)
-    store.complete(model)   # ranges of layers whose hooks offload buffers: into the store too
     return done
 
 

@@ -37,7 +37,7 @@ def _offloaded_sqnr(model: nn.Module, name: str, module, cache: list) -> float:
         cache.append(offloaded_weights(model))
     if cache[0] is None or f"{name}.weight" not in cache[0]:
         return weight_sqnr_db(module)   # no store holds it: the meta tensor's own error
-    with cache[0].onloaded(name, module, "cpu"):
+    with cache[0].onloaded(name, module):   # where its ranges live
         return weight_sqnr_db(module)
 
 

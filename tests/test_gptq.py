@@ -100,3 +100,23 @@ def test_gptq_keeps_pruned_weights_at_zero_and_compensates_them():
     rtn = qdq_weight(w, spec, amin, amax) * mask
     err = lambda q: ((x @ (q - w).t()) ** 2).sum().item()  # noqa: E731
     assert err(got) < 0.9 * err(rtn)  # the kept weights absorb part of the pruning error
+
+
+def test_gptq_round_leaves_the_callers_hessian_alone():
+    """consume=False (the default): the Hessian passed in is not changed, dead columns
+    included; consume=True may overwrite it."""
+    from modelopt_lite.algorithms.gptq import gptq_round
+    from modelopt_lite.config import QuantizerSpec
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    x = torch.randn(256, 64)
+    x[:, 5] = 0   # a dead input column
+    h = x.T @ x / 256
+    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=32)
+    amax = w.abs().reshape(8, 2, 32).amax(-1)
+    before = h.clone()
+    gptq_round(w, h, spec, None, amax)
+    assert torch.equal(h, before)
+    gptq_round(w, h, spec, None, amax, consume=True)
+    assert h[5, 5] == 1.0

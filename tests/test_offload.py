@@ -130,7 +130,53 @@ def test_from_pretrained_disk_offload_never_writes_the_checkpoint(tokens, tmp_pa
                        progress=False)
     assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
     assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
-    assert (tmp_path / "off" / "model.layers.1.mlp.up_proj.weight.dat").exists()
+    rewritten = list((tmp_path / "off").glob("modelopt_lite_rewritten_*/*.safetensors"))
+    assert "model.layers.1.mlp.up_proj.weight.safetensors" in {p.name for p in rewritten}
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()
+            if p.is_file()}
+
+
+def test_offload_folder_files_are_never_rewritten(tokens, tmp_path):
+    """accelerate reuses an offload folder that has an index.json: a second float model
+    dispatched onto the folder after quantizing the first is still the float model."""
+    folder = tmp_path / "off"
+    model = disk_offload(tiny_llama(**SIZES), str(folder), execution_device="cpu")
+    before = _digests(folder)
+    mtl.quantize(model, "int4_awq", calib=tokens, progress=False)
+    assert _digests(folder) == before
+    again = disk_offload(tiny_llama(seed=5, **SIZES), str(folder), execution_device="cpu")
+    assert torch.equal(_logits(again, tokens), _logits(tiny_llama(**SIZES), tokens))
+    ref = mtl.quantize(tiny_llama(**SIZES), "int4_awq", calib=tokens, progress=False)
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+
+
+def test_disk_offload_without_a_folder_stays_off_cpu_memory(tokens, tmp_path):
+    """transformers reads disk-offloaded safetensors in place when no offload_folder is
+    given; the rewritten tensors go to a folder of their own, not into CPU memory."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tiny_llama(**SIZES).save_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, device_map=MIXED)
+    loader = model.model.layers[1].mlp.up_proj._hf_hook.weights_map.dataset
+    held = len(loader.state_dict)
+    mtl.quantize(model, "int4_awq", calib=tokens, progress=False)
+    assert len(loader.state_dict) == held
+    ref = mtl.quantize(tiny_llama(**SIZES), "int4_awq", calib=tokens, progress=False)
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+
+
+def test_unquantize_offloaded_folds_into_the_store(tokens, tmp_path):
+    """unquantize folds the SmoothQuant multiply and rotation into the offloaded weights."""
+    model = _offloaded("mixed", tmp_path)
+    mtl.unquantize(mtl.quantize(model, "int8_smoothquant", calib=tokens, progress=False))
+    ref = mtl.quantize(tiny_llama(**SIZES), "int8_smoothquant", calib=tokens, progress=False)
+    mtl.unquantize(ref)
+    assert torch.allclose(_logits(model, tokens), _logits(ref, tokens), atol=1e-5)
+    assert (_logits(model, tokens) - _logits(tiny_llama(**SIZES), tokens)).abs().max() < 0.05
 
 
 def test_encoder_decoder_offloaded(tmp_path):
@@ -193,6 +239,7 @@ def test_gpu_device_map(preset, gpus, tmp_path):
     mtl.quantize(ref, preset, calib=tokens, progress=False)
     a, b = _logits(model, tokens).float().cpu(), _logits(ref, tokens).float().cpu()
     assert ((a - b).norm() / b.norm()).item() < 2e-3
+    assert "model.layers.3.mlp.up_proj" in mtl.format_summary(model)   # SQNR of offloaded
     assert model.model.layers[3].mlp.up_proj.weight.is_meta
     assert model.model.layers[2].mlp.up_proj.weight.device == torch.device(devices[-1])
     if preset == "int4_awq":
@@ -222,3 +269,31 @@ def test_offloaded_buffers(tokens):
     ref = mtl.quantize(tiny_llama(**SIZES), "w8a8", calib=tokens, progress=False)
     assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
     assert "model.layers.1.mlp.up_proj.input_quantizer.amax" in values
+
+
+def _buffer_hooked(layers=(1,)):
+    """A model whose given layers sit under one hook that offloads buffers too."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    model = tiny_llama(**SIZES)
+    for i in layers:
+        layer = model.model.layers[i]
+        values = {f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()}
+        add_hook_to_module(layer, AlignDevicesHook(
+            execution_device="cpu", offload=True, offload_buffers=True, place_submodules=True,
+            weights_map=PrefixedDataset(OffloadedWeightsLoader(state_dict=values),
+                                        f"model.layers.{i}.")))
+    return model
+
+
+def test_deploy_and_sparse_load_under_a_buffer_offloading_hook(tokens, tmp_path):
+    model = mtl.quantize(_buffer_hooked(), "int4_awq", calib=tokens, progress=False)
+    ref = mtl.quantize(tiny_llama(**SIZES), "int4_awq", calib=tokens, progress=False)
+    mtl.deploy(model)
+    mtl.deploy(ref)
+    assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
+    sparse = mtl.sparsify(tiny_llama(**SIZES), "2:4", "magnitude", progress=False)
+    out = mtl.save(sparse, tmp_path / "sparse")
+    loaded = mtl.load(_buffer_hooked(), out)
+    assert torch.equal(_logits(loaded, tokens), _logits(sparse, tokens))

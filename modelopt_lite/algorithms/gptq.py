@@ -63,7 +63,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
     W = w.detach().to(dtype).t().contiguous()
     H = h.detach().to(w.device, dtype)
-    if H is h and not consume:
+    if not consume and H.data_ptr() == h.data_ptr():   # (H is changed in place below)
         H = H.clone()
     col_scale = col_scale.to(dtype)
     col_zero = None if col_zero is None else col_zero.to(dtype)

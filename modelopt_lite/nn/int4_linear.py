@@ -400,5 +400,7 @@ def deploy_int4(model: nn.Module) -> nn.Module:
             return new
         swap_module(model, name, new)
         log.debug("deployed %s as %r", name, new)
+    if offloaded is not None:   # a parent hook that offloads buffers looks the new ones up
+        offloaded.complete(model)
     log.info("deploy_int4: %d linear layers now run on INT4 kernels", len(targets))
     return model
