@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..config import QuantizerSpec
@@ -78,17 +80,40 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     U = _inverse_cholesky_upper(H, percdamp)
     del H
     Q = torch.empty_like(W)
+    fused = _use_kernel(W, block_size)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        with _few_threads(W.device):
-            err = _round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2],
-                               None if col_zero is None else col_zero[i1:i2], spec,
-                               None if keep is None else keep[i1:i2])
+        z1 = None if col_zero is None else col_zero[i1:i2]
+        k1 = None if keep is None else keep[i1:i2]
+        if fused:   # the column loop in one kernel launch (modelopt_lite.kernels.gptq)
+            from ..kernels.gptq import gptq_round_block
+
+            qmin, qmax = F.qrange(spec.num_bits, spec.symmetric)
+            err = gptq_round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2], z1,
+                                   qmin, qmax, k1)
+        else:
+            with _few_threads(W.device):
+                err = _round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2], z1,
+                                   spec, k1)
         if i2 < in_f:
             W[i2:] -= U[i1:i2, i2:].t() @ err
     if perm is not None:
         Q = Q[torch.argsort(perm)]
     return Q.t().contiguous().to(w.dtype)
+
+
+def _use_kernel(W: torch.Tensor, block_size: int) -> bool:
+    """The Triton column loop serves float32 CUDA weights (the PyTorch loop launches ~10
+    kernels a column); ``MODELOPT_LITE_GPTQ_KERNEL=0`` keeps the PyTorch loop."""
+    if not (W.is_cuda and W.dtype == torch.float32 and block_size <= 128):
+        return False
+    if os.environ.get("MODELOPT_LITE_GPTQ_KERNEL", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _round_block(w1, u1, q1, scale1, zero1, spec, keep1=None):
