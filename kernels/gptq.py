@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import torch
 
-_ROUND = 12582912.0   # 1.5 * 2**23: (y + R) - R rounds a float32 |y| < 2**22 half to even
-
-
 def _kernel():
     import triton
     import triton.language as tl
@@ -42,8 +39,8 @@ def _kernel():
             if HAS_ZERO:
                 z = tl.load(Z + i * stride_z + offs_n, mask=in_n, other=0.0)
                 y = y + z
-            r = y + _ROUND
-            q = tl.minimum(tl.maximum(r - _ROUND, qmin), qmax)
+            r = y + 12582912.0   # 1.5 * 2**23: rounds |y| < 2**22 half to even, as torch
+            q = tl.minimum(tl.maximum(r - 12582912.0, qmin), qmax)
             if HAS_ZERO:
                 dq = (q - z) * s
             else:

@@ -186,6 +186,7 @@ def test_gpu_gptq_kernel_against_the_pytorch_loop(symmetric, monkeypatch):
     monkeypatch.undo()
     assert G._use_kernel(w, 128)
     fused = gptq_round(w, h, spec, amin, amax)
+    assert torch.equal(qdq_weight(fused, spec, amin, amax), fused)   # on the grid
     assert (fused == loop).float().mean() > 0.999
     err = lambda q: ((x @ (q - w).t()) ** 2).sum().item()  # noqa: E731
     assert abs(err(fused) - err(loop)) < 1e-3 * err(loop)
