@@ -3,8 +3,8 @@
 GPTQ rounds an ``[in, out]`` weight (transposed: one input column per row) column by column:
 each column is quantized, its error divided by the inverse Hessian factor's diagonal, and the
 error spread over the block's later columns. In PyTorch that is about ten small kernels per
-column, so a Llama-3-8B decoder layer (26,624 input columns over its seven linears) spends
-seconds launching them. Here one program owns ``BLOCK_N`` output features of a block of up
+column, so a Llama-3-8B decoder layer (26,624 input columns over its four groups of linears
+that share an input) spends seconds launching them. Here one program owns ``BLOCK_N`` output features of a block of up
 to 128 columns, holds the block in registers and runs the whole column loop; output
 features are independent, so the programs never talk.
 
