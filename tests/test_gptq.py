@@ -122,10 +122,11 @@ def test_gptq_round_leaves_the_callers_hessian_alone():
     assert h[5, 5] == 1.0
 
 
+@pytest.mark.parametrize("bits,granularity", [(4, "per_block"), (8, "per_channel")])
 @pytest.mark.parametrize("symmetric,integer_zero,sparse", [
     (True, False, False), (False, False, False), (False, True, False), (True, False, True)])
-def test_gptq_kernel_matches_the_pytorch_column_loop(symmetric, integer_zero, sparse,
-                                                     monkeypatch):
+def test_gptq_kernel_matches_the_pytorch_column_loop(symmetric, integer_zero, sparse, bits,
+                                                     granularity, monkeypatch):
     """The Triton column loop (kernels/gptq.py, here under TRITON_INTERPRET=1) gives the
     PyTorch loop's result bit for bit: the whole gptq_round, float32, act order, odd sizes
     (83 outputs: not a multiple of the 64-wide program; 150 inputs: a 22-column last block),
@@ -138,7 +139,8 @@ def test_gptq_kernel_matches_the_pytorch_column_loop(symmetric, integer_zero, sp
     x[:, 3] *= 12
     w = torch.randn(83, 150, generator=g)
     h = 2 * x.t() @ x / 300
-    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=50,
+    spec = QuantizerSpec(num_bits=bits, granularity=granularity,
+                         block_size=50 if granularity == "per_block" else None,
                          symmetric=symmetric, integer_zero=integer_zero)
     mask = None
     if sparse:
@@ -168,8 +170,9 @@ def test_gptq_kernel_input_checks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,granularity", [(4, "per_block"), (8, "per_channel")])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gpu_gptq_kernel_against_the_pytorch_loop(symmetric, monkeypatch):
+def test_gpu_gptq_kernel_against_the_pytorch_loop(symmetric, bits, granularity, monkeypatch):
     """On the GPU the compiler may fuse a multiply-subtract: nearly every code agrees, and the
     output error the rounding leaves is the loop's to 1e-3."""
     import modelopt_lite.algorithms.gptq as G
@@ -178,7 +181,8 @@ def test_gpu_gptq_kernel_against_the_pytorch_loop(symmetric, monkeypatch):
     x = torch.randn(2048, 1024, device="cuda", generator=g)
     w = torch.randn(768, 1024, device="cuda", generator=g)
     h = 2 * x.t() @ x / 2048
-    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=128,
+    spec = QuantizerSpec(num_bits=bits, granularity=granularity,
+                         block_size=128 if granularity == "per_block" else None,
                          symmetric=symmetric)
     amin, amax = weight_range(w, spec)
     monkeypatch.setattr(G, "_use_kernel", lambda W, block: False)
