@@ -192,19 +192,25 @@ def check_paths(args) -> None:
         raise FileExistsError(f"--out {out}: a file is there; the output is a checkpoint folder")
 
 
+def skip_eval_unless_lm(model, args) -> None:
+    """Turn the perplexity table off, saying why, for a model perplexity() does not
+    measure (an encoder-decoder, a classifier)."""
+    from .eval import not_a_language_model
+
+    kind = None if args.no_eval else not_a_language_model(model)
+    if kind:
+        print(f"{type(model).__name__} is {kind}: no perplexity table (measure it on its "
+              f"task)")
+        args.no_eval = True
+
+
 def _quantize_run(args) -> int:
     import modelopt_lite as mtl
-
-    from .models import is_encoder_decoder, is_generative
 
     check_paths(args)
     model, tokenizer = _load(args)
     cfg = _recipe(model, args)
-    if not args.no_eval and (is_encoder_decoder(model) or not is_generative(model)):
-        kind = "an encoder-decoder" if is_encoder_decoder(model) else "not a language model"
-        print(f"{type(model).__name__} is {kind}: no perplexity table (measure it on its "
-              f"task); quantizing")
-        args.no_eval = True
+    skip_eval_unless_lm(model, args)
     fp = None if args.no_eval else _ppl(model, tokenizer, args)
     start = time.time()
     mtl.quantize(model, cfg, calib=_calib_source(args), tokenizer=tokenizer,

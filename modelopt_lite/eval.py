@@ -39,6 +39,16 @@ class PerplexityResult:
     seq_len: int
 
 
+def not_a_language_model(model) -> str | None:
+    """Why :func:`perplexity` does not measure ``model``: ``"an encoder-decoder"``, ``"not a
+    language model"`` (no language-model head), or None when it does."""
+    if is_encoder_decoder(model):
+        return "an encoder-decoder"
+    if getattr(model, "config", None) is not None and not is_generative(model):
+        return "not a language model"
+    return None
+
+
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | None = None,
                add_bos: bool | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on the first ``windows`` windows of ``text`` (all when None).
@@ -50,13 +60,14 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, windows: int | 
         >>> perplexity(model, tokenizer, wiki_text("test"), windows=4).ppl  # doctest: +SKIP
         12.80...
     """
-    if is_encoder_decoder(model):
+    kind = not_a_language_model(model)
+    if kind == "an encoder-decoder":
         raise ValueError(
             f"perplexity measures a language model predicting the next token from the tokens "
             f"before it; {type(model).__name__} is an encoder-decoder, whose decoder would see "
             f"the whole window through its encoder. Fix: measure it on its task (translation, "
             f"summarisation, transcription) with its own metric")
-    if getattr(model, "config", None) is not None and not is_generative(model):
+    if kind:
         raise ValueError(
             f"perplexity measures a language model predicting the next token; "
             f"{type(model).__name__} has no language-model head (a classifier or an encoder). "

@@ -215,3 +215,18 @@ def test_device_map_flags_are_checked(tiny_folder, capsys):
         main(base + ["--max-memory", '{"cpu": "1GiB"}'])
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(base + ["--device-map", "{model: cpu}"])
+
+
+def test_sparsify_an_encoder_decoder_folder_skips_perplexity(tiny_folder, capsys):
+    """sparsify on a T5 folder prunes and saves; like quantize it leaves out the perplexity
+    table, which perplexity() would refuse for an encoder-decoder."""
+    from tiny_models import tiny_t5
+
+    d = tiny_folder
+    tiny_t5().save_pretrained(d / "t5")
+    word_tokenizer().save_pretrained(d / "t5")
+    rc = main(["sparsify", "--model", str(d / "t5"), "--method", "magnitude",
+               "--out", str(d / "t5-sparse")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no perplexity table" in out and "perplexity," not in out
+    assert (d / "t5-sparse" / "modelopt_lite.json").exists()

@@ -35,11 +35,12 @@ def _args(p) -> None:
 def _run(args) -> int:
     import modelopt_lite as mtl
 
-    from ..cli import _calib_source, _load, _ppl, _recipe, _table, check_paths
+    from ..cli import _calib_source, _load, _ppl, _recipe, _table, check_paths, skip_eval_unless_lm
     from . import format_sparsity, sparsify
 
     check_paths(args)
     model, tokenizer = _load(args)
+    skip_eval_unless_lm(model, args)
     rows = [] if args.no_eval else [("dense", _ppl(model, tokenizer, args), "")]
     start = time.time()
     calib = None if args.method == "magnitude" else _calib_source(args)
