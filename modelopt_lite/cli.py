@@ -52,7 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "'{\"0\": \"20GiB\", \"cpu\": \"64GiB\"}'")
     p.add_argument("--offload-folder", default=None,
                    help="where --device-map puts weights it offloads to disk (default: a "
-                        "temporary folder, removed at exit)")
+                        "temporary folder under $TMPDIR, removed at exit; point it at a real "
+                        "disk if /tmp is memory-backed)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the float model's dtype (default float32; float16 or bfloat16 halve "
                         "the memory, on a GPU)")
