@@ -59,6 +59,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     if quant_modules(model):
         raise AlreadyQuantizedError("this model already has fake-quant layers; quantize a fresh "
                                     "float model (or call modelopt_lite.unquantize(model) first)")
+    _check_adapters(model, cfg)
     offloaded = offload_store(model)   # accelerate's CPU / disk offload, checked first
     unfused = prepare_experts(model)
     try:
@@ -79,6 +80,31 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     logger.info("quantized %d layer(s), skipped %d", sum(not p.skipped for p in plans),
                 sum(bool(p.skipped) for p in plans))
     return model
+
+
+def unmerged_adapters(model: nn.Module) -> list[str]:
+    """Names of the layers holding active, unmerged PEFT adapters (LoRA and kin: a
+    ``base_layer`` beside adapter branches that read the same input)."""
+    return [name for name, m in model.named_modules()
+            if hasattr(m, "base_layer") and not getattr(m, "merged", True)
+            and not getattr(m, "disable_adapters", False)
+            and any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.")
+                    for c in type(m).__mro__)]
+
+
+def _check_adapters(model: nn.Module, cfg: QuantConfig) -> None:
+    """AWQ and SmoothQuant fold scales into the layers that feed a linear; an unmerged
+    adapter reads the same input through its own branch, which the fold would change."""
+    if cfg.algorithm.name not in ("awq", "smoothquant"):
+        return
+    adapters = unmerged_adapters(model)
+    if adapters:
+        raise ValueError(
+            f"{adapters[0]} (and {len(adapters) - 1} more) holds an unmerged PEFT adapter: "
+            f"{cfg.algorithm.name} folds scales into the layers feeding the base linear, and "
+            "the adapter branch reads that input too, so the model's function would change. "
+            "Fix: merge the adapters first (model = model.merge_and_unload()), or use a "
+            "preset without folds (int4_weight_only, w8a8)")
 
 
 @contextmanager

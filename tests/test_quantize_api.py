@@ -302,3 +302,53 @@ def test_layer_streaming_walks_an_encoder_decoder_held_in_memory():
     got = model.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _lora_llama():
+    peft = pytest.importorskip("peft")
+    from tiny_models import tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(hidden=128, inter=256), peft.LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant"])
+def test_unmerged_peft_adapters_are_refused_by_folding_algorithms(preset):
+    """An unmerged LoRA branch reads the same input as its base linear: AWQ / SmoothQuant
+    folds into the layer feeding both would change it. Refused before any change, with the
+    fix; after merge_and_unload the same preset runs."""
+    import modelopt_lite as mtl
+    from modelopt_lite.api import unmerged_adapters
+    from tiny_models import random_tokens
+
+    model = _lora_llama()
+    tokens = random_tokens(4, 32, seed=1)
+    with torch.no_grad():
+        before = model(tokens).logits
+    assert len(unmerged_adapters(model)) == 6
+    with pytest.raises(ValueError, match=r"q_proj \(and 5 more\).*merge_and_unload"):
+        mtl.quantize(model, preset, calib=tokens, progress=False)
+    assert not mtl.layers.quant_modules(model)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
+    merged = model.merge_and_unload()
+    assert not unmerged_adapters(merged)
+    mtl.quantize(merged, preset, calib=tokens, progress=False)
+    with torch.no_grad():
+        after = merged(tokens).logits
+    assert ((after - before).norm() / before.norm()).item() < 0.1
+
+
+def test_unmerged_peft_adapters_run_with_presets_without_folds():
+    import modelopt_lite as mtl
+    from tiny_models import random_tokens
+
+    model = _lora_llama()
+    tokens = random_tokens(4, 32, seed=1)
+    with torch.no_grad():
+        before = model(tokens).logits
+    mtl.quantize(model, "w8a8", calib=tokens, progress=False)
+    with torch.no_grad():
+        after = model(tokens).logits
+    assert ((after - before).norm() / before.norm()).item() < 0.05
