@@ -15,6 +15,8 @@ multiply and a subtract, which moves the last bit now and then.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 def _kernel():
@@ -83,9 +85,12 @@ def gptq_round_block(w1: torch.Tensor, u1: torch.Tensor, q1: torch.Tensor, scale
     keep = scale1 if keep1 is None else keep1
     block_c = max(16, 1 << (cols - 1).bit_length())
     grid = (-(-n_out // block_n),)
-    _KERNEL[grid](w1, u1, q1, err, scale1, zero, keep, cols, n_out,
-                  w1.stride(0), u1.stride(0), q1.stride(0), err.stride(0), scale1.stride(0),
-                  zero.stride(0), keep.stride(0), float(qmin), float(qmax),
-                  HAS_ZERO=zero1 is not None, HAS_KEEP=keep1 is not None,
-                  BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4)
+    # Triton launches on the current device: a layer on another GPU (device_map) sets it
+    on = torch.cuda.device(w1.device) if w1.is_cuda else contextlib.nullcontext()
+    with on:
+        _KERNEL[grid](w1, u1, q1, err, scale1, zero, keep, cols, n_out,
+                      w1.stride(0), u1.stride(0), q1.stride(0), err.stride(0), scale1.stride(0),
+                      zero.stride(0), keep.stride(0), float(qmin), float(qmax),
+                      HAS_ZERO=zero1 is not None, HAS_KEEP=keep1 is not None,
+                      BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4)
     return err

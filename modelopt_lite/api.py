@@ -83,13 +83,12 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
 
 
 def unmerged_adapters(model: nn.Module) -> list[str]:
-    """Names of the layers holding active, unmerged PEFT adapters (LoRA and kin: a
-    ``base_layer`` beside adapter branches that read the same input)."""
+    """Names of the layers holding unmerged PEFT adapters (LoRA and kin: a ``base_layer``
+    beside adapter branches that read the same input), enabled or not."""
     return [name for name, m in model.named_modules()
             if hasattr(m, "base_layer") and not getattr(m, "merged", True)
-            and not getattr(m, "disable_adapters", False)
             and any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.")
-                    for c in type(m).__mro__)]
+                    for c in type(m).__mro__)]   # (disabled ones too: they come back)
 
 
 def _check_adapters(model: nn.Module, cfg: QuantConfig) -> None:
@@ -99,8 +98,9 @@ def _check_adapters(model: nn.Module, cfg: QuantConfig) -> None:
         return
     adapters = unmerged_adapters(model)
     if adapters:
+        more = f" (and {len(adapters) - 1} more)" if len(adapters) > 1 else ""
         raise ValueError(
-            f"{adapters[0]} (and {len(adapters) - 1} more) holds an unmerged PEFT adapter: "
+            f"{adapters[0]}{more} holds an unmerged PEFT adapter: "
             f"{cfg.algorithm.name} folds scales into the layers feeding the base linear, and "
             "the adapter branch reads that input too, so the model's function would change. "
             "Fix: merge the adapters first (model = model.merge_and_unload()), or use a "

@@ -66,9 +66,14 @@ def _load(args):
 
     placement = {}
     if getattr(args, "device_map", None):
-        placement["device_map"] = _json_or_text(args.device_map, "--device-map")
+        device_map = _json_or_text(args.device_map, "--device-map")
+        placement["device_map"] = int(device_map) if str(device_map).isdigit() else device_map
         if args.max_memory:
             placement["max_memory"] = _json_or_text(args.max_memory, "--max-memory")
+            if not isinstance(placement["max_memory"], dict):
+                raise SystemExit(f"--max-memory takes a JSON object of device -> size, e.g. "
+                                 f"'{{\"0\": \"20GiB\", \"cpu\": \"64GiB\"}}', got "
+                                 f"{args.max_memory!r}")
         placement["offload_folder"] = args.offload_folder
     elif getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
         raise SystemExit("--max-memory and --offload-folder place weights of --device-map; "

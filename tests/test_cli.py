@@ -215,6 +215,8 @@ def test_device_map_flags_are_checked(tiny_folder, capsys):
         main(base + ["--max-memory", '{"cpu": "1GiB"}'])
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(base + ["--device-map", "{model: cpu}"])
+    with pytest.raises(SystemExit, match="--max-memory takes a JSON object"):
+        main(base + ["--device-map", "auto", "--max-memory", "20GiB"])
 
 
 def test_sparsify_an_encoder_decoder_folder_skips_perplexity(tiny_folder, capsys):

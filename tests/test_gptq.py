@@ -194,3 +194,16 @@ def test_gpu_gptq_kernel_against_the_pytorch_loop(symmetric, bits, granularity, 
     assert (fused == loop).float().mean() > 0.999
     err = lambda q: ((x @ (q - w).t()) ** 2).sum().item()  # noqa: E731
     assert abs(err(fused) - err(loop)) < 1e-3 * err(loop)
+
+
+def test_gptq_refuses_a_weight_with_nan_naming_the_layer():
+    """A NaN weight would spread over its whole row (and the GPU kernel's clamp would turn it
+    into a finite code): a clear error instead."""
+    import modelopt_lite as mtl
+    from tiny_models import random_tokens, tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj: the weight holds NaN"):
+        mtl.quantize(model, "int4_awq", calib=random_tokens(2, 32, seed=0), progress=False)

@@ -332,6 +332,11 @@ def test_unmerged_peft_adapters_are_refused_by_folding_algorithms(preset):
     assert not mtl.layers.quant_modules(model)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, before)
+    with model.disable_adapter():   # disabled adapters come back: refused as well
+        with pytest.raises(ValueError, match="unmerged PEFT adapter"):
+            mtl.quantize(model, preset, calib=tokens, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
     merged = model.merge_and_unload()
     assert not unmerged_adapters(merged)
     mtl.quantize(merged, preset, calib=tokens, progress=False)

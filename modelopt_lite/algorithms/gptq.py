@@ -141,6 +141,12 @@ def gptq_round_linears(members, h: torch.Tensor, percdamp: float = 0.01,
     2:4-pruned weights stay 0. ``consume=True``: ``h`` may be overwritten."""
     q0 = members[0].weight_quantizer
     w = torch.cat([m.weight_2d().detach() for m in members])
+    if not bool(torch.isfinite(w).all()):
+        bad = next(getattr(m, "layer_name", "") or type(m).__name__ for m in members
+                   if not bool(torch.isfinite(m.weight_2d()).all()))
+        raise ValueError(f"{bad}: the weight holds NaN or Inf values, which GPTQ cannot round "
+                         "(they would spread over the whole row). Fix: check the checkpoint, "
+                         "or exclude the layer")
     amax = torch.cat([m.weight_quantizer.amax for m in members])
     amin = None if q0.amin is None else torch.cat([m.weight_quantizer.amin for m in members])
     w_q = gptq_round(w, h, q0.spec, amin, amax, percdamp=percdamp, mask=_stacked_mask(members),
