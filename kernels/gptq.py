@@ -4,9 +4,9 @@ GPTQ rounds an ``[in, out]`` weight (transposed: one input column per row) colum
 each column is quantized, its error divided by the inverse Hessian factor's diagonal, and the
 error spread over the block's later columns. In PyTorch that is about ten small kernels per
 column, so a Llama-3-8B decoder layer (26,624 input columns over its four groups of linears
-that share an input) spends seconds launching them. Here one program owns ``BLOCK_N`` output features of a block of up
-to 128 columns, holds the block in registers and runs the whole column loop; output
-features are independent, so the programs never talk.
+that share an input) spends seconds launching them. Here one program owns ``BLOCK_N``
+output features of a block of up to 128 columns, holds the block in registers and runs the
+whole column loop; output features are independent, so the programs never talk.
 
 The arithmetic is the PyTorch reference's, operation for operation (IEEE division, round half
 to even, the same order of multiply and subtract), so the interpreter reproduces
