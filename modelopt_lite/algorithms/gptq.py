@@ -81,14 +81,15 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, spec: QuantizerSpec, amin: torc
     del H
     Q = torch.empty_like(W)
     fused = _use_kernel(W, block_size)
+    if fused:   # the column loop in one kernel launch (modelopt_lite.kernels.gptq)
+        from ..kernels.gptq import gptq_round_block
+
+        qmin, qmax = F.qrange(spec.num_bits, spec.symmetric)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         z1 = None if col_zero is None else col_zero[i1:i2]
         k1 = None if keep is None else keep[i1:i2]
-        if fused:   # the column loop in one kernel launch (modelopt_lite.kernels.gptq)
-            from ..kernels.gptq import gptq_round_block
-
-            qmin, qmax = F.qrange(spec.num_bits, spec.symmetric)
+        if fused:
             err = gptq_round_block(W[i1:i2], U[i1:i2, i1:i2], Q[i1:i2], col_scale[i1:i2], z1,
                                    qmin, qmax, k1)
         else:
