@@ -33,7 +33,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -243,6 +243,19 @@ class OffloadedWeights:
                 self.sink(0, name, module)
         finally:
             drop_(module, self, prefix, rest_device=None)
+
+
+def at_hand(store: OffloadedWeights | None, name: str, module: nn.Module,
+            write_back: bool = False):
+    """Context: ``module`` (called ``name``) with its weight at hand: a weight accelerate
+    offloads is loaded from ``store`` for the block (:meth:`OffloadedWeights.onloaded`, its
+    changes written back when ``write_back``); a resident one is used as it is."""
+    if store is None or not module.weight.is_meta:
+        return nullcontext()
+    if f"{name}.weight" not in store:
+        raise ValueError(f"{name}: its weight is on the meta device and no accelerate offload "
+                         "store holds it; load the model's weights first")
+    return store.onloaded(name, module, write_back=write_back)
 
 
 def _holds(weights_map, key: str) -> bool:

@@ -215,15 +215,11 @@ def _remove_quantizers(model: nn.Module) -> nn.Module:
     """:func:`unquantize` without its check (quantize()'s restore on failure). A layer whose
     weight accelerate offloads is loaded from the offload store for its folds and written
     back."""
-    from .calib.offload import offloaded_weights
+    from .calib.offload import at_hand, offloaded_weights
 
-    layers = quant_modules(model)
-    store = offloaded_weights(model) if any(m.weight.is_meta for _, m in layers) else None
-    for name, module in layers:
-        if store is not None and module.weight.is_meta and _folds(module):
-            with store.onloaded(name, module, write_back=True):
-                _remove_one(module)
-        else:
+    store = offloaded_weights(model)
+    for name, module in quant_modules(model):
+        with at_hand(store if _folds(module) else None, name, module, write_back=True):
             _remove_one(module)
     if hasattr(model, "_modelopt_lite"):
         sparsity = model._modelopt_lite.get("sparsity")

@@ -153,7 +153,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         spec = lambda d: None if d is None else QuantizerSpec(**d)  # noqa: E731
         wrap_module(modules[rec["name"]], spec(rec["weight"]), spec(rec["input"]), rec["name"])
     _add_mask_buffers(manifest, modules, tensors)
-    store = _offload_store(model)
+    from .calib.offload import offloaded_weights
+
+    store = offloaded_weights(model)   # accelerate's CPU / disk offload, if any
     _add_int4_layers(model, deployed, modules, store)
     offloaded = _load_offloaded(model, tensors, store)
     missing, unexpected = model.load_state_dict(
@@ -196,16 +198,6 @@ def _add_int4_layers(model, deployed, modules, store=None) -> None:
             device = store.home_device(name) or store.execution_device()
         spec = {k: v for k, v in rec.items() if k != "name"}
         swap_module(model, name, Int4Linear.from_spec(spec, device=device))
-
-
-def _offload_store(model):
-    """accelerate's offload store when some of the model's tensors are offloaded, else
-    None."""
-    if not any(t.is_meta for t in model.parameters()):
-        return None
-    from .calib.offload import offloaded_weights
-
-    return offloaded_weights(model)
 
 
 def _load_offloaded(model, tensors, store) -> set[str]:

@@ -28,16 +28,12 @@ def weight_sqnr_db(module) -> float:
 
 def _offloaded_sqnr(model: nn.Module, name: str, module, cache: list) -> float:
     """weight_sqnr_db, reading a weight accelerate offloads (on ``meta`` in the model) from
-    the offload store."""
-    if not module.weight.is_meta:
-        return weight_sqnr_db(module)
-    from .calib.offload import offloaded_weights
+    the offload store (built on first need into ``cache``) onto where its ranges live."""
+    from .calib.offload import at_hand, offloaded_weights
 
-    if not cache:
+    if module.weight.is_meta and not cache:
         cache.append(offloaded_weights(model))
-    if cache[0] is None or f"{name}.weight" not in cache[0]:
-        return weight_sqnr_db(module)   # no store holds it: the meta tensor's own error
-    with cache[0].onloaded(name, module):   # where its ranges live
+    with at_hand(cache[0] if cache else None, name, module):
         return weight_sqnr_db(module)
 
 

@@ -2,8 +2,6 @@
 and deploy_int4(), which swaps fake-quant INT4 linears for it."""
 from __future__ import annotations
 
-import contextlib
-
 import functools
 import logging
 from typing import Optional
@@ -342,18 +340,6 @@ def _to_int4_linear(module: nn.Module, name: str = "", half_model: bool = False)
                                  keep_float32=keep_float32)
 
 
-def _weights_at_hand(offloaded, name: str, module: nn.Module):
-    """A layer whose weight accelerate offloads is read from the offload store onto its
-    execution device for the conversion (the Int4Linear built from it stays there, resident:
-    a quarter of the fp16 bytes)."""
-    if offloaded is None or not module.weight.is_meta:
-        return contextlib.nullcontext()
-    if f"{name}.weight" not in offloaded:
-        raise ValueError(f"{name}: its weight is on the meta device and no accelerate offload "
-                         "store holds it; load the model's weights before deploy()")
-    return offloaded.onloaded(name, module)
-
-
 def int4_layers(model: nn.Module) -> dict[str, "Int4Linear"]:
     """The model's deployed layers (``Int4Linear``), by dotted name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
@@ -373,15 +359,13 @@ def deploy_int4(model: nn.Module) -> nn.Module:
     (``Int4Linear.keep_float32``), as it did before."""
     targets = [(name, mod) for name, mod in model.named_modules() if _is_int4_fake_quant(mod)]
     half_model = any(p.dtype in _HALF for p in model.parameters())
-    offloaded = None
-    if any(mod.weight.is_meta for _, mod in targets):   # accelerate's CPU / disk offload
-        from ..calib.offload import offloaded_weights
+    from ..calib.offload import at_hand, offloaded_weights
 
-        offloaded = offloaded_weights(model)
+    offloaded = offloaded_weights(model)   # accelerate's CPU / disk offload, if any
     built = []
     for name, mod in targets:
-        try:
-            with _weights_at_hand(offloaded, name, mod):
+        try:   # (an offloaded weight is read from the store onto its execution device)
+            with at_hand(offloaded, name, mod):
                 built.append((name, _to_int4_linear(mod, name, half_model)))
         except ValueError as err:
             if name and not str(err).startswith(name):

@@ -20,7 +20,7 @@ import time
 
 from torch import nn
 
-from ..calib.offload import offload_store, offloaded_streaming
+from ..calib.offload import at_hand, offload_store, offloaded_streaming
 from ..calib.runner import resolve_forward_loop
 from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
@@ -76,7 +76,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     else:
         for p in plans:
             if not p.skipped:
-                with _at_hand(offloaded, p):
+                with at_hand(offloaded, p.name, p.module, write_back=True):
                     prune_magnitude(p, cfg)
         if offloaded is not None:
             offloaded.complete(model)   # masks of layers whose hooks offload buffers
@@ -84,13 +84,6 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     logger.info("sparsified %d layer(s) to %s with %s, skipped %d", sum(not p.skipped for p in plans),
                 pattern, method, sum(bool(p.skipped) for p in plans))
     return model
-
-
-def _at_hand(offloaded, plan):
-    """A layer whose weight accelerate offloads: loaded for its pruning, written back."""
-    if offloaded is None or not plan.module.weight.is_meta:
-        return contextlib.nullcontext()
-    return offloaded.onloaded(plan.name, plan.module, write_back=True)
 
 
 def _prune_calibrated(model, plans, loop, cfg, progress) -> None:
