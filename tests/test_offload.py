@@ -242,11 +242,17 @@ def test_gpu_device_map(preset, gpus, tmp_path):
     assert "model.layers.3.mlp.up_proj" in mtl.format_summary(model)   # SQNR of offloaded
     assert model.model.layers[3].mlp.up_proj.weight.is_meta
     assert model.model.layers[2].mlp.up_proj.weight.device == torch.device(devices[-1])
+    for name, m in mtl.layers.quant_modules(model):   # ranges live where their layer runs
+        runs = (torch.device(m._hf_hook.execution_device) if m.weight.is_meta
+                else m.weight.device)
+        for q in (m.input_quantizer, m.weight_quantizer):
+            assert q.amax is None or q.amax.device == runs, (name, q.amax.device, runs)
     if preset == "int4_awq":
+        runs_on = torch.device(model.model.layers[3].mlp.up_proj._hf_hook.execution_device)
         mtl.deploy(model)
         mtl.deploy(ref)
         layer3 = model.model.layers[3].mlp.up_proj
-        assert layer3.qweight.device == torch.device(devices[0])   # accelerate's main device
+        assert layer3.qweight.device == runs_on   # accelerate's main device (any of the GPUs)
         a, b = _logits(model, tokens).float().cpu(), _logits(ref, tokens).float().cpu()
         assert ((a - b).norm() / b.norm()).item() < 2e-3
 

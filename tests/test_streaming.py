@@ -163,6 +163,24 @@ def test_gpu_holds_about_one_layer(tmp_path):
         torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_streamed_ranges_stay_with_their_layers():
+    """CPU-resident layers streamed onto the GPU for w8a8's whole-model calibration pass: the
+    activation ranges end on the CPU beside their layers' weights, so the quantized model runs
+    where it is, as the model quantized in CPU memory does."""
+    model = tiny_llama(seed=0)
+    tokens = random_tokens(4, 32)
+    ref = mtl.quantize(copy.deepcopy(model), "w8a8", calib=tokens, progress=False)
+    with stream_layers(model, "cuda"):
+        mtl.quantize(model, "w8a8", calib=tokens, progress=False)
+    for name, m in mtl.layers.quant_modules(model):
+        assert m.input_quantizer.amax.device == m.weight.device == torch.device("cpu"), name
+    with torch.no_grad():
+        got, want = model(tokens).logits, ref(tokens).logits
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("preset", _presets())
 def test_encoder_decoder_streams_both_stacks_as_in_memory(tmp_path, preset):
     """T5 from a safetensors folder, both stacks on meta: the encoder's layers stream first,

@@ -36,16 +36,39 @@ def calibrate_activations(model, forward_loop) -> None:
 
 
 def calibrate_quantizers(model, quantizers, forward_loop) -> None:
-    """Run ``forward_loop(model)`` once with ``quantizers`` collecting, then set their ranges."""
+    """Run ``forward_loop(model)`` once with ``quantizers`` collecting, then set their ranges,
+    each on its layer's device (the pass may have run a layer elsewhere: a layer streamer or
+    accelerate's offload hooks move it for its turn and back)."""
     for q in quantizers:
         q.start_calibration()
     try:
         forward_loop(model)
+        homes = _homes(model, quantizers)
         for q in quantizers:   # a quantizer no activation reached keeps no range; quantize()
             q.finish_calibration(required=False)   # leaves its never-called layer in float
+            if homes.get(id(q)) is not None:
+                q.to(homes[id(q)])
     finally:
         for q in quantizers:
             q._calibrator = None
+
+
+def _homes(model, quantizers) -> dict:
+    """id(quantizer) -> the device its layer's weight lives on (for a weight accelerate
+    offloads: where accelerate runs the layer); absent when neither is known."""
+    from ..calib.offload import offloaded_weights
+
+    wanted = {id(q) for q in quantizers}
+    store, out = offloaded_weights(model), {}
+    for name, m in quant_modules(model):
+        for q in (m.input_quantizer, m.weight_quantizer):
+            if id(q) not in wanted:
+                continue
+            if not m.weight.is_meta:
+                out[id(q)] = m.weight.device
+            elif store is not None and store.home_device(name) is not None:
+                out[id(q)] = store.home_device(name)
+    return out
 
 
 @register_applier("max")
