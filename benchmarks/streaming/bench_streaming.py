@@ -6,7 +6,9 @@ Rows go to ``benchmarks/results/streaming.json`` (or ``--out``):
 memory, one layer at a time on the GPU), ``streaming_ckpt`` (meta model, each layer read from
 safetensors shards onto the GPU), ``accelerate_cpu`` / ``accelerate_disk`` (``from_pretrained(
 device_map="auto")`` with ``--resident-gb`` (default half the GPU cap) for resident layers and the rest offloaded by
-accelerate to CPU memory / to disk; quantize() streams the offloaded layers itself).
+accelerate to CPU memory / to disk; quantize() streams the offloaded layers itself). There,
+``peak_gpu_bytes`` is quantize()'s own peak; the rows add ``load_peak_gpu_bytes`` (loading's),
+``resident_gpu_bytes`` (what loading left on the GPU) and ``placement`` (modules per device).
 
     # GPU: a 30-layer 4096/14336 fp16 model (13.6 GB) under a 4 GiB cap, AWQ
     python benchmarks/streaming/bench_streaming.py --layers 30 --cap-gb 4 --modes streaming
@@ -20,6 +22,8 @@ accelerate to CPU memory / to disk; quantize() streams the offloaded layers itse
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import datetime
 import json
 import logging
@@ -96,6 +100,10 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
         model = load_streaming(ckpt_dir, dtype=dtype)
     elif mode.startswith("accelerate"):
         model = dispatched(a, mode, dev, cap, dtype, ckpt_dir)
+        if dev.type == "cuda":   # loading's own peak apart: peak_gpu_bytes is quantize()'s
+            torch.cuda.synchronize(dev)
+            load_peak = torch.cuda.max_memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
     else:
         model = random_llama(a, dtype)
     size, params = nbytes_of(a, dtype)
@@ -109,6 +117,7 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
         placed = getattr(model, "hf_device_map", {})
         offloaded = sum(v in ("cpu", "disk") for v in placed.values()) if dev.type == "cuda" \
             else sum(v == "disk" for v in placed.values())
+        resident = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
         mtl.quantize(model, quant_config(a.method), calib=tokens, progress=a.progress)
     else:
         with stream_layers(model, dev, store_device=a.store_device):
@@ -125,8 +134,14 @@ def run_once(a, mode, dtype, tokens, ckpt_dir=None):
            "s_per_layer": round(wall / a.layers, 3)}
     if offloaded is not None:
         row["offloaded_modules"] = offloaded
+        row["resident_gpu_bytes"] = resident
+        row["placement"] = {str(k): v for k, v in collections.Counter(
+            str(d) for d in placed.values()).items()}
+        if dev.type == "cuda":
+            row["load_peak_gpu_bytes"] = load_peak
     del model
-    return row
+    gc.collect()   # a dispatched model sits in reference cycles (accelerate's hooks): without
+    return row     # this its GPU layers stay allocated into the next mode's run
 
 
 def dispatched(a, mode, dev, cap, dtype, ckpt_dir):
