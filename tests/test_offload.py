@@ -257,6 +257,42 @@ def test_gpu_device_map(preset, gpus, tmp_path):
         assert ((a - b).norm() / b.norm()).item() < 2e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant", "w8a8"])
+def test_gpu_split_over_two_gpus(preset, tmp_path):
+    """A model split over two GPUs by from_pretrained(device_map=...), nothing offloaded (the
+    usual way to load a model larger than one GPU): quantize() calibrates every layer where
+    it lives and computes what the model on one GPU does; deploy() keeps each INT4 layer on
+    its GPU."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tiny_llama(**SIZES).half().save_pretrained(src)
+    split = {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1":
+             "cuda:0", "model.layers.2": "cuda:1", "model.layers.3": "cuda:1",
+             "model.norm": "cuda:1", "model.rotary_emb": "cuda:0", "lm_head": "cuda:1"}
+    model = AutoModelForCausalLM.from_pretrained(src, device_map=split)
+    tokens = random_tokens(6, 32, seed=1).cuda()
+    mtl.quantize(model, preset, calib=tokens, progress=False)
+    ref = mtl.quantize(AutoModelForCausalLM.from_pretrained(src).cuda(), preset, calib=tokens,
+                       progress=False)
+    a, b = _logits(model, tokens).float().cpu(), _logits(ref, tokens).float().cpu()
+    assert ((a - b).norm() / b.norm()).item() < 2e-3
+    for name, m in mtl.layers.quant_modules(model):
+        assert m.weight.device == torch.device(split[".".join(name.split(".")[:3])]
+                                               if name.startswith("model.layers") else
+                                               split["lm_head"]), name
+        for q in (m.input_quantizer, m.weight_quantizer):
+            assert q.amax is None or q.amax.device == m.weight.device, name
+    if preset == "int4_awq":
+        mtl.deploy(model)
+        mtl.deploy(ref)
+        assert model.model.layers[3].mlp.up_proj.qweight.device == torch.device("cuda:1")
+        a, b = _logits(model, tokens).float().cpu(), _logits(ref, tokens).float().cpu()
+        assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+
 def test_offloaded_buffers(tokens):
     """A hook over a whole layer that offloads buffers too (place_submodules, offload_buffers)
     looks up every tensor of the layer in the store before each forward: the quantizer ranges
