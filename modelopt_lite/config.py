@@ -27,7 +27,7 @@ ON_INDIVISIBLE = ("skip", "error", "per_channel")
 # experts run; every MoE toolkit keeps it in float)
 DEFAULT_EXCLUDE = ("*lm_head*", "*embed*", "*wte*", "*wpe*", "*router*", "*mlp.gate",
                    "*mlp.gate.*", "*block_sparse_moe.gate", "*shared_expert_gate*")
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1D", "Conv2d")
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d")
 
 
 class ConfigError(ValueError):
@@ -230,7 +230,8 @@ class QuantConfig:
     """Everything ``quantize()`` needs to know, frozen and JSON round-trippable.
 
     ``targets`` and ``exclude`` are fnmatch patterns over module names (``exclude`` wins);
-    ``module_types`` are class names (``Linear``, ``Conv1D``, ``Conv2d``). ``on_indivisible``
+    ``module_types`` are class names (``Linear``, Hugging Face's ``Conv1D``, torch's ``Conv1d``,
+    ``Conv2d``, ``Conv3d``). ``on_indivisible``
     says what happens to a layer whose input dim is not a multiple of ``weight.block_size``:
     ``skip`` (listed in the summary), ``error``, or ``per_channel`` (quantize that layer per
     output channel instead).

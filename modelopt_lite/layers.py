@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, QuantizerSpec
-from .nn.quant_modules import is_quantized, quant_class_for, wrap_module
+from .nn.quant_modules import CONV_TYPES, is_quantized, quant_class_for, wrap_module
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ def _weight_2d_shape(module: nn.Module) -> tuple[int, int]:
     return (w.shape[0], w[0].numel())
 
 
+MIXER_CONV = ("causal depthwise Conv1d of a recurrent sequence mixer (Mamba, gated "
+              "DeltaNet, short-conv): its weight is also read directly when decoding and its "
+              "error feeds the recurrence, so it stays in float (name it in targets to "
+              "quantize it)")
+
+
+def is_mixer_conv(module: nn.Module) -> bool:
+    """A causal depthwise ``Conv1d`` (one filter per channel, left padding ``kernel - 1``):
+    the short convolution in front of a state-space / linear-attention recurrence (Mamba's
+    and Jamba's ``mixer.conv1d``, Qwen3-Next's ``linear_attn.conv1d``, LFM2's ``conv``,
+    RecurrentGemma's ``conv_1d``), which nvidia-modelopt also keeps in float. A conformer's
+    depthwise conv is centred ("same" padding), not causal, and is quantized as usual."""
+    if not isinstance(module, nn.Conv1d) or isinstance(module.padding, str):
+        return False
+    k, d = module.kernel_size[0], module.dilation[0]
+    return (k > 1 and module.groups == module.in_channels == module.out_channels
+            and module.padding[0] == d * (k - 1))
+
+
 def _type_matches(module: nn.Module, types: tuple[str, ...]) -> bool:
     names = {cls.__name__ for cls in type(module).__mro__}
     return bool(names & set(types)) and quant_class_for(type(module)) is not None
@@ -85,6 +104,9 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         if name in routers and not _explicit(name, config.targets):
             plans.append(LayerPlan(name, module, None, None,
                                    skipped="MoE router: routing stays in float"))
+            continue
+        if is_mixer_conv(module) and not _explicit(name, config.targets):
+            plans.append(LayerPlan(name, module, None, None, skipped=MIXER_CONV))
             continue
         if towers and towers(name):
             plans.append(LayerPlan(name, module, None, None, skipped=towers.reason))
@@ -149,12 +171,12 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
 
 
 def _custom_forward(module: nn.Module) -> str | None:
-    """Why a subclass of Linear/Conv2d with a ``forward`` of its own cannot be wrapped (the
+    """Why a subclass of Linear / a conv with a ``forward`` of its own cannot be wrapped (the
     fake-quant class's forward would replace it), or None. A Linear subclass whose forward
     is still ``x W^T + b`` (Falcon's ``FalconLinear``) is fine: a probe of the instance on a
     random input decides; a router returning top-k ids and weights, or a layer with an
     adapter, is not."""
-    for base in (nn.Linear, nn.Conv2d):
+    for base in (nn.Linear, *CONV_TYPES):
         if not isinstance(module, base) or type(module).forward is base.forward:
             continue
         if base is nn.Linear and _acts_as_linear(module):
@@ -213,7 +235,7 @@ def _no_layers_message(model: nn.Module, config: QuantConfig) -> str:
     return ("the config matches no layer of this model: targets="
             f"{list(config.targets)}, exclude={list(config.exclude)}, "
             f"module_types={list(config.module_types)}. Quantizable layers here: "
-            f"{seen or 'none (no Linear, Conv2d or Conv1D)'}")
+            f"{seen or 'none (no Linear, Conv1d, Conv2d, Conv3d or Conv1D)'}")
 
 
 def insert_quantizers(plans: list[LayerPlan]) -> None:

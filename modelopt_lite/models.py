@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .nn.functional import rotate_blocks
+from .nn.quant_modules import CONV_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _block_lists(model: nn.Module, under: str | None = None) -> list[tuple[str, 
     return [(n, m) for n, m in model.named_modules()
             if (under is None or n.startswith(under + ".")) and isinstance(m, nn.ModuleList)
             and len(m) > 0 and len({type(x) for x in m}) == 1
-            and any(_is_linear(x) or isinstance(x, nn.Conv2d) for x in m[0].modules())]
+            and any(_is_linear(x) or isinstance(x, CONV_TYPES) for x in m[0].modules())]
 
 
 # sub-configs of other inputs, by attribute name (BLT builds its text blocks from sub-configs

@@ -19,6 +19,7 @@ from modelopt_lite.config import QuantConfig, QuantizerSpec  # noqa: E402
 from modelopt_lite.export.onnx import export_onnx  # noqa: E402
 from modelopt_lite.export.onnx_graph import attr, pack_int4_onnx, unpack_int4_onnx  # noqa: E402
 from modelopt_lite.export.qdq_patterns import ExportError  # noqa: E402
+from modelopt_lite.nn import is_quantized  # noqa: E402
 from modelopt_lite.export.trt_check import trt_check  # noqa: E402
 from modelopt_lite.export.verify import compare_with_torch, run_onnx, run_torch  # noqa: E402
 from tiny_models import random_tokens, tiny_llama  # noqa: E402
@@ -150,6 +151,35 @@ def test_cnn_conv_per_channel_axis0(cnn_w8a8):
     assert trt_check(result.path) == []
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_conv3d_per_channel_axis0(dims, tmp_path):
+    """A Conv1d (audio front end) and a Conv3d (video patch embedding) stack, W8A8: Q/DQ on
+    the input, DequantizeLinear(axis=0) on the [O, I, *kernel] weight, in onnxruntime as in
+    PyTorch, and TensorRT-clean."""
+    torch.manual_seed(0)
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    model = nn.Sequential(conv(4, 8, 3, padding=1), nn.GELU(), conv(8, 16, 3, stride=2),
+                          nn.Flatten(), nn.LazyLinear(10))
+    shape = {1: (4, 32), 3: (4, 4, 8, 8)}
+    model(torch.randn(1, *shape[dims]))   # sizes the lazy linear
+    model = calibrated(model.eval(), torch.randn(8, *shape[dims]))
+    result = export_onnx(model, torch.randn(2, *shape[dims]), tmp_path / "conv.onnx")
+    m = onnx.load(str(result.path))
+    init = inits(m)
+    convs = nodes(m, "Conv")
+    assert len(convs) == 2
+    for c in convs:
+        dq = next(n for n in m.graph.node if n.output[0] == c.input[1])
+        assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
+        assert len(init[dq.input[0]].dims) == dims + 2
+        assert list(init[dq.input[1]].dims) == [init[dq.input[0]].dims[0]]
+        qx = next(n for n in m.graph.node if n.output[0] == c.input[0])
+        assert qx.op_type == "DequantizeLinear"
+    x = torch.randn(3, *shape[dims])
+    assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
+    assert trt_check(result.path) == []
+
+
 def test_external_data_round_trip(cnn_w8a8, tmp_path):
     model, inline = cnn_w8a8
     result = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "cnn.onnx",
@@ -207,12 +237,30 @@ def test_non_trt_quantizers_are_refused(tmp_path, config, match):
     assert _left(tmp_path) == []
 
 
-def test_unsupported_layer_int4_conv_is_refused(tmp_path):
-    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=24))
-    model = mtl.quantize(small_cnn(), cfg.replace(module_types=("Conv2d",)), progress=False)
-    with pytest.raises(ExportError, match=r"2 \(QuantConv2d\): INT4 Conv2d"):
-        export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
-    assert _left(tmp_path) == []
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_conv_exports_as_its_rounded_float_weight(tmp_path, symmetric, caplog):
+    """TensorRT has no INT4 convolution: a conv with INT4 block weights (symmetric or not)
+    goes into the graph as its INT4-rounded weight in floating point, with a warning; the
+    graph computes what the fake-quant model does, and a symmetric INT4 linear beside it
+    keeps its blocked DequantizeLinear."""
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=8,
+                                           symmetric=symmetric))
+    model = mtl.quantize(small_cnn(), cfg.replace(exclude=() if symmetric else ("5",)),
+                         progress=False)
+    assert is_quantized(model[2]) and not is_quantized(model[0])   # 27 inputs: not blocked
+    with caplog.at_level("WARNING"):
+        result = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert "TensorRT has no INT4 convolution" in caplog.text
+    m = onnx.load(str(result.path))
+    conv = nodes(m, "Conv")[1]
+    w = onnx.numpy_helper.to_array(inits(m)[conv.input[1]])   # a float constant, no DQ
+    assert np.array_equal(w, model[2].quantized_weight().detach().numpy())
+    blocks = w.reshape(-1, 8)   # [O, I*kh*kw] in blocks of 8: at most 16 levels each
+    assert max(len(np.unique(b)) for b in blocks) <= 16
+    dq = [n for n in nodes(m, "DequantizeLinear") if attr(n, "block_size") == 8]
+    assert len(dq) == (1 if symmetric else 0)
+    x = torch.randn(3, 3, 16, 16)
+    assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
 
 
 def test_opset_too_low_for_int4(tmp_path):

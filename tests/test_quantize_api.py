@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import modelopt_lite as mtl
-from modelopt_lite.config import QuantConfig, QuantizerSpec
+from modelopt_lite.config import QuantConfig, QuantizerSpec, get_preset
 from modelopt_lite.layers import LayerSelectionError
 from modelopt_lite.nn import CalibrationError, is_quantized
 from tiny_models import ALL, random_tokens
@@ -136,6 +136,63 @@ def test_conv2d_per_channel():
     assert model[0].weight_quantizer.amax.shape == (8, 1)
     out = model(x)
     assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_conv3d_fake_quant_against_float64(dims):
+    """Torch Conv1d / Conv3d: INT8 per-output-channel weights and a per-tensor INT8 input,
+    against the same rounding written out in float64 (strides, padding, groups included)."""
+    torch.manual_seed(0)
+    conv = {1: nn.Conv1d(6, 8, 3, stride=2, padding=1, groups=2),
+            3: nn.Conv3d(6, 8, (2, 3, 3), padding=(0, 1, 1), groups=2)}[dims]
+    model = nn.Sequential(conv)
+    shape = {1: (2, 6, 20), 3: (2, 6, 4, 7, 7)}[dims]
+    calib = torch.randn(4, *shape[1:])
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(calib), progress=False)
+    x = torch.randn(shape)
+    w = conv.weight.detach().double()
+    assert conv.input_quantizer.amax.item() == calib.abs().max().item()
+    amax = conv.weight_quantizer.amax.double()   # one per output channel (the range that
+    assert amax.shape == (8, 1)                  # puts both extremes on the [-128, 127] grid)
+    ws = amax.reshape(-1, *[1] * (w.dim() - 1)) / 127
+    xs = calib.double().abs().max() / 127
+    xq = (x.double() / xs).round().clamp(-128, 127) * xs
+    wq = (w / ws).round().clamp(-128, 127) * ws
+    op = {1: torch.nn.functional.conv1d, 3: torch.nn.functional.conv3d}[dims]
+    want = op(xq, wq, conv.bias.double(), conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.no_grad():
+        got = model(x).double()
+    assert type(conv).__name__ == f"QuantConv{dims}d"
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_recurrent_mixer_conv_stays_float_conformer_conv_does_not():
+    """A causal depthwise Conv1d (Mamba's mixer.conv1d) is left in float with the reason, as
+    nvidia-modelopt does; named in targets it is quantized. A centred depthwise conv (a
+    conformer's) and a plain Conv1d are quantized."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=64, state_size=8,
+                                         num_hidden_layers=2)).eval()
+    mtl.quantize(model, "w8a8", calib=random_tokens(n=2, seq=16), progress=False)
+    rec = {r["name"]: r for r in model._modelopt_lite["layers"]}
+    for i in range(2):
+        assert "recurrent sequence mixer" in rec[f"backbone.layers.{i}.mixer.conv1d"]["skipped"]
+        assert not is_quantized(model.backbone.layers[i].mixer.conv1d)
+        assert is_quantized(model.backbone.layers[i].mixer.in_proj)
+
+    def net():
+        torch.manual_seed(0)   # causal depthwise, centred depthwise, plain
+        return nn.Sequential(nn.Conv1d(8, 8, 4, padding=3, groups=8),
+                             nn.Conv1d(8, 8, 5, padding=2, groups=8), nn.Conv1d(8, 4, 3))
+
+    loop = lambda m: m(torch.randn(2, 8, 16))   # noqa: E731
+    plain = mtl.quantize(net(), "w8a8", forward_loop=loop, progress=False)
+    assert [is_quantized(m) for m in plain] == [False, True, True]
+    named = mtl.quantize(net(), get_preset("w8a8").replace(targets=("*", "0")),
+                         forward_loop=loop, progress=False)
+    assert all(is_quantized(m) for m in named)
 
 
 def test_unquantize_folds_an_explicit_smoothing_multiply():

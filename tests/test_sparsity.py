@@ -214,16 +214,28 @@ def test_sparsegpt_beats_magnitude_on_tiny_model_output():
     assert errs["sparsegpt"] < errs["magnitude"], errs
 
 
-def test_conv1d_and_conv2d_group_along_input_channels():
+@pytest.mark.parametrize("conv", [nn.Conv1d(8, 4, 3), nn.Conv2d(8, 4, 3),
+                                  nn.Conv3d(8, 4, (2, 3, 3))], ids=["1d", "2d", "3d"])
+def test_convs_group_along_input_channels(conv):
+    """Torch convs: at every (output channel, kernel position), each run of 4 consecutive
+    input channels keeps its 2 largest weights (the layout sparse tensor cores read)."""
+    net = nn.Sequential(conv)
+    before = conv.weight.detach().clone()
+    mtl.sparsify(net, progress=False)
+    w = net[0].weight.detach()   # [out, in, *kernel]
+    groups = before.abs().unflatten(1, (2, 4))   # in = 2 groups of 4 channels
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(
+        2, groups.topk(2, dim=2).indices, True).flatten(1, 2)
+    assert torch.equal(w != 0, keep)
+    assert torch.equal(w[keep], before[keep]) and net[0].weight_mask.shape == w.shape
+
+
+def test_hf_conv1d_groups_along_input_features():
     gpt2 = tiny_gpt2()
     mtl.sparsify(gpt2, method="sparsegpt", forward_loop=make_forward_loop(random_tokens(2, 16),
                  progress=False), progress=False)
     c_fc = gpt2.transformer.h[0].mlp.c_fc  # Conv1D weight is [in, out]
     assert is_nm_sparse(c_fc.weight.t()) and c_fc.weight_mask.shape == c_fc.weight.shape
-    conv = nn.Sequential(nn.Conv2d(8, 4, 3))
-    mtl.sparsify(conv, progress=False)
-    w = conv[0].weight  # [out, in, kh, kw]: groups of 4 input channels at each (o, kh, kw)
-    assert ((w.permute(0, 2, 3, 1).reshape(-1, 2, 4) != 0).sum(-1) <= 2).all()
 
 
 def test_indivisible_layer_is_skipped_or_explained():

@@ -23,15 +23,16 @@ def register_applier(name: str):
 
 
 def without_convs(modules: dict, who: str, instead: str) -> dict:
-    """``modules`` (name -> layer) without its ``Conv2d`` layers, whose input channels are not
+    """``modules`` (name -> layer) without its convolutions (Conv1d / 2d / 3d), whose input
+    channels are not
     the input's last axis, so the per-input-channel statistics, scales and Hessians of AWQ,
     SmoothQuant and GPTQ do not apply to them; a note names them and what they get
     ``instead``."""
-    from torch import nn
+    from ..nn.quant_modules import CONV_TYPES
 
-    convs = sorted(n for n, m in modules.items() if isinstance(m, nn.Conv2d))
+    convs = sorted(n for n, m in modules.items() if isinstance(m, CONV_TYPES))
     if convs:
-        logging.getLogger(__name__).info("%s: %d Conv2d layer(s) (%s) %s; it acts on linears "
+        logging.getLogger(__name__).info("%s: %d conv layer(s) (%s) %s; it acts on linears "
                                          "only", who, len(convs), convs[0], instead)
     return {n: m for n, m in modules.items() if n not in convs}
 

@@ -4,8 +4,11 @@ Inside :func:`export_mode` every quant layer gets, for the duration of the expor
 
 * ``weight_int`` (int8 codes; INT4 codes held in int8) and ``weight_scale`` buffers, laid out
   the way the graph consumes them: Linear / Conv1D weights as ``[K, N]`` feeding ``MatMul``
-  (per-channel ``axis=1``; INT4 blocks along ``axis=0``), Conv2d weights as
-  ``[O, I, kh, kw]`` (``axis=0``);
+  (per-channel ``axis=1``; INT4 blocks along ``axis=0``), Conv1d / Conv2d / Conv3d weights
+  as ``[O, I, *kernel]`` (``axis=0``);
+* ``weight_dq`` instead, for a conv with INT4 block weights: TensorRT's INT4 path is
+  weight-only MatMul, so the conv's fake-quantized weight goes in as a float constant (the
+  graph computes what the PyTorch model does; the conv runs in floating point);
 * ``input_scale`` (INT8 activation Q/DQ, scalar) and ``input_pre_scale`` (an unfolded
   SmoothQuant/AWQ scale, exported as an explicit ``Mul``);
 * a forward that calls the ops of :mod:`.qdq_ops`.
@@ -16,6 +19,7 @@ layer, the constraint and the fix. The model is restored on exit, even after an 
 
 from __future__ import annotations
 
+import logging
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +29,12 @@ from torch import nn
 
 from ..layers import quant_modules
 from ..nn import functional as F
-from ..nn.quant_modules import QuantConv2d
+from ..nn.quant_modules import is_quant_conv
 from . import qdq_ops  # noqa: F401  (registers torch.ops.modelopt_lite.*)
 
-_BUFFERS = ("weight_int", "weight_scale", "input_scale", "input_pre_scale", "input_rotation")
+_BUFFERS = ("weight_int", "weight_scale", "weight_dq", "input_scale", "input_pre_scale",
+            "input_rotation")
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -45,12 +51,12 @@ class WeightQ:
 
 
 def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, QuantConv2d)
+    return is_quant_conv(module)
 
 
 def _weight_problem(module: nn.Module) -> str | None:
     q = module.weight_quantizer
-    if not q.enabled:
+    if not q.enabled or _dense_int4_conv(module):
         return None
     s = q.spec
     if not s.symmetric:
@@ -63,10 +69,13 @@ def _weight_problem(module: nn.Module) -> str | None:
     if s.num_bits == 4 and s.granularity != "per_block":
         return (f"INT4 {s.granularity} weights; TensorRT takes INT4 weights block-wise. Fix: "
                 "use granularity='per_block' (block_size 64 or 128)")
-    if s.num_bits == 4 and _is_conv(module):
-        return ("INT4 Conv2d weights; TensorRT's INT4 path is weight-only MatMul. Fix: exclude "
-                "the conv layers or quantize them to INT8")
     return None
+
+
+def _dense_int4_conv(module: nn.Module) -> bool:
+    """A conv with INT4 block weights: exported as its fake-quantized float weight."""
+    q = module.weight_quantizer
+    return _is_conv(module) and q.enabled and q.spec.num_bits == 4
 
 
 def _input_problem(module: nn.Module) -> str | None:
@@ -141,6 +150,8 @@ def _input(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _weight(self) -> torch.Tensor:
+    if self.weight_dq is not None:
+        return self.weight_dq
     if self.weight_int is None:  # weight not quantized: the float weight, [K, N] for MatMul
         w2d = self.weight_quantizer._scaled(self.weight_2d())
         return self.weight_from_2d(w2d) if _is_conv(self) else w2d.t()
@@ -158,8 +169,11 @@ def _conv_export_forward(self, x):
 
 
 def _install(module: nn.Module) -> None:
-    wq = weight_q(module)
+    dense = _dense_int4_conv(module)
+    wq = None if dense else weight_q(module)
     dtype = module.weight.dtype
+    module.register_buffer("weight_dq", module.quantized_weight().detach().to(dtype)
+                           if dense else None, persistent=False)
     iq = module.input_quantizer
     pre = iq.pre_quant_scale
     in_scale = None
@@ -190,6 +204,13 @@ def _uninstall(module: nn.Module) -> None:
 def export_mode(model: nn.Module):
     """Swap every quant layer to its Q/DQ export forward; restore the model on exit."""
     layers = check_exportable(model)
+    dense = [name for name, module in layers if _dense_int4_conv(module)]
+    if dense:
+        log.warning("%d conv layer(s) with INT4 weights (first: %s) go into the graph as their "
+                    "INT4-rounded weights in floating point: TensorRT has no INT4 convolution "
+                    "(its INT4 path is weight-only MatMul), so they save no memory there; "
+                    "quantize convs to INT8 (exclude them from the INT4 config and quantize "
+                    "them with 'w8a8') for INT8 convs", len(dense), dense[0])
     try:
         for _, module in layers:
             _install(module)

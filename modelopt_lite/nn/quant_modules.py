@@ -1,9 +1,10 @@
-"""Fake-quant wrappers for Linear, Conv2d and Hugging Face's Conv1D.
+"""Fake-quant wrappers for Linear, Conv1d / Conv2d / Conv3d and Hugging Face's Conv1D.
 
 Wrapping swaps the module's class for a quantized subclass in place: parameters, state-dict
 keys, weight tying and hooks stay as they were, and the weights are not copied. Two
 TensorQuantizer children are added, ``input_quantizer`` and ``weight_quantizer``; the weight
-quantizer always sees the weight as a 2-D ``[out, in]`` view.
+quantizer always sees the weight as a 2-D ``[out, in]`` view (a conv's ``[out, in/groups *
+kernel]``, its weight flattened after the output channels).
 
 Example::
 
@@ -66,7 +67,10 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
         return torchF.linear(x, weight, self.bias)
 
 
-class QuantConv2d(QuantModuleMixin, nn.Conv2d):
+class _ConvOps(QuantModuleMixin):
+    """A torch convolution (1-, 2- or 3-D): the weight ``[out, in/groups, *kernel]`` viewed
+    as ``[out, in/groups * prod(kernel)]``."""
+
     def _to_2d(self, t):
         return t.flatten(1)
 
@@ -75,6 +79,26 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
 
     def _float_forward(self, x, weight):
         return self._conv_forward(x, weight, self.bias)
+
+
+class QuantConv1d(_ConvOps, nn.Conv1d):
+    pass
+
+
+class QuantConv2d(_ConvOps, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_ConvOps, nn.Conv3d):
+    pass
+
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_quant_conv(module: nn.Module) -> bool:
+    """A fake-quant torch convolution (not Hugging Face's Conv1D, which is a linear)."""
+    return isinstance(module, _ConvOps)
 
 
 class _Conv1DOps(QuantModuleMixin):
@@ -112,7 +136,8 @@ def _quantizer(spec, name, is_weight):
     return TensorQuantizer(spec, name, is_weight) if spec is not None else _DisabledQuantizer(name)
 
 
-_QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+_QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d,
+                                     nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
 
 
 def quant_class_for(cls: type) -> type | None:
@@ -138,11 +163,13 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def wrap_module(module: nn.Module, weight_spec=None, input_spec=None, name: str = "") -> nn.Module:
-    """Turn a float Linear/Conv2d/Conv1D into its fake-quant class in place and return it."""
+    """Turn a float Linear / Conv1d / Conv2d / Conv3d / Hugging Face Conv1D into its
+    fake-quant class in place and return it."""
     qcls = quant_class_for(type(module))
     if qcls is None:
         raise TypeError(f"{name or type(module).__name__}: {type(module).__name__} is not a "
-                        "supported layer type (Linear, Conv2d, Hugging Face Conv1D)")
+                        "supported layer type (Linear, Conv1d, Conv2d, Conv3d, Hugging Face "
+                        "Conv1D)")
     float_cls = type(module)
     module.__class__ = qcls
     _rebind_hooked_forward(module)

@@ -1,9 +1,9 @@
 """2:4 (N:M) structured sparsity: magnitude, Wanda and SparseGPT masks kept as artefacts.
 
-Every selected Linear / Conv1D / Conv2d gets a ``weight_mask`` buffer (bool, the weight's
-shape) and its pruned weights set to zero; the masks save and load with the checkpoint, the
-training plugins re-apply them after optimizer steps, and fake-quant layers multiply their
-quantized weight by them, so zeros stay zero through quantization.
+Every selected Linear / Conv1D / Conv1d / Conv2d / Conv3d gets a ``weight_mask`` buffer (bool,
+the weight's shape) and its pruned weights set to zero; the masks save and load with the
+checkpoint, the training plugins re-apply them after optimizer steps, and fake-quant layers
+multiply their quantized weight by them, so zeros stay zero through quantization.
 
 Example::
 

@@ -1,8 +1,9 @@
 """The module walker: choose layers, compute N:M masks, store them as ``weight_mask`` buffers.
 
 Masks live on the 2-D "sparsity view" of a weight: ``[out, in]`` for Linear, the transpose of
-Hugging Face's Conv1D, and ``[out, kh * kw * in]`` (input channels innermost) for Conv2d, so
-every group of ``m`` is ``m`` consecutive input channels, the layout sparse tensor cores use.
+Hugging Face's Conv1D, and ``[out, *kernel, in]`` flattened (input channels innermost) for
+torch's Conv1d / Conv2d / Conv3d, so every group of ``m`` is ``m`` consecutive input channels,
+the layout sparse tensor cores use.
 Calibrated methods (SparseGPT, Wanda) run decoder layer by decoder layer through
 :func:`modelopt_lite.calib.sequential.run_sequential`: only one layer's Hessians exist at a
 time and each layer is pruned on the outputs of the already-pruned layers before it.
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..calib.sequential import StopForward
 from ..config import DEFAULT_EXCLUDE, DEFAULT_MODULE_TYPES, ConfigError
-from ..nn.quant_modules import quant_class_for
+from ..nn.quant_modules import CONV_TYPES, quant_class_for
 from .masks import SparsityPatternError, magnitude_scores, nm_mask, parse_pattern, wanda_scores
 from .sparsegpt import HessianAccumulator, budget_chunks, sparsegpt_prune
 
@@ -78,10 +79,10 @@ class SparsePlan:
 
 def _kind(module: nn.Module) -> str:
     names = {c.__name__ for c in type(module).__mro__}
-    if "Conv1D" in names:
+    if "Conv1D" in names:   # Hugging Face's: a linear with its weight stored [in, out]
         return "conv1d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
+    if isinstance(module, CONV_TYPES):
+        return "conv"
     return "linear"
 
 
@@ -91,8 +92,8 @@ def sparse_view(module: nn.Module, t: torch.Tensor | None = None) -> torch.Tenso
     kind = _kind(module)
     if kind == "conv1d":
         return t.t()
-    if kind == "conv2d":
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    if kind == "conv":
+        return t.movedim(1, -1).reshape(t.shape[0], -1)
     return t
 
 
@@ -102,17 +103,16 @@ def from_sparse_view(module: nn.Module, t2d: torch.Tensor) -> torch.Tensor:
     kind = _kind(module)
     if kind == "conv1d":
         return t2d.t().contiguous()
-    if kind == "conv2d":
-        o, i, kh, kw = w.shape
-        return t2d.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+    if kind == "conv":
+        o, i, *kernel = w.shape
+        return t2d.reshape(o, *kernel, i).movedim(-1, 1).contiguous()
     return t2d.contiguous()
 
 
 def group_dim(module: nn.Module) -> int:
     """The length that must be a multiple of M: input features (channels for a conv)."""
     w = module.weight
-    return {"conv1d": w.shape[0], "conv2d": w.shape[1] if w.ndim == 4 else 0}.get(
-        _kind(module), w.shape[-1])
+    return {"conv1d": w.shape[0], "conv": w.shape[1]}.get(_kind(module), w.shape[-1])
 
 
 # --- planning ---
@@ -121,7 +121,7 @@ def _selected(name: str, module: nn.Module, cfg: SparsityConfig) -> bool:
     types = {c.__name__ for c in type(module).__mro__}
     if not (types & set(cfg.module_types)) or quant_class_for(type(module)) is None:
         return False
-    if _kind(module) == "conv2d" and (module.groups != 1):
+    if _kind(module) == "conv" and (module.groups != 1):
         return False
     match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
     return match(cfg.targets) and not match(cfg.exclude)
@@ -149,7 +149,7 @@ def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> list[SparsePlan]:
                     f"(exclude=[..., '{name}']), pad its input features to a multiple of {m}, "
                     "or pass on_indivisible='skip'")
             plan.skipped = reason
-        elif cfg.method in CALIBRATED and _kind(module) == "conv2d":
+        elif cfg.method in CALIBRATED and _kind(module) == "conv":
             plan.note = f"{cfg.method} supports linear layers; this conv uses magnitude"
         plans.append(plan)
     if not any(not p.skipped for p in plans):
@@ -231,7 +231,7 @@ class _InputCollector:
         self._calls: list[str] | None = []  # call order in the first batch
         self._stop_at: str | None = None
         for p in plans:
-            if p.skipped or _kind(p.module) == "conv2d":
+            if p.skipped or _kind(p.module) == "conv":
                 continue
             self.handles.append(p.module.register_forward_pre_hook(self._hook(p.name)))
 
