@@ -63,6 +63,12 @@ MIXER_CONV = ("causal depthwise Conv1d of a recurrent sequence mixer (Mamba, gat
               "quantize it)")
 
 
+INT4_CONV = ("a convolution under INT4 block weights, which are for linear layers (the W4A16 "
+             "kernels and TensorRT's INT4 path are MatMul; a conv would lose accuracy and gain "
+             "nothing): it stays in float (name it in targets to fake-quantize it, or quantize "
+             "convs with an INT8 preset)")
+
+
 def is_mixer_conv(module: nn.Module) -> bool:
     """A causal depthwise ``Conv1d`` (one filter per channel, left padding ``kernel - 1``):
     the short convolution in front of a state-space / linear-attention recurrence (Mamba's
@@ -152,6 +158,10 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
         plan.skipped = custom
         return plan
     w = config.weight
+    if (w is not None and w.num_bits == 4 and w.granularity == "per_block"
+            and isinstance(module, CONV_TYPES) and not _explicit(name, config.targets)):
+        plan.skipped = INT4_CONV
+        return plan
     if w is None or w.granularity != "per_block":
         return plan
     in_dim = _weight_2d_shape(module)[1]

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from .nn.functional import rotate_blocks
-from .nn.quant_modules import CONV_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -237,13 +236,14 @@ def _path_of(model: nn.Module, module: nn.Module) -> str | None:
 
 
 def _block_lists(model: nn.Module, under: str | None = None) -> list[tuple[str, nn.ModuleList]]:
-    """(path, ModuleList) of every non-empty ModuleList of identical blocks that hold a layer
-    quantize() wraps (not MarkupLM's fifty XPath embedding tables), inside the module at path
-    ``under`` when given."""
+    """(path, ModuleList) of every non-empty ModuleList of identical blocks that hold a linear
+    or a Conv2d (a CNN's stages; not MarkupLM's fifty XPath embedding tables, nor blocks of
+    1-D convs alone: a speech encoder's positional convolution, whose five small blocks must
+    not outrank a short encoder), inside the module at path ``under`` when given."""
     return [(n, m) for n, m in model.named_modules()
             if (under is None or n.startswith(under + ".")) and isinstance(m, nn.ModuleList)
             and len(m) > 0 and len({type(x) for x in m}) == 1
-            and any(_is_linear(x) or isinstance(x, CONV_TYPES) for x in m[0].modules())]
+            and any(_is_linear(x) or isinstance(x, nn.Conv2d) for x in m[0].modules())]
 
 
 # sub-configs of other inputs, by attribute name (BLT builds its text blocks from sub-configs

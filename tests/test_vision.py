@@ -57,7 +57,8 @@ def test_image_batches_beyond_n_samples_are_not_used():
 def test_awq_and_smoothquant_on_a_plain_cnn(preset, baseline):
     """A model without a stack of blocks is calibrated whole. Its linears get their
     activation-aware input scales (AWQ; SmoothQuant and its GPTQ rounding); the convolutions,
-    whose input channels are not the last axis, keep max ranges. The result is closer to the
+    whose input channels are not the last axis, keep max ranges (INT8) or stay in float
+    (INT4 block weights are for linears). The result is closer to the
     float model than the plain max-calibrated baseline of the same format."""
     x = IMAGES[:, :, :16, :16]
     with torch.no_grad():
@@ -74,7 +75,11 @@ def test_awq_and_smoothquant_on_a_plain_cnn(preset, baseline):
               if is_quantized(m) and m.input_quantizer.pre_quant_scale is not None]
     assert scaled == ["6", "8"]   # the two linears, not the convolutions
     convs = [m for m in (model[0], model[2]) if is_quantized(m)]
-    assert convs and all(c.weight_quantizer.amax is not None for c in convs)
+    if "int4" in preset:   # INT4 block weights are for linears: the convs stay float, listed
+        rec = {r["name"]: r for r in model._modelopt_lite["layers"]}
+        assert not convs and "INT4 block weights" in rec["0"]["skipped"]
+    else:
+        assert len(convs) == 2 and all(c.weight_quantizer.amax is not None for c in convs)
     assert ours < error(baseline)[1]
 
 
@@ -236,6 +241,15 @@ def test_speech_model_exports_its_waveform_with_a_symbolic_length(tmp_path):
     assert dims == {"input_values": ["batch", "samples"]}
     other = torch.randn(3, 2400, generator=torch.Generator().manual_seed(1))
     assert compare_with_torch(model, other, result.path)["rel"] < 1e-5
+
+
+def test_speech_stack_is_the_encoder_not_the_positional_convs():
+    """data2vec-audio's positional embedding is a list of five identical Conv1d blocks; the
+    two-layer encoder, not that list, is the stack the layer walk calibrates."""
+    from modelopt_lite.models import layer_stacks
+
+    model = _tiny_speech("data2vec-audio")
+    assert [(p, len(l)) for p, l in layer_stacks(model)] == [("data2vec_audio.encoder.layers", 2)]
 
 
 def test_layer_walk_hands_on_wavlm_position_bias():
