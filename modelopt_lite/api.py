@@ -22,7 +22,7 @@ from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
 from .moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
-from .nn.quant_modules import unwrap_module
+from .nn.quant_modules import CONV_TYPES, unwrap_module
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     unfused = prepare_experts(model)
     try:
         plans = plan_layers(model, cfg)
+        _check_parametrized(plans, cfg)
         loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
                                     batch_size, seed, progress)
         apply = get_applier(cfg.algorithm.name)
@@ -105,6 +106,27 @@ def _check_adapters(model: nn.Module, cfg: QuantConfig) -> None:
             "the adapter branch reads that input too, so the model's function would change. "
             "Fix: merge the adapters first (model = model.merge_and_unload()), or use a "
             "preset without folds (int4_weight_only, w8a8)")
+
+
+def _check_parametrized(plans: list[LayerPlan], cfg: QuantConfig) -> None:
+    """AWQ and SmoothQuant scale and GPTQ-round a linear's weight in place; a weight computed
+    by a parametrization (weight_norm, spectral_norm) is recomputed from its source tensors
+    on every read, so those writes would be lost and the model's function would change.
+    (Convolutions are not scaled or rounded: they keep max ranges.)"""
+    from torch.nn.utils import parametrize
+
+    if cfg.algorithm.name not in ("awq", "smoothquant"):
+        return
+    bad = [p.name for p in plans if not p.skipped and not isinstance(p.module, CONV_TYPES)
+           and parametrize.is_parametrized(p.module, "weight")]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{bad[0]}{more}: its weight is computed by a parametrization (e.g. weight_norm), "
+            f"and {cfg.algorithm.name} writes scaled and rounded values into the weight, which "
+            "a parametrization would discard. Fix: remove it first (torch.nn.utils.parametrize"
+            ".remove_parametrizations(layer, 'weight')), exclude the layer, or use a preset "
+            "without weight updates (int4_weight_only, w8a8)")
 
 
 @contextmanager

@@ -168,7 +168,9 @@ def _plan_one(name: str, module: nn.Module, config: QuantConfig) -> LayerPlan:
     if in_dim % w.block_size == 0:
         return plan
     reason = f"{_INDIVISIBLE} {in_dim} is not divisible by block {w.block_size}"
-    if config.on_indivisible == "error" or _explicit(name, config.targets):
+    # a layer named in targets is not skipped quietly; per_channel still serves it
+    if config.on_indivisible == "error" or (_explicit(name, config.targets)
+                                            and config.on_indivisible == "skip"):
         raise LayerSelectionError(
             f"{name}: {reason}. Fix: choose a block size that divides {in_dim}, exclude the "
             "layer, or set on_indivisible='skip' or 'per_channel'")

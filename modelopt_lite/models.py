@@ -21,6 +21,7 @@ kept as an explicit multiply (``pre_quant_scale``) in front of the linear.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -277,20 +278,24 @@ def other_input_paths(model: nn.Module) -> list[str]:
 class OtherModalities:
     """Layers of a multimodal model outside its language model (vision / audio encoders, the
     projectors into the text stream) stay in float: text calibration never runs them, and they
-    are a small part of the weights. A config whose ``targets`` are not the default ``("*",)``
-    names what it wants and takes them."""
+    are a small part of the weights. A config whose ``targets`` lack ``"*"`` names what it
+    wants and takes them; with ``"*"`` the rule stands for every layer the other patterns do
+    not match (``("*", "vision_tower.blocks.0.mlp.fc1")`` adds that one layer)."""
 
-    def __init__(self, model: nn.Module, lm_path: str, encoders: list[str]):
+    def __init__(self, model: nn.Module, lm_path: str, encoders: list[str], named=()):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.prefix = lm_path + "." if lm_path else None
         self.encoders = tuple(p + "." for p in encoders)
         self.heads = {_path_of(model, head)} if head is not None else set()
+        self.named = tuple(named)   # targets besides "*": what the user asked for by name
         where = f"outside the language model ({lm_path})" if lm_path else "in an encoder of " \
             f"another input ({', '.join(encoders)})"
         self.reason = (f"{where} of a multimodal model: encoders and projectors of other "
                        "inputs stay in float (name them in targets to include them)")
 
     def __call__(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.named):
+            return False
         if (name + ".").startswith(self.encoders):
             return True
         return self.prefix is not None and not name.startswith(self.prefix) and (
@@ -299,8 +304,8 @@ class OtherModalities:
 
 def other_modalities(model: nn.Module, targets) -> OtherModalities | None:
     """The rule for ``model``'s layers outside its language model, or None when ``model`` is a
-    language model itself or ``targets`` (fnmatch patterns) are not the default ``("*",)``."""
-    if tuple(targets) != ("*",):
+    language model itself or ``targets`` (fnmatch patterns) do not include ``"*"``."""
+    if "*" not in tuple(targets):
         return None
     path, encoders = language_model_path(model), other_input_paths(model)
     try:   # never the module that holds the decoder stack
@@ -308,7 +313,8 @@ def other_modalities(model: nn.Module, targets) -> OtherModalities | None:
         encoders = [e for e in encoders if not stack.startswith(e + ".")]
     except UnsupportedModelError:
         pass
-    return OtherModalities(model, path, encoders) if path or encoders else None
+    named = [t for t in targets if t != "*"]
+    return OtherModalities(model, path, encoders, named) if path or encoders else None
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

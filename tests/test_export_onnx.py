@@ -265,6 +265,29 @@ def test_int4_conv_exports_as_its_rounded_float_weight(tmp_path, symmetric, capl
     assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_conv_padding_modes_export(mode, tmp_path):
+    """A conv that pads its own way (Autoformer's and Informer's circular Conv1d) exports
+    through the layer's own padding, W8A8, in onnxruntime as in PyTorch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1, padding_mode=mode), nn.GELU(),
+                          nn.Conv1d(16, 8, 3, padding=1)).eval()
+    model = calibrated(model, torch.randn(4, 8, 24))
+    result = export_onnx(model, torch.randn(2, 8, 24), tmp_path / "pad.onnx")
+    assert compare_with_torch(model, torch.randn(3, 8, 24), result.path)["rel"] < 1e-5
+    assert trt_check(result.path) == []
+
+
+def test_int4_conv_alone_needs_no_int4_opset(tmp_path):
+    """A conv named into INT4 goes in as float weights: opset 17 takes the graph."""
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=4, granularity="per_block", block_size=8),
+                      targets=("2",))
+    model = mtl.quantize(small_cnn(), cfg, progress=False)
+    result = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset=17)
+    assert onnx.load(str(result.path)).opset_import[0].version == 17
+    assert compare_with_torch(model, torch.randn(2, 3, 16, 16), result.path)["rel"] < 1e-5
+
+
 def test_opset_too_low_for_int4(tmp_path):
     model = mtl.quantize(nn.Sequential(nn.Linear(64, 16)), INT4_SYM, progress=False)
     with pytest.raises(ExportError, match="opset 21"):

@@ -117,6 +117,21 @@ def test_targets_opt_the_tower_in():
     assert all(is_quantized(m) for m in _outside(model).values())
 
 
+def test_star_plus_a_name_adds_that_layer_and_keeps_the_rest_of_the_tower():
+    """targets=("*", name): the language model as usual, plus the one layer named; the rest
+    of the tower and the projector stay in float (naming is how a skipped layer is opted in,
+    and must not opt every other input's encoder in with it)."""
+    model = tiny_llava()
+    one = "model.multi_modal_projector.linear_1"
+    cfg = QuantConfig(weight=QuantizerSpec(num_bits=8), targets=("*", one))
+    plans = {p.name: p for p in plan_layers(model, cfg)}
+    assert plans[one].skipped is None
+    assert "outside the language model" in plans["model.multi_modal_projector.linear_2"].skipped
+    tower = [n for n in plans if n.startswith("model.vision_tower.")]
+    assert tower and all("outside the language model" in plans[n].skipped for n in tower)
+    assert all(plans[n].skipped is None for n in plans if n.startswith("model.language_model."))
+
+
 def test_sparsify_keeps_the_tower_dense():
     model = tiny_llava()
     mtl.sparsify(model, "2:4", method="sparsegpt", calib=_text(2, 16), progress=False)

@@ -195,6 +195,40 @@ def test_recurrent_mixer_conv_stays_float_conformer_conv_does_not():
     assert all(is_quantized(m) for m in named)
 
 
+def test_named_int4_conv_follows_on_indivisible():
+    """A conv opted into INT4 by name whose flattened input (in x kernel) the block does not
+    divide: per_channel serves it per channel; skip (the default) raises, since it was asked
+    for by name."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(16, 16, 3, padding=1), nn.Flatten(1), nn.Linear(160, 128))
+
+    cfg = get_preset("int4_weight_only").replace(targets=("*", "0"))
+    model = mtl.quantize(net(), cfg.replace(on_indivisible="per_channel"), progress=False)
+    assert model[0].weight_quantizer.spec.granularity == "per_channel"
+    assert model[0].weight_quantizer.spec.num_bits == 4
+    with pytest.raises(LayerSelectionError, match=r"^0: in_features 48 is not divisible"):
+        mtl.quantize(net(), cfg, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["int4_awq", "int8_smoothquant"])
+def test_parametrized_linear_is_refused_by_weight_writing_algorithms(preset):
+    """AWQ and SmoothQuant scale and round weights in place; a weight_norm'd linear would
+    discard those writes (SmoothQuant's error went from 0.007 to 0.53 on a small MLP). They
+    refuse it before any change; a preset that does not write weights takes it."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(256, 256)), nn.ReLU(), nn.Linear(256, 128))
+    x = torch.randn(16, 256)
+    with pytest.raises(ValueError, match=r"^0: its weight is computed by a parametrization"):
+        mtl.quantize(model, preset, forward_loop=lambda m: m(x), progress=False)
+    assert not any(is_quantized(m) for m in model.modules())
+    ref = model(x)
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(x), progress=False)
+    assert is_quantized(model[0]) and ((model(x) - ref).norm() / ref.norm()).item() < 0.02
+
+
 def test_unquantize_folds_an_explicit_smoothing_multiply():
     model = nn.Sequential(nn.Linear(16, 8))
     x = torch.randn(4, 16)

@@ -230,6 +230,23 @@ def test_convs_group_along_input_channels(conv):
     assert torch.equal(w[keep], before[keep]) and net[0].weight_mask.shape == w.shape
 
 
+def test_parametrized_weight_is_skipped_with_the_reason():
+    """A weight_norm'd layer's weight is recomputed from its parametrization on every read:
+    a mask written into it would be lost, the record would claim a sparsity the weights do
+    not have. It is skipped, named, and its neighbours are pruned."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(),
+                        weight_norm(nn.Conv1d(16, 8, 3, padding=1)))
+    dense = net[2].weight.detach().clone()
+    mtl.sparsify(net, progress=False)
+    rec = {r["name"]: r for r in net._modelopt_lite["sparsity"]["layers"]}
+    assert "parametrization" in rec["2"]["skipped"] and not hasattr(net[2], "weight_mask")
+    assert torch.equal(net[2].weight.detach(), dense)
+    assert (net[0].weight == 0).float().mean().item() == 0.5
+
+
 def test_hf_conv1d_groups_along_input_features():
     gpt2 = tiny_gpt2()
     mtl.sparsify(gpt2, method="sparsegpt", forward_loop=make_forward_loop(random_tokens(2, 16),

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..models import is_encoder_decoder, is_generative
-from .qdq_patterns import ExportError, export_mode
+from .qdq_patterns import ExportError, dense_int4_conv, export_mode
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +280,10 @@ def _widen(args, kwargs, lm: bool, static=frozenset()):
 
 
 def _has_int4(layers) -> bool:
+    """Whether the graph holds INT4 DequantizeLinear (not a conv with INT4 weights: it goes
+    in as its rounded float weight)."""
     return any(m.weight_quantizer.enabled and m.weight_quantizer.spec.num_bits == 4
-               for _, m in layers)
+               and not dense_int4_conv(m) for _, m in layers)
 
 
 def _choose_opset(opset, layers) -> int:

@@ -56,7 +56,7 @@ def _is_conv(module: nn.Module) -> bool:
 
 def _weight_problem(module: nn.Module) -> str | None:
     q = module.weight_quantizer
-    if not q.enabled or _dense_int4_conv(module):
+    if not q.enabled or dense_int4_conv(module):
         return None
     s = q.spec
     if not s.symmetric:
@@ -72,7 +72,7 @@ def _weight_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _dense_int4_conv(module: nn.Module) -> bool:
+def dense_int4_conv(module: nn.Module) -> bool:
     """A conv with INT4 block weights: exported as its fake-quantized float weight."""
     q = module.weight_quantizer
     return _is_conv(module) and q.enabled and q.spec.num_bits == 4
@@ -105,8 +105,7 @@ def check_exportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
                           "the float model with torch.onnx.export)")
     problems = []
     for name, module in layers:
-        if not (_is_conv(module) or module.weight_2d().dim() == 2) or (
-                _is_conv(module) and module.padding_mode != "zeros"):
+        if not (_is_conv(module) or module.weight_2d().dim() == 2):
             problems.append(f"{name} ({type(module).__name__}): unsupported layer for Q/DQ "
                             "export. Fix: exclude it from quantization")
             continue
@@ -169,7 +168,7 @@ def _conv_export_forward(self, x):
 
 
 def _install(module: nn.Module) -> None:
-    dense = _dense_int4_conv(module)
+    dense = dense_int4_conv(module)
     wq = None if dense else weight_q(module)
     dtype = module.weight.dtype
     module.register_buffer("weight_dq", module.quantized_weight().detach().to(dtype)
@@ -204,7 +203,7 @@ def _uninstall(module: nn.Module) -> None:
 def export_mode(model: nn.Module):
     """Swap every quant layer to its Q/DQ export forward; restore the model on exit."""
     layers = check_exportable(model)
-    dense = [name for name, module in layers if _dense_int4_conv(module)]
+    dense = [name for name, module in layers if dense_int4_conv(module)]
     if dense:
         log.warning("%d conv layer(s) with INT4 weights (first: %s) go into the graph as their "
                     "INT4-rounded weights in floating point: TensorRT has no INT4 convolution "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..calib.sequential import StopForward
 from ..config import DEFAULT_EXCLUDE, DEFAULT_MODULE_TYPES, ConfigError
@@ -127,6 +128,11 @@ def _selected(name: str, module: nn.Module, cfg: SparsityConfig) -> bool:
     return match(cfg.targets) and not match(cfg.exclude)
 
 
+PARAMETRIZED = ("its weight is computed by a parametrization (e.g. weight_norm) from other "
+                "tensors, so a mask cannot zero it; remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+
+
 def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> list[SparsePlan]:
     """Every selected layer, with the reason it is skipped where it cannot take the pattern."""
     from ..models import other_modalities
@@ -140,6 +146,8 @@ def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> list[SparsePlan]:
         dim = group_dim(module)
         if towers and towers(name):
             plan.skipped = towers.reason
+        elif parametrize.is_parametrized(module, "weight"):
+            plan.skipped = PARAMETRIZED
         elif dim % m:
             reason = (f"input dim {dim} is not a multiple of {m}, so it cannot be split into "
                       f"groups of {m}")
