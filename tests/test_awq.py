@@ -9,7 +9,6 @@ import torch
 import modelopt_lite as mtl
 from modelopt_lite.algorithms import awq_search as S
 from modelopt_lite.algorithms.awq import AWQConfig, apply_artefacts, save_artefacts
-from modelopt_lite.calib.sequential import run_sequential
 from modelopt_lite.config import ConfigError, MaxCalibConfig, QuantizerSpec
 from modelopt_lite.models import find_decoder_layers
 from tiny_models import ALL, random_tokens

@@ -1,7 +1,6 @@
 """Data-parallel calibration: 2 gloo processes, each on half of the calibration samples, must
 produce the same quantized model as one process on all of them (and identical on both ranks)."""
 
-import copy
 import os
 import tempfile
 
