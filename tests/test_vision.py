@@ -249,7 +249,8 @@ def test_speech_stack_is_the_encoder_not_the_positional_convs():
     from modelopt_lite.models import layer_stacks
 
     model = _tiny_speech("data2vec-audio")
-    assert [(p, len(stack)) for p, stack in layer_stacks(model)] == [("data2vec_audio.encoder.layers", 2)]
+    stacks = [(path, len(stack)) for path, stack in layer_stacks(model)]
+    assert stacks == [("data2vec_audio.encoder.layers", 2)]
 
 
 def test_layer_walk_hands_on_wavlm_position_bias():
