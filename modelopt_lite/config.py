@@ -231,10 +231,16 @@ class QuantConfig:
 
     ``targets`` and ``exclude`` are fnmatch patterns over module names (``exclude`` wins);
     ``module_types`` are class names (``Linear``, Hugging Face's ``Conv1D``, torch's ``Conv1d``,
-    ``Conv2d``, ``Conv3d``). ``on_indivisible``
-    says what happens to a layer whose input dim is not a multiple of ``weight.block_size``:
+    ``Conv2d``, ``Conv3d``). ``on_indivisible`` says what happens to a layer whose input dim
+    is not a multiple of ``weight.block_size``:
     ``skip`` (listed in the summary), ``error``, or ``per_channel`` (quantize that layer per
     output channel instead).
+
+    A layer named exactly in ``targets`` is quantized where a default rule would leave it in
+    float (an MoE router, a recurrent mixer's causal conv, a conv under INT4 block weights):
+    ``targets=("*", "model.layers.0.mixer.conv1d")``. With ``"*"`` among the targets, a
+    multimodal model's encoders of other inputs stay in float except what the other patterns
+    match; targets without ``"*"`` are taken as written.
     """
 
     weight: QuantizerSpec | None = field(default_factory=QuantizerSpec)

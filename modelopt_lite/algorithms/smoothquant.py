@@ -454,7 +454,7 @@ class _LayerProcessor:
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, inputs, percdamp: float = 0.01, groups=()) -> None:
     """GPTQ-round the weights of every weight-quantized (per channel or block) linear (not
-    Conv2d) of ``layer`` onto a grid fixed from its current weight, on the Hessian of the
+    a convolution) of ``layer`` onto a grid fixed from its current weight, on the Hessian of the
     input the weight multiplies (after the input quantizer: pre-quant scale and fake
     quantization).
     Linears of one of ``groups`` whose input quantizers agree share one Hessian and one
