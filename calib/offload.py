@@ -129,6 +129,11 @@ class OffloadedWeights:
                     best = (mname, dev)
         return None if best is None else best[1]
 
+    def runs_on(self, name: str) -> torch.device:
+        """Where module ``name`` runs: its hooks' device (:meth:`home_device`), else where
+        accelerate runs the offloaded modules."""
+        return self.home_device(name) or self.execution_device()
+
     def read(self, names, device="cpu", dtype: torch.dtype | None = None) -> dict:
         """The named tensors, copied onto ``device`` (floating ones cast to ``dtype``)."""
         out = {}
@@ -234,7 +239,7 @@ class OffloadedWeights:
         Tensors the block adds (quantizer ranges, masks) stay with the module."""
         from .streaming import drop_, materialize_
 
-        device = device or self.home_device(name) or self.execution_device()
+        device = device or self.runs_on(name)
         prefix = name + "." if name else ""
         materialize_(module, self, prefix, device)
         try:

@@ -92,17 +92,24 @@ def unmerged_adapters(model: nn.Module) -> list[str]:
                     for c in type(m).__mro__)]   # (disabled ones too: they come back)
 
 
+_WRITES_WEIGHTS = ("awq", "smoothquant")   # scale / fold / GPTQ-round weights in place
+
+
+def _refuse(cfg: QuantConfig, names: list[str], problem: str) -> None:
+    """Refuse ``names`` (the first named, the rest counted) for a weight-writing algorithm."""
+    if names and cfg.algorithm.name in _WRITES_WEIGHTS:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise ValueError(f"{names[0]}{more}{problem.format(algo=cfg.algorithm.name)}")
+
+
 def _check_adapters(model: nn.Module, cfg: QuantConfig) -> None:
     """AWQ and SmoothQuant fold scales into the layers that feed a linear; an unmerged
     adapter reads the same input through its own branch, which the fold would change."""
-    if cfg.algorithm.name not in ("awq", "smoothquant"):
+    if cfg.algorithm.name not in _WRITES_WEIGHTS:
         return
-    adapters = unmerged_adapters(model)
-    if adapters:
-        more = f" (and {len(adapters) - 1} more)" if len(adapters) > 1 else ""
-        raise ValueError(
-            f"{adapters[0]}{more} holds an unmerged PEFT adapter: "
-            f"{cfg.algorithm.name} folds scales into the layers feeding the base linear, and "
+    _refuse(cfg, unmerged_adapters(model),
+            " holds an unmerged PEFT adapter: "
+            "{algo} folds scales into the layers feeding the base linear, and "
             "the adapter branch reads that input too, so the model's function would change. "
             "Fix: merge the adapters first (model = model.merge_and_unload()), or use a "
             "preset without folds (int4_weight_only, w8a8)")
@@ -115,15 +122,10 @@ def _check_parametrized(plans: list[LayerPlan], cfg: QuantConfig) -> None:
     (Convolutions are not scaled or rounded: they keep max ranges.)"""
     from torch.nn.utils import parametrize
 
-    if cfg.algorithm.name not in ("awq", "smoothquant"):
-        return
-    bad = [p.name for p in plans if not p.skipped and not isinstance(p.module, CONV_TYPES)
-           and parametrize.is_parametrized(p.module, "weight")]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ValueError(
-            f"{bad[0]}{more}: its weight is computed by a parametrization (e.g. weight_norm), "
-            f"and {cfg.algorithm.name} writes scaled and rounded values into the weight, which "
+    _refuse(cfg, [p.name for p in plans if not p.skipped and not isinstance(p.module, CONV_TYPES)
+                  and parametrize.is_parametrized(p.module, "weight")],
+            ": its weight is computed by a parametrization (e.g. weight_norm), "
+            "and {algo} writes scaled and rounded values into the weight, which "
             "a parametrization would discard. Fix: remove it first (torch.nn.utils.parametrize"
             ".remove_parametrizations(layer, 'weight')), exclude the layer, or use a preset "
             "without weight updates (int4_weight_only, w8a8)")

@@ -195,7 +195,7 @@ def _add_int4_layers(model, deployed, modules, store=None) -> None:
         weight = getattr(old, "weight", None)
         device = None if weight is None else weight.device
         if store is not None and weight is not None and weight.is_meta:
-            device = store.home_device(name) or store.execution_device()
+            device = store.runs_on(name)
         spec = {k: v for k, v in rec.items() if k != "name"}
         swap_module(model, name, Int4Linear.from_spec(spec, device=device))
 
@@ -216,7 +216,7 @@ def _load_offloaded(model, tensors, store) -> set[str]:
         if name in store or attr in module._parameters:
             store.write(name, value)
         else:
-            module._buffers[attr] = value.to(store.home_device(mname) or store.execution_device())
+            module._buffers[attr] = value.to(store.runs_on(mname))
         done.add(name)
     return done
 

@@ -41,6 +41,18 @@ def small_cnn():
                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 10)).eval()
 
 
+def conv_weight_dqs(m):
+    """(Conv, the DequantizeLinear feeding its weight) of every Conv node, each checked to be
+    per output channel: axis 0, one scale per output channel."""
+    init, pairs = inits(m), []
+    for conv in nodes(m, "Conv"):
+        dq = next(n for n in m.graph.node if n.output[0] == conv.input[1])
+        assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
+        assert list(init[dq.input[1]].dims) == [init[dq.input[0]].dims[0]]
+        pairs.append((conv, dq))
+    return pairs
+
+
 def calibrated(model, data):
     return mtl.quantize(model, "w8a8", forward_loop=lambda m: m(data), progress=False)
 
@@ -132,14 +144,7 @@ def test_llama_int4_blocked_pattern(llama_int4):
 
 def test_cnn_conv_per_channel_axis0(cnn_w8a8):
     model, result = cnn_w8a8
-    m = onnx.load(str(result.path))
-    init = inits(m)
-    convs = nodes(m, "Conv")
-    assert len(convs) == 2
-    for conv in convs:
-        dq = next(n for n in m.graph.node if n.output[0] == conv.input[1])
-        assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
-        assert list(init[dq.input[1]].dims) == [init[dq.input[0]].dims[0]]
+    assert len(conv_weight_dqs(onnx.load(str(result.path)))) == 2
     x = torch.randn(5, 3, 16, 16)  # batch 5: dynamic batch axis
     assert compare_with_torch(model, x, result.path)["rel"] < 1e-5
     # onnxruntime's optimizer turns the conv bias into int32 (bias / (s_x * s_w)), as
@@ -166,13 +171,10 @@ def test_conv1d_conv3d_per_channel_axis0(dims, tmp_path):
     result = export_onnx(model, torch.randn(2, *shape[dims]), tmp_path / "conv.onnx")
     m = onnx.load(str(result.path))
     init = inits(m)
-    convs = nodes(m, "Conv")
-    assert len(convs) == 2
-    for c in convs:
-        dq = next(n for n in m.graph.node if n.output[0] == c.input[1])
-        assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
+    pairs = conv_weight_dqs(m)
+    assert len(pairs) == 2
+    for c, dq in pairs:
         assert len(init[dq.input[0]].dims) == dims + 2
-        assert list(init[dq.input[1]].dims) == [init[dq.input[0]].dims[0]]
         qx = next(n for n in m.graph.node if n.output[0] == c.input[0])
         assert qx.op_type == "DequantizeLinear"
     x = torch.randn(3, *shape[dims])

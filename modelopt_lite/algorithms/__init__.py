@@ -24,10 +24,9 @@ def register_applier(name: str):
 
 def without_convs(modules: dict, who: str, instead: str) -> dict:
     """``modules`` (name -> layer) without its convolutions (Conv1d / 2d / 3d), whose input
-    channels are not
-    the input's last axis, so the per-input-channel statistics, scales and Hessians of AWQ,
-    SmoothQuant and GPTQ do not apply to them; a note names them and what they get
-    ``instead``."""
+    channels are not the input's last axis, so the per-input-channel statistics, scales and
+    Hessians of AWQ, SmoothQuant and GPTQ do not apply to them; a note names them and what
+    they get ``instead``."""
     from ..nn.quant_modules import CONV_TYPES
 
     convs = sorted(n for n, m in modules.items() if isinstance(m, CONV_TYPES))

@@ -64,10 +64,10 @@ def _homes(model, quantizers) -> dict:
         for q in (m.input_quantizer, m.weight_quantizer):
             if id(q) not in wanted:
                 continue
-            if not m.weight.is_meta:
-                out[id(q)] = m.weight.device
-            elif store is not None and store.home_device(name) is not None:
-                out[id(q)] = store.home_device(name)
+            home = m.weight.device if not m.weight.is_meta else (
+                store.home_device(name) if store is not None else None)
+            if home is not None:
+                out[id(q)] = home
     return out
 
 

@@ -50,10 +50,6 @@ class WeightQ:
     num_bits: int
 
 
-def _is_conv(module: nn.Module) -> bool:
-    return is_quant_conv(module)
-
-
 def _weight_problem(module: nn.Module) -> str | None:
     q = module.weight_quantizer
     if not q.enabled or dense_int4_conv(module):
@@ -75,7 +71,7 @@ def _weight_problem(module: nn.Module) -> str | None:
 def dense_int4_conv(module: nn.Module) -> bool:
     """A conv with INT4 block weights: exported as its fake-quantized float weight."""
     q = module.weight_quantizer
-    return _is_conv(module) and q.enabled and q.spec.num_bits == 4
+    return is_quant_conv(module) and q.enabled and q.spec.num_bits == 4
 
 
 def _input_problem(module: nn.Module) -> str | None:
@@ -105,7 +101,7 @@ def check_exportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
                           "the float model with torch.onnx.export)")
     problems = []
     for name, module in layers:
-        if not (_is_conv(module) or module.weight_2d().dim() == 2):
+        if not (is_quant_conv(module) or module.weight_2d().dim() == 2):
             problems.append(f"{name} ({type(module).__name__}): unsupported layer for Q/DQ "
                             "export. Fix: exclude it from quantization")
             continue
@@ -133,7 +129,7 @@ def weight_q(module: nn.Module) -> WeightQ | None:
     scale, _ = q.scale_zero(w2d)
     codes = F.quantize(w2d.float(), scale, None, 8, True).to(torch.int8)
     scale = scale.reshape(-1) if s.granularity == "per_channel" else scale.reshape(())
-    if _is_conv(module):
+    if is_quant_conv(module):
         return WeightQ(module.weight_from_2d(codes).contiguous(), scale.to(dtype), 0, 0, 8)
     return WeightQ(codes.t().contiguous(), scale.to(dtype), 1, 0, 8)
 
@@ -153,7 +149,7 @@ def _weight(self) -> torch.Tensor:
         return self.weight_dq
     if self.weight_int is None:  # weight not quantized: the float weight, [K, N] for MatMul
         w2d = self.weight_quantizer._scaled(self.weight_2d())
-        return self.weight_from_2d(w2d) if _is_conv(self) else w2d.t()
+        return self.weight_from_2d(w2d) if is_quant_conv(self) else w2d.t()
     return torch.ops.modelopt_lite.dequantize_weight(
         self.weight_int, self.weight_scale, self._export_axis, self._export_block)
 
@@ -188,7 +184,7 @@ def _install(module: nn.Module) -> None:
                            persistent=False)
     module._export_axis = 0 if wq is None else wq.axis
     module._export_block = 0 if wq is None else wq.block_size
-    fwd = _conv_export_forward if _is_conv(module) else _linear_export_forward
+    fwd = _conv_export_forward if is_quant_conv(module) else _linear_export_forward
     module.forward = types.MethodType(fwd, module)
 
 
