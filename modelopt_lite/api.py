@@ -21,8 +21,9 @@ from .calib.offload import offload_store
 from .calib.runner import resolve_forward_loop
 from .config import QuantConfig, resolve_config
 from .layers import LayerPlan, insert_quantizers, plan_layers, quant_modules
-from .moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
+from .moe import all_experts_calibrate
 from .nn.quant_modules import CONV_TYPES, unwrap_module
+from .rewrites import flags, rewrite, undo
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
                                     "float model (or call modelopt_lite.unquantize(model) first)")
     _check_adapters(model, cfg)
     offloaded = offload_store(model)   # accelerate's CPU / disk offload, checked first
-    unfused = prepare_experts(model)
+    rewritten = rewrite(model)   # fused MoE experts, nn.MultiheadAttention -> nn.Linear
     try:
         plans = plan_layers(model, cfg)
         _check_parametrized(plans, cfg)
@@ -74,7 +75,7 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
             apply(model, cfg, loop, progress)   # (MoE: every expert sees every token)
     except BaseException:
         _remove_quantizers(model)
-        fuse_experts(model, unfused)   # the model as it came, fused experts included
+        undo(model, rewritten)   # the model as it came, fused experts included
         raise
     _leave_uncalled_in_float(tracker)
     _record(model, cfg, plans)
@@ -215,9 +216,8 @@ def _leave_uncalled_in_float(tracker: _CallTracker) -> None:
 def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
     kept = {k: v for k, v in (getattr(model, "_modelopt_lite", None) or {}).items()
             if k == "sparsity"}  # masks recorded by sparsify() stay with the model
-    model._modelopt_lite = {**kept, "config": cfg.to_dict(), "layers": [p.record() for p in plans]}
-    if has_linear_experts(model):
-        model._modelopt_lite["experts_unfused"] = True
+    model._modelopt_lite = {**kept, "config": cfg.to_dict(), "layers": [p.record() for p in plans],
+                            **flags(model)}
 
 
 def unquantize(model: nn.Module) -> nn.Module:
@@ -249,9 +249,7 @@ def _remove_quantizers(model: nn.Module) -> nn.Module:
         sparsity = model._modelopt_lite.get("sparsity")
         del model._modelopt_lite
         if sparsity:  # the weight_mask buffers are still there
-            model._modelopt_lite = {"sparsity": sparsity}
-            if has_linear_experts(model):
-                model._modelopt_lite["experts_unfused"] = True
+            model._modelopt_lite = {"sparsity": sparsity, **flags(model)}
     return model
 
 

@@ -107,9 +107,11 @@ def _ppl(model, tokenizer, args) -> float:
 def _auto_block(model, cfg) -> int:
     """Largest block in AUTO_BLOCKS dividing the most targeted layers' input dims."""
     from .layers import _weight_2d_shape, plan_layers
+    from .attention import unpack_attention
     from .moe import unfuse_experts
 
-    unfuse_experts(model)   # MoE experts count too (quantize() would unfuse them anyway)
+    unfuse_experts(model)   # MoE experts and attention projections count too (quantize()
+    unpack_attention(model)   # would rewrite them anyway)
     dims = [_weight_2d_shape(p.module)[1] for p in plan_layers(model, cfg)]
     return max(AUTO_BLOCKS, key=lambda b: (sum(d % b == 0 for d in dims), b))
 

@@ -129,11 +129,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     manifest = read_manifest(directory)
     if quant_modules(model):
         raise CheckpointError("load() needs a fresh float model; this one is already quantized")
-    unfused = []
-    if manifest.get("experts_unfused"):   # saved with per-expert linears: make them here too
-        from .moe import unfuse_experts
+    from .rewrites import FLAGS, replay, undo
 
-        unfused = unfuse_experts(model)
+    rewritten = replay(model, manifest)   # saved with per-expert / q,k,v linears: make them here
     modules = dict(model.named_modules())
     layers = [r for r in manifest.get("layers", []) if not r["skipped"]]
     try:
@@ -141,10 +139,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(Path(directory) / manifest["tensors"]))
         _check_shapes(model, tensors, layers, modules)
     except BaseException:
-        if unfused:   # the caller's model as it came
-            from .moe import fuse_experts
-
-            fuse_experts(model, unfused)
+        undo(model, rewritten)   # the caller's model as it came
         raise
     deployed = {rec["name"]: rec for rec in manifest.get("deployed", [])}
     for rec in layers:
@@ -167,7 +162,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"checkpoint tensors not in the model: {unexpected[:5]}")
     _check_missing_are_tied(model, tied)
     model._modelopt_lite = {k: manifest[k] for k in ("config", "layers", "sparsity", "deployed",
-                                                     "experts_unfused") if k in manifest}
+                                                     *FLAGS) if k in manifest}
     return model
 
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..calib.offload import at_hand, offload_store, offloaded_streaming
 from ..calib.runner import resolve_forward_loop
-from ..moe import all_experts_calibrate, fuse_experts, has_linear_experts, prepare_experts
+from ..moe import all_experts_calibrate
+from ..rewrites import flags, rewrite, undo
 from .masks import SparsityPatternError, is_nm_sparse, nm_fraction, nm_mask
 from .prune import CALIBRATED, SparsePlan, SparsityConfig, plan_sparsity, prune_magnitude, prune_plans
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -50,7 +51,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
     cfg = SparsityConfig(pattern, method, tuple(targets), tuple(exclude or DEFAULT_EXCLUDE),
                          on_indivisible=on_indivisible, block_size=block_size, percdamp=percdamp)
     offloaded = offload_store(model)   # accelerate's CPU / disk offload, checked first
-    unfused = prepare_experts(model)   # fused MoE experts -> per-expert nn.Linear
+    rewritten = rewrite(model)   # fused MoE experts, nn.MultiheadAttention -> nn.Linear
     try:
         plans = plan_sparsity(model, cfg)
         loop = resolve_forward_loop(model, calib, forward_loop, tokenizer, n_samples, seq_len,
@@ -60,13 +61,18 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
                              "tokenizer= for strings) or forward_loop=; method='magnitude' "
                              "needs none")
     except BaseException:
-        fuse_experts(model, unfused)   # the model as it came
+        undo(model, rewritten)   # the model as it came
         raise
-    if unfused:
+    if rewritten.experts:
         logger.warning("the MoE experts of %d module(s) are now per-expert nn.Linear layers: "
                        "save with modelopt_lite.save (or quantize next); before save_pretrained "
                        "call modelopt_lite.moe.fuse_experts(model), which keeps the zeros and "
-                       "drops the masks", len(unfused))
+                       "drops the masks", len(rewritten.experts))
+    if rewritten.attention:
+        logger.warning("%d nn.MultiheadAttention module(s) are now q/k/v/out nn.Linear layers: "
+                       "save with modelopt_lite.save; before save_pretrained call "
+                       "modelopt_lite.attention.pack_attention(model), which keeps the zeros and "
+                       "drops the masks", len(rewritten.attention))
     start = time.perf_counter()
     if method in CALIBRATED:
         streamed = (offloaded_streaming(model, offloaded) if offloaded is not None
@@ -113,8 +119,7 @@ def _record(model: nn.Module, cfg: SparsityConfig, plans: list[SparsePlan], seco
     state = getattr(model, "_modelopt_lite", None) or {}
     state["sparsity"] = {"config": cfg.to_dict(), "seconds": round(seconds, 3),
                          "layers": [p.record() for p in plans]}
-    if has_linear_experts(model):
-        state["experts_unfused"] = True
+    state.update(flags(model))
     model._modelopt_lite = state
 
 

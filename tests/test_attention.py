@@ -1,0 +1,302 @@
+"""nn.MultiheadAttention unpacked into q/k/v/out nn.Linear layers: the same function as torch's
+module (float64), quantized through every path (against torch's own module running
+independently rounded weights), restored on failure, saved and loaded, exported, sparsified."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import modelopt_lite as mtl
+from modelopt_lite.attention import LinearMultiheadAttention, pack_attention, unpack_attention
+from modelopt_lite.sparsity import sparsify
+from test_quantizer_math import reference_fake_quant
+
+E, H = 32, 4
+
+
+def _inputs(bf, kdim, vdim, b=3, tgt=5, src=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, d, generator=g, dtype=torch.float64)
+               for n, d in ((tgt, E), (src, kdim or E), (src, vdim or E)))
+    return (q, k, v) if bf else (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+
+
+def _masks(b=3, tgt=5, src=7):
+    g = torch.Generator().manual_seed(1)
+    kpm = torch.zeros(b, src, dtype=torch.bool)
+    kpm[0, -2:] = True
+    am2 = torch.randn(tgt, src, generator=g, dtype=torch.float64)
+    am3 = torch.rand(b * H, tgt, src, generator=g) > 0.4
+    am3[..., 0] = False   # every query keeps one key
+    return [{}, dict(key_padding_mask=kpm), dict(attn_mask=am2), dict(attn_mask=am3),
+            dict(attn_mask=am2, key_padding_mask=kpm), dict(need_weights=False),
+            dict(need_weights=False, attn_mask=am3, key_padding_mask=kpm),
+            dict(average_attn_weights=False, key_padding_mask=kpm)]
+
+
+@pytest.mark.parametrize("bf,dims,bias,add_kv,zero", list(itertools.product(
+    [True, False], [(None, None), (24, 20)], [True, False], [False, True], [False, True])))
+def test_unpacked_computes_what_torch_computes(bf, dims, bias, add_kv, zero):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, bias=bias, add_bias_kv=add_kv, add_zero_attn=zero,
+                                kdim=dims[0], vdim=dims[1], batch_first=bf).double().eval()
+    ref = copy.deepcopy(mha)
+    model = nn.ModuleDict({"attn": mha})
+    assert unpack_attention(model) == ["attn"]
+    attn = model["attn"]
+    assert isinstance(attn, LinearMultiheadAttention)
+    assert all(type(getattr(attn, p)) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+               for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    q, k, v = _inputs(bf, *dims)
+    for kw in _masks():
+        out, w = attn(q, k, v, **kw)
+        ref_out, ref_w = ref(q, k, v, **kw)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10, msg=str(kw))
+        assert (w is None) == (ref_w is None)
+        if w is not None:
+            torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
+    one = lambda t: t[0] if bf else t[:, 0]  # noqa: E731 - an unbatched input
+    out, w = attn(one(q), one(k), one(v))
+    ref_out, ref_w = ref(one(q), one(k), one(v))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
+
+    loaded = copy.deepcopy(model)   # a packed state dict loads into the unpacked module
+    loaded.load_state_dict({f"attn.{k}": t * 2 for k, t in ref.state_dict().items()})
+    ref2 = copy.deepcopy(ref)
+    ref2.load_state_dict({k: t * 2 for k, t in ref.state_dict().items()})
+    torch.testing.assert_close(loaded["attn"](q, k, v)[0], ref2(q, k, v)[0])
+
+    assert pack_attention(model) == ["attn"]
+    assert type(model["attn"]) is nn.MultiheadAttention
+    assert list(model["attn"].state_dict()) == list(ref.state_dict())
+    for key, t in ref.state_dict().items():
+        assert torch.equal(model["attn"].state_dict()[key], t), key
+    assert [n for n, _ in model["attn"].named_parameters()] == [
+        n for n, _ in ref.named_parameters()]
+
+
+def test_causal_hint_and_gradients_match():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).double()
+    ref = copy.deepcopy(mha)
+    model = nn.Sequential(mha)
+    unpack_attention(model)
+    x = torch.randn(2, 6, E, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    mask = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    for need in (True, False):
+        out = model[0](x, x, x, attn_mask=mask, is_causal=True, need_weights=need)[0]
+        want = ref(xr, xr, xr, attn_mask=mask, is_causal=True, need_weights=need)[0]
+        torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(model[0].q_proj.weight.grad, ref.in_proj_weight.grad[:E])
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        model[0](x, x, x, is_causal=True)
+
+
+def encoder(layers=2, d=64, heads=4, norm_first=False, nested=False, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first)
+    return nn.Sequential(nn.Linear(16, d), nn.TransformerEncoder(
+        layer, layers, enable_nested_tensor=nested), nn.Linear(d, 8)).eval()
+
+
+def _fq_rows(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8, the float64 reference of the quantizer tests."""
+    return reference_fake_quant(w, 8, True, w.shape[1]).to(w.dtype)
+
+
+def test_int8_weights_reach_every_projection_and_match_torch_with_rounded_weights():
+    """int8_weight_only on an nn.TransformerEncoder: every projection is quantized (none
+    'not called'), and the model computes what torch's own modules compute (fast path off)
+    with each weight rounded per row by the independent reference; in_proj_weight's rows are
+    q/k/v's rows, so per-row rounding of the packed weight is the reference for all three."""
+    model = encoder()
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 10, 16)
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    rows = {r["name"]: r for r in model._modelopt_lite["layers"]}
+    for i in range(2):
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            assert not rows[f"1.layers.{i}.self_attn.{p}"]["skipped"]
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            for pname in ("weight", "in_proj_weight"):
+                w = getattr(mod, pname, None) if "norm" not in name else None
+                if isinstance(w, nn.Parameter) and w.dim() == 2:
+                    w.copy_(_fq_rows(w))
+        try:
+            torch.backends.mha.set_fastpath_enabled(False)
+            want = ref(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        got = model(x)   # under no_grad, in eval: torch's fused path would skip the quantizers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "int8_smoothquant", "int4_awq"])
+def test_presets_quantize_attention_and_save_load(tmp_path, preset):
+    model = encoder(d=128)
+    with torch.no_grad():
+        float_out = model(torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(5))
+    calib = [torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    mtl.quantize(model, preset, calib=calib, progress=False)
+    names = [r["name"] for r in model._modelopt_lite["layers"] if not r["skipped"]]
+    assert "1.layers.1.self_attn.k_proj" in names and "1.layers.0.self_attn.out_proj" in names
+    assert model._modelopt_lite["attention_unpacked"]
+    with torch.no_grad():
+        out = model(x)
+    rel = ((out - float_out).norm() / float_out.norm()).item()
+    assert 0 < rel < (0.15 if preset == "int4_awq" else 0.05), rel
+    mtl.save(model, tmp_path)
+    fresh = encoder(d=128)
+    assert type(fresh[1].layers[0].self_attn) is nn.MultiheadAttention
+    mtl.load(fresh, tmp_path)
+    assert isinstance(fresh[1].layers[0].self_attn, LinearMultiheadAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), out)
+
+
+def test_failed_quantize_puts_the_original_attention_back():
+    model = encoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(m):
+        m(torch.randn(2, 10, 16))
+        raise RuntimeError("data ran out")
+
+    with pytest.raises(RuntimeError, match="data ran out"):
+        mtl.quantize(model, "w8a8", forward_loop=broken, progress=False)
+    attn = model[1].layers[0].self_attn
+    assert type(attn) is nn.MultiheadAttention and attn.in_proj_weight is not None
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model[1].use_nested_tensor is False   # as built (enable_nested_tensor=False)
+
+
+def test_nested_tensor_fast_path_is_turned_off_and_restored():
+    """An encoder built with nested tensors would convert padded batches to NestedTensor and
+    read the packed weights; after quantize() it runs the quantized layers instead."""
+    model = encoder(nested=True)
+    assert model[1].use_nested_tensor
+    x = torch.randn(3, 10, 16)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    mtl.quantize(model, "w8a8", calib=[x], progress=False)
+    assert model[1].use_nested_tensor is False
+
+    def run(m):
+        h = m[0](x)
+        return m[2](m[1](h, src_key_padding_mask=pad))
+
+    with torch.no_grad():
+        got = run(model)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            want = run(model)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(got[~pad], want[~pad])
+    mtl.unquantize(model)
+    pack_attention(model)
+    assert model[1].use_nested_tensor and type(model[1].layers[1].self_attn) is nn.MultiheadAttention
+
+
+def test_decoder_cross_attention_is_quantized():
+    torch.manual_seed(0)
+    model = nn.Transformer(64, 4, num_encoder_layers=1, num_decoder_layers=2,
+                           dim_feedforward=128, dropout=0.0, batch_first=True).eval()
+    src, tgt = torch.randn(2, 9, 64), torch.randn(2, 6, 64)
+    with torch.no_grad():
+        ref = model(src, tgt)
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(src, tgt), progress=False)
+    skipped = [r["name"] for r in model._modelopt_lite["layers"] if r["skipped"]]
+    assert skipped == []
+    assert "decoder.layers.1.multihead_attn.k_proj" in {
+        r["name"] for r in model._modelopt_lite["layers"]}
+    with torch.no_grad():
+        rel = ((model(src, tgt) - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05
+
+
+def test_sparsify_reaches_attention_projections():
+    model = encoder()
+    sparsify(model, "2:4", "magnitude")
+    w = model[1].layers[0].self_attn.v_proj.weight
+    assert (w.view(-1, 4) != 0).sum(-1).max() <= 2
+    assert model._modelopt_lite["attention_unpacked"]
+
+
+def test_int4_deploy_runs_the_unpacked_projections():
+    model = encoder(d=128)
+    x = torch.randn(2, 10, 16)
+    mtl.quantize(model, "int4_weight_only", progress=False)
+    with torch.no_grad():
+        fake = model(x)
+    mtl.deploy(model)
+    from modelopt_lite.nn.int4_linear import int4_layers
+
+    assert "1.layers.0.self_attn.q_proj" in int4_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fake, rtol=2e-3, atol=2e-3)
+
+
+def test_pack_refuses_quantized_linears():
+    model = encoder()
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    with pytest.raises(ValueError, match="unquantize"):
+        pack_attention(model)
+    assert isinstance(model[1].layers[0].self_attn, LinearMultiheadAttention)
+
+
+def test_subclasses_are_left_alone():
+    class Custom(nn.MultiheadAttention):
+        pass
+
+    model = nn.ModuleDict({"a": Custom(E, H)})
+    assert unpack_attention(model) == [] and type(model["a"]) is Custom
+
+
+class _Padded(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x, pad):
+        return self.body[2](self.body[1](self.body[0](x), src_key_padding_mask=pad))
+
+
+def test_qdq_export_of_the_unpacked_attention(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from modelopt_lite.export.onnx import export_onnx
+    from modelopt_lite.export.trt_check import trt_check
+    from modelopt_lite.export.verify import compare_with_torch
+    import onnx
+
+    model = _Padded(encoder())
+    x, pad = torch.randn(2, 10, 16), torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    mtl.quantize(model, "w8a8", forward_loop=lambda m: m(x, pad), progress=False)
+    result = export_onnx(model, (x, pad), tmp_path / "enc.onnx")
+    assert compare_with_torch(model, (x, pad), result.path)["rel"] < 1e-5
+    assert trt_check(result.path) == []
+    graph = onnx.load(result.path).graph
+    # 4 attention projections + 2 feed-forward linears per layer, 2 layers, the in/out linears:
+    # each MatMul reads a quantized activation and a dequantized weight
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    producer = {o: n for n in graph.node for o in n.output}
+    qdq = [m for m in matmuls if all(producer.get(i) is not None and
+                                     producer[i].op_type == "DequantizeLinear"
+                                     for i in m.input[:2])]
+    assert len(qdq) == 14
