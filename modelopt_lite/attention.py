@@ -38,6 +38,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _PACKED = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
 class LinearMultiheadAttention(nn.Module):
@@ -69,11 +71,20 @@ class LinearMultiheadAttention(nn.Module):
         self.out_proj = mha.out_proj
         self.bias_k, self.bias_v = mha.bias_k, mha.bias_v
         self.train(mha.training)
-        for name in _PACKED + ("bias_k", "bias_v"):   # the original, emptied, for pack()
-            if name in mha._parameters:
-                delattr(mha, name)
+        # the original module, emptied, for pack(): its packed parameters keep their identity
+        # (an optimizer's references stay good) but give up their storage meanwhile
+        originals = {n: mha._parameters.pop(n) for n in _PACKED if n in mha._parameters}
+        for param in originals.values():
+            if param is not None:
+                param.data = param.data.new_empty(0)
+        for name in ("bias_k", "bias_v"):
+            mha._parameters.pop(name, None)
         del mha._modules["out_proj"]
-        self.__dict__["_packed"] = mha   # a plain attribute: not a child, not in state dicts
+        self.__dict__["_packed"] = mha   # plain attributes: not children, not in state dicts
+        self.__dict__["_originals"] = originals
+        for hooks in _HOOK_DICTS:   # hooks on the module keep firing (shared, so pack keeps
+            if hooks in mha.__dict__:   # those added meanwhile)
+                self.__dict__[hooks] = mha.__dict__[hooks]
         self._register_load_state_dict_pre_hook(_split_packed_keys, with_module=True)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
@@ -143,14 +154,17 @@ class LinearMultiheadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None
-        if need_weights:
-            scores = torch.matmul(q * math.sqrt(1.0 / d), k.transpose(-2, -1))
-            if attn_mask is not None:
-                scores = scores + attn_mask
+        if need_weights:   # as torch computes it: baddbmm, softmax, dropout, bmm
+            n, src = bsz * h, k.shape[2]
+            qs = (q * math.sqrt(1.0 / d)).reshape(n, tgt_len, d)
+            kt = k.reshape(n, src, d).transpose(1, 2)
+            scores = (torch.bmm(qs, kt) if attn_mask is None else torch.baddbmm(
+                attn_mask.expand(bsz, h, tgt_len, src).reshape(n, tgt_len, src), qs, kt))
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0:   # (the weights returned are the dropped ones, as in torch)
                 weights = F.dropout(weights, p=dropout_p)
-            out = torch.matmul(weights, v)
+            out = torch.bmm(weights, v.reshape(n, src, d)).view(bsz, h, tgt_len, d)
+            weights = weights.view(bsz, h, tgt_len, src)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
@@ -180,10 +194,17 @@ class LinearMultiheadAttention(nn.Module):
                           v_proj_weight=v.weight.clone())
         if q.bias is not None:
             packed["in_proj_bias"] = torch.cat([q.bias, k.bias, v.bias])
+        originals = self._originals
         for name, t in packed.items():
             mha.__dict__.pop(name, None)
-            mha.register_parameter(name, None if t is None else
-                                   nn.Parameter(t, requires_grad=trains))
+            param = originals.get(name)
+            if t is None:
+                param = None
+            elif param is None:
+                param = nn.Parameter(t, requires_grad=trains)
+            else:   # the caller's Parameter object, its own requires_grad, the current values
+                param.data = t
+            mha.register_parameter(name, param)
         mha.out_proj = self.out_proj
         mha.bias_k, mha.bias_v = self.bias_k, self.bias_v
         mha.train(self.training)
@@ -240,7 +261,21 @@ def _unpackable(name: str, module: nn.Module) -> bool:
         logger.warning("%s: nn.MultiheadAttention with offloaded (meta) weights or accelerate "
                        "hooks is not unpacked; its projections stay in float", name)
         return False
+    if not name:
+        logger.warning("the model itself is an nn.MultiheadAttention, which cannot be replaced "
+                       "in place: its in-projection stays in float. Fix: wrap it, e.g. "
+                       "nn.Sequential(attention)")
+        return False
     return True
+
+
+def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Replace every reference to a module whose id is in ``new`` (a module used in several
+    places is replaced in each by the same new module)."""
+    for parent in list(model.modules()):
+        for key, child in parent._modules.items():
+            if child is not None and id(child) in new:
+                parent._modules[key] = new[id(child)]
 
 
 def unpack_attention(model: nn.Module) -> list[str]:
@@ -250,10 +285,8 @@ def unpack_attention(model: nn.Module) -> list[str]:
     the fused one). Idempotent. Also turns off ``nn.TransformerEncoder``'s nested-tensor fast
     path, which would read the packed weights."""
     found = [(n, m) for n, m in model.named_modules() if _unpackable(n, m)]
-    for name, mha in found:
-        parent, _, leaf = name.rpartition(".")
-        with torch.no_grad():
-            model.get_submodule(parent).register_module(leaf, LinearMultiheadAttention(mha))
+    with torch.no_grad():
+        _swap(model, {id(m): LinearMultiheadAttention(m) for _, m in found})
     if found:
         for enc in model.modules():
             if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", 0):
@@ -266,11 +299,12 @@ def unpack_attention(model: nn.Module) -> list[str]:
 
 def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str]:
     """Undo :func:`unpack_attention`: put the original ``nn.MultiheadAttention`` modules back
-    (packed weights rebuilt from the linears), in place; return their names. ``names`` limits
-    it to those modules. The linears must be plain float ``nn.Linear`` layers (call
-    :func:`modelopt_lite.unquantize` first)."""
+    (the same objects, their packed parameters refilled from the linears), in place; return
+    their names. ``names`` limits it to those modules. The linears must be plain float
+    ``nn.Linear`` layers (call :func:`modelopt_lite.unquantize` first). 2:4 zeros stay in the
+    packed weights; the q/k/v sparsity masks and records go (``out_proj`` keeps its own)."""
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, LinearMultiheadAttention) and (names is None or n in names)]
+             if isinstance(m, LinearMultiheadAttention) and n and (names is None or n in names)]
     for name, attn in found:
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             lin = getattr(attn, proj)
@@ -278,14 +312,31 @@ def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str
                 raise ValueError(f"{name}.{proj} is a {type(lin).__name__}, not a float "
                                  "nn.Linear: unquantize the model (or reload it) before packing "
                                  "its attention")
-    for name, attn in found:
-        parent, _, leaf = name.rpartition(".")
-        model.get_submodule(parent).register_module(leaf, attn.pack())
-    if found and not has_unpacked_attention(model):
+    ids = {id(m) for _, m in found}
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in ids]
+    with torch.no_grad():
+        _swap(model, {id(m): m.pack() for _, m in found})
+    if found:
+        _forget_records(model, aliases)
+    return [n for n, _ in found]
+
+
+def _forget_records(model: nn.Module, packed: list[str]) -> None:
+    """After packing: the nested-tensor setting and the unpacked flag (when no unpacked
+    attention remains), and the sparsity records of q/k/v linears that no longer exist."""
+    if not has_unpacked_attention(model):
         for enc in model.modules():
             if enc.__dict__.pop("_modelopt_lite_nested", False):
                 enc.use_nested_tensor = True
-    return [n for n, _ in found]
+    state = getattr(model, "_modelopt_lite", None)
+    if not state:
+        return
+    if not has_unpacked_attention(model):
+        state.pop("attention_unpacked", None)
+    sparsity = state.get("sparsity")
+    if sparsity:
+        gone = {f"{n}.{p}" for n in packed for p in ("q_proj", "k_proj", "v_proj")}
+        sparsity["layers"] = [r for r in sparsity["layers"] if r["name"] not in gone]
 
 
 def has_unpacked_attention(model: nn.Module) -> bool:

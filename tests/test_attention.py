@@ -39,6 +39,7 @@ def _masks(b=3, tgt=5, src=7):
             dict(average_attn_weights=False, key_padding_mask=kpm)]
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("bf,dims,bias,add_kv,zero", list(itertools.product(
     [True, False], [(None, None), (24, 20)], [True, False], [False, True], [False, True])))
 def test_unpacked_computes_what_torch_computes(bf, dims, bias, add_kv, zero):
@@ -168,7 +169,13 @@ def test_presets_quantize_attention_and_save_load(tmp_path, preset):
 
 
 def test_failed_quantize_puts_the_original_attention_back():
+    """The same module and Parameter objects come back (an optimizer built before still
+    updates them), each with its own requires_grad, with the values it had."""
     model = encoder()
+    for layer in model[1].layers:
+        layer.self_attn.in_proj_bias.requires_grad_(False)
+    attns = [layer.self_attn for layer in model[1].layers]
+    params = dict(model.named_parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def broken(m):
@@ -177,11 +184,60 @@ def test_failed_quantize_puts_the_original_attention_back():
 
     with pytest.raises(RuntimeError, match="data ran out"):
         mtl.quantize(model, "w8a8", forward_loop=broken, progress=False)
-    attn = model[1].layers[0].self_attn
-    assert type(attn) is nn.MultiheadAttention and attn.in_proj_weight is not None
+    assert [layer.self_attn for layer in model[1].layers] == attns
+    assert type(attns[0]) is nn.MultiheadAttention
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    after = dict(model.named_parameters())
+    assert after.keys() == params.keys() and all(after[k] is params[k] for k in params)
+    assert not attns[0].in_proj_bias.requires_grad and attns[0].in_proj_weight.requires_grad
     assert model[1].use_nested_tensor is False   # as built (enable_nested_tensor=False)
+    assert not hasattr(model, "_modelopt_lite")
+
+
+def test_shared_module_hooks_and_a_bare_attention():
+    """A module used twice is replaced in both places by one unpacked module; hooks on it keep
+    firing; a model that is itself an nn.MultiheadAttention keeps its out_proj path."""
+    shared = nn.MultiheadAttention(E, H, batch_first=True)
+    calls = []
+    shared.register_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = shared, shared
+
+        def forward(self, x):
+            return self.b(self.a(x, x, x)[0], x, x)[0]
+
+    model, x = Twice().eval(), torch.randn(2, 5, E)
+    with torch.no_grad():
+        ref = model(x)
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    assert model.a is model.b and isinstance(model.a, LinearMultiheadAttention)
+    calls.clear()
+    with torch.no_grad():
+        rel = ((model(x) - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02 and len(calls) == 2
+    mtl.unquantize(model)
+    pack_attention(model)
+    assert model.a is shared and model.b is shared
+
+    bare = nn.MultiheadAttention(E, H)
+    mtl.quantize(bare, "int8_weight_only", progress=False)
+    assert type(bare) is nn.MultiheadAttention and hasattr(bare.out_proj, "weight_quantizer")
+
+
+def test_half_precision_weights_match_torch_bit_for_bit():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).half()
+    ref = copy.deepcopy(mha)
+    model = nn.Sequential(mha)
+    unpack_attention(model)
+    x, mask = torch.randn(2, 5, E).half(), torch.randn(5, 5).half()
+    out, w = model[0](x, x, x, attn_mask=mask)
+    want, want_w = ref(x, x, x, attn_mask=mask)
+    assert torch.equal(out, want) and torch.equal(w, want_w)
 
 
 def test_nested_tensor_fast_path_is_turned_off_and_restored():
@@ -229,12 +285,26 @@ def test_decoder_cross_attention_is_quantized():
     assert 0 < rel < 0.05
 
 
-def test_sparsify_reaches_attention_projections():
+def test_sparsify_reaches_attention_projections_and_pack_keeps_the_zeros(tmp_path):
     model = encoder()
     sparsify(model, "2:4", "magnitude")
     w = model[1].layers[0].self_attn.v_proj.weight
     assert (w.view(-1, 4) != 0).sum(-1).max() <= 2
     assert model._modelopt_lite["attention_unpacked"]
+    pack_attention(model)
+    packed = model[1].layers[0].self_attn.in_proj_weight
+    assert type(model[1].layers[0].self_attn) is nn.MultiheadAttention
+    assert (packed.view(-1, 4) != 0).sum(-1).max() <= 2   # q, k and v rows, zeros kept
+    assert "attention_unpacked" not in model._modelopt_lite
+    names = {r["name"] for r in model._modelopt_lite["sparsity"]["layers"]}
+    assert "1.layers.0.self_attn.out_proj" in names and "1.layers.0.self_attn.q_proj" not in names
+    mtl.save(model, tmp_path)   # a packed, sparsified model saves and loads as it is
+    fresh = encoder(seed=1)
+    mtl.load(fresh, tmp_path)
+    assert type(fresh[1].layers[0].self_attn) is nn.MultiheadAttention
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_int4_deploy_runs_the_unpacked_projections():

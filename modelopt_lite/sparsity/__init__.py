@@ -72,7 +72,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
         logger.warning("%d nn.MultiheadAttention module(s) are now q/k/v/out nn.Linear layers: "
                        "save with modelopt_lite.save; before save_pretrained call "
                        "modelopt_lite.attention.pack_attention(model), which keeps the zeros and "
-                       "drops the masks", len(rewritten.attention))
+                       "drops the q/k/v masks", len(rewritten.attention))
     start = time.perf_counter()
     if method in CALIBRATED:
         streamed = (offloaded_streaming(model, offloaded) if offloaded is not None
