@@ -15,7 +15,9 @@ in float there.
 ``k_proj``, ``v_proj`` and ``out_proj`` plain ``nn.Linear`` children, so fake quant, AWQ and
 SmoothQuant, 2:4 sparsity, ``deploy()``'s ``Int4Linear`` and the Q/DQ export apply to each.
 It also turns the transformer layers' fused fast path off (its weights would bypass the
-quantizers). :func:`pack_attention` puts the original modules back.
+quantizers). Attention modules of other libraries that hand their linears' weights to
+``F.multi_head_attention_forward`` (transformers' WavLM) get the same computation through the
+linears, by a stand-in for that method on each instance. :func:`pack_attention` undoes both.
 
 :func:`~modelopt_lite.quantize` and :func:`~modelopt_lite.sparsify` call this themselves;
 :func:`~modelopt_lite.load` replays it for checkpoints saved from an unpacked model.
@@ -28,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -89,93 +92,10 @@ class LinearMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError("LinearMultiheadAttention does not take NestedTensor inputs "
-                             "(nn.MultiheadAttention reads them only on its fused fast path)")
-        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
-                                     self.num_heads)
-        if not batched:   # [L, E] -> [1, L, E]
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:   # [L, B, E] -> [B, L, E]
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        bsz, tgt_len, src_len = query.shape[0], query.shape[1], key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query has {query.shape[-1]} features; this attention was built "
-                             f"for embed_dim={self.embed_dim}")
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key's batch and sequence dims {tuple(key.shape[:2])} do not "
-                             f"match value's {tuple(value.shape[:2])}")
-
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
-            target_type=query.dtype)
-        if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as "
-                               "nn.MultiheadAttention: nn.Transformer."
-                               "generate_square_subsequent_mask makes one)")
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None   # the hint stands for the mask
-        else:
-            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
-                                          other_type=None, other_name="",
-                                          target_type=query.dtype, check_other=False)
-            if key_padding_mask is not None:
-                is_causal = False
-        if attn_mask is not None:   # -> [1 or B, 1 or H, tgt, src]
-            if attn_mask.dim() == 2:
-                _expect(attn_mask, (tgt_len, src_len), "2D attn_mask")
-                attn_mask = attn_mask.view(1, 1, tgt_len, src_len)
-            elif attn_mask.dim() == 3:
-                _expect(attn_mask, (bsz * h, tgt_len, src_len), "3D attn_mask")
-                attn_mask = attn_mask.view(bsz, h, tgt_len, src_len)
-            else:
-                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
-
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(bsz, 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(bsz, 1, -1)], dim=1)
-            attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
-        q, k, v = (t.view(bsz, t.shape[1], h, d).transpose(1, 2) for t in (q, k, v))
-        if self.add_zero_attn:
-            zeros = k.new_zeros(bsz, h, 1, d)
-            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-            attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (bsz, k.shape[2]):
-                raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}"
-                                   f", expected ({bsz}, {src_len})")
-            kpm = key_padding_mask.view(bsz, 1, 1, k.shape[2])
-            attn_mask = kpm if attn_mask is None else attn_mask + kpm
-        dropout_p = self.dropout if self.training else 0.0
-
-        weights = None
-        if need_weights:   # as torch computes it: baddbmm, softmax, dropout, bmm
-            n, src = bsz * h, k.shape[2]
-            qs = (q * math.sqrt(1.0 / d)).reshape(n, tgt_len, d)
-            kt = k.reshape(n, src, d).transpose(1, 2)
-            scores = (torch.bmm(qs, kt) if attn_mask is None else torch.baddbmm(
-                attn_mask.expand(bsz, h, tgt_len, src).reshape(n, tgt_len, src), qs, kt))
-            weights = torch.softmax(scores, dim=-1)
-            if dropout_p > 0:   # (the weights returned are the dropped ones, as in torch)
-                weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v.reshape(n, src, d)).view(bsz, h, tgt_len, d)
-            weights = weights.view(bsz, h, tgt_len, src)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
-        if not batched:
-            out = out.squeeze(0)
-            weights = None if weights is None else weights.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        return attend(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                      average_attn_weights, is_causal, batch_first=self.batch_first,
+                      bias_k=self.bias_k, bias_v=self.bias_v, add_zero_attn=self.add_zero_attn,
+                      dropout=self.dropout)
 
     @torch.no_grad()
     def pack(self) -> nn.MultiheadAttention:
@@ -215,6 +135,102 @@ class LinearMultiheadAttention(nn.Module):
                 f"batch_first={self.batch_first}")
 
 
+def attend(attn: nn.Module, query, key, value, key_padding_mask=None, need_weights=True,
+           attn_mask=None, average_attn_weights=True, is_causal=False, *, batch_first=False,
+           bias_k=None, bias_v=None, add_zero_attn=False, dropout=0.0):
+    """``F.multi_head_attention_forward`` (the same arguments, masks and outputs) computed with
+    ``attn``'s ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` modules, so a fake-quant or
+    INT4 layer in their place runs; ``attn`` also gives ``embed_dim``, ``num_heads`` and
+    ``training`` (dropout applies in training only)."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise ValueError("LinearMultiheadAttention does not take NestedTensor inputs "
+                         "(nn.MultiheadAttention reads them only on its fused fast path)")
+    batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
+                                 attn.num_heads)
+    if not batched:   # [L, E] -> [1, L, E]
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not batch_first:   # [L, B, E] -> [B, L, E]
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    bsz, tgt_len, src_len = query.shape[0], query.shape[1], key.shape[1]
+    h, d = attn.num_heads, attn.embed_dim // attn.num_heads
+    if query.shape[-1] != attn.embed_dim:
+        raise ValueError(f"query has {query.shape[-1]} features; this attention was built "
+                         f"for embed_dim={attn.embed_dim}")
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"key's batch and sequence dims {tuple(key.shape[:2])} do not "
+                         f"match value's {tuple(value.shape[:2])}")
+
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+        target_type=query.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint (as "
+                           "nn.MultiheadAttention: nn.Transformer."
+                           "generate_square_subsequent_mask makes one)")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None   # the hint stands for the mask
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
+                                      other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    if attn_mask is not None:   # -> [1 or B, 1 or H, tgt, src]
+        if attn_mask.dim() == 2:
+            _expect(attn_mask, (tgt_len, src_len), "2D attn_mask")
+            attn_mask = attn_mask.view(1, 1, tgt_len, src_len)
+        elif attn_mask.dim() == 3:
+            _expect(attn_mask, (bsz * h, tgt_len, src_len), "3D attn_mask")
+            attn_mask = attn_mask.view(bsz, h, tgt_len, src_len)
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+    q, k, v = attn.q_proj(query), attn.k_proj(key), attn.v_proj(value)
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.expand(bsz, 1, -1)], dim=1)
+        v = torch.cat([v, bias_v.expand(bsz, 1, -1)], dim=1)
+        attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
+    q, k, v = (t.view(bsz, t.shape[1], h, d).transpose(1, 2) for t in (q, k, v))
+    if add_zero_attn:
+        zeros = k.new_zeros(bsz, h, 1, d)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+        attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (bsz, k.shape[2]):
+            raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}"
+                               f", expected ({bsz}, {src_len})")
+        kpm = key_padding_mask.view(bsz, 1, 1, k.shape[2])
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    dropout_p = dropout if attn.training else 0.0
+
+    weights = None
+    if need_weights:   # as torch computes it: baddbmm, softmax, dropout, bmm
+        n, src = bsz * h, k.shape[2]
+        qs = (q * math.sqrt(1.0 / d)).reshape(n, tgt_len, d)
+        kt = k.reshape(n, src, d).transpose(1, 2)
+        scores = (torch.bmm(qs, kt) if attn_mask is None else torch.baddbmm(
+            attn_mask.expand(bsz, h, tgt_len, src).reshape(n, tgt_len, src), qs, kt))
+        weights = torch.softmax(scores, dim=-1)
+        if dropout_p > 0:   # (the weights returned are the dropped ones, as in torch)
+            weights = F.dropout(weights, p=dropout_p)
+        out = torch.bmm(weights, v.reshape(n, src, d)).view(bsz, h, tgt_len, d)
+        weights = weights.view(bsz, h, tgt_len, src)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    out = attn.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, attn.embed_dim))
+    if not batched:
+        out = out.squeeze(0)
+        weights = None if weights is None else weights.squeeze(0)
+    elif not batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
@@ -252,6 +268,52 @@ def _split_packed_keys(module, state_dict, prefix, *args) -> None:
             state_dict[f"{prefix}{p}_proj.bias"] = b[i * e:(i + 1) * e]
 
 
+_PROJS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class _WavLMSelfAttention:
+    """Stands in, on one ``WavLMAttention``, for transformers'
+    ``torch_multi_head_self_attention``, which hands the projections' weights to
+    ``F.multi_head_attention_forward`` (so the linears never run): the same computation, with
+    the linears called. Transformers' signature and outputs (head-averaged weights broadcast
+    over the heads)."""
+
+    ARGS = ("hidden_states", "attention_mask", "gated_position_bias")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, hidden_states, attention_mask, gated_position_bias):
+        m = self.module
+        x = hidden_states.transpose(0, 1)   # [L, B, E], as transformers hands it over
+        pad = attention_mask.ne(1) if attention_mask is not None else None
+        out, w = attend(m, x, x, x, pad, True, gated_position_bias, dropout=m.dropout)
+        return out.transpose(0, 1), w[:, None].broadcast_to(
+            w.shape[:1] + (m.num_heads,) + w.shape[1:])
+
+
+# attention modules of other libraries whose forward reads their linears' weights directly:
+# class name -> (the method doing so, its stand-in, called with the linears)
+_REROUTED = {"WavLMAttention": ("torch_multi_head_self_attention", _WavLMSelfAttention)}
+
+
+def _reroutable(module: nn.Module) -> bool:
+    """A module of a :data:`_REROUTED` class, not rerouted yet, with linear projections and
+    the method's signature the stand-in was written for."""
+    spec = _REROUTED.get(type(module).__name__)
+    if spec is None or spec[0] in module.__dict__:
+        return False
+    method = getattr(type(module), spec[0], None)
+    args = tuple(inspect.signature(method).parameters)[1:] if callable(method) else ()
+    return args == spec[1].ARGS and all(
+        isinstance(getattr(module, p, None), nn.Linear) for p in _PROJS)
+
+
+def _rerouted(module: nn.Module) -> bool:
+    spec = _REROUTED.get(type(module).__name__)
+    return spec is not None and isinstance(module.__dict__.get(spec[0]), spec[1])
+
+
 def _unpackable(name: str, module: nn.Module) -> bool:
     """An exact ``nn.MultiheadAttention`` (a subclass may compute something else) whose
     weights are at hand (not on ``meta``, no accelerate hooks that place them)."""
@@ -287,6 +349,11 @@ def unpack_attention(model: nn.Module) -> list[str]:
     found = [(n, m) for n, m in model.named_modules() if _unpackable(n, m)]
     with torch.no_grad():
         _swap(model, {id(m): LinearMultiheadAttention(m) for _, m in found})
+    for name, module in model.named_modules():
+        if _reroutable(module):
+            method, stand_in = _REROUTED[type(module).__name__]
+            module.__dict__[method] = stand_in(module)
+            found.append((name, module))
     if found:
         for enc in model.modules():
             if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", 0):
@@ -304,18 +371,22 @@ def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str
     ``nn.Linear`` layers (call :func:`modelopt_lite.unquantize` first). 2:4 zeros stay in the
     packed weights; the q/k/v sparsity masks and records go (``out_proj`` keeps its own)."""
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, LinearMultiheadAttention) and n and (names is None or n in names)]
+             if (isinstance(m, LinearMultiheadAttention) or _rerouted(m)) and n
+             and (names is None or n in names)]
     for name, attn in found:
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        for proj in _PROJS:
             lin = getattr(attn, proj)
             if not isinstance(lin, nn.Linear) or hasattr(lin, "weight_quantizer"):
                 raise ValueError(f"{name}.{proj} is a {type(lin).__name__}, not a float "
                                  "nn.Linear: unquantize the model (or reload it) before packing "
                                  "its attention")
-    ids = {id(m) for _, m in found}
+    ids = {id(m) for _, m in found if isinstance(m, LinearMultiheadAttention)}
     aliases = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in ids]
     with torch.no_grad():
-        _swap(model, {id(m): m.pack() for _, m in found})
+        _swap(model, {id(m): m.pack() for _, m in found if id(m) in ids})
+    for _, m in found:
+        if _rerouted(m):
+            del m.__dict__[_REROUTED[type(m).__name__][0]]
     if found:
         _forget_records(model, aliases)
     return [n for n, _ in found]
@@ -340,4 +411,5 @@ def _forget_records(model: nn.Module, packed: list[str]) -> None:
 
 
 def has_unpacked_attention(model: nn.Module) -> bool:
-    return any(isinstance(m, LinearMultiheadAttention) for m in model.modules())
+    """Whether ``model`` holds an unpacked ``nn.MultiheadAttention`` or a rerouted module."""
+    return any(isinstance(m, LinearMultiheadAttention) or _rerouted(m) for m in model.modules())

@@ -370,3 +370,48 @@ def test_qdq_export_of_the_unpacked_attention(tmp_path):
                                      producer[i].op_type == "DequantizeLinear"
                                      for i in m.input[:2])]
     assert len(qdq) == 14
+
+
+def _tiny_wavlm():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.WavLMConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16, vocab_size=32)
+    return transformers.WavLMForCTC(cfg).eval()
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+def test_wavlm_attention_calls_its_linears(tmp_path):
+    """WavLM hands its q/k/v/out weights to F.multi_head_attention_forward, so the linears never
+    ran and stayed in float ('not called'); rerouted, they run, with the same outputs."""
+    model = _tiny_wavlm()
+    x = torch.randn(2, 1600)
+    pad = torch.ones(2, 1600, dtype=torch.long)
+    pad[1, 1200:] = 0
+    with torch.no_grad():
+        ref = model(x, attention_mask=pad).logits
+    rerouted = copy.deepcopy(model)
+    assert unpack_attention(rerouted) == ["wavlm.encoder.layers.0.attention",
+                                          "wavlm.encoder.layers.1.attention"]
+    assert unpack_attention(rerouted) == []   # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(rerouted(x, attention_mask=pad).logits, ref)
+
+    mtl.quantize(model, "w8a8", calib=torch.randn(4, 1600), progress=False)
+    layers = model._modelopt_lite["layers"]
+    assert not [r["name"] for r in layers if r["skipped"]]
+    assert "wavlm.encoder.layers.1.attention.k_proj" in {r["name"] for r in layers}
+    with torch.no_grad():
+        out = model(x, attention_mask=pad).logits
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.1
+    mtl.save(model, tmp_path)
+    fresh = _tiny_wavlm()
+    mtl.load(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, attention_mask=pad).logits, out)
+    mtl.unquantize(model)
+    assert pack_attention(model) == ["wavlm.encoder.layers.0.attention",
+                                     "wavlm.encoder.layers.1.attention"]
+    assert "torch_multi_head_self_attention" not in model.wavlm.encoder.layers[0].attention.__dict__
