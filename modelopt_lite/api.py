@@ -54,7 +54,10 @@ def quantize(model: nn.Module, config="int8_weight_only", *, calib=None, forward
     (:func:`modelopt_lite.moe.unfuse_experts`, which leaves the float function unchanged), so
     every expert is quantized. During calibration every expert runs on every token (the
     model's outputs still come from the routed experts only), so each expert's statistics,
-    rarely routed ones included, come from the whole calibration set.
+    rarely routed ones included, come from the whole calibration set. Likewise every
+    ``nn.MultiheadAttention`` becomes q/k/v/out ``nn.Linear`` layers
+    (:func:`modelopt_lite.attention.unpack_attention`, same function), whose packed weights
+    would otherwise be read around any quantizer.
     """
     cfg = resolve_config(config)
     if quant_modules(model):
