@@ -415,3 +415,31 @@ def test_wavlm_attention_calls_its_linears(tmp_path):
     assert pack_attention(model) == ["wavlm.encoder.layers.0.attention",
                                      "wavlm.encoder.layers.1.attention"]
     assert "torch_multi_head_self_attention" not in model.wavlm.encoder.layers[0].attention.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and triton")
+def test_gpu_fp16_encoder_quantized_and_deployed():
+    """An nn.Transformer on the GPU in fp16: AWQ INT4 reaches every attention projection,
+    including cross-attention, and the deployed Triton kernels compute what the fake-quant
+    model did; under no_grad in eval (torch's fused-path conditions) the encoder runs the
+    quantized layers."""
+    from modelopt_lite.nn.int4_linear import Int4Linear
+
+    torch.manual_seed(0)
+    model = nn.Transformer(256, 4, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=512, dropout=0.0, batch_first=True).cuda().half().eval()
+    src = torch.randn(4, 24, 256, device="cuda", dtype=torch.half)
+    tgt = torch.randn(4, 12, 256, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        ref = model(src, tgt).float()
+    mtl.quantize(model, "int4_awq", forward_loop=lambda m: m(src, tgt), progress=False)
+    assert not [r["name"] for r in model._modelopt_lite["layers"] if r["skipped"]]
+    with torch.no_grad():
+        fake = model(src, tgt).float()
+        mtl.deploy(model)
+        out = model(src, tgt).float()
+    assert isinstance(model.decoder.layers[1].multihead_attn.k_proj, Int4Linear)
+    assert isinstance(model.encoder.layers[0].self_attn.q_proj, Int4Linear)
+    assert ((fake - ref).norm() / ref.norm()).item() < 0.2
+    assert ((out - fake).norm() / fake.norm()).item() < 5e-3
