@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nn.replace import replace_modules
+
 logger = logging.getLogger(__name__)
 
 _PACKED = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
@@ -331,15 +333,6 @@ def _unpackable(name: str, module: nn.Module) -> bool:
     return True
 
 
-def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
-    """Replace every reference to a module whose id is in ``new`` (a module used in several
-    places is replaced in each by the same new module)."""
-    for parent in list(model.modules()):
-        for key, child in parent._modules.items():
-            if child is not None and id(child) in new:
-                parent._modules[key] = new[id(child)]
-
-
 def unpack_attention(model: nn.Module) -> list[str]:
     """Replace every ``nn.MultiheadAttention`` of ``model`` with a
     :class:`LinearMultiheadAttention`, in place, and return their names. The float function is
@@ -348,7 +341,7 @@ def unpack_attention(model: nn.Module) -> list[str]:
     path, which would read the packed weights."""
     found = [(n, m) for n, m in model.named_modules() if _unpackable(n, m)]
     with torch.no_grad():
-        _swap(model, {id(m): LinearMultiheadAttention(m) for _, m in found})
+        replace_modules(model, {id(m): LinearMultiheadAttention(m) for _, m in found})
     for name, module in model.named_modules():
         if _reroutable(module):
             method, stand_in = _REROUTED[type(module).__name__]
@@ -383,7 +376,7 @@ def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str
     ids = {id(m) for _, m in found if isinstance(m, LinearMultiheadAttention)}
     aliases = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in ids]
     with torch.no_grad():
-        _swap(model, {id(m): m.pack() for _, m in found if id(m) in ids})
+        replace_modules(model, {id(m): m.pack() for _, m in found if id(m) in ids})
     for _, m in found:
         if _rerouted(m):
             del m.__dict__[_REROUTED[type(m).__name__][0]]

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .nn.replace import replace_modules
+
 logger = logging.getLogger(__name__)
 
 _LAYOUT = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
@@ -196,13 +198,11 @@ def unfuse_experts(model: nn.Module, progress: bool = False) -> list[str]:
     same order as the fused module's eager loop). Idempotent; a model without fused experts is
     left alone. Raises :class:`UnsupportedExpertsError` before changing anything if a module
     cannot be unfused (expert-parallel sharding, a layout the weights do not fit)."""
-    fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    fused = [(n, m) for n, m in model.named_modules() if n and is_fused_experts(m)]
     for name, module in fused:   # every check first: nothing changes on a bad module
         _check(name, module)
-    for name, module in fused:
-        parent, _, leaf = name.rpartition(".")
-        with torch.no_grad():
-            model.get_submodule(parent).register_module(leaf, LinearExperts(module))
+    with torch.no_grad():
+        replace_modules(model, {id(m): LinearExperts(m) for _, m in fused})
     if fused:
         logger.info("unfused %d experts module(s) into nn.Linear experts (first: %s, %d experts)",
                     len(fused), fused[0][0], model.get_submodule(fused[0][0]).num_experts)
@@ -235,10 +235,8 @@ def fuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
             raise UnsupportedExpertsError(
                 f"{bad[0]} is a {type(moe.get_submodule(bad[0][len(name) + 1:])).__name__}, not "
                 "a float nn.Linear: unquantize the model (or reload it) before fusing experts")
-    for name, moe in found:
-        parent, _, leaf = name.rpartition(".")
-        with torch.no_grad():
-            model.get_submodule(parent).register_module(leaf, moe.fuse())
+    with torch.no_grad():
+        replace_modules(model, {id(moe): moe.fuse() for _, moe in found})
     _forget_expert_records(model, [n for n, _ in found])
     return [n for n, _ in found]
 
