@@ -23,6 +23,7 @@ _LAZY = {
     "perplexity": ("modelopt_lite.eval", "perplexity"),
     "export_onnx": ("modelopt_lite.export.onnx", "export_onnx"),
     "trt_check": ("modelopt_lite.export.trt_check", "trt_check"),
+    "export_hf": ("modelopt_lite.export.hf", "export_hf"),
     "sparsify": ("modelopt_lite.sparsity", "sparsify"),
 }
 

@@ -232,3 +232,25 @@ def test_sparsify_an_encoder_decoder_folder_skips_perplexity(tiny_folder, capsys
     out = capsys.readouterr().out
     assert rc == 0 and "no perplexity table" in out and "perplexity," not in out
     assert (d / "t5-sparse" / "modelopt_lite.json").exists()
+
+
+def test_export_hf_from_a_checkpoint(tiny_folder, capsys):
+    """`export --format hf` writes a compressed-tensors folder from a modelopt_lite checkpoint
+    and reads it back with transformers: the same logits as the fake-quant model."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    d = tiny_folder
+    assert main(["quantize", "--model", str(d / "tiny"), "--recipe", "int4_awq",
+                 "--calib", str(d / "calib.txt"), "--n-samples", "4", "--seq-len", "32",
+                 "--windows", "1", "--seq-len-eval", "32", "--eval-text", str(d / "test.txt"),
+                 "--out", str(d / "out")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--format", "hf", "--model", str(d / "tiny"), "--checkpoint",
+                 str(d / "out"), "--out", str(d / "hf")]) == 0
+    out = capsys.readouterr().out
+    rel = float(out.rsplit("relative", 1)[1].split()[0])
+    assert rel < 1e-5, out
+    qc = json.loads((d / "hf" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert (d / "hf" / "tokenizer_config.json").exists()

@@ -2,6 +2,7 @@
 
     modelopt-lite export --recipe w8a8 --out smollm2_w8a8.onnx
     modelopt-lite export --checkpoint out/ --out model.onnx --external-data
+    modelopt-lite export --format hf --recipe int4_awq --out smollm2-awq/   # vLLM / transformers
     modelopt-lite check model.onnx            # exit 1 when TensorRT would reject a node
 """
 
@@ -29,7 +30,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     add_block_size(p)
     p.add_argument("--n-samples", type=int, default=16, help="calibration samples (recipe)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
-    p.add_argument("--out", default="model.onnx", help="the ONNX file to write")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                   help="onnx: Q/DQ ONNX for TensorRT (default); hf: a Hugging Face folder in "
+                        "the compressed-tensors format (vLLM, transformers)")
+    p.add_argument("--out", default=None,
+                   help="the ONNX file (default model.onnx) or, with --format hf, the folder "
+                        "(default model-hf) to write")
     p.add_argument("--opset", type=int, default=None, help="default: 21 with INT4, else 19")
     p.add_argument("--external-data", action="store_true",
                    help="weights in <out>.data beside a small graph file")
@@ -52,13 +58,18 @@ def _quantized_model(args):
     return model, tokenizer
 
 
+_SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
 def _export_run(args) -> int:
+    if args.format == "hf":
+        return _export_hf_run(args)
     from .onnx import export_onnx
     from .trt_check import format_findings, trt_check
 
     model, tokenizer = _quantized_model(args)
-    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-    result = export_onnx(model, ids, args.out, opset=args.opset,
+    ids = tokenizer(_SENTENCE, return_tensors="pt").input_ids
+    result = export_onnx(model, ids, args.out or "model.onnx", opset=args.opset,
                          external_data=args.external_data)
     size = result.path.stat().st_size + (result.data_path.stat().st_size
                                          if result.data_path else 0)
@@ -73,6 +84,33 @@ def _export_run(args) -> int:
     findings = trt_check(result.path)
     print(format_findings(findings, result.path))
     return 1 if findings else 0
+
+
+def _export_hf_run(args) -> int:
+    import torch
+
+    from .hf import export_hf
+
+    model, tokenizer = _quantized_model(args)
+    folder = export_hf(model, args.out or "model-hf", tokenizer=tokenizer)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"wrote {folder} (compressed-tensors, {size / 2**20:.1f} MiB of weights)")
+    if args.no_verify:
+        return 0
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        print("not verified: loading it back needs the compressed-tensors package")
+        return 0
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(_SENTENCE, return_tensors="pt").input_ids
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want, got = model(ids).logits.float(), loaded(ids).logits.float()
+    rel = ((got - want).norm() / want.norm()).item()
+    print(f"transformers (compressed-tensors) vs the fake-quant model, logits: relative {rel:.3g}")
+    return 0
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +135,8 @@ def _check_run(args) -> int:
 
 
 COMMANDS = {
-    "export": ("export a quantized model to Q/DQ ONNX for TensorRT", _export_args, _export_run),
+    "export": ("export a quantized model to Q/DQ ONNX for TensorRT, or (--format hf) to a "
+               "compressed-tensors Hugging Face folder", _export_args, _export_run),
     "check": ("list the nodes of an ONNX file TensorRT would reject or misread", _check_args,
               _check_run),
 }

@@ -1,0 +1,260 @@
+"""Hugging Face checkpoints in the compressed-tensors format (vLLM, transformers).
+
+:func:`export_hf` writes a quantized Hugging Face model as a folder that
+``transformers.AutoModelForCausalLM.from_pretrained`` (with the ``compressed-tensors`` package)
+and vLLM load as a quantized model: ``config.json`` with a ``quantization_config`` of
+``quant_method: compressed-tensors``, and safetensors shards in which each quantized linear
+holds integer codes and scales instead of its float weight:
+
+- weight-only layers (``int4_awq``, ``int4_weight_only``, ``int8_weight_only``, ...):
+  ``pack-quantized``: ``weight_packed`` (int32, eight 4-bit or four 8-bit codes per word along
+  the input dim, element ``i`` at bits ``b*i``, codes offset to unsigned), ``weight_scale``
+  (``[out, in / group]``, ``[out, 1]`` per channel), ``weight_zero_point`` (asymmetric only:
+  integer zero points, packed the same way along the output dim) and ``weight_shape``;
+- 8-bit weights with 8-bit activations (``w8a8``, ``int8_smoothquant`` and their dynamic
+  variants): ``int-quantized``: ``weight`` as int8, ``weight_scale`` ``[out, 1]`` and, for
+  static activation ranges, ``input_scale`` ``[1]`` (dynamic ones are per token).
+
+The codes are the ones the fake-quant model computes with (``W_hat = (q - z) * scale``), so the
+loaded model's weights are the fake-quant weights (scales in the model's dtype). AWQ and
+SmoothQuant scales folded into norms and linears are in the float weights already.
+
+Example::
+
+    model = mtl.quantize(model, "int4_awq", calib=texts, tokenizer=tokenizer)
+    mtl.export_hf(model, "llama-awq/", tokenizer=tokenizer)
+    # vllm serve llama-awq/    or    AutoModelForCausalLM.from_pretrained("llama-awq/")
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layers import quant_modules
+from ..nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+_QUANTIZER_KEYS = (".weight_quantizer.", ".input_quantizer.", ".output_quantizer.")
+
+
+class HFExportError(ValueError):
+    """The model or one of its layers cannot be written in the compressed-tensors format."""
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    bits: int
+    strategy: str             # "tensor" | "channel" | "group"
+    group_size: int | None
+    symmetric: bool
+    activations: str | None   # None | "static" | "dynamic"
+
+    @property
+    def format(self) -> str:
+        return "int-quantized" if self.activations else "pack-quantized"
+
+    def to_dict(self, targets: list[str]) -> dict:
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric,
+                   "group_size": self.group_size, "strategy": self.strategy,
+                   "dynamic": False, "actorder": None, "observer": "minmax"}
+        acts = None
+        if self.activations:
+            dynamic = self.activations == "dynamic"
+            acts = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                    "strategy": "token" if dynamic else "tensor", "dynamic": dynamic,
+                    "observer": None if dynamic else "minmax"}
+        return {"targets": targets, "weights": weights, "input_activations": acts,
+                "output_activations": None, "format": self.format}
+
+
+def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
+              max_shard_size: str | int = "5GB") -> Path:
+    """Write the fake-quant Hugging Face ``model`` to ``directory`` as a compressed-tensors
+    checkpoint (see the module docstring); return the folder. ``tokenizer`` (or a processor)
+    is saved beside it when given. Every check runs before anything is written; the model is
+    not changed.
+
+    Refused, with the layer and the fix: layers deployed as ``Int4Linear`` (export before
+    ``deploy()``), quantized convolutions or Hugging Face ``Conv1D`` layers, asymmetric
+    weights with fractional zero points (quantize with ``integer_zero=True``), an input
+    multiply or rotation that was not folded into the model's weights, activation formats
+    other than 8-bit symmetric per-tensor (static) or per-token (dynamic), layers created by
+    modelopt_lite's rewrites (unfused MoE experts, unpacked ``nn.MultiheadAttention``) and
+    offloaded (meta) weights.
+    """
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise HFExportError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel "
+                            "(no save_pretrained / config); use modelopt_lite.save, or "
+                            "export_onnx for other models")
+    _refuse_rewritten_and_deployed(model)
+    layers = quant_modules(model)
+    if not layers:
+        raise HFExportError("the model has no fake-quant layers: quantize it first "
+                            "(modelopt_lite.quantize)")
+    schemes: dict[_Scheme, list[str]] = {}
+    compressed: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in layers:
+        scheme, tensors = _compress(name, module)
+        schemes.setdefault(scheme, []).append(name)
+        compressed[name] = tensors
+
+    quantized = set(compressed)
+    ignore = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n and n not in quantized]
+    if len(schemes) == 1:   # one scheme: every Linear but the ignored ones
+        groups = {"group_0": next(iter(schemes)).to_dict(["Linear"])}
+    else:   # several (a per-channel fallback beside blocks): each layer by name
+        groups = {f"group_{i}": s.to_dict(sorted(names))
+                  for i, (s, names) in enumerate(schemes.items())}
+    formats = {s.format for s in schemes}
+    qconfig = {"quant_method": "compressed-tensors",
+               "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+               "quantization_status": "compressed", "config_groups": groups,
+               "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
+
+    state = {k: v for k, v in model.state_dict().items()
+             if not any(s in k for s in _QUANTIZER_KEYS) and not k.endswith(".weight_mask")}
+    for name, tensors in compressed.items():
+        state.pop(f"{name}.weight")
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
+
+    directory = Path(directory)
+    config = model.config
+    model.config = copy.deepcopy(config)
+    model.config.quantization_config = qconfig
+    try:
+        model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+    finally:
+        model.config = config
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    logger.info("wrote %d quantized layer(s) (%s) and %d float linear(s) to %s",
+                len(quantized), ", ".join(sorted({s.format for s in schemes})), len(ignore),
+                directory)
+    return directory
+
+
+def _refuse_rewritten_and_deployed(model: nn.Module) -> None:
+    from ..attention import has_unpacked_attention
+    from ..moe import has_linear_experts
+    from ..nn.int4_linear import int4_layers
+
+    deployed = list(int4_layers(model))
+    if deployed:
+        raise HFExportError(f"{deployed[0]} (and {len(deployed) - 1} more) was deployed as "
+                            "packed Int4Linear; call export_hf before deploy() (or reload the "
+                            "checkpoint with modelopt_lite.load)")
+    if has_linear_experts(model) or has_unpacked_attention(model):
+        raise HFExportError(
+            "this model holds modules modelopt_lite rewrote for quantization (per-expert MoE "
+            "linears or an unpacked nn.MultiheadAttention), whose names the Hugging Face model "
+            "class does not have; export_hf does not write them back in the fused layout yet. "
+            "Save with modelopt_lite.save instead")
+
+
+def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Tensor]]:
+    """The scheme and the compressed tensors of one fake-quant linear."""
+    if not isinstance(module, nn.Linear):
+        raise HFExportError(f"{name}: a quantized {type(module).__name__}; the "
+                            "compressed-tensors export writes nn.Linear layers only. Exclude "
+                            "it from quantization (QuantConfig(exclude=...)) to export")
+    weight = module.weight.detach()
+    if weight.is_meta:
+        raise HFExportError(f"{name}: its weight is offloaded (meta); save with "
+                            "modelopt_lite.save and load it into a model in memory first")
+    wq, iq = module.weight_quantizer, getattr(module, "input_quantizer", None)
+    if iq is not None and iq.rotation is not None:
+        raise HFExportError(
+            f"{name}: its input is rotated online (SmoothQuant's rotate, on by default for the "
+            "output projections), which the compressed-tensors format does not carry. Fix: "
+            "quantize with get_preset('int8_smoothquant').replace(algorithm=SmoothQuantConfig("
+            "rotate=())), or keep this model to modelopt_lite.save / export_onnx")
+    if iq is not None and iq.pre_quant_scale is not None:
+        raise HFExportError(
+            f"{name}: its input is multiplied by a smoothing scale that no layer before it "
+            "could take (SmoothQuant's smooth_unfoldable: o_proj under grouped-query attention; "
+            "or an architecture without a row in modelopt_lite.models.ARCHITECTURES), and the "
+            "compressed-tensors format has no such multiply. Fix: quantize with "
+            "SmoothQuantConfig(rotate=(), smooth_unfoldable=False) (such layers are then "
+            "quantized unsmoothed), add the architecture's row, or exclude the layer")
+    spec = wq.spec
+    if not wq.enabled or spec.num_bits not in (4, 8):
+        raise HFExportError(f"{name}: {spec.num_bits}-bit weights; the export writes 4- and "
+                            "8-bit integer weights")
+    strategy = {"per_block": "group", "per_channel": "channel",
+                "per_tensor": "tensor"}[spec.granularity]
+    acts = _activations(name, iq)
+    scale, zero = wq.scale_zero(weight)
+    blocks = F.to_blocks(weight, spec.block_size) if strategy == "group" else weight
+    s = scale.unsqueeze(-1) if strategy == "group" else scale
+    if zero is not None:
+        if not torch.equal(zero, zero.round()):
+            raise HFExportError(
+                f"{name}: asymmetric weights with fractional zero points; the format stores "
+                "integer zero points. Fix: quantize with integer zero points (QuantizerSpec(..., "
+                "symmetric=False, integer_zero=True)) or symmetric weights (e.g. 'int4_awq')")
+    z = None if zero is None else (zero.unsqueeze(-1) if strategy == "group" else zero)
+    q = F.quantize(blocks, s, z, spec.num_bits, spec.symmetric).reshape(weight.shape)
+    offset = 0 if spec.symmetric else 2 ** (spec.num_bits - 1)   # signed codes
+    codes = (q - offset).to(torch.int8)
+    dtype = weight.dtype if weight.is_floating_point() else torch.float16
+    scale_t = scale.reshape(weight.shape[0], -1).to(dtype) if strategy != "tensor" \
+        else scale.reshape(1).to(dtype)
+    scheme = _Scheme(spec.num_bits, strategy, spec.block_size if strategy == "group" else None,
+                     spec.symmetric, acts)
+    if acts:   # int-quantized: int8 codes as they are
+        if spec.num_bits != 8 or not spec.symmetric:
+            kind = "symmetric" if spec.symmetric else "asymmetric"
+            raise HFExportError(f"{name}: {spec.num_bits}-bit {kind} weights with 8-bit "
+                                "activations; the export writes W8A8 with symmetric 8-bit "
+                                "weights")
+        out = {"weight": codes, "weight_scale": scale_t}
+        if acts == "static":
+            out["input_scale"] = (iq.amax.float().reshape(1) / 127).to(dtype)
+        return scheme, out
+    out = {"weight_packed": pack_int32(codes, spec.num_bits),
+           "weight_scale": scale_t, "weight_shape": torch.tensor(list(weight.shape))}
+    if zero is not None:
+        zero_codes = (zero.reshape(weight.shape[0], -1) - offset).round().to(torch.int8)
+        out["weight_zero_point"] = pack_int32(zero_codes.t().contiguous(), spec.num_bits).t() \
+            .contiguous()
+    return scheme, out
+
+
+def _activations(name: str, iq) -> str | None:
+    """None (weights only), "static" (per-tensor range) or "dynamic" (per token)."""
+    if iq is None or not iq.enabled:
+        return None
+    s = iq.spec
+    if s.num_bits == 8 and s.symmetric and s.dynamic and s.granularity == "per_token":
+        return "dynamic"
+    if (s.num_bits == 8 and s.symmetric and not s.dynamic and s.granularity == "per_tensor"
+            and iq.amax is not None and iq.amax.numel() == 1):
+        return "static"
+    raise HFExportError(f"{name}: input quantizer {s.describe()}; the export writes 8-bit "
+                        "symmetric activations, per tensor (static) or per token (dynamic)")
+
+
+def pack_int32(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Signed ``num_bits`` codes (int8 ``[rows, cols]``) packed along ``cols`` into int32
+    words, element ``i`` at bits ``num_bits * i`` of the row's bit stream (offset to unsigned
+    by ``2**(num_bits - 1)``), as compressed-tensors stores them; 4 and 8 bits fill words
+    exactly (8 or 4 codes a word), the row padded to whole words with zero codes."""
+    per = 32 // num_bits
+    u = (codes.to(torch.int64) + 2 ** (num_bits - 1)) & (2 ** num_bits - 1)
+    rows, cols = u.shape
+    pad = (-cols) % per
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.view(rows, -1, per)
+    shifts = torch.arange(per, device=u.device, dtype=torch.int64) * num_bits
+    words = (u << shifts).sum(-1)   # < 2**32: fits int64, then wraps into int32
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)

@@ -1,0 +1,175 @@
+"""export_hf: compressed-tensors checkpoints read back by transformers (with the
+compressed-tensors package) give the fake-quant model's logits; tensors match the package's own
+compressor; what cannot be written is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+ct = pytest.importorskip("compressed_tensors")
+
+import modelopt_lite as mtl  # noqa: E402
+from modelopt_lite.config import QuantConfig, QuantizerSpec, get_preset  # noqa: E402
+from modelopt_lite.export.hf import HFExportError, export_hf, pack_int32  # noqa: E402
+from tiny_models import random_tokens, tiny_llama  # noqa: E402
+
+
+def _quantized(config, **kw):
+    model = tiny_llama(hidden=128, inter=256, kv_heads=2, **kw)   # grouped-query attention
+    mtl.quantize(model, config, calib=random_tokens(n=4, seq=32, seed=1), progress=False)
+    return model
+
+
+def _reloaded_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model, model(ids).logits
+
+
+def _smoothquant_without_multiplies():
+    from modelopt_lite.algorithms.smoothquant import SmoothQuantConfig
+
+    return get_preset("int8_smoothquant").replace(
+        algorithm=SmoothQuantConfig(rotate=(), smooth_unfoldable=False))
+
+
+@pytest.mark.parametrize("preset", ["int4_awq", "int4_weight_only_sym", "int8_weight_only",
+                                    "w8a8", "smoothquant"])
+def test_transformers_loads_what_the_fake_quant_model_computes(tmp_path, preset):
+    config = _smoothquant_without_multiplies() if preset == "smoothquant" else preset
+    model = _quantized(config)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    group = qc["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"]
+    assert group["format"] == ("int-quantized" if preset in ("w8a8", "smoothquant")
+                               else "pack-quantized")
+    loaded, got = _reloaded_logits(tmp_path, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert hasattr(model.model.layers[0].self_attn.q_proj, "weight_quantizer")   # unchanged
+
+
+def test_asymmetric_integer_zero_points_match_the_packages_compressor(tmp_path):
+    """Asymmetric INT4 with integer zero points: every layer's tensors equal what
+    compressed-tensors' own compressor writes from the same weight, scale and zero point, and
+    its decompression gives the fake-quant weight. (transformers' loader in compressed-tensors
+    0.20 sizes packed zero points wrongly, for its own checkpoints too, so the model is read
+    tensor by tensor here.)"""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+
+    spec = QuantizerSpec(num_bits=4, granularity="per_block", block_size=64, symmetric=False,
+                         integer_zero=True)
+    model = _quantized(QuantConfig(weight=spec))
+    export_hf(model, tmp_path)
+    tensors = {}
+    for f in tmp_path.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, symmetric=False, strategy="group", group_size=64))
+    for name, layer in mtl.layers.quant_modules(model):
+        w = layer.weight.detach()
+        scale, zero = layer.weight_quantizer.scale_zero(w)
+        theirs = PackedQuantizationCompressor.compress(
+            {"weight": w, "weight_scale": scale,
+             "weight_zero_point": (zero - 8).round().to(torch.int8)}, scheme)
+        ours = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        assert set(ours) == {"weight_packed", "weight_scale", "weight_zero_point",
+                             "weight_shape"}, name
+        for key in ("weight_packed", "weight_zero_point", "weight_shape"):
+            assert torch.equal(ours[key], theirs[key]), (name, key)
+        weight = PackedQuantizationCompressor.decompress(ours, scheme)["weight"]
+        torch.testing.assert_close(weight, layer.weight_quantizer(w), rtol=0, atol=1e-6)
+
+
+def test_a_per_channel_fallback_gets_its_own_group(tmp_path):
+    """Layers whose width the block does not divide fall back to per-channel ranges; each
+    scheme is then a config group naming its layers, and the checkpoint still loads exactly."""
+    cfg = get_preset("int4_weight_only_sym").replace(on_indivisible="per_channel")
+    model = tiny_llama(hidden=128, inter=192, kv_heads=2)   # down_proj reads 192
+    mtl.quantize(model, cfg, progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    groups = json.loads((tmp_path / "config.json").read_text())[
+        "quantization_config"]["config_groups"]
+    by_strategy = {g["weights"]["strategy"]: g["targets"] for g in groups.values()}
+    assert by_strategy["channel"] == ["model.layers.0.mlp.down_proj",
+                                      "model.layers.1.mlp.down_proj"]
+    assert len(by_strategy["group"]) == 12
+    torch.testing.assert_close(_reloaded_logits(tmp_path, ids)[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_activations_load_as_per_token():
+    """w8a8_dynamic writes per-token dynamic activations. compressed-tensors' own fake quant
+    divides a token's range by 127.5 where modelopt_lite (and vLLM's INT8 kernels) divide by
+    127, so the reloaded model is close, not equal."""
+    import tempfile
+
+    model = _quantized("w8a8_dynamic")
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder)
+        qc = json.loads(open(f"{folder}/config.json").read())["quantization_config"]
+        acts = qc["config_groups"]["group_0"]["input_activations"]
+        assert acts["dynamic"] and acts["strategy"] == "token"
+        got = _reloaded_logits(folder, ids)[1]
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("case,match", [
+    ("fractional_zero", "integer_zero=True"),
+    ("rotated", "rotate=()"),
+    ("deployed", "before deploy"),
+    ("float", "quantize it first"),
+])
+def test_refusals_name_the_fix_and_write_nothing(tmp_path, case, match):
+    if case == "fractional_zero":
+        model = _quantized("int4_weight_only")
+    elif case == "rotated":
+        model = _quantized("int8_smoothquant")
+    elif case == "deployed":
+        model = _quantized("int4_awq")
+        mtl.deploy(model)
+    else:
+        model = tiny_llama()
+    out = tmp_path / "out"
+    with pytest.raises(HFExportError, match=match):
+        export_hf(model, out)
+    assert not out.exists()
+
+
+def test_not_a_hugging_face_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    mtl.quantize(model, "int8_weight_only", progress=False)
+    with pytest.raises(HFExportError, match="PreTrainedModel"):
+        export_hf(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_int32_against_a_bit_loop(bits):
+    g = torch.Generator().manual_seed(bits)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(lo, hi, (5, 40), generator=g).to(torch.int8)   # 40: a padded row
+    packed = pack_int32(codes, bits)
+    per = 32 // bits
+    assert packed.shape == (5, -(-40 // per)) and packed.dtype == torch.int32
+    for r in range(5):
+        for i in range(40):
+            word = int(packed[r, i // per]) & 0xFFFFFFFF
+            u = (word >> (bits * (i % per))) & (2 ** bits - 1)
+            assert u - 2 ** (bits - 1) == int(codes[r, i])
