@@ -173,3 +173,89 @@ def test_pack_int32_against_a_bit_loop(bits):
             word = int(packed[r, i // per]) & 0xFFFFFFFF
             u = (word >> (bits * (i % per))) & (2 ** bits - 1)
             assert u - 2 ** (bits - 1) == int(codes[r, i])
+
+
+def test_a_quantized_head_tied_to_the_embedding_is_untied(tmp_path, caplog):
+    """Gemma 3 ties its head to the embedding; with the head quantized and the embedding not,
+    the checkpoint unties them (as the fake-quant model computes) and reloads exactly."""
+    from tiny_models import tiny_gemma3
+
+    model = tiny_gemma3()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    cfg = get_preset("int4_weight_only_sym", block_size=32).replace(exclude=("*embed*",))
+    mtl.quantize(model, cfg, progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" not in config["quantization_config"]["ignore"]
+    assert model.config.tie_word_embeddings   # the model's own config is unchanged
+    loaded, got = _reloaded_logits(tmp_path, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_tensor_weights_are_written_per_channel(tmp_path):
+    """A per-tensor range is written as per-channel scales, every row the same (vLLM's
+    weight-only kernels take channel or group scales); the reload is exact."""
+    model = _quantized(QuantConfig(weight=QuantizerSpec(num_bits=8, granularity="per_tensor")))
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    weights = json.loads((tmp_path / "config.json").read_text())[
+        "quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["strategy"] == "channel"
+    torch.testing.assert_close(_reloaded_logits(tmp_path, ids)[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vision_language_model_with_a_float_attention_head(tmp_path):
+    """Gemma 3's SigLIP tower has an nn.MultiheadAttention pooling head, unpacked by quantize()
+    but left in float with the tower: it is written back packed, under the model's names."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from tiny_models import tiny_gemma3_vlm
+
+    model = tiny_gemma3_vlm()
+    mtl.quantize(model, "int4_awq", calib=random_tokens(n=4, seq=32, seed=1), progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    loaded = Gemma3ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    head = [m for n, m in loaded.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert head and head[0].in_proj_weight is not None
+
+
+def test_half_precision_reload_is_within_a_scale_rounding():
+    """In bfloat16 the scales are stored in the model's dtype, as the format has them: the
+    reloaded weights may move by one rounding step, so the logits are close, not equal."""
+    import tempfile
+
+    model = tiny_llama(hidden=128, inter=256, kv_heads=2).to(torch.bfloat16)
+    mtl.quantize(model, "int4_awq", calib=random_tokens(n=4, seq=32, seed=1), progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder)
+        got = _reloaded_logits(folder, ids)[1].float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_weights_off_and_split_fusions(tmp_path, caplog):
+    """Activations-only quantization is refused as such; a q/k/v family split between schemes
+    exports (transformers loads it) with a warning about vLLM's fused layers."""
+    model = tiny_llama(hidden=128, inter=256, kv_heads=2)
+    mtl.quantize(model, QuantConfig(weight=None,
+                                    input=QuantizerSpec(num_bits=8, granularity="per_tensor")),
+                 calib=random_tokens(n=2, seq=16, seed=1), progress=False)
+    with pytest.raises(HFExportError, match="activations only"):
+        export_hf(model, tmp_path / "a")
+    model = _quantized(get_preset("int4_awq").replace(exclude=("*k_proj", "*lm_head*")))
+    with caplog.at_level("WARNING"):
+        export_hf(model, tmp_path / "b")
+    assert "vLLM fuses" in caplog.text

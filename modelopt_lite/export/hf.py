@@ -94,7 +94,7 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         raise HFExportError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel "
                             "(no save_pretrained / config); use modelopt_lite.save, or "
                             "export_onnx for other models")
-    _refuse_rewritten_and_deployed(model)
+    _refuse_deployed_and_rewritten(model)
     layers = quant_modules(model)
     if not layers:
         raise HFExportError("the model has no fake-quant layers: quantize it first "
@@ -105,10 +105,13 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         scheme, tensors = _compress(name, module)
         schemes.setdefault(scheme, []).append(name)
         compressed[name] = tensors
+    untie = _tied_quantized(model, set(compressed))
+    _warn_split_fusions(schemes, model)
 
     quantized = set(compressed)
     ignore = [n for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and n and n not in quantized]
+              if isinstance(m, nn.Linear) and n and n not in quantized
+              and not _inside_unpacked(model, n)]
     if len(schemes) == 1:   # one scheme: every Linear but the ignored ones
         groups = {"group_0": next(iter(schemes)).to_dict(["Linear"])}
     else:   # several (a per-channel fallback beside blocks): each layer by name
@@ -122,6 +125,7 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
 
     state = {k: v for k, v in model.state_dict().items()
              if not any(s in k for s in _QUANTIZER_KEYS) and not k.endswith(".weight_mask")}
+    state = _packed_attention_keys(model, state)
     for name, tensors in compressed.items():
         state.pop(f"{name}.weight")
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
@@ -130,6 +134,10 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
     config = model.config
     model.config = copy.deepcopy(config)
     model.config.quantization_config = qconfig
+    if untie:   # a quantized head beside its float embedding: no longer one tensor
+        for c in {id(c): c for c in (model.config, _text_config(model.config))}.values():
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
     try:
         model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
     finally:
@@ -142,8 +150,87 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
     return directory
 
 
-def _refuse_rewritten_and_deployed(model: nn.Module) -> None:
-    from ..attention import has_unpacked_attention
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _tied_quantized(model: nn.Module, quantized: set[str]) -> bool:
+    """Whether a quantized layer's weight is tied to another module's (a head tied to the
+    embedding): the checkpoint then unties them, the embedding float, the head quantized, as
+    the fake-quant model computes. A tie between two quantized layers, or any other tie with
+    no ``tie_word_embeddings`` to turn off, is refused."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    untie = False
+    for mods in owners.values():
+        hit = [m for m in mods if m in quantized]
+        if not hit or len(mods) == 1:
+            continue
+        tied_flag = any(getattr(c, "tie_word_embeddings", False)
+                        for c in (model.config, _text_config(model.config)))
+        if len(hit) > 1 or not tied_flag:
+            others = ", ".join(m for m in mods if m != hit[0])
+            raise HFExportError(f"{hit[0]}: its weight is shared with {others}; a checkpoint "
+                                "cannot hold it quantized in one place and not in the other. "
+                                "Exclude it from quantization to export")
+        untie = True
+        logger.warning("%s is quantized and tied to %s: the checkpoint unties them "
+                       "(tie_word_embeddings=False), the embedding stays float", hit[0],
+                       ", ".join(m for m in mods if m != hit[0]))
+    return untie
+
+
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _warn_split_fusions(schemes: dict, model: nn.Module) -> None:
+    """vLLM runs q/k/v (and gate/up) as one fused layer, which needs one scheme (or float) for
+    every shard; transformers loads a split fine, so this warns."""
+    scheme_of = {n: s for s, names in schemes.items() for n in names}
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for parent in {n.rpartition(".")[0] for n in names}:
+        for family in _FUSED:
+            shards = [f"{parent}.{p}" for p in family if f"{parent}.{p}" in names]
+            if len(shards) > 1 and len({scheme_of.get(n) for n in shards}) > 1:
+                logger.warning("%s: %s are quantized differently (or some are float); vLLM "
+                               "fuses them into one layer and needs one scheme for all",
+                               parent, ", ".join(p.rpartition(".")[2] for p in shards))
+                return
+
+
+def _inside_unpacked(model: nn.Module, name: str) -> bool:
+    """A q/k/v linear of an unpacked attention (written back packed, not a module there)."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf in ("q_proj", "k_proj", "v_proj") and parent in _unpacked_attention(model)
+
+
+def _unpacked_attention(model: nn.Module) -> dict:
+    from ..attention import LinearMultiheadAttention
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)}
+
+
+def _packed_attention_keys(model: nn.Module, state: dict) -> dict:
+    """An unpacked ``nn.MultiheadAttention`` whose linears stayed float (a vision tower's
+    pooling head) is written under the model's own names: ``in_proj_weight`` (or the three
+    ``*_proj_weight``), ``in_proj_bias``, ``out_proj.*``."""
+    for name, attn in _unpacked_attention(model).items():
+        q, k, v = (f"{name}.{p}_proj" for p in "qkv")
+        if attn._packed._qkv_same_embed_dim:
+            state[f"{name}.in_proj_weight"] = torch.cat([state.pop(f"{p}.weight")
+                                                         for p in (q, k, v)])
+        else:
+            for p in (q, k, v):
+                state[f"{p}_weight"] = state.pop(f"{p}.weight")
+        if f"{q}.bias" in state:
+            state[f"{name}.in_proj_bias"] = torch.cat([state.pop(f"{p}.bias")
+                                                       for p in (q, k, v)])
+    return state
+
+
+def _refuse_deployed_and_rewritten(model: nn.Module) -> None:
     from ..moe import has_linear_experts
     from ..nn.int4_linear import int4_layers
 
@@ -152,12 +239,19 @@ def _refuse_rewritten_and_deployed(model: nn.Module) -> None:
         raise HFExportError(f"{deployed[0]} (and {len(deployed) - 1} more) was deployed as "
                             "packed Int4Linear; call export_hf before deploy() (or reload the "
                             "checkpoint with modelopt_lite.load)")
-    if has_linear_experts(model) or has_unpacked_attention(model):
+    if has_linear_experts(model):
         raise HFExportError(
-            "this model holds modules modelopt_lite rewrote for quantization (per-expert MoE "
-            "linears or an unpacked nn.MultiheadAttention), whose names the Hugging Face model "
-            "class does not have; export_hf does not write them back in the fused layout yet. "
-            "Save with modelopt_lite.save instead")
+            "this model's MoE experts were unfused into per-expert linears for quantization, "
+            "names the Hugging Face model class does not have; export_hf does not write them "
+            "back in the fused layout yet. Save with modelopt_lite.save instead")
+    for name, attn in _unpacked_attention(model).items():
+        if any(hasattr(getattr(attn, p), "weight_quantizer")
+               for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            raise HFExportError(
+                f"{name}: an nn.MultiheadAttention unpacked for quantization, with quantized "
+                "projections; the Hugging Face model keeps q/k/v packed in in_proj_weight and "
+                "reads out_proj's weight directly, which the format cannot hold quantized. "
+                f"Exclude '{name}.*' to export, or save with modelopt_lite.save")
 
 
 def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Tensor]]:
@@ -186,13 +280,22 @@ def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Te
             "SmoothQuantConfig(rotate=(), smooth_unfoldable=False) (such layers are then "
             "quantized unsmoothed), add the architecture's row, or exclude the layer")
     spec = wq.spec
-    if not wq.enabled or spec.num_bits not in (4, 8):
+    if not wq.enabled:
+        raise HFExportError(f"{name}: its weights are not quantized (activations only); the "
+                            "format stores quantized weights. Quantize the weights too, or "
+                            "save with modelopt_lite.save")
+    if spec.num_bits not in (4, 8):
         raise HFExportError(f"{name}: {spec.num_bits}-bit weights; the export writes 4- and "
                             "8-bit integer weights")
-    strategy = {"per_block": "group", "per_channel": "channel",
-                "per_tensor": "tensor"}[spec.granularity]
+    # a per-tensor range is written per channel, every row with the same scale (exact; vLLM's
+    # weight-only kernels take channel and group scales)
+    strategy = "group" if spec.granularity == "per_block" else "channel"
     acts = _activations(name, iq)
     scale, zero = wq.scale_zero(weight)
+    if spec.granularity == "per_tensor":
+        rows = weight.shape[0]
+        scale = scale.reshape(1, 1).expand(rows, 1)
+        zero = None if zero is None else zero.reshape(1, 1).expand(rows, 1)
     blocks = F.to_blocks(weight, spec.block_size) if strategy == "group" else weight
     s = scale.unsqueeze(-1) if strategy == "group" else scale
     if zero is not None:
@@ -206,8 +309,7 @@ def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Te
     offset = 0 if spec.symmetric else 2 ** (spec.num_bits - 1)   # signed codes
     codes = (q - offset).to(torch.int8)
     dtype = weight.dtype if weight.is_floating_point() else torch.float16
-    scale_t = scale.reshape(weight.shape[0], -1).to(dtype) if strategy != "tensor" \
-        else scale.reshape(1).to(dtype)
+    scale_t = scale.reshape(weight.shape[0], -1).to(dtype).contiguous()
     scheme = _Scheme(spec.num_bits, strategy, spec.block_size if strategy == "group" else None,
                      spec.symmetric, acts)
     if acts:   # int-quantized: int8 codes as they are
