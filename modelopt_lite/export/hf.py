@@ -15,9 +15,11 @@ holds integer codes and scales instead of its float weight:
   variants): ``int-quantized``: ``weight`` as int8, ``weight_scale`` ``[out, 1]`` and, for
   static activation ranges, ``input_scale`` ``[1]`` (dynamic ones are per token).
 
-The codes are the ones the fake-quant model computes with (``W_hat = (q - z) * scale``), so the
-loaded model's weights are the fake-quant weights (scales in the model's dtype). AWQ and
-SmoothQuant scales folded into norms and linears are in the float weights already.
+The codes are the ones the fake-quant model computes with (``W_hat = (q - z) * scale``), so a
+float32 model reloads with its fake-quant weights exactly; scales are stored in the model's
+dtype, as the format has them, which in half precision moves a weight by at most a rounding
+step. AWQ and SmoothQuant scales folded into norms and linears are in the float weights
+already.
 
 Example::
 
