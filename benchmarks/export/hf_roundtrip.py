@@ -81,6 +81,10 @@ def main() -> None:
                        "export_s": round(seconds, 2)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+            _write(rows, args)   # after every row: a long run keeps what it measured
+
+
+def _write(rows: list[dict], args) -> None:
     import compressed_tensors
     import transformers
 

@@ -272,7 +272,8 @@ def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Te
             f"{name}: its input is rotated online (SmoothQuant's rotate, on by default for the "
             "output projections), which the compressed-tensors format does not carry. Fix: "
             "quantize with get_preset('int8_smoothquant').replace(algorithm=SmoothQuantConfig("
-            "rotate=())), or keep this model to modelopt_lite.save / export_onnx")
+            "rotate=(), smooth_unfoldable=False)), or keep this model to modelopt_lite.save / "
+            "export_onnx")
     if iq is not None and iq.pre_quant_scale is not None:
         raise HFExportError(
             f"{name}: its input is multiplied by a smoothing scale that no layer before it "
