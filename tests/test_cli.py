@@ -254,3 +254,18 @@ def test_export_hf_from_a_checkpoint(tiny_folder, capsys):
     qc = json.loads((d / "hf" / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert (d / "hf" / "tokenizer_config.json").exists()
+
+
+def test_export_hf_quantizes_with_awq_by_default(tiny_folder, capsys):
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    d = tiny_folder
+    assert main(["export", "--format", "hf", "--model", str(d / "tiny"), "--n-samples", "2",
+                 "--seq-len", "32", "--out", str(d / "hf")]) == 0
+    groups = json.loads((d / "hf" / "config.json").read_text())["quantization_config"][
+        "config_groups"]
+    assert [g["weights"]["num_bits"] for g in groups.values()] == [4]
+    assert main(["export", "--format", "hf", "--model", str(d / "tiny"), "--opset", "19",
+                 "--out", str(d / "hf2")]) == 2   # an ONNX option: a clear error, exit 2
+    assert "ONNX options" in capsys.readouterr().err

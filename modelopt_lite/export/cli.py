@@ -24,9 +24,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None,
                      help="a modelopt_lite checkpoint folder (made by `quantize`) to export")
-    src.add_argument("--recipe", default="w8a8",
-                     help="quantize first with this preset or config file (default w8a8); "
-                          "it must be symmetric for TensorRT")
+    src.add_argument("--recipe", default=None,
+                     help="quantize first with this preset or config file (default: w8a8 for "
+                          "ONNX, which must be symmetric for TensorRT; int4_awq with --format hf)")
     add_block_size(p)
     p.add_argument("--n-samples", type=int, default=16, help="calibration samples (recipe)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
@@ -49,6 +49,8 @@ def _quantized_model(args):
     from modelopt_lite.calib.embedded import DEFAULT_MODEL, load_model, wiki_text
 
     model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+    if args.recipe is None:
+        args.recipe = "int4_awq" if getattr(args, "format", "onnx") == "hf" else "w8a8"
     if args.checkpoint:
         mtl.load(model, args.checkpoint)
     else:
