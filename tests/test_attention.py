@@ -51,7 +51,8 @@ def test_unpacked_computes_what_torch_computes(bf, dims, bias, add_kv, zero):
     assert unpack_attention(model) == ["attn"]
     attn = model["attn"]
     assert isinstance(attn, LinearMultiheadAttention)
-    assert all(type(getattr(attn, p)) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    assert all(type(getattr(attn, p)) in plain
                for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     q, k, v = _inputs(bf, *dims)
     for kw in _masks():
@@ -265,7 +266,8 @@ def test_nested_tensor_fast_path_is_turned_off_and_restored():
     torch.testing.assert_close(got[~pad], want[~pad])
     mtl.unquantize(model)
     pack_attention(model)
-    assert model[1].use_nested_tensor and type(model[1].layers[1].self_attn) is nn.MultiheadAttention
+    assert model[1].use_nested_tensor
+    assert type(model[1].layers[1].self_attn) is nn.MultiheadAttention
 
 
 def test_decoder_cross_attention_is_quantized():
