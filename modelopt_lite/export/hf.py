@@ -9,17 +9,19 @@ holds integer codes and scales instead of its float weight:
 - weight-only layers (``int4_awq``, ``int4_weight_only``, ``int8_weight_only``, ...):
   ``pack-quantized``: ``weight_packed`` (int32, eight 4-bit or four 8-bit codes per word along
   the input dim, element ``i`` at bits ``b*i``, codes offset to unsigned), ``weight_scale``
-  (``[out, in / group]``, ``[out, 1]`` per channel), ``weight_zero_point`` (asymmetric only:
-  integer zero points, packed the same way along the output dim) and ``weight_shape``;
+  (``[out, in / group]``, ``[out, 1]`` per channel, in the model's dtype, as the weight-only
+  kernels read them), ``weight_zero_point`` (asymmetric only: integer zero points, packed the
+  same way along the output dim) and ``weight_shape``;
 - 8-bit weights with 8-bit activations (``w8a8``, ``int8_smoothquant`` and their dynamic
   variants): ``int-quantized``: ``weight`` as int8, ``weight_scale`` ``[out, 1]`` and, for
-  static activation ranges, ``input_scale`` ``[1]`` (dynamic ones are per token).
+  static activation ranges, ``input_scale`` ``[1]``, both float32 as vLLM's INT8 path keeps
+  them (dynamic activations are per token).
 
 The codes are the ones the fake-quant model computes with (``W_hat = (q - z) * scale``), so a
-float32 model reloads with its fake-quant weights exactly; scales are stored in the model's
-dtype, as the format has them, which in half precision moves a weight by at most a rounding
-step. AWQ and SmoothQuant scales folded into norms and linears are in the float weights
-already.
+float32 model reloads with its fake-quant weights exactly. Weight-only scales in a half-precision
+model are rounded to its dtype (and transformers' loader rounds the W8A8 ones too), which moves
+a weight by at most a rounding step. AWQ and SmoothQuant scales folded into norms and linears
+are in the float weights already.
 
 Example::
 
@@ -321,9 +323,10 @@ def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Te
             raise HFExportError(f"{name}: {spec.num_bits}-bit {kind} weights with 8-bit "
                                 "activations; the export writes W8A8 with symmetric 8-bit "
                                 "weights")
-        out = {"weight": codes, "weight_scale": scale_t}
+        # float32 scales, as vLLM's INT8 kernels keep them (and modelopt_lite computes with)
+        out = {"weight": codes, "weight_scale": scale.reshape(weight.shape[0], -1).float()}
         if acts == "static":
-            out["input_scale"] = (iq.amax.float().reshape(1) / 127).to(dtype)
+            out["input_scale"] = iq.amax.float().reshape(1) / 127
         return scheme, out
     out = {"weight_packed": pack_int32(codes, spec.num_bits),
            "weight_scale": scale_t, "weight_shape": torch.tensor(list(weight.shape))}
