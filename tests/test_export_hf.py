@@ -261,3 +261,25 @@ def test_weights_off_and_split_fusions(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         export_hf(model, tmp_path / "b")
     assert "vLLM fuses" in caplog.text
+
+
+def test_written_in_another_dtype(tmp_path):
+    """dtype=bfloat16 writes a float32-calibrated model's float tensors and weight-only scales
+    in bfloat16 (W8A8 scales stay float32), and says so in config.json."""
+    from safetensors.torch import load_file
+
+    model = _quantized("int4_awq")
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path, dtype="bfloat16")
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32
+    loaded, got = _reloaded_logits(tmp_path, ids)
+    assert loaded.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+    with pytest.raises(HFExportError, match="float16, bfloat16 or float32"):
+        export_hf(model, tmp_path / "x", dtype="int8")

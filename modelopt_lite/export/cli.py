@@ -33,6 +33,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
                    help="onnx: Q/DQ ONNX for TensorRT (default); hf: a Hugging Face folder in "
                         "the compressed-tensors format (vLLM, transformers)")
+    p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="--format hf: the dtype of the written float tensors and config "
+                        "(default: the model's; the CLI calibrates in float32, so bfloat16 or "
+                        "float16 is what a server wants)")
     p.add_argument("--out", default=None,
                    help="the ONNX file (default model.onnx) or, with --format hf, the folder "
                         "(default model-hf) to write")
@@ -67,6 +71,8 @@ _SENTENCE = "The quick brown fox jumps over the lazy dog."
 def _export_run(args) -> int:
     if args.format == "hf":
         return _export_hf_run(args)
+    if args.save_dtype is not None:
+        raise ValueError("--save-dtype is a --format hf option")
     from .onnx import export_onnx
     from .trt_check import format_findings, trt_check
 
@@ -98,9 +104,12 @@ def _export_hf_run(args) -> int:
         raise ValueError("--opset and --external-data are ONNX options; --format hf takes "
                          "neither")
     model, tokenizer = _quantized_model(args)
-    folder = export_hf(model, args.out or "model-hf", tokenizer=tokenizer)
+    folder = export_hf(model, args.out or "model-hf", tokenizer=tokenizer,
+                       dtype=args.save_dtype)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"wrote {folder} (compressed-tensors, {size / 2**20:.1f} MiB of weights)")
+    if args.save_dtype is None and next(model.parameters()).dtype == torch.float32:
+        print("note: written in float32; pass --save-dtype bfloat16 (or float16) for a server")
     if args.no_verify:
         return 0
     try:

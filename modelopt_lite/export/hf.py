@@ -80,11 +80,15 @@ class _Scheme:
 
 
 def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
-              max_shard_size: str | int = "5GB") -> Path:
+              max_shard_size: str | int = "5GB", dtype: torch.dtype | str | None = None
+              ) -> Path:
     """Write the fake-quant Hugging Face ``model`` to ``directory`` as a compressed-tensors
     checkpoint (see the module docstring); return the folder. ``tokenizer`` (or a processor)
-    is saved beside it when given. Every check runs before anything is written; the model is
-    not changed.
+    is saved beside it when given. ``dtype`` (``torch.bfloat16``, ``"float16"``, ...): the
+    dtype of the written float tensors (embeddings, norms, float layers, weight-only scales)
+    and of ``config.json``, for a model calibrated in float32 but served in half precision;
+    None keeps the model's. Every check runs before anything is written; the model is not
+    changed.
 
     Refused, with the layer and the fix: layers deployed as ``Int4Linear`` (export before
     ``deploy()``), quantized convolutions or Hugging Face ``Conv1D`` layers, asymmetric
@@ -134,6 +138,13 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         state.pop(f"{name}.weight")
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
 
+    if dtype is not None:
+        dtype = _dtype(dtype)
+        keep = {f"{n}.{k}" for n, t in compressed.items() for k in t
+                if k in ("input_scale", "weight_scale") and "weight" in t}   # W8A8: float32
+        state = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v
+                 for k, v in state.items()}
+
     directory = Path(directory)
     config = model.config
     model.config = copy.deepcopy(config)
@@ -146,12 +157,34 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
     finally:
         model.config = config
+    if dtype is not None:   # save_pretrained records the live model's dtype; the tensors differ
+        _set_config_dtype(directory / "config.json", dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     logger.info("wrote %d quantized layer(s) (%s) and %d float linear(s) to %s",
                 len(quantized), ", ".join(sorted({s.format for s in schemes})), len(ignore),
                 directory)
     return directory
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    import json
+
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for c in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+        c["dtype"] = name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise HFExportError(f"dtype {dtype!r}: the export writes float16, bfloat16 or float32")
+    return dtype
 
 
 def _text_config(config):
