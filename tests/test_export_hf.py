@@ -283,3 +283,25 @@ def test_written_in_another_dtype(tmp_path):
     assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
     with pytest.raises(HFExportError, match="float16, bfloat16 or float32"):
         export_hf(model, tmp_path / "x", dtype="int8")
+
+
+def test_a_second_export_replaces_the_first_and_a_failure_keeps_it(tmp_path, monkeypatch):
+    """Written into a staging folder, then moved in: re-exporting with fewer shards removes the
+    stale ones (other files stay), and a failure while writing leaves the earlier export."""
+    model = _quantized("int4_awq")
+    export_hf(model, tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    (tmp_path / "README.md").write_text("mine")
+    export_hf(model, tmp_path)
+    assert sorted(f.name for f in tmp_path.glob("model*.safetensors*")) == ["model.safetensors"]
+    assert (tmp_path / "README.md").read_text() == "mine"
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]

@@ -35,6 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +148,10 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
                  for k, v in state.items()}
 
     directory = Path(directory)
+    # everything is written into a temporary folder beside the target first, then moved in:
+    # a failure while writing (disk full, interrupted) leaves an earlier export intact
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     config = model.config
     model.config = copy.deepcopy(config)
     model.config.quantization_config = qconfig
@@ -154,17 +160,32 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
             if getattr(c, "tie_word_embeddings", False):
                 c.tie_word_embeddings = False
     try:
-        model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+        model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        if dtype is not None:   # save_pretrained records the live model's dtype
+            _set_config_dtype(staging / "config.json", dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _move_into(staging, directory)
     finally:
         model.config = config
-    if dtype is not None:   # save_pretrained records the live model's dtype; the tensors differ
-        _set_config_dtype(directory / "config.json", dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %d quantized layer(s) (%s) and %d float linear(s) to %s",
                 len(quantized), ", ".join(sorted({s.format for s in schemes})), len(ignore),
                 directory)
     return directory
+
+
+def _move_into(staging: Path, directory: Path) -> None:
+    """Move the written files into ``directory`` (created if needed), replacing files of the
+    same name and removing the weight shards and index of an earlier export that the new one
+    does not have; other files in the folder are left alone."""
+    directory.mkdir(parents=True, exist_ok=True)
+    new = {f.name for f in staging.iterdir()}
+    for old in directory.glob("model*.safetensors*"):
+        if old.name not in new:
+            old.unlink()
+    for f in staging.iterdir():
+        os.replace(f, directory / f.name)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
