@@ -305,3 +305,34 @@ def test_a_second_export_replaces_the_first_and_a_failure_keeps_it(tmp_path, mon
         export_hf(model, tmp_path)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
     assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
+
+
+def test_awq_on_an_architecture_without_a_table_row(tmp_path):
+    """Phi has no row in the architecture table, so AWQ scales each linear's input with an
+    explicit multiply, which the format cannot carry (refused, naming fold_only); with
+    AWQConfig(fold_only=True) the linears are clipped and GPTQ-rounded unscaled and the
+    checkpoint reloads exactly."""
+    import dataclasses
+
+    from transformers import PhiConfig, PhiForCausalLM
+
+    def tiny_phi():
+        torch.manual_seed(0)
+        return PhiForCausalLM(PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4)).eval()
+
+    calib = random_tokens(n=4, seq=32, seed=1)
+    cfg = get_preset("int4_awq", block_size=32)
+    model = tiny_phi()
+    mtl.quantize(model, cfg, calib=calib, progress=False)
+    with pytest.raises(HFExportError, match="fold_only=True"):
+        export_hf(model, tmp_path / "refused")
+    model = tiny_phi()
+    mtl.quantize(model, cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, fold_only=True)),
+                 calib=calib, progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path / "ok")
+    torch.testing.assert_close(_reloaded_logits(tmp_path / "ok", ids)[1], want, rtol=1e-5,
+                               atol=1e-5)

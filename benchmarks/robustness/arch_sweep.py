@@ -11,7 +11,8 @@ quantized with each preset on random calibration tokens. A row: the type, the pr
 the error (types whose float model does not build or run with the small sizes: ``not built``),
 the number of quantized layers and the relative logits error against the float model (random
 weights: a smoke figure, not an accuracy one). ``--roundtrip`` adds save -> load and deploy(),
-``--export`` the Q/DQ ONNX export checked in onnxruntime and by ``trt_check``.
+``--export`` the Q/DQ ONNX export checked in onnxruntime and by ``trt_check``, ``--hf`` the
+compressed-tensors folder of ``export_hf`` loaded back with transformers.
 Results: JSON with the machine, the transformers version and the date.
 
     python benchmarks/robustness/arch_sweep.py --out benchmarks/results/arch_sweep_cpu.json
@@ -25,6 +26,8 @@ Results: JSON with the machine, the transformers version and the date.
         --out benchmarks/results/arch_sweep_vision_cpu.json
     python benchmarks/robustness/arch_sweep.py --task ctc --export \
         --out benchmarks/results/arch_sweep_speech_cpu.json
+    python benchmarks/robustness/arch_sweep.py --presets int4_awq+fold_only,w8a8 --hf \
+        --out benchmarks/results/arch_sweep_hf_cpu.json
 
 ``text-classification``, ``image-classification`` and ``ctc`` calibrate on random token ids,
 random 32 x 32 images and random 0.1 s waveforms (``calib=`` takes the tensors as they are).
@@ -139,6 +142,10 @@ def _build(model_type: str, max_params: float, task: str = "causal-lm"):
             for key, value in AUDIO_SIZES.items():
                 if hasattr(sub, key):
                     setattr(sub, key, value)
+        layer_types = getattr(sub, "layer_types", None)   # one entry per layer: as many
+        if isinstance(layer_types, list) and isinstance(getattr(sub, "num_hidden_layers", None),
+                                                        int):   # as the small size has
+            sub.layer_types = (layer_types * sub.num_hidden_layers)[:sub.num_hidden_layers]
         if getattr(sub, "qk_rope_head_dim", None):   # latent attention: rope dims set the heads
             sub.head_dim = sub.qk_rope_head_dim
         if getattr(sub, "pad_token_id", None) is not None and sub.pad_token_id >= 128:
@@ -210,8 +217,39 @@ def _rel_np(err: dict) -> float:
     return float(f"{err['rel']:.3g}")
 
 
+def _preset(name: str):
+    """A preset name, or ``name+fold_only`` for AWQ with ``AWQConfig(fold_only=True)``."""
+    import dataclasses
+
+    from modelopt_lite.config import get_preset
+
+    base, _, option = name.partition("+")
+    if not option:
+        return base
+    cfg = get_preset(base)
+    return cfg.replace(algorithm=dataclasses.replace(cfg.algorithm, **{option: True}))
+
+
+def _hf_export(model, ids, out, auto) -> dict:
+    """export_hf of the quantized model, loaded back with transformers (compressed-tensors):
+    the relative logits change, or the refusal / load error."""
+    from modelopt_lite.export.hf import export_hf
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            export_hf(model, folder)
+        except Exception as err:  # noqa: BLE001 - recorded in the row, the sweep goes on
+            return {"hf_export": f"{type(err).__name__}: {str(err).strip()[:200]}"}
+        try:
+            loaded = auto.from_pretrained(folder).eval()
+            return {"hf_export": "ok", "hf_rel_err": _rel(_logits(loaded, ids), out)}
+        except Exception as err:  # noqa: BLE001
+            return {"hf_export": "written", "hf_load": f"{type(err).__name__}: "
+                                                       f"{str(err).strip()[:200]}"}
+
+
 def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip=False,
-         export=False):
+         export=False, hf=False):
     import modelopt_lite as mtl
     from modelopt_lite.models import find_decoder_layers, layer_stacks
 
@@ -219,12 +257,14 @@ def _one(model_type, cfg, state, preset, ids, calib, task="causal-lm", roundtrip
     model = auto.from_config(cfg).eval()
     model.load_state_dict(state)
     ref = _logits(model, ids)
-    mtl.quantize(model, preset, calib=calib, progress=False)
+    mtl.quantize(model, _preset(preset), calib=calib, progress=False)
     out = _logits(model, ids)
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite logits after quantize")
     row = dict(quantized_layers=len(mtl.layers.quant_modules(model)),
                rel_logits_err=round(_rel(out, ref), 4))
+    if hf:
+        row.update(_hf_export(model, ids, out, auto))
     if export:
         fresh = auto.from_config(cfg).eval()
         fresh.load_state_dict(state)
@@ -266,6 +306,10 @@ def main() -> None:
                     help="also export each quantized model to Q/DQ ONNX; the rows get the "
                          "onnxruntime-vs-PyTorch relative error, trt_check's problem count and "
                          "the graph's input axes, or the export error")
+    ap.add_argument("--hf", action="store_true",
+                    help="also write each quantized model with export_hf (compressed-tensors) "
+                         "and load it back with transformers; the rows get the relative logits "
+                         "change, or the refusal or load error")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -294,7 +338,7 @@ def main() -> None:
             signal.alarm(args.timeout)
             try:
                 row.update(status="ok", **_one(t, cfg, state, preset, ids, calib, args.task,
-                                               args.roundtrip, args.export))
+                                               args.roundtrip, args.export, args.hf))
             except _Timeout:
                 row.update(status="timeout")
             except Exception as err:  # noqa: BLE001 - a row per failure, the sweep goes on
@@ -305,18 +349,21 @@ def main() -> None:
             finally:
                 signal.alarm(0)
             rows.append(row)
-            print(f"{t:30s} {preset:18s} {row['status']} {row.get('export', '')}", flush=True)
+            print(f"{t:30s} {preset:18s} {row['status']} {row.get('export', '')}"
+                  f"{row.get('hf_export', '')} {row.get('hf_rel_err', '')}", flush=True)
     built = [r for r in rows if r["preset"]]
     summary = {"types": len(types), "built": len({r["model_type"] for r in built}),
                "runs": len(built), "ok": sum(r["status"] == "ok" for r in built)}
     if args.export:
         summary["exported"] = sum(r.get("export") == "ok" for r in built)
+    if args.hf:
+        summary["hf_reloaded"] = sum(r.get("hf_export") == "ok" for r in built)
     print(json.dumps(summary), file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": f"CPU ({platform.processor() or platform.machine()}), "
                                   f"torch {torch.__version__}", "task": args.task,
-                       "roundtrip": args.roundtrip, "export": args.export,
+                       "roundtrip": args.roundtrip, "export": args.export, "hf": args.hf,
                        "transformers": __version__, "date": str(datetime.date.today()),
                        "summary": summary, "rows": rows}, f, indent=1)
 

@@ -74,7 +74,11 @@ class AWQConfig:
     with GPTQ's second-order error feedback (:mod:`modelopt_lite.algorithms.gptq`) instead of
     to nearest, on the Hessian of all calibration tokens; same format and ranges (Gemma-3-270M
     sym 15.86 -> 14.75, SmolLM2-135M 14.99 -> 14.40). ``gptq_damp``: its dampening, a
-    fraction of the Hessian's mean diagonal.
+    fraction of the Hessian's mean diagonal. ``fold_only``: search scales only for groups
+    whose scale folds into a producer (a norm or linear of the architecture's table row), and
+    leave the other linears unscaled (clipped and rounded only), instead of scaling their
+    inputs with an explicit multiply; for checkpoints that cannot carry a multiply
+    (:func:`modelopt_lite.export.hf.export_hf`), e.g. an architecture without a table row.
     """
 
     name: ClassVar[str]
@@ -89,6 +93,7 @@ class AWQConfig:
     gqa_v_o: bool = False
     gptq: bool = True
     gptq_damp: float = 0.01
+    fold_only: bool = False
 
     def __post_init__(self):
         if self.n_grid < 20:
@@ -146,7 +151,8 @@ def _process_layer(model, name, layer, inputs, algo: AWQConfig, record: dict) ->
     if not linears:
         return
     groups = [g for g in layer_groups(model, layer, kv_tied=algo.gqa_v_o)
-              if any(n in linears for n in g.linears)]
+              if any(n in linears for n in g.linears)
+              and not (algo.fold_only and g.prev is None)]
     device = next(layer.parameters()).device
     subset = _search_entries(inputs, algo.search_tokens)
     with _float_weights(linears.values()):

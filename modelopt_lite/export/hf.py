@@ -336,8 +336,9 @@ def _compress(name: str, module: nn.Module) -> tuple[_Scheme, dict[str, torch.Te
             "could take (SmoothQuant's smooth_unfoldable: o_proj under grouped-query attention; "
             "or an architecture without a row in modelopt_lite.models.ARCHITECTURES), and the "
             "compressed-tensors format has no such multiply. Fix: quantize with "
-            "SmoothQuantConfig(rotate=(), smooth_unfoldable=False) (such layers are then "
-            "quantized unsmoothed), add the architecture's row, or exclude the layer")
+            "SmoothQuantConfig(rotate=(), smooth_unfoldable=False) or AWQConfig(fold_only=True) "
+            "(such layers are then quantized unscaled), add the architecture's row, or exclude "
+            "the layer")
     spec = wq.spec
     if not wq.enabled:
         raise HFExportError(f"{name}: its weights are not quantized (activations only); the "
