@@ -336,3 +336,26 @@ def test_awq_on_an_architecture_without_a_table_row(tmp_path):
     export_hf(model, tmp_path / "ok")
     torch.testing.assert_close(_reloaded_logits(tmp_path / "ok", ids)[1], want, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_a_qat_trained_model_exports_with_its_learned_ranges(tmp_path):
+    """After a few QAT steps (learned ranges), the written codes and scales are the trained
+    fake-quant model's: the reload gives its logits."""
+    from modelopt_lite.qat import prepare_qat
+
+    model = tiny_llama(hidden=128, inter=256, kv_heads=2)
+    prepare_qat(model, "w8a8", calib=random_tokens(n=4, seq=32, seed=1), progress=False)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), 1e-3)
+    for step in range(3):
+        ids = random_tokens(n=2, seq=16, seed=3 + step)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    torch.testing.assert_close(_reloaded_logits(tmp_path, ids)[1], want, rtol=1e-5, atol=1e-5)
