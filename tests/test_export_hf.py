@@ -359,3 +359,21 @@ def test_a_qat_trained_model_exports_with_its_learned_ranges(tmp_path):
         want = model(ids).logits
     export_hf(model, tmp_path)
     torch.testing.assert_close(_reloaded_logits(tmp_path, ids)[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparse_quantized_model_keeps_its_zeros(tmp_path):
+    """2:4 sparsity then AWQ INT4: the folder is written dense, every group of four still has
+    at most two nonzero weights after the reload, and the logits are the fake-quant model's."""
+    from modelopt_lite.sparsity import sparsify
+
+    model = tiny_llama(hidden=128, inter=256, kv_heads=2)
+    sparsify(model, "2:4", "magnitude")
+    mtl.quantize(model, "int4_awq", calib=random_tokens(n=4, seq=32, seed=1), progress=False)
+    ids = random_tokens(n=2, seq=16, seed=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    export_hf(model, tmp_path)
+    loaded, got = _reloaded_logits(tmp_path, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = loaded.model.layers[1].mlp.down_proj.weight
+    assert ((w.view(-1, 4) != 0).sum(-1) <= 2).all()
