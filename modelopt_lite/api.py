@@ -226,7 +226,10 @@ def _record(model: nn.Module, cfg: QuantConfig, plans: list[LayerPlan]) -> None:
 def unquantize(model: nn.Module) -> nn.Module:
     """Remove every fake quantizer; the float function stays: smoothing folds remain, and an
     unfolded smoothing multiply (``pre_quant_scale``) and an online input rotation are folded
-    into the weight's input columns."""
+    into the weight's input columns. ``nn.MultiheadAttention`` modules quantize() unpacked
+    are packed back (unless the model is also sparsified, whose q/k/v masks they hold), so
+    the model's state dict has its own keys again; unfused MoE experts stay per-expert
+    (:func:`modelopt_lite.moe.fuse_experts` puts them back)."""
     from .nn.int4_linear import int4_layers
 
     deployed = list(int4_layers(model))
@@ -235,7 +238,12 @@ def unquantize(model: nn.Module) -> nn.Module:
                          f"{deployed[0]}), whose float weights are gone; unquantize works "
                          "before deploy(): reload the float model (and modelopt_lite.load a "
                          "checkpoint onto it) instead")
-    return _remove_quantizers(model)
+    _remove_quantizers(model)
+    if not getattr(model, "_modelopt_lite", None):   # no sparsity records hold the linears
+        from .attention import pack_attention
+
+        pack_attention(model)
+    return model
 
 
 def _remove_quantizers(model: nn.Module) -> nn.Module:

@@ -413,10 +413,11 @@ def test_wavlm_attention_calls_its_linears(tmp_path):
     mtl.load(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, attention_mask=pad).logits, out)
-    mtl.unquantize(model)
-    assert pack_attention(model) == ["wavlm.encoder.layers.0.attention",
-                                     "wavlm.encoder.layers.1.attention"]
+    mtl.unquantize(model)   # packs (un-reroutes) the attention back
     assert "torch_multi_head_self_attention" not in model.wavlm.encoder.layers[0].attention.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, attention_mask=pad).logits, ref, rtol=1e-4,
+                                   atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -445,3 +446,28 @@ def test_gpu_fp16_encoder_quantized_and_deployed():
     assert isinstance(model.encoder.layers[0].self_attn.q_proj, Int4Linear)
     assert ((fake - ref).norm() / ref.norm()).item() < 0.2
     assert ((out - fake).norm() / fake.norm()).item() < 5e-3
+
+
+def test_unquantize_packs_the_attention_back_unless_sparse():
+    """After unquantize the model has its own modules and state-dict keys again (a plain
+    save / load_state_dict round trip works); a sparsified model keeps the unpacked linears,
+    which hold its q/k/v masks."""
+    model = encoder()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        ref = model(x)
+    mtl.quantize(model, "w8a8", calib=[x], progress=False)
+    mtl.unquantize(model)
+    assert type(model[1].layers[0].self_attn) is nn.MultiheadAttention
+    assert list(model.state_dict()) == keys
+    fresh = encoder(seed=1)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref)
+
+    sparse = encoder()
+    sparsify(sparse, "2:4", "magnitude")
+    mtl.quantize(sparse, "int8_weight_only", progress=False)
+    mtl.unquantize(sparse)
+    assert isinstance(sparse[1].layers[0].self_attn, LinearMultiheadAttention)
