@@ -114,7 +114,7 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
     for name, module in layers:
         scheme, tensors = _compress(name, module)
         schemes.setdefault(scheme, []).append(name)
-        compressed[name] = tensors
+        compressed[name] = {k: v.cpu() for k, v in tensors.items()}   # (off the GPU at once)
     untie = _tied_quantized(model, set(compressed))
     _warn_split_fusions(schemes, model)
 
