@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nn.quant_modules import is_quantized
 from .nn.replace import replace_modules
 
 logger = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str
     for name, attn in found:
         for proj in _PROJS:
             lin = getattr(attn, proj)
-            if not isinstance(lin, nn.Linear) or hasattr(lin, "weight_quantizer"):
+            if not isinstance(lin, nn.Linear) or is_quantized(lin):
                 raise ValueError(f"{name}.{proj} is a {type(lin).__name__}, not a float "
                                  "nn.Linear: unquantize the model (or reload it) before packing "
                                  "its attention")
@@ -388,14 +389,15 @@ def pack_attention(model: nn.Module, names: list[str] | None = None) -> list[str
 def _forget_records(model: nn.Module, packed: list[str]) -> None:
     """After packing: the nested-tensor setting and the unpacked flag (when no unpacked
     attention remains), and the sparsity records of q/k/v linears that no longer exist."""
-    if not has_unpacked_attention(model):
+    none_left = not has_unpacked_attention(model)
+    if none_left:
         for enc in model.modules():
             if enc.__dict__.pop("_modelopt_lite_nested", False):
                 enc.use_nested_tensor = True
     state = getattr(model, "_modelopt_lite", None)
     if not state:
         return
-    if not has_unpacked_attention(model):
+    if none_left:
         state.pop("attention_unpacked", None)
     sparsity = state.get("sparsity")
     if sparsity:

@@ -83,12 +83,19 @@ def test_unpacked_computes_what_torch_computes(bf, dims, bias, add_kv, zero):
         n for n, _ in ref.named_parameters()]
 
 
-def test_causal_hint_and_gradients_match():
+def _unpacked_and_reference(dtype):
+    """A batch-first nn.MultiheadAttention unpacked inside ``nn.Sequential``, and a copy of
+    it left as torch built it."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=True).double()
+    mha = nn.MultiheadAttention(E, H, batch_first=True).to(dtype)
     ref = copy.deepcopy(mha)
     model = nn.Sequential(mha)
     unpack_attention(model)
+    return model, ref
+
+
+def test_causal_hint_and_gradients_match():
+    model, ref = _unpacked_and_reference(torch.float64)
     x = torch.randn(2, 6, E, dtype=torch.float64, requires_grad=True)
     xr = x.detach().clone().requires_grad_(True)
     mask = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
@@ -230,11 +237,7 @@ def test_shared_module_hooks_and_a_bare_attention():
 
 
 def test_half_precision_weights_match_torch_bit_for_bit():
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=True).half()
-    ref = copy.deepcopy(mha)
-    model = nn.Sequential(mha)
-    unpack_attention(model)
+    model, ref = _unpacked_and_reference(torch.float16)
     x, mask = torch.randn(2, 5, E).half(), torch.randn(5, 5).half()
     out, w = model[0](x, x, x, attn_mask=mask)
     want, want_w = ref(x, x, x, attn_mask=mask)

@@ -104,7 +104,8 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         raise HFExportError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel "
                             "(no save_pretrained / config); use modelopt_lite.save, or "
                             "export_onnx for other models")
-    _refuse_deployed_and_rewritten(model)
+    unpacked = _unpacked_attention(model)
+    _refuse_deployed_and_rewritten(model, unpacked)
     layers = quant_modules(model)
     if not layers:
         raise HFExportError("the model has no fake-quant layers: quantize it first "
@@ -121,7 +122,7 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
     quantized = set(compressed)
     ignore = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n and n not in quantized
-              and not _inside_unpacked(model, n)]
+              and not _inside_unpacked(unpacked, n)]
     if len(schemes) == 1:   # one scheme: every Linear but the ignored ones
         groups = {"group_0": next(iter(schemes)).to_dict(["Linear"])}
     else:   # several (a per-channel fallback beside blocks): each layer by name
@@ -135,7 +136,7 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
 
     state = {k: v for k, v in model.state_dict().items()
              if not any(s in k for s in _QUANTIZER_KEYS) and not k.endswith(".weight_mask")}
-    state = _packed_attention_keys(model, state)
+    state = _packed_attention_keys(unpacked, state)
     for name, tensors in compressed.items():
         state.pop(f"{name}.weight")
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
@@ -258,23 +259,24 @@ def _warn_split_fusions(schemes: dict, model: nn.Module) -> None:
                 return
 
 
-def _inside_unpacked(model: nn.Module, name: str) -> bool:
+def _inside_unpacked(unpacked: dict, name: str) -> bool:
     """A q/k/v linear of an unpacked attention (written back packed, not a module there)."""
     parent, _, leaf = name.rpartition(".")
-    return leaf in ("q_proj", "k_proj", "v_proj") and parent in _unpacked_attention(model)
+    return leaf in ("q_proj", "k_proj", "v_proj") and parent in unpacked
 
 
 def _unpacked_attention(model: nn.Module) -> dict:
+    """Name -> module of every unpacked ``nn.MultiheadAttention`` of ``model``."""
     from ..attention import LinearMultiheadAttention
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)}
 
 
-def _packed_attention_keys(model: nn.Module, state: dict) -> dict:
+def _packed_attention_keys(unpacked: dict, state: dict) -> dict:
     """An unpacked ``nn.MultiheadAttention`` whose linears stayed float (a vision tower's
     pooling head) is written under the model's own names: ``in_proj_weight`` (or the three
     ``*_proj_weight``), ``in_proj_bias``, ``out_proj.*``."""
-    for name, attn in _unpacked_attention(model).items():
+    for name, attn in unpacked.items():
         q, k, v = (f"{name}.{p}_proj" for p in "qkv")
         if attn._packed._qkv_same_embed_dim:
             state[f"{name}.in_proj_weight"] = torch.cat([state.pop(f"{p}.weight")
@@ -288,8 +290,9 @@ def _packed_attention_keys(model: nn.Module, state: dict) -> dict:
     return state
 
 
-def _refuse_deployed_and_rewritten(model: nn.Module) -> None:
+def _refuse_deployed_and_rewritten(model: nn.Module, unpacked: dict) -> None:
     from ..moe import has_linear_experts
+    from ..nn import is_quantized
     from ..nn.int4_linear import int4_layers
 
     deployed = list(int4_layers(model))
@@ -302,9 +305,8 @@ def _refuse_deployed_and_rewritten(model: nn.Module) -> None:
             "this model's MoE experts were unfused into per-expert linears for quantization, "
             "names the Hugging Face model class does not have; export_hf does not write them "
             "back in the fused layout yet. Save with modelopt_lite.save instead")
-    for name, attn in _unpacked_attention(model).items():
-        if any(hasattr(getattr(attn, p), "weight_quantizer")
-               for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+    for name, attn in unpacked.items():
+        if any(is_quantized(getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
             raise HFExportError(
                 f"{name}: an nn.MultiheadAttention unpacked for quantization, with quantized "
                 "projections; the Hugging Face model keeps q/k/v packed in in_proj_weight and "
